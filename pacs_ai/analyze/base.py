@@ -1,0 +1,107 @@
+"""The contract between the pipeline and an analyzer.
+
+An analyzer receives a :class:`~pacs_ai.analyze.volume.Volume` (voxels in a
+known geometry plus the source headers) and returns an :class:`AnalysisResult`:
+a label map aligned voxel for voxel with the volume, a description of each
+label, and measurements.  The encoders (``pacs_ai.encode``) turn that result
+into DICOM SEG and SR without knowing which analyzer produced it, so a new
+analyzer is one module plus a registration in ``pacs_ai.analyze.registry``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pacs_ai.analyze.volume import Volume
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: (value, scheme designator, meaning), as in DICOM."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One label of the label map, described the way DICOM SEG needs it.
+
+    ``number`` is the value of the label in :attr:`AnalysisResult.labels`
+    (1..N, contiguous) and becomes the SEG Segment Number.
+    """
+
+    number: int
+    label: str
+    category: Code
+    type: Code
+    #: CIELab colour as DICOM stores it (0..65535 each); optional.
+    recommended_display_cielab: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementSpec:
+    """A numeric measurement with a UCUM unit.
+
+    ``segment_number`` ties the measurement to a segment (a TID 1411 volumetric
+    group referencing that SEG segment); ``None`` means a measurement over the
+    whole region named by ``finding_site`` (a TID 1501 group).
+    """
+
+    name: Code
+    value: float
+    unit: Code
+    segment_number: int | None
+    finding_site: Code
+    #: e.g. SCT 373098007 "Mean"; None when the name says it all.
+    derivation: Code | None = None
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """Algorithm Identification (name, version, family) for SEG, SR and logs."""
+
+    name: str
+    version: str
+    family: Code
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AnalysisResult:
+    """What an analyzer found.
+
+    ``labels`` has the same shape as ``Volume.voxels`` (slices, rows, columns),
+    dtype uint8, 0 meaning background and each other value a segment number.
+    """
+
+    algorithm: AlgorithmInfo
+    labels: np.ndarray
+    segments: list[SegmentSpec]
+    measurements: list[MeasurementSpec]
+    #: Free-text notes for the job record (not for the DICOM objects).
+    notes: list[str] = field(default_factory=list)
+
+
+class AnalysisRefused(Exception):
+    """The input is not suitable for this analyzer; the reason is recorded on the job.
+
+    Raised for conditions that retrying will not fix (gantry tilt, too few
+    slices, wrong body part), as opposed to an internal error.
+    """
+
+
+class Analyzer(Protocol):
+    """A registered analyzer. Implementations must be deterministic for a given input."""
+
+    name: str
+    version: str
+
+    def analyze(self, volume: Volume, params: dict[str, Any]) -> AnalysisResult:
+        """Analyze one volume with the profile's parameters."""
+        ...

@@ -1,0 +1,215 @@
+"""Running one job: load the series, analyze it, encode SEG and SR, record the results.
+
+The function is safe to run again for the same job, which is what happens when
+a worker dies mid-task and the broker hands the message to another worker:
+
+* a job already finished is not run again;
+* result UIDs derive from the job's idempotency key, so a re-run produces the
+  same SEG/SR identities and a PACS that received the first attempt's objects
+  overwrites them instead of holding two sets;
+* result and delivery rows are keyed on those UIDs, so they are never doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult
+from pacs_ai.analyze.registry import get_analyzer
+from pacs_ai.analyze.volume import Volume, load_series
+from pacs_ai.config import Settings
+from pacs_ai.dispatch.delivery import lease_expiry
+from pacs_ai.encode import EquipmentInfo, build_measurement_report, build_segmentation, derived_uid, write_dataset
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.db import session_scope
+from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, utcnow
+from pacs_ai.route.profiles import Profile, load_profiles
+
+log = logging.getLogger(__name__)
+
+#: Series numbers of the result series, high enough not to collide with a scanner's.
+SEG_SERIES_NUMBER = 9001
+SR_SERIES_NUMBER = 9002
+
+
+class JobNotRunnable(Exception):
+    """The job is finished, cancelled or unknown; the message carrying it is spent."""
+
+
+def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *, worker: str = "") -> list[int]:
+    """Run a job to completion; returns the ids of deliveries still to send.
+
+    Input problems (:class:`AnalysisRefused`) finish the job as FAILED with the
+    reason.  Other exceptions propagate after being recorded on the job so the
+    caller (a Celery task) can retry.
+    """
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotRunnable(f"job {job_id} does not exist")
+        if job.state == JobState.SUCCEEDED:
+            return _pending_deliveries(session, job)
+        if job.state in (JobState.FAILED, JobState.CANCELLED):
+            raise JobNotRunnable(f"job {job_id} is {job.state.value}")
+        job.state = JobState.RUNNING
+        job.claimed_by = worker or None
+        job.attempts += 1
+        job.started_at = utcnow()
+        job_key, analyzer_name, profile_name = job.idempotency_key, job.analyzer, job.profile
+        series = session.get(Series, job.series_fk)
+        assert series is not None
+        series_uid = series.series_instance_uid
+        paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))]
+    log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(paths), series_uid)
+
+    timings: dict[str, float] = {}
+    try:
+        profile = _profile_named(settings, profile_name)
+        started = time.perf_counter()
+        volume = load_series(paths)
+        timings["load_seconds"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        analyzer = get_analyzer(analyzer_name)
+        params = next((step.params for step in profile.analyzers if step.name == analyzer_name), {})
+        result = analyzer.analyze(volume, params)
+        timings["analyze_seconds"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        written = _encode_and_write(settings, volume, result, job_key)
+        timings["encode_seconds"] = time.perf_counter() - started
+    except AnalysisRefused as refused:
+        _finish_failed(sessions, job_id, f"input: {refused}", series_uid)
+        return []
+    except Exception as exc:
+        _record_error(sessions, job_id, f"error: {type(exc).__name__}: {exc}")
+        raise
+
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for kind, dataset, path in written:
+            _record_result(session, job, kind, dataset, path, profile.destinations)
+        job.state = JobState.SUCCEEDED
+        job.error = None
+        job.finished_at = utcnow()
+        job.timings = timings
+        job.findings = _findings(result)
+        record_audit(session, actor="worker", action="job.succeeded", object_type="series",
+                     object_uid=series_uid, detail={"job": job_id, "timings": timings})
+        session.flush()
+        pending = _pending_deliveries(session, job)
+    log.info("job %d succeeded: load %.2fs, analyze %.2fs, encode %.2fs", job_id,
+             timings["load_seconds"], timings["analyze_seconds"], timings["encode_seconds"])
+    return pending
+
+
+def _profile_named(settings: Settings, name: str) -> Profile:
+    for profile in load_profiles(settings.profiles_dir):
+        if profile.name == name:
+            return profile
+    raise LookupError(f"profile {name!r} is no longer in {settings.profiles_dir}")
+
+
+def _encode_and_write(
+    settings: Settings, volume: Volume, result: AnalysisResult, job_key: str
+) -> list[tuple[str, Dataset, Path]]:
+    equipment = EquipmentInfo(institution_name=settings.institution_name, station_name=settings.station_name,
+                              device_serial_number=settings.ae_title)
+    prefix = settings.uid_prefix
+    seg = build_segmentation(
+        volume, result,
+        series_instance_uid=derived_uid(job_key, "seg-series", prefix=prefix),
+        sop_instance_uid=derived_uid(job_key, "seg-instance", prefix=prefix),
+        series_number=SEG_SERIES_NUMBER, instance_number=1, equipment=equipment,
+    )
+    sr = build_measurement_report(
+        volume, result, seg,
+        series_instance_uid=derived_uid(job_key, "sr-series", prefix=prefix),
+        sop_instance_uid=derived_uid(job_key, "sr-instance", prefix=prefix),
+        series_number=SR_SERIES_NUMBER, instance_number=1, equipment=equipment,
+    )
+    study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
+    written: list[tuple[str, Dataset, Path]] = []
+    for kind, dataset in (("SEG", seg), ("SR", sr)):
+        path = study_dir / f"{dataset.SOPInstanceUID}.dcm"
+        write_dataset(dataset, path, fsync=settings.fsync)
+        written.append((kind, dataset, path))
+    return written
+
+
+def _record_result(session: Session, job: Job, kind: str, dataset: Dataset, path: Path,
+                   destinations: list[str]) -> None:
+    result = session.scalar(select(Result).where(Result.sop_instance_uid == str(dataset.SOPInstanceUID)))
+    if result is None:
+        result = Result(job_fk=job.id, kind=kind, sop_class_uid=str(dataset.SOPClassUID),
+                        sop_instance_uid=str(dataset.SOPInstanceUID),
+                        series_instance_uid=str(dataset.SeriesInstanceUID), path=str(path))
+        session.add(result)
+        session.flush()
+    known = set(session.scalars(select(Delivery.destination).where(Delivery.result_fk == result.id)))
+    for destination in destinations:
+        if destination not in known:
+            # The worker enqueues it right away; the lease lets the scheduler
+            # re-enqueue it should that message be lost.
+            session.add(Delivery(result_fk=result.id, destination=destination, state=DeliveryState.PENDING,
+                                 attempts=0, next_attempt_at=lease_expiry()))
+
+
+def _pending_deliveries(session: Session, job: Job) -> list[int]:
+    return list(
+        session.scalars(
+            select(Delivery.id)
+            .join(Result, Result.id == Delivery.result_fk)
+            .where(Result.job_fk == job.id, Delivery.state == DeliveryState.PENDING)
+            .order_by(Delivery.id)
+        )
+    )
+
+
+def _findings(result: AnalysisResult) -> dict[str, Any]:
+    return {
+        "algorithm": {"name": result.algorithm.name, "version": result.algorithm.version},
+        "segments": [{"number": s.number, "label": s.label, "type": asdict(s.type)} for s in result.segments],
+        "measurements": [
+            {
+                "name": m.name.meaning,
+                "code": asdict(m.name),
+                "derivation": m.derivation.meaning if m.derivation else None,
+                "value": m.value,
+                "unit": m.unit.value,
+                "segment_number": m.segment_number,
+                "finding_site": m.finding_site.meaning,
+            }
+            for m in result.measurements
+        ],
+        "notes": result.notes,
+    }
+
+
+def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, series_uid: str) -> None:
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.FAILED
+        job.error = reason
+        job.finished_at = utcnow()
+        record_audit(session, actor="worker", action="job.failed", object_type="series",
+                     object_uid=series_uid, detail={"job": job_id, "reason": reason})
+    log.warning("job %d refused its input: %s", job_id, reason)
+
+
+def _record_error(sessions: sessionmaker[Session], job_id: int, reason: str) -> None:
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.error = reason
+    log.error("job %d failed: %s", job_id, reason)

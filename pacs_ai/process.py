@@ -1,0 +1,29 @@
+"""Process helpers for the supervisor and its children."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux).
+
+    If ``pacs-ai serve`` is killed outright (SIGKILL, OOM killer), its
+    listeners, workers and embedded broker must not live on unsupervised: an
+    orphaned listener would keep accepting instances nobody schedules, and a
+    second broker would share the first one's files after a restart.  Usable
+    as ``preexec_fn`` of :class:`subprocess.Popen`.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        # The parent died before the request took effect.
+        os.kill(os.getpid(), sig)

@@ -1,0 +1,209 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP for all storage SOP classes.
+
+An instance is acknowledged with Success only after its file is fsynced in the
+spool and its row is committed in the index.  Anything else gets a failure
+status that says why (0xA700 out of resources, 0xA900 data set does not match
+SOP class, 0xC000 cannot understand) and leaves nothing half-written; the
+rejection is recorded in the audit table, so it is visible, not silent.
+
+Several listener processes share one port through ``SO_REUSEPORT``: one Python
+process is held by the GIL to about one core of receive work, and the kernel
+spreads associations over the processes.  Datasets are streamed to a
+temporary file as they arrive (pynetdicom's chunked receive), never held whole
+in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from pacs_ai.config import Settings
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.db import make_engine, make_session_factory, session_scope
+from pacs_ai.index.ingest import find_instance, record_duplicate, record_new_instance
+from pacs_ai.receive.headers import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceRejected,
+    read_header,
+)
+from pacs_ai.receive.spool import Spool, UnsafeIdentifier
+
+log = logging.getLogger(__name__)
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT so processes can share a port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class StoreHandler:
+    """Handles C-STORE requests for one listener process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
+        self.sessions = make_session_factory(make_engine(settings.effective_database_url))
+        self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
+
+    def __call__(self, event: Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        request = event.request
+        temp_path = Path(event.dataset_path)
+        try:
+            return self._store(temp_path, calling_ae, str(request.AffectedSOPClassUID),
+                               str(request.AffectedSOPInstanceUID))
+        except InstanceRejected as rejected:
+            self._record_rejection(calling_ae, str(request.AffectedSOPInstanceUID), rejected)
+            return rejected.status
+        except OSError as exc:
+            # Full disk, I/O error: refuse with "out of resources"; the sender retries later.
+            log.error("cannot store %s from %s: %s", request.AffectedSOPInstanceUID, calling_ae, exc)
+            self._record_rejection(
+                calling_ae, str(request.AffectedSOPInstanceUID),
+                InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}"),
+            )
+            return STATUS_OUT_OF_RESOURCES
+        except OperationalError as exc:
+            log.error("index unavailable while storing %s: %s", request.AffectedSOPInstanceUID, exc)
+            return STATUS_OUT_OF_RESOURCES
+
+    def _store(self, temp_path: Path, calling_ae: str, sop_class: str, sop_instance: str) -> int:
+        if self.spool.free_bytes() < self.min_free_bytes:
+            raise InstanceRejected(
+                STATUS_OUT_OF_RESOURCES,
+                f"less than {self.settings.min_free_disk_mb} MB free in {self.spool.root}",
+            )
+        header = read_header(temp_path, command_sop_class=sop_class, command_sop_instance=sop_instance)
+        try:
+            final_path = self.spool.path_for(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except UnsafeIdentifier as exc:
+            raise InstanceRejected(0xC000, str(exc)) from exc
+
+        with session_scope(self.sessions) as session:
+            existing = find_instance(session, header.sop_instance_uid)
+            if existing is not None:
+                replace = self.settings.duplicate_policy == "replace"
+                size = self.spool.commit(temp_path, Path(existing.path)) if replace else existing.size_bytes
+                outcome = record_duplicate(session, existing, replaced=replace, size=size,
+                                           calling_ae=calling_ae,
+                                           transfer_syntax_uid=header.transfer_syntax_uid)
+                log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
+                return STATUS_SUCCESS
+
+        size = self.spool.commit(temp_path, final_path)
+        try:
+            with session_scope(self.sessions) as session:
+                record_new_instance(session, header, path=str(final_path), size=size, calling_ae=calling_ae)
+        except IntegrityError:
+            # Another association stored the same SOP instance a moment ago:
+            # the file we renamed over it carries the same UID; count a duplicate.
+            with session_scope(self.sessions) as session:
+                existing = find_instance(session, header.sop_instance_uid)
+                if existing is None:
+                    raise
+                record_duplicate(session, existing, replaced=False, size=size, calling_ae=calling_ae,
+                                 transfer_syntax_uid=header.transfer_syntax_uid)
+        except BaseException:
+            # Not indexed means not accepted: remove the file so nothing half-recorded remains.
+            final_path.unlink(missing_ok=True)
+            raise
+        log.debug("stored %s (series %s) from %s", header.sop_instance_uid,
+                  header.series_instance_uid, calling_ae)
+        return STATUS_SUCCESS
+
+    def _record_rejection(self, calling_ae: str, sop_instance: str, rejected: InstanceRejected) -> None:
+        log.warning("refused %s from %s with status 0x%04X: %s", sop_instance, calling_ae,
+                    rejected.status, rejected.reason)
+        try:
+            with session_scope(self.sessions) as session:
+                record_audit(
+                    session,
+                    actor=f"dicom:{calling_ae}",
+                    action="instance.rejected",
+                    object_type="instance",
+                    object_uid=sop_instance[:64],
+                    detail={"status": f"0x{rejected.status:04X}", "reason": rejected.reason},
+                )
+        except Exception:  # the refusal itself must still reach the sender
+            log.exception("could not record the refusal of %s", sop_instance)
+
+
+def _log_association(event: Event) -> None:
+    requestor = event.assoc.requestor
+    log.info("association %s from %s (%s:%s)", event.event.name.split("_")[-1].lower(),
+             requestor.ae_title, requestor.address, requestor.port)
+
+
+def build_application_entity(settings: Settings) -> AE:
+    """The AE with every storage SOP class and the common transfer syntaxes."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = 64
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+    ae.require_called_aet = True
+    if settings.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def serve(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Run one listener process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom writes the incoming data set to a NamedTemporaryFile: keep it
+    # on the spool's filesystem so the final rename is atomic.
+    spool = Spool(settings.spool_dir, fsync=settings.fsync)
+    tempfile.tempdir = str(spool.tmp_dir)
+
+    stop = stop or threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    ae = build_application_entity(settings)
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, StoreHandler(settings)),
+        (evt.EVT_ESTABLISHED, _log_association),
+        (evt.EVT_RELEASED, _log_association),
+        (evt.EVT_ABORTED, _log_association),
+    ]
+    server = ae.make_server(
+        (settings.listen_host, settings.listen_port),
+        evt_handlers=handlers,
+        server_class=ReusePortAssociationServer,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread.start()
+    log.info("DICOM listener pid %d: AE %s on %s:%d, spool %s", os.getpid(), settings.ae_title,
+             settings.listen_host, settings.listen_port, settings.spool_dir)
+    while not stop.is_set():
+        time.sleep(0.2)
+    server.shutdown()
+    server.server_close()
+    log.info("DICOM listener pid %d stopped", os.getpid())

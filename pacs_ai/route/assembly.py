@@ -1,0 +1,126 @@
+"""Study assembly: deciding when a series is complete and what to do with it.
+
+DICOM has no "end of series" message.  A series is taken as complete when no
+instance of it has arrived for a quiet period (global setting, or the longest
+override among the profiles it matches).  The router then records either the
+jobs to run (one per profile analyzer, with a version number) or why nothing
+matched.  Instances that arrive after that bump the series revision, and the
+next pass opens a new job version: nothing received is ever ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pacs_ai.analyze.registry import get_analyzer
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.models import Job, JobState, RoutingState, Series, Study
+from pacs_ai.route.profiles import MatchDecision, Profile, SeriesFacts, match_profiles
+
+log = logging.getLogger(__name__)
+
+
+def job_key(series_uid: str, profile: str, analyzer: str, analyzer_version: str, version: int) -> str:
+    """The identity of one unit of work; results derive their UIDs from it."""
+    return f"{series_uid}|{profile}|{analyzer}@{analyzer_version}|v{version}"
+
+
+def series_facts(series: Series) -> SeriesFacts:
+    return SeriesFacts(
+        modality=series.modality,
+        body_part_examined=series.body_part_examined,
+        series_description=series.series_description,
+        sop_class_uid=series.sop_class_uid,
+        image_type=series.image_type,
+        slice_thickness=series.slice_thickness,
+        instance_count=series.instance_count,
+    )
+
+
+def quiet_period_for(decision: MatchDecision, default_seconds: float) -> float:
+    overrides = [p.quiet_period_seconds for p in decision.matched if p.quiet_period_seconds is not None]
+    return max(overrides) if overrides else default_seconds
+
+
+@dataclass(frozen=True)
+class RoutingPass:
+    """What one pass of the router did."""
+
+    #: (job id, Celery queue) of the jobs opened, to enqueue after commit.
+    new_jobs: list[tuple[int, str]]
+    unmatched_series: list[str]
+
+
+def route_ready_series(
+    session: Session, profiles: list[Profile], *, now: datetime, default_quiet_seconds: float
+) -> RoutingPass:
+    """Route every series whose quiet period is over and which changed since last routed.
+
+    The caller commits, then enqueues ``new_jobs``: a job row always exists
+    before its message does, so a lost message is recovered from the index.
+    """
+    shortest_quiet = min(
+        [default_quiet_seconds, *(p.quiet_period_seconds for p in profiles if p.quiet_period_seconds is not None)]
+    )
+    candidates = session.scalars(
+        select(Series)
+        .where(Series.revision != Series.routed_revision)
+        .where(Series.last_received_at <= now - timedelta(seconds=shortest_quiet))
+        .order_by(Series.last_received_at)
+    ).all()
+
+    new_jobs: list[Job] = []
+    unmatched: list[str] = []
+    for series in candidates:
+        decision = match_profiles(profiles, series_facts(series))
+        if series.last_received_at > now - timedelta(seconds=quiet_period_for(decision, default_quiet_seconds)):
+            continue  # a matched profile asks for a longer quiet period
+        series.routed_revision = series.revision
+        series.routing_detail = decision.explain()
+        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == series.study_fk))
+        if not decision.matched:
+            series.routing_state = RoutingState.UNMATCHED
+            unmatched.append(series.series_instance_uid)
+            record_audit(session, actor="router", action="series.unmatched", object_type="series",
+                         object_uid=series.series_instance_uid, detail={"reason": series.routing_detail})
+            log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
+            continue
+        series.routing_state = RoutingState.ROUTED
+        for profile in decision.matched:
+            for step in profile.analyzers:
+                new_jobs.append(_open_job(session, series, profile, step.name, step.queue))
+        log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
+    session.flush()
+    return RoutingPass(new_jobs=[(job.id, job.queue) for job in new_jobs], unmatched_series=unmatched)
+
+
+def _open_job(session: Session, series: Series, profile: Profile, analyzer_name: str, queue: str) -> Job:
+    analyzer_version = get_analyzer(analyzer_name).version
+    previous = session.scalar(
+        select(func.max(Job.version)).where(
+            Job.series_fk == series.id, Job.profile == profile.name, Job.analyzer == analyzer_name
+        )
+    )
+    version = (previous or 0) + 1
+    job = Job(
+        idempotency_key=job_key(series.series_instance_uid, profile.name, analyzer_name, analyzer_version, version),
+        series_fk=series.id,
+        profile=profile.name,
+        analyzer=analyzer_name,
+        analyzer_version=analyzer_version,
+        version=version,
+        queue=queue,
+        state=JobState.QUEUED,
+        attempts=0,
+        instance_count=series.instance_count,
+    )
+    session.add(job)
+    record_audit(session, actor="router", action="job.created", object_type="series",
+                 object_uid=series.series_instance_uid,
+                 detail={"profile": profile.name, "analyzer": analyzer_name, "version": version})
+    return job

@@ -1,0 +1,215 @@
+"""Processing profiles: which series go to which analyzer, and where results go.
+
+A profile is a YAML file in ``dicom_profiles/``::
+
+    name: ct-chest-lungs
+    description: Lung segmentation and densitometry for chest CT
+    match:
+      modality: [CT]
+      sop_class_uid: ["1.2.840.10008.5.1.4.1.1.2"]
+      min_instances: 20
+      any:                       # at least one of these must hold
+        - body_part_examined: [CHEST, THORAX, LUNG]
+        - series_description: "(?i)chest|thorax|lung"
+    analyzers:
+      - name: ct-chest-lung
+        params: {}
+    destinations: [pacs]
+    quiet_period_seconds: 3      # optional; overrides the global setting
+
+Matching is a pure function of a :class:`SeriesFacts`; each failed criterion
+yields a reason, so "why did my series not run?" always has an answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What the router knows about a series when it decides."""
+
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    sop_class_uid: str | None
+    image_type: str | None  # backslash-separated, as in DICOM
+    slice_thickness: float | None
+    instance_count: int
+
+
+class NumberRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float | None = None
+    max: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class Criteria(BaseModel):
+    """Conditions on a series; all given conditions must hold (``any`` is one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] | None = None
+    body_part_examined: list[str] | None = None
+    series_description: str | None = Field(default=None, description="regular expression, searched")
+    sop_class_uid: list[str] | None = None
+    image_type_includes: list[str] | None = None
+    slice_thickness: NumberRange | None = None
+    min_instances: int | None = Field(default=None, ge=1)
+    max_instances: int | None = Field(default=None, ge=1)
+    any: list[Criteria] | None = None
+
+    @field_validator("series_description")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"series_description is not a valid regular expression: {exc}") from exc
+        return pattern
+
+    def mismatches(self, facts: SeriesFacts) -> list[str]:
+        """Reasons this series fails the criteria; empty means it matches."""
+        reasons: list[str] = []
+
+        def one_of(name: str, value: str | None, allowed: list[str] | None) -> None:
+            if allowed is None:
+                return
+            if value is None:
+                reasons.append(f"{name} is missing (expected one of {allowed})")
+            elif value.strip().upper() not in {item.upper() for item in allowed}:
+                reasons.append(f"{name} {value!r} is not one of {allowed}")
+
+        one_of("Modality", facts.modality, self.modality)
+        one_of("BodyPartExamined", facts.body_part_examined, self.body_part_examined)
+        if self.sop_class_uid is not None and facts.sop_class_uid not in self.sop_class_uid:
+            reasons.append(f"SOP Class {facts.sop_class_uid} is not one of {self.sop_class_uid}")
+        if self.series_description is not None and not re.search(
+            self.series_description, facts.series_description or ""
+        ):
+            reasons.append(
+                f"SeriesDescription {facts.series_description!r} does not match /{self.series_description}/"
+            )
+        if self.image_type_includes is not None:
+            present = {part.strip().upper() for part in (facts.image_type or "").split("\\")}
+            missing = [part for part in self.image_type_includes if part.upper() not in present]
+            if missing:
+                reasons.append(f"ImageType {facts.image_type!r} lacks {missing}")
+        if self.slice_thickness is not None:
+            if facts.slice_thickness is None:
+                reasons.append("SliceThickness is missing")
+            elif not self.slice_thickness.contains(facts.slice_thickness):
+                reasons.append(f"SliceThickness {facts.slice_thickness} outside {self.slice_thickness}")
+        if self.min_instances is not None and facts.instance_count < self.min_instances:
+            reasons.append(f"{facts.instance_count} instances, fewer than {self.min_instances}")
+        if self.max_instances is not None and facts.instance_count > self.max_instances:
+            reasons.append(f"{facts.instance_count} instances, more than {self.max_instances}")
+        if self.any is not None:
+            alternatives = [alternative.mismatches(facts) for alternative in self.any]
+            if all(alternatives):
+                reasons.append("none of: " + " | ".join("; ".join(reason) for reason in alternatives))
+        return reasons
+
+
+class AnalyzerStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Celery queue: "cpu" for built-in analyzers, "gpu" for models that want one.
+    queue: str = "cpu"
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    description: str = ""
+    enabled: bool = True
+    match: Criteria
+    analyzers: list[AnalyzerStep] = Field(min_length=1)
+    destinations: list[str] = Field(default_factory=list)
+    quiet_period_seconds: float | None = Field(default=None, ge=0)
+
+
+class ProfileError(ValueError):
+    """A profile file is invalid; the message names the file and the problem."""
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"{path}: cannot read YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ProfileError(f"{path}: {problems}") from exc
+
+
+def load_profiles(directory: Path) -> list[Profile]:
+    """Load every ``*.yaml``/``*.yml`` in ``directory``; all errors are reported together."""
+    if not directory.is_dir():
+        raise ProfileError(f"profiles directory {directory} does not exist (set PACS_AI_PROFILES_DIR)")
+    profiles: list[Profile] = []
+    errors: list[str] = []
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        try:
+            profiles.append(load_profile(path))
+        except ProfileError as exc:
+            errors.append(str(exc))
+    names = [profile.name for profile in profiles]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        errors.append(f"{directory}: profile names used more than once: {duplicates}")
+    if errors:
+        raise ProfileError("\n".join(errors))
+    return profiles
+
+
+@dataclass(frozen=True)
+class MatchDecision:
+    matched: list[Profile]
+    #: profile name -> why it did not match
+    rejected: dict[str, list[str]]
+
+    def explain(self) -> str:
+        if self.matched:
+            return "matched " + ", ".join(profile.name for profile in self.matched)
+        if not self.rejected:
+            return "no profiles are configured"
+        return "no profile matched: " + "; ".join(
+            f"{name}: {', '.join(reasons)}" for name, reasons in self.rejected.items()
+        )
+
+
+def match_profiles(profiles: Sequence[Profile], facts: SeriesFacts) -> MatchDecision:
+    matched: list[Profile] = []
+    rejected: dict[str, list[str]] = {}
+    for profile in profiles:
+        if not profile.enabled:
+            rejected[profile.name] = ["profile is disabled"]
+            continue
+        reasons = profile.match.mismatches(facts)
+        if reasons:
+            rejected[profile.name] = reasons
+        else:
+            matched.append(profile)
+    return MatchDecision(matched=matched, rejected=rejected)

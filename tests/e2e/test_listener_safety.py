@@ -1,0 +1,129 @@
+"""The listener's promises: acknowledged means durable; bad input gets a status and a record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE, StoragePresentationContexts
+
+from pacs_ai.synthetic.phantom import PhantomTruth
+from tests.peers import echoscu, storescu
+from tests.service import PacsAiService
+
+pytestmark = pytest.mark.e2e
+
+NO_WORKERS = {"PACS_AI_WORKER_PROCESSES": "0"}
+
+
+def _association(service: PacsAiService):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title="TEST_SCU")
+    ae.requested_contexts = StoragePresentationContexts[:100]
+    assoc = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def test_duplicate_instances_are_kept_once_and_recorded(
+    chest_phantom: PhantomTruth, service_factory: Any
+) -> None:
+    service = service_factory(extra_env=NO_WORKERS)
+    first = chest_phantom.paths[:3]
+    for _ in range(2):
+        sent = storescu("127.0.0.1", service.port, service.ae_title, first)
+        assert sent.returncode == 0, sent.stderr
+    rows = service.query("SELECT sop_instance_uid, duplicates_received FROM instances")
+    assert len(rows) == 3 and all(copies == 1 for _, copies in rows)
+    audit = service.query("SELECT detail FROM audit_events WHERE action = 'instance.duplicate'")
+    assert len(audit) == 3 and all("duplicate-kept-first" in str(detail) for (detail,) in audit)
+
+
+def test_missing_type1_uid_is_refused_with_a_status_and_recorded(
+    chest_phantom: PhantomTruth, service_factory: Any
+) -> None:
+    service = service_factory(extra_env=NO_WORKERS)
+    dataset = pydicom.dcmread(chest_phantom.paths[0])
+    dataset.SOPInstanceUID = generate_uid()
+    del dataset.StudyInstanceUID
+
+    assoc = _association(service)
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+
+    assert status.Status == 0xA900
+    assert service.query("SELECT count(*) FROM instances")[0][0] == 0
+    ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
+    assert "StudyInstanceUID" in str(detail)
+    assert echoscu("127.0.0.1", service.port, service.ae_title), "listener must survive bad input"
+
+
+def test_nearly_full_disk_refuses_with_out_of_resources(
+    chest_phantom: PhantomTruth, service_factory: Any
+) -> None:
+    service = service_factory(extra_env={**NO_WORKERS, "PACS_AI_MIN_FREE_DISK_MB": str(10**9)})
+    assoc = _association(service)
+    status = assoc.send_c_store(pydicom.dcmread(chest_phantom.paths[0]))
+    assoc.release()
+    assert status.Status == 0xA700
+    assert service.query("SELECT count(*) FROM instances")[0][0] == 0
+    assert list((service.data_dir / "spool").rglob("*.dcm")) == []
+    ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
+    assert "free" in str(detail)
+
+
+def test_every_acknowledged_instance_survives_a_crash(
+    chest_phantom: PhantomTruth, service_factory: Any, tmp_path: Path
+) -> None:
+    """SIGKILL the whole service mid-transfer; after restart every acknowledged instance is intact."""
+    service = service_factory(extra_env=NO_WORKERS)
+    acknowledged: list[str] = []
+    killed = threading.Event()
+
+    def kill_after_some() -> None:
+        while len(acknowledged) < 10:
+            threading.Event().wait(0.01)
+        state = service.run_state()
+        assert state is not None
+        for pid in [*state["listener_pids"], state["service_pid"]]:
+            os.kill(pid, signal.SIGKILL)
+        killed.set()
+
+    killer = threading.Thread(target=kill_after_some, daemon=True)
+    killer.start()
+    assoc = _association(service)
+    for path in chest_phantom.paths:
+        if not assoc.is_established:
+            break
+        response = assoc.send_c_store(pydicom.dcmread(path))
+        if "Status" in response and response.Status == 0x0000:
+            acknowledged.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    if assoc.is_established:
+        assoc.abort()
+    killer.join(timeout=30)
+    assert killed.is_set() and len(acknowledged) >= 10
+
+    # Orphaned children of the killed service (embedded redis) must not block the restart.
+    restarted = PacsAiService(service.data_dir, extra_env=NO_WORKERS)
+    restarted.port = service.port
+    restarted.env["PACS_AI_LISTEN_PORT"] = str(service.port)
+    with restarted:
+        indexed = dict(restarted.query("SELECT sop_instance_uid, path FROM instances"))
+        for uid in acknowledged:
+            assert uid in indexed, f"acknowledged instance {uid} was lost"
+            stored = pydicom.dcmread(indexed[uid])
+            original = next(
+                p
+                for p in chest_phantom.paths
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uid
+            )
+            assert stored.PixelData == pydicom.dcmread(original).PixelData
+        leftovers = [
+            p for p in (restarted.data_dir / "spool").rglob("*.dcm") if str(p) not in indexed.values()
+        ]
+        assert all(p.parent.name == "tmp" for p in leftovers), leftovers

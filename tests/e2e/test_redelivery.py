@@ -1,0 +1,62 @@
+"""A worker killed (SIGKILL) mid-task: another worker takes over, the PACS gets one set of results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacs_ai.synthetic.phantom import write_chest_phantom
+from tests.e2e.conftest import orthanc_destination
+from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE, fetch_results
+from tests.peers import OrthancServer, storescu, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_killed_worker_leads_to_exactly_one_set_of_results(
+    orthanc: OrthancServer, service_factory: Any, tmp_path: Path
+) -> None:
+    # Large enough that the analysis runs for a while, so the kill lands mid-task.
+    phantom = write_chest_phantom(
+        tmp_path / "phantom", slices=120, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.5, study_uid=None
+    )
+    service = service_factory(
+        destinations=orthanc_destination(orthanc), extra_env={"PACS_AI_WORKER_PROCESSES": "2"}
+    )
+    sent = storescu("127.0.0.1", service.port, service.ae_title, phantom.paths)
+    assert sent.returncode == 0, sent.stderr
+
+    job_id, claimed_by = wait_for(
+        lambda: next(iter(service.query("SELECT id, claimed_by FROM jobs WHERE state = 'RUNNING'")), None),
+        timeout=60,
+        interval=0.05,
+        description="the analysis to start",
+    )
+    workers = {w["node"]: w["pid"] for w in service.run_state()["workers"]}
+    victim = workers[claimed_by]
+    os.killpg(victim, signal.SIGKILL)  # the Celery worker and its pool process
+
+    fetch_results(orthanc, phantom.study_uid, tmp_path)
+    time.sleep(5)  # any duplicate delivery would arrive within this time
+    series = orthanc.series_of_study(phantom.study_uid)
+    result_instances = [
+        i
+        for s in series
+        if {SEG_STORAGE, COMPREHENSIVE_3D_SR} & set(s["SOPClassUIDs"])
+        for i in s["Instances"]
+    ]
+    assert len(result_instances) == 2
+
+    ((state, attempts, claimed_after),) = service.query(
+        "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id
+    )
+    assert state == "SUCCEEDED"
+    assert attempts == 2
+    assert claimed_after != claimed_by
+    assert service.query("SELECT count(*) FROM results")[0][0] == 2
+    assert service.query("SELECT count(*) FROM deliveries")[0][0] == 2

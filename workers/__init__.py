@@ -1,0 +1,1 @@
+"""Celery application and tasks of pacs-ai (``celery -A workers.app worker``)."""

@@ -1,0 +1,58 @@
+"""The Celery application.
+
+Queues, one per kind of work:
+
+* ``cpu``: analyses with built-in analyzers (prefetch 1: each is heavy);
+* ``gpu``: model inference; served by GPU workers, or by CPU workers where no GPU exists;
+* ``dispatch``: sending results to destinations (light, network-bound).
+
+Tasks are acknowledged late (after they finish) and rejected back to the queue
+when their worker process dies, so a killed worker's task is run by another.
+The broker is only a delivery mechanism: the index holds the state, and the
+scheduler re-enqueues from it what the broker lost.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_ai.config import Settings
+from pacs_ai.index.db import make_engine, make_session_factory
+
+QUEUES = ("cpu", "gpu", "dispatch")
+
+
+class PacsAiCelery(Celery):
+    """Celery carrying the pacs-ai settings and a lazily built index session factory."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("pacs_ai", broker=settings.effective_broker_url)
+        self.settings = settings
+        self.conf.update(
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            task_ignore_result=True,
+            task_serializer="json",
+            accept_content=["json"],
+            worker_prefetch_multiplier=1,
+            worker_hijack_root_logger=False,
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds},
+            task_default_queue="cpu",
+            task_create_missing_queues=True,
+            worker_send_task_events=False,
+        )
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        # Built on first use, inside the worker child process (never across a fork).
+        return make_session_factory(make_engine(self.settings.effective_database_url))
+
+
+def create_app(settings: Settings) -> PacsAiCelery:
+    app = PacsAiCelery(settings)
+    app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    return app

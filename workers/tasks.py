@@ -1,0 +1,64 @@
+"""Celery tasks: thin wrappers that call pacs-ai functions and decide on retries."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from pacs_ai.analyze.run import JobNotRunnable, run_job
+from pacs_ai.dispatch.delivery import attempt_delivery
+from pacs_ai.index.db import session_scope
+from pacs_ai.index.models import Job, JobState, utcnow
+
+log = logging.getLogger(__name__)
+
+ANALYZE_TASK = "pacs_ai.analyze_series"
+DELIVER_TASK = "pacs_ai.deliver_result"
+
+#: Retries of an analysis that failed with an internal error (not bad input).
+ANALYZE_MAX_RETRIES = 3
+
+
+@shared_task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=ANALYZE_MAX_RETRIES,
+             soft_time_limit=1800, time_limit=1900)
+def analyze_series(self: Task, job_id: int) -> None:
+    """Run one analysis job, then queue the deliveries of its results."""
+    app = self.app
+    try:
+        deliveries = run_job(app.settings, app.sessions, job_id, worker=self.request.hostname or "")
+    except JobNotRunnable as exc:
+        log.info("analysis message for job %d ignored: %s", job_id, exc)
+        return
+    except SoftTimeLimitExceeded:
+        _give_up(app, job_id, "error: analysis exceeded its time limit")
+        return
+    except Exception as exc:
+        if self.request.retries >= ANALYZE_MAX_RETRIES:
+            _give_up(app, job_id, f"error: {type(exc).__name__}: {exc} (after {self.request.retries} retries)")
+            return
+        raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
+    for delivery_id in deliveries:
+        app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+
+
+def _give_up(app, job_id: int, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with session_scope(app.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.state not in (JobState.SUCCEEDED, JobState.CANCELLED):
+            job.state = JobState.FAILED
+            job.error = reason
+            job.finished_at = utcnow()
+    log.error("job %d failed for good: %s", job_id, reason)
+
+
+@shared_task(name=DELIVER_TASK, bind=True, acks_late=True)
+def deliver_result(self: Task, delivery_id: int) -> None:
+    """Send one result to one destination once.
+
+    A failed attempt records when to try again; the scheduler re-enqueues due
+    deliveries from the index, so waiting retries never sit in the broker
+    (where a long countdown would collide with the visibility timeout).
+    """
+    attempt_delivery(self.app.settings, self.app.sessions, delivery_id)
