@@ -1,0 +1,78 @@
+"""Benchmark (a): C-STORE ingest rate of pacs-ai vs Orthanc vs DCMTK storescp, same run, same files.
+
+Sends a generated 300-slice 512x512 chest CT (or ``--dir``) with DCMTK storescu over 1 and 4
+concurrent associations to a freshly started peer each time, and prints instances/s and the
+ratio of pacs-ai to each peer.  pacs-ai runs as ``pacs-ai serve`` with its durability on
+(fsync of every file and index commit before Success), no workers, and ``--listener-processes``
+listener processes sharing the port.
+
+    python benchmarks/ingest.py --associations 1 4 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.ingest_peers import PEERS, Endpoint, format_table, run_cell  # noqa: E402
+from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
+from tests.service import PacsAiService  # noqa: E402
+
+
+def pacs_ai_endpoint_factory(listener_processes: int, backend: str):  # type: ignore[no-untyped-def]
+    @contextmanager
+    def endpoint() -> Iterator[Endpoint]:
+        with tempfile.TemporaryDirectory(prefix="pacs-ai-bench-") as tmp:
+            service = PacsAiService(Path(tmp) / "data", backend=backend, extra_env={
+                "PACS_AI_WORKER_PROCESSES": "0",
+                "PACS_AI_LISTENER_PROCESSES": str(listener_processes),
+                "PACS_AI_LOG_LEVEL": "WARNING",
+            })
+            with service:
+                yield Endpoint("127.0.0.1", service.port, service.ae_title)
+
+    return endpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, help="folder of DICOM files (default: a generated chest CT)")
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--listener-processes", type=int, default=4)
+    parser.add_argument("--backend", choices=["embedded", "servers"], default="embedded")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ingest-data-") as tmp:
+        send_dir = args.dir
+        if send_dir is None:
+            send_dir = Path(tmp) / "ct"
+            write_chest_phantom(send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7,
+                                slice_spacing_mm=1.0)
+        peers = {"pacs-ai": pacs_ai_endpoint_factory(args.listener_processes, args.backend), **PEERS}
+        rows = [run_cell(send_dir, name, factory, associations, args.repeats)
+                for associations in args.associations for name, factory in peers.items()]
+    print(f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of {args.repeats}")
+    print(f"pacs-ai: {args.listener_processes} listener processes, {args.backend} index/broker, fsync on")
+    print(format_table(rows))
+    print()
+    for associations in args.associations:
+        cell = {row.peer: row.median for row in rows if row.associations == associations}
+        ratios = ", ".join(f"vs {peer} {cell['pacs-ai'] / rate:.2f}x" for peer, rate in cell.items()
+                           if peer != "pacs-ai")
+        print(f"{associations} association(s): pacs-ai {cell['pacs-ai']:.0f} inst/s; {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""DICOM encoders: an :class:`~pacs_ai.analyze.base.AnalysisResult` as SEG and SR.
+
+* :func:`build_segmentation` - the label map as a BINARY Segmentation aligned
+  to the source series;
+* :func:`build_measurement_report` - the measurements as a TID 1500
+  Measurement Report referencing the SEG segments;
+* :func:`derived_uid` - deterministic UIDs so re-runs overwrite, not duplicate;
+* :class:`EquipmentInfo` - the pacs-ai identity written into both;
+* :func:`write_dataset` - atomic Part 10 write.
+
+Both objects say, in Series Description and content, that they are
+AI-generated and unverified.
+"""
+
+from pacs_ai.encode.equipment import EquipmentInfo, add_contributing_equipment, processing_equipment
+from pacs_ai.encode.io import write_dataset
+from pacs_ai.encode.seg import build_segmentation
+from pacs_ai.encode.sr import CT_OF_CHEST, build_measurement_report
+from pacs_ai.encode.uids import derived_uid
+
+__all__ = [
+    "CT_OF_CHEST",
+    "EquipmentInfo",
+    "add_contributing_equipment",
+    "build_measurement_report",
+    "build_segmentation",
+    "derived_uid",
+    "processing_equipment",
+    "write_dataset",
+]

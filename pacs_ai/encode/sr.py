@@ -1,0 +1,287 @@
+"""An analyzer's measurements as a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+Structure (all built with highdicom's template classes):
+
+* observation context: a device observer (TID 1004) naming pacs-ai and the
+  algorithm; no person observer, because no person has seen the result yet;
+* procedure reported (default SCT 169069000 "CT of chest") and an Image
+  Library (TID 1600) listing the source images;
+* one TID 1411 volumetric group per segment, referencing that segment of the
+  SEG and the source series, with the segment's measurements;
+* one TID 1501 group per finding site for measurements over a whole region
+  (``MeasurementSpec.segment_number is None``), e.g. both lungs together.
+
+Every group and measurement carries Algorithm Identification (TID 4019).  The
+document is PARTIAL / UNVERIFIED / PRELIMINARY: AI output stays unverified
+until a radiologist signs it off in their own system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
+
+from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, MeasurementSpec, SegmentSpec
+from pacs_ai.analyze.volume import Volume
+from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
+from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
+from pacs_ai.encode.uids import derived_uid
+
+__all__ = ["CT_OF_CHEST", "build_measurement_report"]
+
+#: SNOMED CT 169069000 "Computed tomography of chest" (preferred term "CT of
+#: chest"); CID 100 is extensible and has no chest-specific CT entry.
+CT_OF_CHEST = Code("169069000", "SCT", "CT of chest")
+
+_LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        family=to_pydicom_code(algorithm.family),
+        # TID 4019 parameters are free text; "name=value" sorted for a stable encoding.
+        parameters=[f"{key}={value}" for key, value in sorted(algorithm.parameters.items())] or None,
+    )
+
+
+def _observation_context(
+    equipment: EquipmentInfo, algorithm: AlgorithmInfo, uid_prefix: str | None
+) -> hd.sr.ObservationContext:
+    # The device UID identifies "this algorithm version on this installation",
+    # stable across reports so observations can be grouped by observer.
+    device_uid = derived_uid(
+        "device-observer",
+        equipment.manufacturer,
+        equipment.model_name,
+        equipment.device_serial_number,
+        algorithm.name,
+        algorithm.version,
+        prefix=uid_prefix,
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid,
+        name=f"{algorithm.name} {algorithm.version}",
+        manufacturer_name=equipment.manufacturer,
+        model_name=f"{equipment.model_name} {equipment.software_version}",
+        serial_number=equipment.device_serial_number,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _measurement(spec: MeasurementSpec, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=to_pydicom_code(spec.name),
+        value=spec.value,
+        unit=to_pydicom_code(spec.unit),
+        derivation=to_pydicom_code(spec.derivation) if spec.derivation is not None else None,
+        algorithm_id=algorithm_id,
+    )
+
+
+def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] | None:
+    """Distinct finding sites of ``specs`` in first-seen order (None if there are none)."""
+    sites: list[Code] = []
+    for spec in specs:
+        if spec.finding_site not in sites:
+            sites.append(spec.finding_site)
+    return [hd.sr.FindingSite(to_pydicom_code(site)) for site in sites] or None
+
+
+def _segment_group(
+    segment: SegmentSpec,
+    measurements: Sequence[MeasurementSpec],
+    segmentation: Dataset,
+    source_series_uid: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    sop_instance_uid: str,
+    uid_prefix: str | None,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid(sop_instance_uid, "tracking", "segment", str(segment.number), prefix=uid_prefix),
+        identifier=f"{segment.label} (segment {segment.number})",
+    )
+    # The source *series* rather than every source image: the SEG already
+    # records per-frame sources, and listing hundreds of slices per group
+    # would multiply the SR size for no extra information.
+    referenced_segment = hd.sr.ReferencedSegment(
+        sop_class_uid=segmentation.SOPClassUID,
+        sop_instance_uid=segmentation.SOPInstanceUID,
+        segment_number=segment.number,
+        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=referenced_segment,
+        finding_type=to_pydicom_code(segment.type),
+        finding_category=to_pydicom_code(segment.category),
+        finding_sites=_finding_sites(measurements),
+        algorithm_id=algorithm_id,
+        measurements=[_measurement(spec, algorithm_id) for spec in measurements],
+    )
+
+
+def _region_group(
+    site: Code,
+    measurements: Sequence[MeasurementSpec],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    sop_instance_uid: str,
+    uid_prefix: str | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid(sop_instance_uid, "tracking", "region", site.scheme, site.value, prefix=uid_prefix),
+        identifier=f"{site.meaning} (whole region)",
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_sites=[hd.sr.FindingSite(to_pydicom_code(site))],
+        algorithm_id=algorithm_id,
+        measurements=[_measurement(spec, algorithm_id) for spec in measurements],
+    )
+
+
+def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset) -> None:
+    """Reject inputs that would produce an SR pointing at the wrong objects."""
+    if not volume.headers:
+        raise ValueError("Volume has no source headers; the SR must reference its source images")
+    if segmentation.SOPClassUID not in (SegmentationStorage, _LABELMAP_SEGMENTATION_STORAGE):
+        raise ValueError(
+            f"'segmentation' has SOP Class {segmentation.SOPClassUID}, not a Segmentation; "
+            "pass the SEG built by build_segmentation() for this result"
+        )
+    if segmentation.StudyInstanceUID != volume.headers[0].StudyInstanceUID:
+        raise ValueError(
+            "The SEG belongs to study "
+            f"{segmentation.StudyInstanceUID}, the volume to {volume.headers[0].StudyInstanceUID}"
+        )
+    encoded = {int(item.SegmentNumber) for item in segmentation.SegmentSequence}
+    missing = sorted({spec.number for spec in result.segments} - encoded)
+    if missing:
+        raise ValueError(f"Segments {missing} of the result are not in the SEG {segmentation.SOPInstanceUID}")
+    known = {spec.number for spec in result.segments}
+    unknown = sorted(
+        {
+            m.segment_number
+            for m in result.measurements
+            if m.segment_number is not None and m.segment_number not in known
+        }
+    )
+    if unknown:
+        raise ValueError(f"Measurements refer to segment numbers {unknown} that the result does not describe")
+
+
+def build_measurement_report(
+    volume: Volume,
+    result: AnalysisResult,
+    segmentation: Dataset,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    equipment: EquipmentInfo,
+    series_description: str = "AI lung measurements (unverified)",
+    procedure_reported: Code = CT_OF_CHEST,
+    uid_prefix: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Encode ``result.measurements`` as a TID 1500 Measurement Report.
+
+    Parameters
+    ----------
+    volume:
+        The analysed series (its headers become the Image Library and evidence).
+    result:
+        The analyzer's output, the same one encoded in ``segmentation``.
+    segmentation:
+        The SEG of ``result`` (from :func:`~pacs_ai.encode.seg.build_segmentation`
+        or read back from disk); its segments are referenced by the TID 1411 groups.
+    series_instance_uid, sop_instance_uid:
+        Identities of the SR; pass :func:`~pacs_ai.encode.uids.derived_uid`
+        values so a re-run overwrites instead of duplicating.
+    series_number, instance_number:
+        Numbers shown by viewers.
+    equipment:
+        pacs-ai identity (General Equipment, device observer, Contributing Equipment).
+    series_description:
+        Must make clear the content is AI-generated and unverified.
+    procedure_reported:
+        TID 1500 "Procedure Reported" (CID 100, extensible).
+    uid_prefix:
+        UID root for the tracking and device observer UIDs (None: 2.25 UIDs).
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        PARTIAL, UNVERIFIED and PRELIMINARY.
+
+    Raises
+    ------
+    ValueError
+        If ``segmentation`` is not a SEG of the same study containing every
+        segment of ``result``, or a measurement refers to an unknown segment.
+    """
+    _check_inputs(volume, result, segmentation)
+    algorithm_id = _algorithm_id(result.algorithm)
+    source_series_uid = volume.headers[0].SeriesInstanceUID
+
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    for segment in result.segments:
+        specs = [m for m in result.measurements if m.segment_number == segment.number]
+        groups.append(
+            _segment_group(
+                segment, specs, segmentation, source_series_uid, algorithm_id, sop_instance_uid, uid_prefix
+            )
+        )
+    # Whole-region measurements, one group per finding site, in first-seen order.
+    regions: dict[Code, list[MeasurementSpec]] = {}
+    for spec in result.measurements:
+        if spec.segment_number is None:
+            regions.setdefault(spec.finding_site, []).append(spec)
+    for site, specs in regions.items():
+        groups.append(_region_group(site, specs, algorithm_id, sop_instance_uid, uid_prefix))
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(equipment, result.algorithm, uid_prefix),
+        procedure_reported=to_pydicom_code(procedure_reported),
+        imaging_measurements=groups,
+        referenced_images=volume.headers,
+    )
+    used_codes: list[Code | None] = [procedure_reported, result.algorithm.family]
+    for spec in result.measurements:
+        used_codes += [spec.name, spec.unit, spec.finding_site, spec.derivation]
+    for segment in result.segments:
+        used_codes += [segment.category, segment.type]
+
+    return hd.sr.Comprehensive3DSR(
+        # Source images first: highdicom records the acquisition equipment of
+        # evidence[0], which must be the scanner, not the SEG.
+        evidence=[*volume.headers, segmentation],
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_version,
+        device_serial_number=equipment.device_serial_number,
+        institution_name=equipment.institution_name,
+        series_description=series_description,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[processing_equipment(equipment, result.algorithm)],
+        coding_schemes=local_coding_schemes(used_codes, equipment.manufacturer) or None,
+    )
