@@ -181,6 +181,7 @@ def serve(settings: Settings) -> None:
     for directory in (settings.data_dir, settings.spool_dir, settings.results_dir, settings.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
+    _discard_partial_transfers(settings)
     log.info("pacs-ai starting: data directory %s, log %s", settings.data_dir, settings.log_dir / "pacs-ai.log")
 
     stop = threading.Event()
@@ -212,6 +213,16 @@ def serve(settings: Settings) -> None:
             log.info("pacs-ai stopping")
             supervisor.stop()
             log.info("pacs-ai stopped")
+
+
+def _discard_partial_transfers(settings: Settings) -> None:
+    """Remove data sets whose transfer was cut off by a previous stop; none was acknowledged."""
+    tmp_dir = settings.spool_dir / "tmp"
+    leftovers = list(tmp_dir.glob("*")) if tmp_dir.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        log.info("removed %d partial transfer(s) left in %s", len(leftovers), tmp_dir)
 
 
 def _describe_database(url: str) -> str:

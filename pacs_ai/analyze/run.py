@@ -13,11 +13,13 @@ a worker dies mid-task and the broker hands the message to another worker:
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +29,13 @@ from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume, load_series
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
-from pacs_ai.encode import EquipmentInfo, build_measurement_report, build_segmentation, derived_uid, write_dataset
+from pacs_ai.encode import (
+    EquipmentInfo,
+    build_measurement_report,
+    build_segmentation,
+    derived_uid,
+    write_dataset,
+)
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, utcnow
@@ -70,12 +78,13 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *,
         paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))]
     log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(paths), series_uid)
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
     try:
         profile = _profile_named(settings, profile_name)
         started = time.perf_counter()
         volume = load_series(paths)
         timings["load_seconds"] = time.perf_counter() - started
+        timings["volume_mb"] = volume.voxels.nbytes / 2**20
 
         started = time.perf_counter()
         analyzer = get_analyzer(analyzer_name)
@@ -86,6 +95,8 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *,
         started = time.perf_counter()
         written = _encode_and_write(settings, volume, result, job_key)
         timings["encode_seconds"] = time.perf_counter() - started
+        # Peak resident memory of this worker process so far (Linux reports KiB).
+        timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except AnalysisRefused as refused:
         _finish_failed(sessions, job_id, f"input: {refused}", series_uid)
         return []
@@ -112,6 +123,10 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *,
     return pending
 
 
+def _current_rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def _profile_named(settings: Settings, name: str) -> Profile:
     for profile in load_profiles(settings.profiles_dir):
         if profile.name == name:
@@ -129,13 +144,13 @@ def _encode_and_write(
         volume, result,
         series_instance_uid=derived_uid(job_key, "seg-series", prefix=prefix),
         sop_instance_uid=derived_uid(job_key, "seg-instance", prefix=prefix),
-        series_number=SEG_SERIES_NUMBER, instance_number=1, equipment=equipment,
+        series_number=SEG_SERIES_NUMBER, instance_number=1, equipment=equipment, uid_prefix=prefix,
     )
     sr = build_measurement_report(
         volume, result, seg,
         series_instance_uid=derived_uid(job_key, "sr-series", prefix=prefix),
         sop_instance_uid=derived_uid(job_key, "sr-instance", prefix=prefix),
-        series_number=SR_SERIES_NUMBER, instance_number=1, equipment=equipment,
+        series_number=SR_SERIES_NUMBER, instance_number=1, equipment=equipment, uid_prefix=prefix,
     )
     study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
     written: list[tuple[str, Dataset, Path]] = []

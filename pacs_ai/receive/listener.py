@@ -44,6 +44,7 @@ from pacs_ai.index.ingest import find_instance, record_duplicate, record_new_ins
 from pacs_ai.receive.headers import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
+    InstanceHeader,
     InstanceRejected,
     read_header,
 )
@@ -105,37 +106,52 @@ class StoreHandler:
         except UnsafeIdentifier as exc:
             raise InstanceRejected(0xC000, str(exc)) from exc
 
-        with session_scope(self.sessions) as session:
-            existing = find_instance(session, header.sop_instance_uid)
-            if existing is not None:
-                replace = self.settings.duplicate_policy == "replace"
-                size = self.spool.commit(temp_path, Path(existing.path)) if replace else existing.size_bytes
-                outcome = record_duplicate(session, existing, replaced=replace, size=size,
-                                           calling_ae=calling_ae,
-                                           transfer_syntax_uid=header.transfer_syntax_uid)
-                log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
-                return STATUS_SUCCESS
+        self.spool.flush(temp_path)
+        if self.spool.place_new(temp_path, final_path):
+            try:
+                self._index_new(header, final_path, calling_ae)
+            except BaseException:
+                # Not indexed means not accepted: take the name back so nothing half-recorded remains.
+                final_path.unlink(missing_ok=True)
+                raise
+        else:
+            self._store_over_existing_name(header, temp_path, final_path, calling_ae)
+        log.debug("stored %s (series %s) from %s", header.sop_instance_uid,
+                  header.series_instance_uid, calling_ae)
+        return STATUS_SUCCESS
 
-        size = self.spool.commit(temp_path, final_path)
+    def _index_new(self, header: InstanceHeader, final_path: Path, calling_ae: str) -> None:
+        size = final_path.stat().st_size
         try:
             with session_scope(self.sessions) as session:
                 record_new_instance(session, header, path=str(final_path), size=size, calling_ae=calling_ae)
         except IntegrityError:
-            # Another association stored the same SOP instance a moment ago:
-            # the file we renamed over it carries the same UID; count a duplicate.
+            # Indexed meanwhile by another association: this copy is a duplicate.
             with session_scope(self.sessions) as session:
                 existing = find_instance(session, header.sop_instance_uid)
                 if existing is None:
                     raise
                 record_duplicate(session, existing, replaced=False, size=size, calling_ae=calling_ae,
                                  transfer_syntax_uid=header.transfer_syntax_uid)
-        except BaseException:
-            # Not indexed means not accepted: remove the file so nothing half-recorded remains.
-            final_path.unlink(missing_ok=True)
-            raise
-        log.debug("stored %s (series %s) from %s", header.sop_instance_uid,
-                  header.series_instance_uid, calling_ae)
-        return STATUS_SUCCESS
+
+    def _store_over_existing_name(self, header: InstanceHeader, temp_path: Path, final_path: Path,
+                                  calling_ae: str) -> None:
+        """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
+        with session_scope(self.sessions) as session:
+            existing = find_instance(session, header.sop_instance_uid)
+            if existing is not None:
+                replace = self.settings.duplicate_policy == "replace"
+                if replace:
+                    self.spool.replace(temp_path, Path(existing.path))
+                outcome = record_duplicate(
+                    session, existing, replaced=replace, size=Path(existing.path).stat().st_size,
+                    calling_ae=calling_ae, transfer_syntax_uid=header.transfer_syntax_uid,
+                )
+                log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
+                return
+        # A file never acknowledged (a crash between rename and commit): this copy replaces it.
+        self.spool.replace(temp_path, final_path)
+        self._index_new(header, final_path, calling_ae)
 
     def _record_rejection(self, calling_ae: str, sop_instance: str, rejected: InstanceRejected) -> None:
         log.warning("refused %s from %s with status 0x%04X: %s", sop_instance, calling_ae,

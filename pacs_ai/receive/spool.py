@@ -47,26 +47,41 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def commit(self, temp_path: Path, final_path: Path) -> int:
-        """Durably move a fully written temporary file to its final name.
-
-        Returns the file size.  ``temp_path`` must be on the spool's
-        filesystem (the listener points its temporary directory at
-        :attr:`tmp_dir`), so the rename is atomic.
-        """
+    def flush(self, temp_path: Path) -> None:
+        """Force a fully written temporary file's data to the disk."""
         if self.fsync:
             fd = os.open(temp_path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def place_new(self, temp_path: Path, final_path: Path) -> bool:
+        """Give a flushed temporary file its final name unless that name exists.
+
+        A hard link creates the name atomically and fails if it is taken, so a
+        second copy of an instance can never silently overwrite the first.
+        Returns False (and leaves everything as it was) when the name exists.
+        """
+        created = self._make_dirs(final_path.parent)
+        try:
+            os.link(temp_path, final_path)
+        except FileExistsError:
+            return False
+        self._sync_entries(final_path, created)
+        return True
+
+    def replace(self, temp_path: Path, final_path: Path) -> None:
+        """Atomically put a flushed temporary file in place of ``final_path``."""
         created = self._make_dirs(final_path.parent)
         os.replace(temp_path, final_path)
+        self._sync_entries(final_path, created)
+
+    def _sync_entries(self, final_path: Path, created: list[Path]) -> None:
         if self.fsync:
             self._fsync_dir(final_path.parent)
             for directory in created:
                 self._fsync_dir(directory.parent)
-        return final_path.stat().st_size
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create missing directories, returning those created (outermost first)."""
