@@ -5,7 +5,12 @@ Structure (all built with highdicom's template classes):
 * observation context: a device observer (TID 1004) naming pacs-ai and the
   algorithm; no person observer, because no person has seen the result yet;
 * procedure reported (default SCT 169069000 "CT of chest") and an Image
-  Library (TID 1600) listing the source images;
+  Library (TID 1600) listing every source image, one Image Library Group per
+  SOP Class / Modality / Frame of Reference: the TID 1602 descriptors shared
+  by all images of a group (modality, frame of reference, matrix, pixel
+  spacing, orientation, ...) are recorded once on the group (TID 1600 row 3),
+  and each entry (TID 1601) carries only the descriptors that differ between
+  images (for an axial series only Image Position (Patient) Z);
 * one TID 1411 volumetric group per segment, referencing that segment of the
   SEG and the source series, with the segment's measurements;
 * one TID 1501 group per finding site for measurements over a whole region
@@ -18,11 +23,13 @@ until a radiologist signs it off in their own system.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import SegmentationStorage
 
 from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, MeasurementSpec, SegmentSpec
@@ -150,6 +157,180 @@ def _region_group(
     )
 
 
+# --- Image Library (TID 1600) ----------------------------------------------------------------
+#
+# highdicom's ImageLibrary writes the full TID 1602 descriptor set (~16 content
+# items) under every entry, and Comprehensive3DSR then deep-copies, re-parses
+# and searches that whole tree: ~5,000 items and ~4 s for a 300-slice series,
+# plus ~1 s to write them.  TID 1600 row 3 lets an Image Library Group carry
+# the descriptors its entries share (DCMTK's TID1600_ImageLibrary does the
+# same in moveCommonImageDescriptorsToImageGroups()), so the library is built
+# here with the shared descriptors once per group and only the differing ones
+# per entry, and it is added to the document after Comprehensive3DSR has done
+# its copying and evidence search on the small rest of the tree.
+
+_DescriptorKey = tuple[str, str]  # (coding scheme designator, code value) of a descriptor's concept name
+_Reader = Callable[[Dataset], object]
+
+_CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})  # as highdicom's ImageLibraryEntryDescriptors
+_PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+_SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
+
+
+def _key(code: PydicomCode | hd.sr.CodedConcept) -> _DescriptorKey:
+    return (code.scheme_designator, code.value)
+
+
+def _element(keyword: str, index: int | None = None) -> _Reader:
+    """Reader of a header attribute (or one of its values); None where absent."""
+
+    def read(header: Dataset) -> object:
+        value = header.get(keyword)
+        if value is None or index is None:
+            return value
+        return value[index] if len(value) > index else None
+
+    return read
+
+
+def _descriptor_readers(modality: str) -> dict[_DescriptorKey, _Reader]:
+    """Where each TID 1602-1604 descriptor highdicom writes takes its value from."""
+    readers: dict[_DescriptorKey, _Reader] = {
+        _key(codes.DCM.Modality): _element("SOPClassUID"),  # highdicom codes the modality from the SOP Class
+        _key(codes.DCM.FrameOfReferenceUID): _element("FrameOfReferenceUID"),
+        _key(codes.DCM.PixelDataRows): _element("Rows"),
+        _key(codes.DCM.PixelDataColumns): _element("Columns"),
+    }
+    if modality in _CROSS_SECTIONAL_MODALITIES:  # TID 1604
+        readers |= {
+            _key(codes.DCM.HorizontalPixelSpacing): _element("PixelSpacing", 1),
+            _key(codes.DCM.VerticalPixelSpacing): _element("PixelSpacing", 0),
+            _key(codes.DCM.SliceThickness): _element("SliceThickness"),
+            _key(codes.DCM.SpacingBetweenSlices): _element("SpacingBetweenSlices"),
+            _key(codes.DCM.ImagePositionPatientX): _element("ImagePositionPatient", 0),
+            _key(codes.DCM.ImagePositionPatientY): _element("ImagePositionPatient", 1),
+            _key(codes.DCM.ImagePositionPatientZ): _element("ImagePositionPatient", 2),
+            _key(codes.DCM.ImageOrientationPatientRowX): _element("ImageOrientationPatient", 0),
+            _key(codes.DCM.ImageOrientationPatientRowY): _element("ImageOrientationPatient", 1),
+            _key(codes.DCM.ImageOrientationPatientRowZ): _element("ImageOrientationPatient", 2),
+            _key(codes.DCM.ImageOrientationPatientColumnX): _element("ImageOrientationPatient", 3),
+            _key(codes.DCM.ImageOrientationPatientColumnY): _element("ImageOrientationPatient", 4),
+            _key(codes.DCM.ImageOrientationPatientColumnZ): _element("ImageOrientationPatient", 5),
+        }
+    elif modality in _PROJECTION_MODALITIES:  # TID 1603
+        readers |= {
+            _key(codes.DCM.PatientOrientationRow): _element("PatientOrientation", 0),
+            _key(codes.DCM.PatientOrientationColumn): _element("PatientOrientation", 1),
+            _key(codes.DCM.HorizontalPixelSpacing): _element("ImagerPixelSpacing", 1),
+            _key(codes.DCM.VerticalPixelSpacing): _element("ImagerPixelSpacing", 0),
+        }
+    return readers
+
+
+def _with_value(template: hd.sr.ContentItem, value: object) -> hd.sr.ContentItem:
+    """A descriptor like ``template`` (same concept, type, unit) with another value."""
+    relationship = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    if isinstance(template, hd.sr.NumContentItem):
+        return hd.sr.NumContentItem(
+            name=template.name,
+            value=cast(float, value),  # the header's value as is, as highdicom passes it
+            unit=template.unit,
+            relationship_type=relationship,
+        )
+    if isinstance(template, hd.sr.TextContentItem):
+        return hd.sr.TextContentItem(name=template.name, value=str(value), relationship_type=relationship)
+    if isinstance(template, hd.sr.UIDRefContentItem):
+        return hd.sr.UIDRefContentItem(name=template.name, value=str(value), relationship_type=relationship)
+    raise TypeError(f"No per-image variant for a {type(template).__name__} descriptor")
+
+
+def _library_group(headers: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """One Image Library Group (TID 1600 rows 2-4) for images of one SOP Class, Modality and FoR."""
+    # highdicom builds (and validates: an image SOP Class with a CID 29 modality)
+    # the descriptors of the first image; the others are only compared with it.
+    template = cast(list[hd.sr.ContentItem], list(hd.sr.ImageLibraryEntryDescriptors(headers[0])))
+    readers = _descriptor_readers(headers[0].Modality)
+    in_template = {_key(item.name) for item in template}
+    readable = in_template <= readers.keys() and not any(
+        # e.g. Spacing Between Slices missing in the first header only
+        read(header) is not None
+        for key, read in readers.items()
+        if key not in in_template
+        for header in headers[1:]
+    )
+    if readable:
+        first = {key: read(headers[0]) for key, read in readers.items()}
+        varying = {
+            key for key, read in readers.items() if any(read(header) != first[key] for header in headers[1:])
+        }
+        shared = [item for item in template if _key(item.name) not in varying]
+        per_image = [(item, readers[_key(item.name)]) for item in template if _key(item.name) in varying]
+        entry_descriptors = [
+            [_with_value(item, value) for item, read in per_image if (value := read(header)) is not None]
+            for header in headers
+        ]
+    else:  # descriptors this module cannot compare: all of them per image, as highdicom does
+        shared = []
+        entry_descriptors = [
+            cast(list[hd.sr.ContentItem], list(hd.sr.ImageLibraryEntryDescriptors(header)))
+            for header in headers
+        ]
+
+    entries = []
+    for header, descriptors in zip(headers, entry_descriptors, strict=True):
+        entry = hd.sr.ImageContentItem(  # TID 1601
+            name=_SOURCE,
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        if descriptors:
+            entry.ContentSequence = hd.sr.ContentSequence(descriptors)
+        entries.append(entry)
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence([*shared, *entries])
+    return group
+
+
+def _image_library(headers: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """The TID 1600 Image Library listing every image of ``headers``, in their order within each group."""
+    groups: dict[tuple[str, str, str | None], list[Dataset]] = {}
+    for header in headers:
+        key = (header.SOPClassUID, header.Modality, header.get("FrameOfReferenceUID"))
+        groups.setdefault(key, []).append(header)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([_library_group(members) for members in groups.values()])
+    return library
+
+
+def _insert_image_library(sr: hd.sr.Comprehensive3DSR, library: hd.sr.ContainerContentItem) -> None:
+    """Put ``library`` into the TID 1500 root container, just before Imaging Measurements.
+
+    That is where highdicom's MeasurementReport puts it.  Comprehensive3DSR
+    holds the tree twice (the dataset's Content Sequence and the parsed copy
+    behind ``sr.content``); both get the same library items.
+    """
+    imaging_measurements = _key(codes.DCM.ImagingMeasurements)
+    sequences = [sr.ContentSequence]
+    if sr.content[0].ContentSequence is not sr.ContentSequence:
+        sequences.append(sr.content[0].ContentSequence)
+    for sequence in sequences:
+        position = next(
+            (
+                i
+                for i, item in enumerate(sequence)
+                if _key(hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]))
+                == imaging_measurements
+            ),
+            len(sequence),
+        )
+        sequence.insert(position, library)
+
+
 def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset) -> None:
     """Reject inputs that would produce an SR pointing at the wrong objects."""
     if not volume.headers:
@@ -256,7 +437,7 @@ def build_measurement_report(
         observation_context=_observation_context(equipment, result.algorithm, uid_prefix),
         procedure_reported=to_pydicom_code(procedure_reported),
         imaging_measurements=groups,
-        referenced_images=volume.headers,
+        # No referenced_images: the Image Library is added below (_insert_image_library).
     )
     used_codes: list[Code | None] = [procedure_reported, result.algorithm.family]
     for spec in result.measurements:
@@ -264,7 +445,7 @@ def build_measurement_report(
     for segment in result.segments:
         used_codes += [segment.category, segment.type]
 
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         # Source images first: highdicom records the acquisition equipment of
         # evidence[0], which must be the scanner, not the SEG.
         evidence=[*volume.headers, segmentation],
@@ -285,3 +466,6 @@ def build_measurement_report(
         contributing_equipment=[processing_equipment(equipment, result.algorithm)],
         coding_schemes=local_coding_schemes(used_codes, equipment.manufacturer) or None,
     )
+    # Every library entry is one of the headers, all recorded as evidence above.
+    _insert_image_library(sr, _image_library(volume.headers))
+    return sr

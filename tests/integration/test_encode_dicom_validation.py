@@ -282,6 +282,29 @@ def test_sr_observer_is_the_device(encoded: Encoded) -> None:
     assert device.manufacturer_name == EQUIPMENT.manufacturer
 
 
+def test_sr_image_library_lists_each_source_image_once(encoded: Encoded) -> None:
+    # TID 1600: one group for the series; the descriptors all slices share sit on
+    # the group (row 3), each entry (TID 1601) keeps only its own position.
+    sr = pydicom.dcmread(encoded.sr_path)
+    libraries = [item for item in sr.ContentSequence if _concept(item) == "Image Library"]
+    assert len(libraries) == 1
+    groups = libraries[0].ContentSequence
+    assert [_concept(group) for group in groups] == ["Image Library Group"]
+    entries = [item for item in groups[0].ContentSequence if item.ValueType == "IMAGE"]
+    shared = {_concept(item) for item in groups[0].ContentSequence if item.ValueType != "IMAGE"}
+    headers = encoded.volume.headers
+    assert [entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for entry in entries] == [
+        h.SOPInstanceUID for h in headers
+    ]
+    assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Slice Thickness"} <= shared
+    assert "Image Position (Patient) Z" not in shared
+    for entry, header in zip(entries, headers, strict=True):
+        descriptors = {_concept(item): item for item in entry.ContentSequence}
+        assert set(descriptors) == {"Image Position (Patient) Z"}
+        z = descriptors["Image Position (Patient) Z"].MeasuredValueSequence[0].NumericValue
+        assert float(z) == pytest.approx(float(header.ImagePositionPatient[2]))
+
+
 def test_local_coding_scheme_is_declared(encoded: Encoded) -> None:
     sr = pydicom.dcmread(encoded.sr_path)
     designators = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
