@@ -18,5 +18,11 @@ def configure_logging(level: str, log_file: Path | None) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     logging.basicConfig(level=level.upper(), format=FORMAT, handlers=handlers, force=True)
-    # pynetdicom logs every PDU at INFO; keep its association summaries only at WARNING and up.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_noisy_libraries()
+
+
+def quiet_noisy_libraries() -> None:
+    """Keep libraries that narrate at INFO to warnings and errors."""
+    # pynetdicom logs every PDU; highdicom every attribute it copies.
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,12 +15,14 @@ scheduler re-enqueues from it what the broker lost.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory
+from pacs_ai.logging_setup import quiet_noisy_libraries
 
 QUEUES = ("cpu", "gpu", "dispatch")
 
@@ -50,6 +52,11 @@ class PacsAiCelery(Celery):
     def sessions(self) -> sessionmaker[Session]:
         # Built on first use, inside the worker child process (never across a fork).
         return make_session_factory(make_engine(self.settings.effective_database_url))
+
+
+@signals.after_setup_logger.connect
+def _quiet_libraries(*_args: Any, **_kwargs: Any) -> None:
+    quiet_noisy_libraries()
 
 
 def create_app(settings: Settings) -> PacsAiCelery:

@@ -153,6 +153,7 @@ def _encode_and_write(
         series_number=SR_SERIES_NUMBER, instance_number=1, equipment=equipment, uid_prefix=prefix,
     )
     study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
+    study_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, Dataset, Path]] = []
     for kind, dataset in (("SEG", seg), ("SR", sr)):
         path = study_dir / f"{dataset.SOPInstanceUID}.dcm"
