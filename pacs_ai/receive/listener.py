@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 import tempfile
 import threading
 import time
@@ -51,6 +52,9 @@ from pacs_ai.receive.headers import (
 from pacs_ai.receive.spool import Spool, UnsafeIdentifier
 
 log = logging.getLogger(__name__)
+
+#: How long a stopping listener lets associations in progress finish.
+SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 class ReusePortAssociationServer(ThreadedAssociationServer):
@@ -220,6 +224,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
              settings.listen_host, settings.listen_port, settings.spool_dir)
     while not stop.is_set():
         time.sleep(0.2)
-    server.shutdown()
+    # Stop accepting, then give associations in progress a moment to finish:
+    # what they have not had acknowledged, their senders will send again.
+    socketserver.BaseServer.shutdown(server)
     server.server_close()
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for assoc in ae.active_associations:
+        assoc.abort()
     log.info("DICOM listener pid %d stopped", os.getpid())
