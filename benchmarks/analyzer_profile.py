@@ -40,8 +40,10 @@ def measured(label: str, func: Callable[[], T]) -> T:
     seconds = time.perf_counter() - start
     _, heap_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"{label:<14} {seconds:7.2f} s   heap peak {heap_peak / 2**20:8.1f} MiB   "
-          f"peak RSS +{peak_rss_mb() - rss_before:7.1f} MiB (now {peak_rss_mb():.0f} MiB)")
+    print(
+        f"{label:<14} {seconds:7.2f} s   heap peak {heap_peak / 2**20:8.1f} MiB   "
+        f"peak RSS +{peak_rss_mb() - rss_before:7.1f} MiB (now {peak_rss_mb():.0f} MiB)"
+    )
     return value
 
 
@@ -62,17 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     from pacs_ai.synthetic.phantom import write_chest_phantom
 
     with tempfile.TemporaryDirectory(prefix="pacs-ai-bench-", dir="/tmp") as tmp:
-        truth = measured("write phantom", lambda: write_chest_phantom(
-            Path(tmp), slices=args.slices, size=args.size, pixel_spacing_mm=args.pixel_spacing,
-            slice_spacing_mm=args.slice_spacing))
+        truth = measured(
+            "write phantom",
+            lambda: write_chest_phantom(
+                Path(tmp),
+                slices=args.slices,
+                size=args.size,
+                pixel_spacing_mm=args.pixel_spacing,
+                slice_spacing_mm=args.slice_spacing,
+            ),
+        )
         volume_mb = args.slices * args.size * args.size * 2 / 2**20
         print(f"{args.slices} slices of {args.size}x{args.size}: int16 volume {volume_mb:.0f} MiB")
         volume = measured("load_series", lambda: load_series(truth.paths))
         analyzer = get_analyzer("ct-chest-lung")
         result = measured("analyze", lambda: analyzer.analyze(volume, {}))
     volumes = {m.segment_number: m.value for m in result.measurements if m.name.value == "118565006"}
-    print(f"right lung {volumes[1]:.1f} mL (truth {truth.right_lung_ml:.1f}), "
-          f"left lung {volumes[2]:.1f} mL (truth {truth.left_lung_ml:.1f})")
+    print(
+        f"right lung {volumes[1]:.1f} mL (truth {truth.right_lung_ml:.1f}), "
+        f"left lung {volumes[2]:.1f} mL (truth {truth.left_lung_ml:.1f})"
+    )
     for note in result.notes:
         print(f"note: {note}")
     return 0

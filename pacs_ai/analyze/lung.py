@@ -208,10 +208,12 @@ class CtChestLungAnalyzer:
 
         measurements = _measurements(hu, labels, volume.voxel_volume_ml, p)
         segments = [
-            SegmentSpec(RIGHT_LUNG_LABEL, "Right lung", SCT_ANATOMICAL_STRUCTURE, SCT_RIGHT_LUNG,
-                        RIGHT_LUNG_CIELAB),
-            SegmentSpec(LEFT_LUNG_LABEL, "Left lung", SCT_ANATOMICAL_STRUCTURE, SCT_LEFT_LUNG,
-                        LEFT_LUNG_CIELAB),
+            SegmentSpec(
+                RIGHT_LUNG_LABEL, "Right lung", SCT_ANATOMICAL_STRUCTURE, SCT_RIGHT_LUNG, RIGHT_LUNG_CIELAB
+            ),
+            SegmentSpec(
+                LEFT_LUNG_LABEL, "Left lung", SCT_ANATOMICAL_STRUCTURE, SCT_LEFT_LUNG, LEFT_LUNG_CIELAB
+            ),
         ]
         algorithm = AlgorithmInfo(
             name="pacs-ai CT chest lung",
@@ -219,8 +221,9 @@ class CtChestLungAnalyzer:
             family=DCM_MORPHOLOGICAL_OPERATIONS,
             parameters=p.as_strings(),
         )
-        return AnalysisResult(algorithm=algorithm, labels=labels, segments=segments,
-                              measurements=measurements, notes=notes)
+        return AnalysisResult(
+            algorithm=algorithm, labels=labels, segments=segments, measurements=measurements, notes=notes
+        )
 
 
 def _check_input(volume: Volume) -> bool:
@@ -313,8 +316,10 @@ def _remove_airway(
     top_down = list(range(slices - 1, -1, -1)) if top_is_last else list(range(slices))
     found = _find_trachea(low, hu, volume, body, p, top_down)
     if found is None:
-        return (f"airway: no trachea (round central region below {p.airway_threshold_hu:g} HU) in the top "
-                f"{p.trachea_search_fraction:.0%} of slices; airway not removed")
+        return (
+            f"airway: no trachea (round central region below {p.airway_threshold_hu:g} HU) in the top "
+            f"{p.trachea_search_fraction:.0%} of slices; airway not removed"
+        )
     seed_slice, seed = found
     _, dy, dx = volume.spacing_mm
     seed_area = float(np.count_nonzero(seed))
@@ -361,8 +366,10 @@ def _remove_airway(
             previous = current
     take(seed_slice, ndi.binary_fill_holes(seed))
     stopped = f"; stopped: {', '.join(stop_reasons[:3])}" if stop_reasons else ""
-    return (f"airway: trachea seed in slice {seed_slice}, {removed * volume.voxel_volume_ml:.1f} mL removed "
-            f"over {removed_slices} slices{stopped}")
+    return (
+        f"airway: trachea seed in slice {seed_slice}, {removed * volume.voxel_volume_ml:.1f} mL removed "
+        f"over {removed_slices} slices{stopped}"
+    )
 
 
 def _lung_labels(
@@ -483,24 +490,34 @@ def _measurements(
     hu: np.ndarray, labels: np.ndarray, voxel_ml: float, p: LungParams
 ) -> list[MeasurementSpec]:
     """Volume, mean density, %LAA and PercN for each lung (TID 1411 groups) and both lungs (TID 1501)."""
-    laa_code = Code(f"LAA{_hu_code(p.laa_threshold_hu)}", LOCAL_SCHEME,
-                    f"Percentage of low attenuation area below {p.laa_threshold_hu:g} HU")
-    percentile_code = Code(f"PERC{p.density_percentile:g}".replace(".", "p"), LOCAL_SCHEME,
-                           f"{_ordinal(p.density_percentile)} percentile of lung density")
+    laa_code = Code(
+        f"LAA{_hu_code(p.laa_threshold_hu)}",
+        LOCAL_SCHEME,
+        f"Percentage of low attenuation area below {p.laa_threshold_hu:g} HU",
+    )
+    percentile_code = Code(
+        f"PERC{p.density_percentile:g}".replace(".", "p"),
+        LOCAL_SCHEME,
+        f"{_ordinal(p.density_percentile)} percentile of lung density",
+    )
     regions: list[tuple[int | None, Code]] = [
-        (RIGHT_LUNG_LABEL, SCT_RIGHT_LUNG), (LEFT_LUNG_LABEL, SCT_LEFT_LUNG), (None, SCT_LUNG)
+        (RIGHT_LUNG_LABEL, SCT_RIGHT_LUNG),
+        (LEFT_LUNG_LABEL, SCT_LEFT_LUNG),
+        (None, SCT_LUNG),
     ]
     result = []
     for segment, site in regions:
         # One mask at a time: each is as large as the volume.
         mask = labels > 0 if segment is None else labels == segment
-        density = region_densitometry(hu, mask, voxel_ml, laa_threshold_hu=p.laa_threshold_hu,
-                                      percentile=p.density_percentile)
+        density = region_densitometry(
+            hu, mask, voxel_ml, laa_threshold_hu=p.laa_threshold_hu, percentile=p.density_percentile
+        )
         del mask
         result += [
             MeasurementSpec(SCT_VOLUME, density.volume_ml, UCUM_ML, segment, site),
-            MeasurementSpec(DCM_ATTENUATION_COEFFICIENT, density.mean_hu, UCUM_HU, segment, site,
-                            derivation=SCT_MEAN),
+            MeasurementSpec(
+                DCM_ATTENUATION_COEFFICIENT, density.mean_hu, UCUM_HU, segment, site, derivation=SCT_MEAN
+            ),
             MeasurementSpec(laa_code, density.laa_percent, UCUM_PERCENT, segment, site),
             MeasurementSpec(percentile_code, density.percentile_hu, UCUM_HU, segment, site),
         ]

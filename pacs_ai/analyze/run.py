@@ -52,7 +52,9 @@ class JobNotRunnable(Exception):
     """The job is finished, cancelled or unknown; the message carrying it is spent."""
 
 
-def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *, worker: str = "") -> list[int]:
+def run_job(
+    settings: Settings, sessions: sessionmaker[Session], job_id: int, *, worker: str = ""
+) -> list[int]:
     """Run a job to completion; returns the ids of deliveries still to send.
 
     Input problems (:class:`AnalysisRefused`) finish the job as FAILED with the
@@ -75,7 +77,9 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *,
         series = session.get(Series, job.series_fk)
         assert series is not None
         series_uid = series.series_instance_uid
-        paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))]
+        paths = [
+            Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))
+        ]
     log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(paths), series_uid)
 
     timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
@@ -114,12 +118,23 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job_id: int, *,
         job.finished_at = utcnow()
         job.timings = timings
         job.findings = _findings(result)
-        record_audit(session, actor="worker", action="job.succeeded", object_type="series",
-                     object_uid=series_uid, detail={"job": job_id, "timings": timings})
+        record_audit(
+            session,
+            actor="worker",
+            action="job.succeeded",
+            object_type="series",
+            object_uid=series_uid,
+            detail={"job": job_id, "timings": timings},
+        )
         session.flush()
         pending = _pending_deliveries(session, job)
-    log.info("job %d succeeded: load %.2fs, analyze %.2fs, encode %.2fs", job_id,
-             timings["load_seconds"], timings["analyze_seconds"], timings["encode_seconds"])
+    log.info(
+        "job %d succeeded: load %.2fs, analyze %.2fs, encode %.2fs",
+        job_id,
+        timings["load_seconds"],
+        timings["analyze_seconds"],
+        timings["encode_seconds"],
+    )
     return pending
 
 
@@ -137,20 +152,32 @@ def _profile_named(settings: Settings, name: str) -> Profile:
 def _encode_and_write(
     settings: Settings, volume: Volume, result: AnalysisResult, job_key: str
 ) -> list[tuple[str, Dataset, Path]]:
-    equipment = EquipmentInfo(institution_name=settings.institution_name, station_name=settings.station_name,
-                              device_serial_number=settings.ae_title)
+    equipment = EquipmentInfo(
+        institution_name=settings.institution_name,
+        station_name=settings.station_name,
+        device_serial_number=settings.ae_title,
+    )
     prefix = settings.uid_prefix
     seg = build_segmentation(
-        volume, result,
+        volume,
+        result,
         series_instance_uid=derived_uid(job_key, "seg-series", prefix=prefix),
         sop_instance_uid=derived_uid(job_key, "seg-instance", prefix=prefix),
-        series_number=SEG_SERIES_NUMBER, instance_number=1, equipment=equipment, uid_prefix=prefix,
+        series_number=SEG_SERIES_NUMBER,
+        instance_number=1,
+        equipment=equipment,
+        uid_prefix=prefix,
     )
     sr = build_measurement_report(
-        volume, result, seg,
+        volume,
+        result,
+        seg,
         series_instance_uid=derived_uid(job_key, "sr-series", prefix=prefix),
         sop_instance_uid=derived_uid(job_key, "sr-instance", prefix=prefix),
-        series_number=SR_SERIES_NUMBER, instance_number=1, equipment=equipment, uid_prefix=prefix,
+        series_number=SR_SERIES_NUMBER,
+        instance_number=1,
+        equipment=equipment,
+        uid_prefix=prefix,
     )
     study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -162,13 +189,19 @@ def _encode_and_write(
     return written
 
 
-def _record_result(session: Session, job: Job, kind: str, dataset: Dataset, path: Path,
-                   destinations: list[str]) -> None:
+def _record_result(
+    session: Session, job: Job, kind: str, dataset: Dataset, path: Path, destinations: list[str]
+) -> None:
     result = session.scalar(select(Result).where(Result.sop_instance_uid == str(dataset.SOPInstanceUID)))
     if result is None:
-        result = Result(job_fk=job.id, kind=kind, sop_class_uid=str(dataset.SOPClassUID),
-                        sop_instance_uid=str(dataset.SOPInstanceUID),
-                        series_instance_uid=str(dataset.SeriesInstanceUID), path=str(path))
+        result = Result(
+            job_fk=job.id,
+            kind=kind,
+            sop_class_uid=str(dataset.SOPClassUID),
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            series_instance_uid=str(dataset.SeriesInstanceUID),
+            path=str(path),
+        )
         session.add(result)
         session.flush()
     known = set(session.scalars(select(Delivery.destination).where(Delivery.result_fk == result.id)))
@@ -176,8 +209,15 @@ def _record_result(session: Session, job: Job, kind: str, dataset: Dataset, path
         if destination not in known:
             # The worker enqueues it right away; the lease lets the scheduler
             # re-enqueue it should that message be lost.
-            session.add(Delivery(result_fk=result.id, destination=destination, state=DeliveryState.PENDING,
-                                 attempts=0, next_attempt_at=lease_expiry()))
+            session.add(
+                Delivery(
+                    result_fk=result.id,
+                    destination=destination,
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=lease_expiry(),
+                )
+            )
 
 
 def _pending_deliveries(session: Session, job: Job) -> list[int]:
@@ -218,8 +258,14 @@ def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, se
         job.state = JobState.FAILED
         job.error = reason
         job.finished_at = utcnow()
-        record_audit(session, actor="worker", action="job.failed", object_type="series",
-                     object_uid=series_uid, detail={"job": job_id, "reason": reason})
+        record_audit(
+            session,
+            actor="worker",
+            action="job.failed",
+            object_type="series",
+            object_uid=series_uid,
+            detail={"job": job_id, "reason": reason},
+        )
     log.warning("job %d refused its input: %s", job_id, reason)
 
 

@@ -161,8 +161,11 @@ def slice_geometry(headers: Sequence[Dataset], paths: Sequence[Path] | None = No
         position = _float_vector(header, "ImagePositionPatient", 3)
         orientation = _float_vector(header, "ImageOrientationPatient", 6)
         spacing = _float_vector(header, "PixelSpacing", 2)
-        for keyword, value in (("ImagePositionPatient", position), ("ImageOrientationPatient", orientation),
-                               ("PixelSpacing", spacing)):
+        for keyword, value in (
+            ("ImagePositionPatient", position),
+            ("ImageOrientationPatient", orientation),
+            ("PixelSpacing", spacing),
+        ):
             if value is None:
                 missing[keyword].append(index)
         positions.append(position)
@@ -393,8 +396,12 @@ def load_series(
     headers = [_read_header(path) for path in paths]
     rows, columns = _check_series(headers, paths)
     geometry = slice_geometry(headers, paths)
-    check_geometry(geometry, max_spacing_deviation=max_spacing_deviation, max_tilt_deg=max_tilt_deg,
-                   max_shift_pixels=max_shift_pixels)
+    check_geometry(
+        geometry,
+        max_spacing_deviation=max_spacing_deviation,
+        max_tilt_deg=max_tilt_deg,
+        max_shift_pixels=max_shift_pixels,
+    )
 
     headers = [headers[i] for i in geometry.order]
     paths = [paths[i] for i in geometry.order]

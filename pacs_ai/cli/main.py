@@ -75,7 +75,9 @@ def db_upgrade(ctx: typer.Context) -> None:
 @profiles_app.command("validate")
 def profiles_validate(
     ctx: typer.Context,
-    directory: Annotated[Path | None, typer.Argument(help="Profiles directory (default: configured).")] = None,
+    directory: Annotated[
+        Path | None, typer.Argument(help="Profiles directory (default: configured).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check every profile file; report all problems with file names; exit 1 if any."""
@@ -94,7 +96,9 @@ def profiles_validate(
     for profile in profiles:
         for step in profile.analyzers:
             if step.name not in known_analyzers:
-                problems.append(f"{profile.name}: unknown analyzer {step.name!r} (known: {sorted(known_analyzers)})")
+                problems.append(
+                    f"{profile.name}: unknown analyzer {step.name!r} (known: {sorted(known_analyzers)})"
+                )
         for destination in profile.destinations:
             if destination not in settings.destinations:
                 problems.append(
@@ -102,8 +106,12 @@ def profiles_validate(
                     f"(configured: {sorted(settings.destinations)}); results would stay undelivered"
                 )
     if as_json:
-        print(json.dumps({"directory": str(directory), "profiles": [p.name for p in profiles],
-                          "problems": problems}, indent=2))
+        print(
+            json.dumps(
+                {"directory": str(directory), "profiles": [p.name for p in profiles], "problems": problems},
+                indent=2,
+            )
+        )
     else:
         for profile in profiles:
             console.print(f"[green]ok[/green] {profile.name}: {profile.description}")
@@ -168,15 +176,20 @@ def studies_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
         rows = [
             {"study_instance_uid": uid, "accession_number": accession, "series": n, "first_received_at": at}
             for uid, accession, n, at in session.execute(
-                select(Study.study_instance_uid, Study.accession_number, func.count(Series.id),
-                       Study.first_received_at)
+                select(
+                    Study.study_instance_uid,
+                    Study.accession_number,
+                    func.count(Series.id),
+                    Study.first_received_at,
+                )
                 .join(Series, Series.study_fk == Study.id, isouter=True)
                 .group_by(Study.id)
                 .order_by(Study.first_received_at.desc())
             ).all()
         ]
-    _print_rows(rows, ["study_instance_uid", "accession_number", "series", "first_received_at"], "Studies",
-                as_json)
+    _print_rows(
+        rows, ["study_instance_uid", "accession_number", "series", "first_received_at"], "Studies", as_json
+    )
 
 
 @jobs_app.command("list")
@@ -191,12 +204,24 @@ def jobs_list(
         if state is not None:
             query = query.where(Job.state == state)
         rows = [
-            {"id": job.id, "series_instance_uid": series_uid, "profile": job.profile, "analyzer": job.analyzer,
-             "version": job.version, "state": job.state.value, "attempts": job.attempts, "error": job.error}
+            {
+                "id": job.id,
+                "series_instance_uid": series_uid,
+                "profile": job.profile,
+                "analyzer": job.analyzer,
+                "version": job.version,
+                "state": job.state.value,
+                "attempts": job.attempts,
+                "error": job.error,
+            }
             for job, series_uid in session.execute(query.order_by(Job.id.desc())).all()
         ]
-    _print_rows(rows, ["id", "series_instance_uid", "profile", "analyzer", "version", "state", "attempts",
-                       "error"], "Jobs", as_json)
+    _print_rows(
+        rows,
+        ["id", "series_instance_uid", "profile", "analyzer", "version", "state", "attempts", "error"],
+        "Jobs",
+        as_json,
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,13 @@ class DeliveryError(Exception):
         self.status = status
 
 
-def send_files(destination: DicomDestination, paths: Sequence[Path], *, calling_ae_title: str,
-               timeout_seconds: float = 60.0) -> None:
+def send_files(
+    destination: DicomDestination,
+    paths: Sequence[Path],
+    *,
+    calling_ae_title: str,
+    timeout_seconds: float = 60.0,
+) -> None:
     """Send ``paths`` over one association; raise :class:`DeliveryError` unless all succeed.
 
     Warning statuses (0xB000, 0xB007, 0xB006) count as stored: the peer kept
@@ -51,13 +56,20 @@ def send_files(destination: DicomDestination, paths: Sequence[Path], *, calling_
             response = assoc.send_c_store(ds)
             status = int(response.Status) if "Status" in response else None
             if status is None:
-                raise DeliveryError(f"no C-STORE response for {ds.SOPInstanceUID} (connection lost or timeout)")
+                raise DeliveryError(
+                    f"no C-STORE response for {ds.SOPInstanceUID} (connection lost or timeout)"
+                )
             if status != 0x0000 and (status & 0xF000) != 0xB000:
                 raise DeliveryError(
                     f"{destination.ae_title} refused {ds.SOPInstanceUID} with status 0x{status:04X}", status
                 )
-            log.info("sent %s (%s) to %s: status 0x%04X", ds.SOPInstanceUID, path.name,
-                     destination.ae_title, status)
+            log.info(
+                "sent %s (%s) to %s: status 0x%04X",
+                ds.SOPInstanceUID,
+                path.name,
+                destination.ae_title,
+                status,
+            )
     finally:
         if assoc.is_established:
             assoc.release()

@@ -41,7 +41,9 @@ class DeliveryAttempt:
     error: str | None = None
 
 
-def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delivery_id: int) -> DeliveryAttempt:
+def attempt_delivery(
+    settings: Settings, sessions: sessionmaker[Session], delivery_id: int
+) -> DeliveryAttempt:
     """Try one delivery once and record the outcome."""
     with session_scope(sessions) as session:
         delivery = session.get(Delivery, delivery_id)
@@ -76,8 +78,14 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             delivery.last_error = None
             delivery.sent_at = utcnow()
             delivery.next_attempt_at = None
-            record_audit(session, actor="dispatcher", action="result.sent", object_type="result",
-                         object_uid=sop_uid, detail={"destination": destination_name})
+            record_audit(
+                session,
+                actor="dispatcher",
+                action="result.sent",
+                object_type="result",
+                object_uid=sop_uid,
+                detail={"destination": destination_name},
+            )
             return DeliveryAttempt(delivered=True, retry_in_seconds=None)
 
         delivery.last_status = error.status
@@ -91,11 +99,25 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             backoff = destination.retry_backoff_seconds if destination else 0.0
             retry_in = backoff * (2 ** (delivery.attempts - 1))
             delivery.next_attempt_at = utcnow() + timedelta(seconds=retry_in)
-        record_audit(session, actor="dispatcher", action="result.send_failed", object_type="result",
-                     object_uid=sop_uid,
-                     detail={"destination": destination_name, "attempt": delivery.attempts,
-                             "status": None if error.status is None else f"0x{error.status:04X}",
-                             "error": str(error), "will_retry": retry_in is not None})
-        log.warning("delivery of %s to %s failed (attempt %d): %s", sop_uid, destination_name,
-                    delivery.attempts, error)
+        record_audit(
+            session,
+            actor="dispatcher",
+            action="result.send_failed",
+            object_type="result",
+            object_uid=sop_uid,
+            detail={
+                "destination": destination_name,
+                "attempt": delivery.attempts,
+                "status": None if error.status is None else f"0x{error.status:04X}",
+                "error": str(error),
+                "will_retry": retry_in is not None,
+            },
+        )
+        log.warning(
+            "delivery of %s to %s failed (attempt %d): %s",
+            sop_uid,
+            destination_name,
+            delivery.attempts,
+            error,
+        )
         return DeliveryAttempt(delivered=False, retry_in_seconds=retry_in, error=str(error))

@@ -32,12 +32,11 @@ class IngestOutcome(enum.StrEnum):
 def _insert_ignoring_conflict(session: Session, model: type, values: dict[str, Any]) -> None:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+        session.execute(postgresql.insert(model).values(**values).on_conflict_do_nothing())
     elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+        session.execute(sqlite.insert(model).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise RuntimeError(f"unsupported index database dialect {dialect!r}")
-    session.execute(stmt)
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
@@ -140,7 +139,12 @@ def record_new_instance(
 
 
 def record_duplicate(
-    session: Session, existing: Instance, *, replaced: bool, size: int, calling_ae: str,
+    session: Session,
+    existing: Instance,
+    *,
+    replaced: bool,
+    size: int,
+    calling_ae: str,
     transfer_syntax_uid: str,
 ) -> IngestOutcome:
     """Count a second copy of a known instance and audit it (the caller commits)."""
@@ -149,9 +153,7 @@ def record_duplicate(
         existing.size_bytes = size
         existing.transfer_syntax_uid = transfer_syntax_uid
         existing.received_at = utcnow()
-        series_uid = session.scalar(
-            select(Series.series_instance_uid).where(Series.id == existing.series_fk)
-        )
+        series_uid = session.scalar(select(Series.series_instance_uid).where(Series.id == existing.series_fk))
         if series_uid is not None:
             _touch_series(session, series_uid, new_instance=False)
     outcome = IngestOutcome.DUPLICATE_REPLACED if replaced else IngestOutcome.DUPLICATE_KEPT_FIRST

@@ -112,7 +112,8 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
     if uids["SOPClassUID"] != command_sop_class:
         raise InstanceRejected(
             STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"SOPClassUID {uids['SOPClassUID']} differs from the C-STORE AffectedSOPClassUID {command_sop_class}",
+            f"SOPClassUID {uids['SOPClassUID']} differs from the C-STORE "
+            f"AffectedSOPClassUID {command_sop_class}",
         )
 
     return InstanceHeader(

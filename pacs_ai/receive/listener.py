@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import (
     AE,
@@ -33,6 +33,7 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -61,6 +62,7 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, bound with SO_REUSEPORT so processes can share a port."""
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -76,24 +78,23 @@ class StoreHandler:
 
     def __call__(self, event: Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
-        request = event.request
+        request = cast(C_STORE, event.request)
+        sop_instance = str(request.AffectedSOPInstanceUID)
         temp_path = Path(event.dataset_path)
         try:
-            return self._store(temp_path, calling_ae, str(request.AffectedSOPClassUID),
-                               str(request.AffectedSOPInstanceUID))
+            return self._store(temp_path, calling_ae, str(request.AffectedSOPClassUID), sop_instance)
         except InstanceRejected as rejected:
-            self._record_rejection(calling_ae, str(request.AffectedSOPInstanceUID), rejected)
+            self._record_rejection(calling_ae, sop_instance, rejected)
             return rejected.status
         except OSError as exc:
             # Full disk, I/O error: refuse with "out of resources"; the sender retries later.
-            log.error("cannot store %s from %s: %s", request.AffectedSOPInstanceUID, calling_ae, exc)
+            log.error("cannot store %s from %s: %s", sop_instance, calling_ae, exc)
             self._record_rejection(
-                calling_ae, str(request.AffectedSOPInstanceUID),
-                InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}"),
+                calling_ae, sop_instance, InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}")
             )
             return STATUS_OUT_OF_RESOURCES
         except OperationalError as exc:
-            log.error("index unavailable while storing %s: %s", request.AffectedSOPInstanceUID, exc)
+            log.error("index unavailable while storing %s: %s", sop_instance, exc)
             return STATUS_OUT_OF_RESOURCES
 
     def _store(self, temp_path: Path, calling_ae: str, sop_class: str, sop_instance: str) -> int:
@@ -120,8 +121,9 @@ class StoreHandler:
                 raise
         else:
             self._store_over_existing_name(header, temp_path, final_path, calling_ae)
-        log.debug("stored %s (series %s) from %s", header.sop_instance_uid,
-                  header.series_instance_uid, calling_ae)
+        log.debug(
+            "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, calling_ae
+        )
         return STATUS_SUCCESS
 
     def _index_new(self, header: InstanceHeader, final_path: Path, calling_ae: str) -> None:
@@ -135,11 +137,18 @@ class StoreHandler:
                 existing = find_instance(session, header.sop_instance_uid)
                 if existing is None:
                     raise
-                record_duplicate(session, existing, replaced=False, size=size, calling_ae=calling_ae,
-                                 transfer_syntax_uid=header.transfer_syntax_uid)
+                record_duplicate(
+                    session,
+                    existing,
+                    replaced=False,
+                    size=size,
+                    calling_ae=calling_ae,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                )
 
-    def _store_over_existing_name(self, header: InstanceHeader, temp_path: Path, final_path: Path,
-                                  calling_ae: str) -> None:
+    def _store_over_existing_name(
+        self, header: InstanceHeader, temp_path: Path, final_path: Path, calling_ae: str
+    ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
         with session_scope(self.sessions) as session:
             existing = find_instance(session, header.sop_instance_uid)
@@ -148,8 +157,12 @@ class StoreHandler:
                 if replace:
                     self.spool.replace(temp_path, Path(existing.path))
                 outcome = record_duplicate(
-                    session, existing, replaced=replace, size=Path(existing.path).stat().st_size,
-                    calling_ae=calling_ae, transfer_syntax_uid=header.transfer_syntax_uid,
+                    session,
+                    existing,
+                    replaced=replace,
+                    size=Path(existing.path).stat().st_size,
+                    calling_ae=calling_ae,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
                 )
                 log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
                 return
@@ -158,8 +171,13 @@ class StoreHandler:
         self._index_new(header, final_path, calling_ae)
 
     def _record_rejection(self, calling_ae: str, sop_instance: str, rejected: InstanceRejected) -> None:
-        log.warning("refused %s from %s with status 0x%04X: %s", sop_instance, calling_ae,
-                    rejected.status, rejected.reason)
+        log.warning(
+            "refused %s from %s with status 0x%04X: %s",
+            sop_instance,
+            calling_ae,
+            rejected.status,
+            rejected.reason,
+        )
         try:
             with session_scope(self.sessions) as session:
                 record_audit(
@@ -176,8 +194,13 @@ class StoreHandler:
 
 def _log_association(event: Event) -> None:
     requestor = event.assoc.requestor
-    log.info("association %s from %s (%s:%s)", event.event.name.split("_")[-1].lower(),
-             requestor.ae_title, requestor.address, requestor.port)
+    log.info(
+        "association %s from %s (%s:%s)",
+        event.event.name.split("_")[-1].lower(),
+        requestor.ae_title,
+        requestor.address,
+        requestor.port,
+    )
 
 
 def build_application_entity(settings: Settings) -> AE:
@@ -190,6 +213,7 @@ def build_application_entity(settings: Settings) -> AE:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
@@ -220,8 +244,14 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     )
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()
-    log.info("DICOM listener pid %d: AE %s on %s:%d, spool %s", os.getpid(), settings.ae_title,
-             settings.listen_host, settings.listen_port, settings.spool_dir)
+    log.info(
+        "DICOM listener pid %d: AE %s on %s:%d, spool %s",
+        os.getpid(),
+        settings.ae_title,
+        settings.listen_host,
+        settings.listen_port,
+        settings.spool_dir,
+    )
     while not stop.is_set():
         time.sleep(0.2)
     # Stop accepting, then give associations in progress a moment to finish:

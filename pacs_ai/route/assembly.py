@@ -65,7 +65,10 @@ def route_ready_series(
     before its message does, so a lost message is recovered from the index.
     """
     shortest_quiet = min(
-        [default_quiet_seconds, *(p.quiet_period_seconds for p in profiles if p.quiet_period_seconds is not None)]
+        [
+            default_quiet_seconds,
+            *(p.quiet_period_seconds for p in profiles if p.quiet_period_seconds is not None),
+        ]
     )
     candidates = session.scalars(
         select(Series)
@@ -78,7 +81,9 @@ def route_ready_series(
     unmatched: list[str] = []
     for series in candidates:
         decision = match_profiles(profiles, series_facts(series))
-        if series.last_received_at > now - timedelta(seconds=quiet_period_for(decision, default_quiet_seconds)):
+        if series.last_received_at > now - timedelta(
+            seconds=quiet_period_for(decision, default_quiet_seconds)
+        ):
             continue  # a matched profile asks for a longer quiet period
         series.routed_revision = series.revision
         series.routing_detail = decision.explain()
@@ -86,8 +91,14 @@ def route_ready_series(
         if not decision.matched:
             series.routing_state = RoutingState.UNMATCHED
             unmatched.append(series.series_instance_uid)
-            record_audit(session, actor="router", action="series.unmatched", object_type="series",
-                         object_uid=series.series_instance_uid, detail={"reason": series.routing_detail})
+            record_audit(
+                session,
+                actor="router",
+                action="series.unmatched",
+                object_type="series",
+                object_uid=series.series_instance_uid,
+                detail={"reason": series.routing_detail},
+            )
             log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
             continue
         series.routing_state = RoutingState.ROUTED
@@ -108,7 +119,9 @@ def _open_job(session: Session, series: Series, profile: Profile, analyzer_name:
     )
     version = (previous or 0) + 1
     job = Job(
-        idempotency_key=job_key(series.series_instance_uid, profile.name, analyzer_name, analyzer_version, version),
+        idempotency_key=job_key(
+            series.series_instance_uid, profile.name, analyzer_name, analyzer_version, version
+        ),
         series_fk=series.id,
         profile=profile.name,
         analyzer=analyzer_name,
@@ -120,7 +133,12 @@ def _open_job(session: Session, series: Series, profile: Profile, analyzer_name:
         instance_count=series.instance_count,
     )
     session.add(job)
-    record_audit(session, actor="router", action="job.created", object_type="series",
-                 object_uid=series.series_instance_uid,
-                 detail={"profile": profile.name, "analyzer": analyzer_name, "version": version})
+    record_audit(
+        session,
+        actor="router",
+        action="job.created",
+        object_type="series",
+        object_uid=series.series_instance_uid,
+        detail={"profile": profile.name, "analyzer": analyzer_name, "version": version},
+    )
     return job

@@ -25,6 +25,7 @@ from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
 
 log = logging.getLogger(__name__)
 
+
 class TaskQueue(Protocol):
     """Where the scheduler puts work (Celery in production)."""
 
@@ -51,8 +52,12 @@ class ProfileSet:
         if stamp != self._stamp:
             try:
                 self.profiles = load_profiles(self.directory)
-                log.info("loaded %d profile(s) from %s: %s", len(self.profiles), self.directory,
-                         ", ".join(p.name for p in self.profiles) or "none")
+                log.info(
+                    "loaded %d profile(s) from %s: %s",
+                    len(self.profiles),
+                    self.directory,
+                    ", ".join(p.name for p in self.profiles) or "none",
+                )
             except ProfileError as exc:
                 if self._stamp is None:
                     raise
@@ -82,8 +87,11 @@ class Scheduler:
         for delivery_id in deliveries:
             self.queue.enqueue_delivery(delivery_id)
         if jobs or deliveries:
-            log.info("recovered %d unfinished job(s) and %d undelivered result(s) from the index",
-                     len(jobs), len(deliveries))
+            log.info(
+                "recovered %d unfinished job(s) and %d undelivered result(s) from the index",
+                len(jobs),
+                len(deliveries),
+            )
         return len(jobs) + len(deliveries)
 
     def requeue_jobs_of(self, worker: str) -> list[int]:
@@ -106,8 +114,9 @@ class Scheduler:
         profiles = self.profiles.refresh()
         now = utcnow()
         with session_scope(self.sessions) as session:
-            routing = route_ready_series(session, profiles, now=now,
-                                         default_quiet_seconds=self.settings.quiet_period_seconds)
+            routing = route_ready_series(
+                session, profiles, now=now, default_quiet_seconds=self.settings.quiet_period_seconds
+            )
         for job_id, queue in routing.new_jobs:
             self.queue.enqueue_analysis(job_id, queue)
 

@@ -219,8 +219,17 @@ def write_chest_phantom(
         raise ValueError(f"laa_fraction must be in [0, 1), got {laa_fraction}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    arguments = (slices, size, pixel_spacing_mm, slice_spacing_mm, seed, patient_id, accession_number,
-                 laa_fraction, noise_hu)
+    arguments = (
+        slices,
+        size,
+        pixel_spacing_mm,
+        slice_spacing_mm,
+        seed,
+        patient_id,
+        accession_number,
+        laa_fraction,
+        noise_hu,
+    )
     study_uid = study_uid or _uid("study", *arguments)
     series_uid = series_uid or _uid("series", study_uid, *arguments)
     frame_uid = _uid("frame", series_uid)
@@ -248,8 +257,10 @@ def write_chest_phantom(
     for (cu, cv, cw), (au, av, aw) in (RIGHT_LUNG, LEFT_LUNG):
         lungs.append((((u - cu) / au) ** 2 + ((v - cv) / av) ** 2, cw, aw))
     carina = np.array([tu * half, tv * half, CARINA_W * half_length])
-    targets = [np.array([tu_ * half, tv_ * half, tw * half_length])
-               for tu_, tv_, tw in (RIGHT_BRONCHUS_TARGET, LEFT_BRONCHUS_TARGET)]
+    targets = [
+        np.array([tu_ * half, tv_ * half, tw * half_length])
+        for tu_, tv_, tw in (RIGHT_BRONCHUS_TARGET, LEFT_BRONCHUS_TARGET)
+    ]
     bronchus_radius_sq = (BRONCHUS_DIAMETER_MM / 2) ** 2
     bronchus_z = (min(t[2] for t in targets) - BRONCHUS_DIAMETER_MM, carina[2] + BRONCHUS_DIAMETER_MM)
     cell = max(1, round(CLUSTER_MM / pixel_spacing_mm))
@@ -290,9 +301,17 @@ def write_chest_phantom(
             laa_voxels[label - 1] += int(np.count_nonzero(written_hu[lung] < -950))
 
         ds = _slice_dataset(
-            index=k, z_mm=z, stored=stored, origin_xy=origin_xy, pixel_spacing_mm=pixel_spacing_mm,
-            slice_spacing_mm=slice_spacing_mm, study_uid=study_uid, series_uid=series_uid,
-            frame_uid=frame_uid, patient_id=patient_id, patient_name=patient_name,
+            index=k,
+            z_mm=z,
+            stored=stored,
+            origin_xy=origin_xy,
+            pixel_spacing_mm=pixel_spacing_mm,
+            slice_spacing_mm=slice_spacing_mm,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            frame_uid=frame_uid,
+            patient_id=patient_id,
+            patient_name=patient_name,
             accession_number=accession_number,
         )
         path = out_dir / f"CT{k + 1:04d}.dcm"

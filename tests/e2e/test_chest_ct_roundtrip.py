@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def test_chest_ct_from_modality_comes_back_as_seg_and_sr(
 
     status = service.cli("status", "--json")
     assert status.returncode == 0, status.stderr
-    assert '"instances": %d' % len(chest_phantom.paths) in status.stdout
+    assert json.loads(status.stdout)["index"]["instances"] == len(chest_phantom.paths)
 
 
 def test_pacs_auto_routes_study_to_pacs_ai(

@@ -23,7 +23,7 @@ def test_killed_worker_leads_to_exactly_one_set_of_results(
 ) -> None:
     # Large enough that the analysis runs for a while, so the kill lands mid-task.
     phantom = write_chest_phantom(
-        tmp_path / "phantom", slices=120, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.5, study_uid=None
+        tmp_path / "phantom", slices=160, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.0
     )
     service = service_factory(
         destinations=orthanc_destination(orthanc), extra_env={"PACS_AI_WORKER_PROCESSES": "2"}

@@ -78,7 +78,9 @@ def test_density_values_are_plausible(result: AnalysisResult) -> None:
 
 def test_result_is_described_with_the_agreed_codes(result: AnalysisResult) -> None:
     assert [(s.number, s.type.value, s.category.value) for s in result.segments] == [
-        (1, RIGHT_LUNG, "91723000"), (2, LEFT_LUNG, "91723000")]
+        (1, RIGHT_LUNG, "91723000"),
+        (2, LEFT_LUNG, "91723000"),
+    ]
     assert all(s.recommended_display_cielab is not None for s in result.segments)
     assert len(result.measurements) == 12
     sites = {(m.segment_number, m.finding_site.value) for m in result.measurements}
@@ -131,7 +133,10 @@ def ct_header() -> Dataset:
 
 def synthetic_volume(voxels: np.ndarray, header: Dataset | None = None) -> Volume:
     return Volume(
-        voxels=voxels, spacing_mm=(5.0, 1.5, 1.5), origin_mm=(-150.0, -150.0, 0.0), direction=np.eye(3),
+        voxels=voxels,
+        spacing_mm=(5.0, 1.5, 1.5),
+        origin_mm=(-150.0, -150.0, 0.0),
+        direction=np.eye(3),
         headers=[header or ct_header()] * voxels.shape[0],
         paths=[Path(f"{i}.dcm") for i in range(voxels.shape[0])],
     )

@@ -72,8 +72,9 @@ def test_region_densitometry_uses_only_the_masked_voxels() -> None:
 
 
 def test_region_densitometry_with_other_threshold_and_percentile() -> None:
-    result = region_densitometry(HU.reshape(1, 2, 5), np.ones((1, 2, 5), dtype=bool), 1.0,
-                                 laa_threshold_hu=-900, percentile=50)
+    result = region_densitometry(
+        HU.reshape(1, 2, 5), np.ones((1, 2, 5), dtype=bool), 1.0, laa_threshold_hu=-900, percentile=50
+    )
     assert result.laa_percent == 30.0
     assert result.percentile_hu == pytest.approx(-750.0)
 

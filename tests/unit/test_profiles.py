@@ -21,9 +21,13 @@ REPO_PROFILES = Path(__file__).resolve().parents[2] / "dicom_profiles"
 
 def facts(**overrides: object) -> SeriesFacts:
     values: dict[str, object] = {
-        "modality": "CT", "body_part_examined": "CHEST", "series_description": "Thorax 1.0 B30f",
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
-        "slice_thickness": 1.0, "instance_count": 300,
+        "modality": "CT",
+        "body_part_examined": "CHEST",
+        "series_description": "Thorax 1.0 B30f",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
+        "slice_thickness": 1.0,
+        "instance_count": 300,
     }
     values.update(overrides)
     return SeriesFacts(**values)  # type: ignore[arg-type]
@@ -54,7 +58,9 @@ def test_chest_ct_matches(chest_profile: Profile) -> None:
         ({"body_part_examined": "HEAD", "series_description": "Brain"}, "none of:"),
     ],
 )
-def test_mismatch_reasons_are_explicit(chest_profile: Profile, overrides: dict[str, object], reason: str) -> None:
+def test_mismatch_reasons_are_explicit(
+    chest_profile: Profile, overrides: dict[str, object], reason: str
+) -> None:
     decision = match_profiles([chest_profile], facts(**overrides))
     assert decision.matched == []
     assert reason in decision.explain()
@@ -62,16 +68,21 @@ def test_mismatch_reasons_are_explicit(chest_profile: Profile, overrides: dict[s
 
 def test_alternatives_any_of(chest_profile: Profile) -> None:
     # No body part, but the description says chest: the "any" clause holds.
-    assert match_profiles([chest_profile], facts(body_part_examined=None, series_description="CHEST W/O")).matched
+    assert match_profiles(
+        [chest_profile], facts(body_part_examined=None, series_description="CHEST W/O")
+    ).matched
     # Body part says lung, description is uninformative.
     assert match_profiles([chest_profile], facts(body_part_examined="lung", series_description="")).matched
 
 
 def test_criteria_on_image_type_and_thickness() -> None:
-    profile = Profile.model_validate({
-        "name": "thin-axial", "match": {"image_type_includes": ["AXIAL"], "slice_thickness": {"max": 2.0}},
-        "analyzers": [{"name": "ct-chest-lung"}],
-    })
+    profile = Profile.model_validate(
+        {
+            "name": "thin-axial",
+            "match": {"image_type_includes": ["AXIAL"], "slice_thickness": {"max": 2.0}},
+            "analyzers": [{"name": "ct-chest-lung"}],
+        }
+    )
     assert match_profiles([profile], facts()).matched
     reasons = match_profiles([profile], facts(image_type="DERIVED\\SECONDARY\\MPR", slice_thickness=5.0))
     assert "lacks ['AXIAL']" in reasons.explain() and "SliceThickness 5.0 outside" in reasons.explain()

@@ -57,7 +57,7 @@ def write_ct_series(
     series_uid, study_uid = generate_uid(), generate_uid()
     paths, stored_by_z = [], {}
     for index, z in enumerate(z_positions):
-        stored = (np.arange(rows * columns, dtype=np.uint16).reshape(rows, columns) + 100 * index + 1000)
+        stored = np.arange(rows * columns, dtype=np.uint16).reshape(rows, columns) + 100 * index + 1000
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -219,8 +219,9 @@ def test_compressed_series_decode_to_the_same_voxels(tmp_path: Path, syntax: str
     z = [0.0, 1.5, 3.0, 4.5]
     # openjpeg refuses to encode very small images, hence 32x32.
     plain = load_series(write_ct_series(tmp_path / "plain", z, rows=32, columns=32)[0])
-    compressed_paths, _ = write_ct_series(tmp_path / "compressed", z, rows=32, columns=32,
-                                          transfer_syntax=syntax)
+    compressed_paths, _ = write_ct_series(
+        tmp_path / "compressed", z, rows=32, columns=32, transfer_syntax=syntax
+    )
     assert pydicom.dcmread(compressed_paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
     np.testing.assert_array_equal(load_series(compressed_paths).voxels, plain.voxels)
 
