@@ -16,15 +16,9 @@ from pathlib import Path
 
 from pydicom import Dataset
 
+from pacs_ai.durable import fsync_directory
+
 __all__ = ["write_dataset"]
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_dataset(ds: Dataset, path: Path | str, *, fsync: bool = True) -> Path:
@@ -71,5 +65,5 @@ def write_dataset(ds: Dataset, path: Path | str, *, fsync: bool = True) -> Path:
             tmp_path.unlink()
         raise
     if fsync:
-        _fsync_directory(directory)
+        fsync_directory(directory)
     return target

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -121,8 +121,10 @@ def record_new_instance(
     series_id = _touch_series(session, header.series_instance_uid, new_instance=True)
     if series_id is None:
         series_id = _create_series(session, header, calling_ae)
-    session.add(
-        Instance(
+    # A Core INSERT: this runs for every received instance, and the ORM's
+    # unit of work would cost more than the statement itself.
+    session.execute(
+        insert(Instance).values(
             sop_instance_uid=header.sop_instance_uid,
             series_fk=series_id,
             sop_class_uid=header.sop_class_uid,
@@ -135,7 +137,6 @@ def record_new_instance(
             duplicates_received=0,
         )
     )
-    session.flush()
 
 
 def record_duplicate(

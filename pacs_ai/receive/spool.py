@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
+from pacs_ai.durable import fsync_directory, fsync_file
+
 
 class UnsafeIdentifier(ValueError):
     """A UID that is not safe or valid to use as a path component."""
@@ -50,11 +52,7 @@ class Spool:
     def flush(self, temp_path: Path) -> None:
         """Force a fully written temporary file's data to the disk."""
         if self.fsync:
-            fd = os.open(temp_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(temp_path)
 
     def place_new(self, temp_path: Path, final_path: Path) -> bool:
         """Give a flushed temporary file its final name unless that name exists.
@@ -79,9 +77,9 @@ class Spool:
 
     def _sync_entries(self, final_path: Path, created: list[Path]) -> None:
         if self.fsync:
-            self._fsync_dir(final_path.parent)
+            fsync_directory(final_path.parent)
             for directory in created:
-                self._fsync_dir(directory.parent)
+                fsync_directory(directory.parent)
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create missing directories, returning those created (outermost first)."""
@@ -93,11 +91,3 @@ class Spool:
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
         return list(reversed(missing))
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
