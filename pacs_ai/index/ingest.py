@@ -2,10 +2,14 @@
 
 Called by the listener for every instance after its file is durably in the
 spool and before the C-STORE is acknowledged.  The common case (another
-instance of a series already known) costs one UPDATE and one INSERT; the first
-instance of a series also upserts its patient, study and series rows.  Upserts
-use ``INSERT ... ON CONFLICT DO NOTHING`` because several listener processes
-may see the first instances of one study at the same moment.
+instance of a series this process has seen) is one INSERT in one short
+transaction: several listener processes share the database's write lock, so
+what happens while holding it decides the ingest rate.  Nothing per-series is
+updated here; the router derives series activity from unrouted instance rows.
+
+The first instance of a series upserts its patient, study and series rows with
+``INSERT ... ON CONFLICT DO NOTHING``, because several listener processes may
+see the first instances of one study at the same moment.
 """
 
 from __future__ import annotations
@@ -15,11 +19,10 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from pacs_ai.index.audit import record_audit
-from pacs_ai.index.models import Instance, Patient, RoutingState, Series, Study, utcnow
+from pacs_ai.index.models import AuditEvent, Instance, Patient, RoutingState, Series, Study, utcnow
 from pacs_ai.receive.headers import InstanceHeader
 
 
@@ -29,38 +32,39 @@ class IngestOutcome(enum.StrEnum):
     DUPLICATE_REPLACED = "duplicate-replaced"
 
 
-def _insert_ignoring_conflict(session: Session, model: type, values: dict[str, Any]) -> None:
-    dialect = session.get_bind().dialect.name
+def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[str, Any]) -> None:
+    dialect = connection.dialect.name
     if dialect == "postgresql":
-        session.execute(postgresql.insert(model).values(**values).on_conflict_do_nothing())
+        connection.execute(postgresql.insert(model).values(**values).on_conflict_do_nothing())
     elif dialect == "sqlite":
-        session.execute(sqlite.insert(model).values(**values).on_conflict_do_nothing())
+        connection.execute(sqlite.insert(model).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise RuntimeError(f"unsupported index database dialect {dialect!r}")
 
 
-def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+class SeriesIds:
+    """Series UID -> row id, remembered per listener process (series rows are never renumbered)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._ids: dict[str, int] = {}
+        self._limit = limit
+
+    def get(self, series_uid: str) -> int | None:
+        return self._ids.get(series_uid)
+
+    def remember(self, series_uid: str, series_id: int) -> None:
+        if len(self._ids) >= self._limit:
+            self._ids.clear()
+        self._ids[series_uid] = series_id
+
+    def forget(self, series_uid: str) -> None:
+        self._ids.pop(series_uid, None)
 
 
-def _touch_series(session: Session, series_uid: str, *, new_instance: bool) -> int | None:
-    """Count an accepted write on a known series; returns its id, or None if unknown."""
-    stmt = (
-        update(Series)
-        .where(Series.series_instance_uid == series_uid)
-        .values(
-            instance_count=Series.instance_count + (1 if new_instance else 0),
-            revision=Series.revision + 1,
-            last_received_at=utcnow(),
-        )
-        .returning(Series.id)
-    )
-    return session.execute(stmt).scalar_one_or_none()
-
-
-def _create_series(session: Session, header: InstanceHeader, calling_ae: str) -> int:
+def ensure_series(connection: Connection, header: InstanceHeader, calling_ae: str) -> int:
+    """The id of the instance's series, creating patient, study and series rows as needed."""
     _insert_ignoring_conflict(
-        session,
+        connection,
         Patient,
         {
             "patient_id": header.patient_id,
@@ -70,13 +74,13 @@ def _create_series(session: Session, header: InstanceHeader, calling_ae: str) ->
             "sex": header.patient_sex,
         },
     )
-    patient_fk = session.scalar(
+    patient_fk = connection.scalar(
         select(Patient.id).where(
             Patient.patient_id == header.patient_id, Patient.issuer == header.issuer_of_patient_id
         )
     )
     _insert_ignoring_conflict(
-        session,
+        connection,
         Study,
         {
             "study_instance_uid": header.study_instance_uid,
@@ -87,9 +91,11 @@ def _create_series(session: Session, header: InstanceHeader, calling_ae: str) ->
             "first_received_at": utcnow(),
         },
     )
-    study_fk = session.scalar(select(Study.id).where(Study.study_instance_uid == header.study_instance_uid))
+    study_fk = connection.scalar(
+        select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
+    )
     _insert_ignoring_conflict(
-        session,
+        connection,
         Series,
         {
             "series_instance_uid": header.series_instance_uid,
@@ -103,27 +109,34 @@ def _create_series(session: Session, header: InstanceHeader, calling_ae: str) ->
             "slice_thickness": header.slice_thickness,
             "calling_ae_title": calling_ae,
             "instance_count": 0,
-            "revision": 0,
-            "routed_revision": 0,
             "routing_state": RoutingState.RECEIVING,
-            "last_received_at": utcnow(),
         },
     )
-    series_id = _touch_series(session, header.series_instance_uid, new_instance=True)
+    series_id = connection.scalar(
+        select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
+    )
     assert series_id is not None  # inserted or present: the upsert above guarantees it
     return series_id
 
 
 def record_new_instance(
-    session: Session, header: InstanceHeader, *, path: str, size: int, calling_ae: str
+    connection: Connection,
+    header: InstanceHeader,
+    *,
+    path: str,
+    size: int,
+    calling_ae: str,
+    series_ids: SeriesIds,
 ) -> None:
-    """Add a new instance (the caller commits).  Raises IntegrityError if it already exists."""
-    series_id = _touch_series(session, header.series_instance_uid, new_instance=True)
+    """Add a new instance in the connection's transaction (the caller commits).
+
+    Raises IntegrityError if the SOP instance is already indexed.
+    """
+    series_id = series_ids.get(header.series_instance_uid)
     if series_id is None:
-        series_id = _create_series(session, header, calling_ae)
-    # A Core INSERT: this runs for every received instance, and the ORM's
-    # unit of work would cost more than the statement itself.
-    session.execute(
+        series_id = ensure_series(connection, header, calling_ae)
+        series_ids.remember(header.series_instance_uid, series_id)
+    connection.execute(
         insert(Instance).values(
             sop_instance_uid=header.sop_instance_uid,
             series_fk=series_id,
@@ -135,36 +148,57 @@ def record_new_instance(
             calling_ae_title=calling_ae,
             received_at=utcnow(),
             duplicates_received=0,
+            routed=False,
         )
     )
 
 
+def find_instance(connection: Connection, sop_instance_uid: str) -> tuple[int, str] | None:
+    """(id, spool path) of an indexed instance, or None."""
+    row = connection.execute(
+        select(Instance.id, Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return None if row is None else (row.id, row.path)
+
+
 def record_duplicate(
-    session: Session,
-    existing: Instance,
+    connection: Connection,
+    instance_id: int,
+    header: InstanceHeader,
     *,
     replaced: bool,
     size: int,
     calling_ae: str,
-    transfer_syntax_uid: str,
 ) -> IngestOutcome:
-    """Count a second copy of a known instance and audit it (the caller commits)."""
-    existing.duplicates_received += 1
+    """Count a second copy of a known instance and audit it (the caller commits).
+
+    A replacement marks the instance unrouted, so the router opens a new job
+    version for its series.
+    """
+    values: dict[str, Any] = {"duplicates_received": Instance.duplicates_received + 1}
     if replaced:
-        existing.size_bytes = size
-        existing.transfer_syntax_uid = transfer_syntax_uid
-        existing.received_at = utcnow()
-        series_uid = session.scalar(select(Series.series_instance_uid).where(Series.id == existing.series_fk))
-        if series_uid is not None:
-            _touch_series(session, series_uid, new_instance=False)
+        values.update(
+            size_bytes=size,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            received_at=utcnow(),
+            routed=False,
+        )
+    copies = connection.execute(
+        update(Instance)
+        .where(Instance.id == instance_id)
+        .values(**values)
+        .returning(Instance.duplicates_received)
+    ).scalar_one()
     outcome = IngestOutcome.DUPLICATE_REPLACED if replaced else IngestOutcome.DUPLICATE_KEPT_FIRST
-    record_audit(
-        session,
-        actor=f"dicom:{calling_ae}",
-        action="instance.duplicate",
-        object_type="instance",
-        object_uid=existing.sop_instance_uid,
-        detail={"outcome": outcome.value, "copies_after_first": existing.duplicates_received},
+    connection.execute(
+        insert(AuditEvent).values(
+            at=utcnow(),
+            actor=f"dicom:{calling_ae}",
+            action="instance.duplicate",
+            object_type="instance",
+            object_uid=header.sop_instance_uid,
+            detail={"outcome": outcome.value, "copies_after_first": copies},
+        )
     )
     return outcome
 
@@ -172,6 +206,8 @@ def record_duplicate(
 __all__ = [
     "IngestOutcome",
     "IntegrityError",
+    "SeriesIds",
+    "ensure_series",
     "find_instance",
     "record_duplicate",
     "record_new_instance",

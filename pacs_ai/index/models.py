@@ -15,10 +15,12 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -114,12 +116,11 @@ class Series(Base):
     image_type: Mapped[str | None] = mapped_column(String(256))
     slice_thickness: Mapped[float | None] = mapped_column(Float)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    #: Instances and latest arrival as of the router's last decision; the
+    #: listener only inserts instance rows, so receiving never contends on
+    #: this row (see ``Instance.routed``).
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    #: Incremented by every accepted write (new instance or replacement).
-    revision: Mapped[int] = mapped_column(Integer, default=0)
-    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    #: ``revision`` when the router last decided; differing means new arrivals.
-    routed_revision: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime | None] = mapped_column()
     routing_state: Mapped[RoutingState] = mapped_column(
         Enum(RoutingState, native_enum=False, length=16), default=RoutingState.RECEIVING
     )
@@ -133,6 +134,7 @@ class Instance(Base):
     """One accepted SOP instance; ``path`` is its file in the spool, as received."""
 
     __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_unrouted", "routed", "series_fk"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -146,6 +148,9 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Copies of this SOP Instance UID received after the first one.
     duplicates_received: Mapped[int] = mapped_column(Integer, default=0)
+    #: False until the router has taken this instance into a decision; a
+    #: series with unrouted instances is one the router must look at again.
+    routed: Mapped[bool] = mapped_column(Boolean, default=False)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

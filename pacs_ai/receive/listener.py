@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
-from pacs_ai.index.ingest import find_instance, record_duplicate, record_new_instance
+from pacs_ai.index.ingest import SeriesIds, find_instance, record_duplicate, record_new_instance
 from pacs_ai.receive.headers import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -73,7 +73,9 @@ class StoreHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
-        self.sessions = make_session_factory(make_engine(settings.effective_database_url))
+        self.engine = make_engine(settings.effective_database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.series_ids = SeriesIds()
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
 
     def __call__(self, event: Event) -> int:
@@ -128,41 +130,50 @@ class StoreHandler:
 
     def _index_new(self, header: InstanceHeader, final_path: Path, calling_ae: str) -> None:
         size = final_path.stat().st_size
-        try:
-            with session_scope(self.sessions) as session:
-                record_new_instance(session, header, path=str(final_path), size=size, calling_ae=calling_ae)
-        except IntegrityError:
-            # Indexed meanwhile by another association: this copy is a duplicate.
-            with session_scope(self.sessions) as session:
-                existing = find_instance(session, header.sop_instance_uid)
-                if existing is None:
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as connection:
+                    record_new_instance(
+                        connection,
+                        header,
+                        path=str(final_path),
+                        size=size,
+                        calling_ae=calling_ae,
+                        series_ids=self.series_ids,
+                    )
+                return
+            except IntegrityError:
+                with self.engine.begin() as connection:
+                    existing = find_instance(connection, header.sop_instance_uid)
+                    if existing is not None:
+                        # Indexed meanwhile by another association: this copy is a duplicate.
+                        record_duplicate(
+                            connection, existing[0], header, replaced=False, size=size, calling_ae=calling_ae
+                        )
+                        return
+                # Not a duplicate: the remembered series row is gone (purged); look it up again.
+                self.series_ids.forget(header.series_instance_uid)
+                if attempt:
                     raise
-                record_duplicate(
-                    session,
-                    existing,
-                    replaced=False,
-                    size=size,
-                    calling_ae=calling_ae,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
-                )
 
     def _store_over_existing_name(
         self, header: InstanceHeader, temp_path: Path, final_path: Path, calling_ae: str
     ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
-        with session_scope(self.sessions) as session:
-            existing = find_instance(session, header.sop_instance_uid)
+        with self.engine.begin() as connection:
+            existing = find_instance(connection, header.sop_instance_uid)
             if existing is not None:
+                instance_id, existing_path = existing
                 replace = self.settings.duplicate_policy == "replace"
                 if replace:
-                    self.spool.replace(temp_path, Path(existing.path))
+                    self.spool.replace(temp_path, Path(existing_path))
                 outcome = record_duplicate(
-                    session,
-                    existing,
+                    connection,
+                    instance_id,
+                    header,
                     replaced=replace,
-                    size=Path(existing.path).stat().st_size,
+                    size=Path(existing_path).stat().st_size,
                     calling_ae=calling_ae,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
                 )
                 log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
                 return
@@ -226,9 +237,10 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     spool = Spool(settings.spool_dir, fsync=settings.fsync)
     tempfile.tempdir = str(spool.tmp_dir)
 
-    stop = stop or threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    if stop is None:  # running as a process of its own: stop on SIGTERM/SIGINT
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
 
     ae = build_application_entity(settings)
     handlers: list[Any] = [

@@ -4,8 +4,9 @@ DICOM has no "end of series" message.  A series is taken as complete when no
 instance of it has arrived for a quiet period (global setting, or the longest
 override among the profiles it matches).  The router then records either the
 jobs to run (one per profile analyzer, with a version number) or why nothing
-matched.  Instances that arrive after that bump the series revision, and the
-next pass opens a new job version: nothing received is ever ignored.
+matched.  Each instance row carries a ``routed`` flag: instances that arrive
+after a decision are unrouted, and the next pass opens a new job version for
+their series, so nothing received is ever ignored.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.index.audit import record_audit
-from pacs_ai.index.models import Job, JobState, RoutingState, Series, Study
+from pacs_ai.index.models import Instance, Job, JobState, RoutingState, Series, Study
 from pacs_ai.route.profiles import MatchDecision, Profile, SeriesFacts, match_profiles
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class RoutingPass:
 def route_ready_series(
     session: Session, profiles: list[Profile], *, now: datetime, default_quiet_seconds: float
 ) -> RoutingPass:
-    """Route every series whose quiet period is over and which changed since last routed.
+    """Route every series with unrouted instances whose quiet period is over.
 
     The caller commits, then enqueues ``new_jobs``: a job row always exists
     before its message does, so a lost message is recovered from the index.
@@ -70,22 +71,34 @@ def route_ready_series(
             *(p.quiet_period_seconds for p in profiles if p.quiet_period_seconds is not None),
         ]
     )
-    candidates = session.scalars(
-        select(Series)
-        .where(Series.revision != Series.routed_revision)
-        .where(Series.last_received_at <= now - timedelta(seconds=shortest_quiet))
-        .order_by(Series.last_received_at)
+    # Series with instances the router has not decided on yet, and when the latest arrived.
+    activity = session.execute(
+        select(Instance.series_fk, func.max(Instance.received_at))
+        .where(Instance.routed.is_(False))
+        .group_by(Instance.series_fk)
+        .having(func.max(Instance.received_at) <= now - timedelta(seconds=shortest_quiet))
     ).all()
 
     new_jobs: list[Job] = []
     unmatched: list[str] = []
-    for series in candidates:
+    for series_id, last_received in sorted(activity, key=lambda row: row[1]):
+        series = session.get_one(Series, series_id)
+        series.instance_count = (
+            session.scalar(select(func.count(Instance.id)).where(Instance.series_fk == series_id)) or 0
+        )
         decision = match_profiles(profiles, series_facts(series))
-        if series.last_received_at > now - timedelta(
-            seconds=quiet_period_for(decision, default_quiet_seconds)
-        ):
+        if last_received > now - timedelta(seconds=quiet_period_for(decision, default_quiet_seconds)):
             continue  # a matched profile asks for a longer quiet period
-        series.routed_revision = series.revision
+        session.execute(
+            update(Instance)
+            .where(
+                Instance.series_fk == series_id,
+                Instance.routed.is_(False),
+                Instance.received_at <= last_received,
+            )
+            .values(routed=True)
+        )
+        series.last_received_at = last_received
         series.routing_detail = decision.explain()
         study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == series.study_fk))
         if not decision.matched:

@@ -2,13 +2,14 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 09:37:58.393880
+Create Date: 2026-11-24 10:12:38.558030
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
 
 revision = "0001"
 down_revision = None
@@ -78,9 +79,7 @@ def upgrade() -> None:
         sa.Column("slice_thickness", sa.Float(), nullable=True),
         sa.Column("calling_ae_title", sa.String(length=16), nullable=True),
         sa.Column("instance_count", sa.Integer(), nullable=False),
-        sa.Column("revision", sa.Integer(), nullable=False),
-        sa.Column("last_received_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("routed_revision", sa.Integer(), nullable=False),
+        sa.Column("last_received_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "routing_state",
             sa.Enum("RECEIVING", "ROUTED", "UNMATCHED", name="routingstate", native_enum=False, length=16),
@@ -95,7 +94,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("series_instance_uid"),
     )
     with op.batch_alter_table("series", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_series_last_received_at"), ["last_received_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_series_study_fk"), ["study_fk"], unique=False)
 
     op.create_table(
@@ -111,6 +109,7 @@ def upgrade() -> None:
         sa.Column("calling_ae_title", sa.String(length=16), nullable=True),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("duplicates_received", sa.Integer(), nullable=False),
+        sa.Column("routed", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
             ["series_fk"],
             ["series.id"],
@@ -120,6 +119,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_instances_series_fk"), ["series_fk"], unique=False)
+        batch_op.create_index("ix_instances_unrouted", ["routed", "series_fk"], unique=False)
 
     op.create_table(
         "jobs",
@@ -231,12 +231,12 @@ def downgrade() -> None:
 
     op.drop_table("jobs")
     with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_index("ix_instances_unrouted")
         batch_op.drop_index(batch_op.f("ix_instances_series_fk"))
 
     op.drop_table("instances")
     with op.batch_alter_table("series", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_series_study_fk"))
-        batch_op.drop_index(batch_op.f("ix_series_last_received_at"))
 
     op.drop_table("series")
     with op.batch_alter_table("studies", schema=None) as batch_op:
