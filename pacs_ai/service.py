@@ -27,6 +27,8 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
 from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import die_with_parent
+from pacs_ai.receive.listener import open_listening_socket
+from pacs_ai.receive.listener import serve as serve_dicom
 from pacs_ai.route.scheduler import Scheduler
 from workers.factory import QUEUES, PacsAiCelery, create_app
 from workers.tasks import ANALYZE_TASK, DELIVER_TASK
@@ -47,12 +49,10 @@ class CeleryTaskQueue:
         self.app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
 
 
-def _listener_main(settings: Settings, parent_pid: int) -> None:
-    from pacs_ai.receive.listener import serve
-
+def _listener_main(settings: Settings, parent_pid: int, listening_socket: socket.socket) -> None:
     die_with_parent(parent_pid)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
-    serve(settings)
+    serve_dicom(settings, listening_socket=listening_socket)
 
 
 class Supervisor:
@@ -68,12 +68,14 @@ class Supervisor:
         self.scheduler = scheduler
         self.listeners: list[BaseProcess] = []
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.listening_socket: socket.socket | None = None
         self.hostname = socket.gethostname()
 
     def worker_node_name(self, index: int) -> str:
         return f"pacs-ai-{index}@{self.hostname}"
 
     def start(self) -> None:
+        self.listening_socket = open_listening_socket(self.settings.listen_host, self.settings.listen_port)
         self.listeners = [self._start_listener(i) for i in range(self.settings.listener_processes)]
         self.workers = [self._start_worker(i) for i in range(self.settings.worker_processes)]
         self.write_run_state()
@@ -81,7 +83,10 @@ class Supervisor:
     def _start_listener(self, index: int) -> BaseProcess:
         context = multiprocessing.get_context("spawn")
         process = context.Process(
-            target=_listener_main, args=(self.settings, os.getpid()), name=f"listener-{index}", daemon=True
+            target=_listener_main,
+            args=(self.settings, os.getpid(), self.listening_socket),
+            name=f"listener-{index}",
+            daemon=True,
         )
         process.start()
         return process
@@ -181,6 +186,8 @@ class Supervisor:
                 worker.terminate()  # warm shutdown: running tasks finish or return to the queue
         for process in self.listeners:
             process.join(timeout=10)
+        if self.listening_socket is not None:
+            self.listening_socket.close()
         for worker in self.workers:
             try:
                 worker.wait(timeout=60)

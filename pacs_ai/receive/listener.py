@@ -6,15 +6,16 @@ status that says why (0xA700 out of resources, 0xA900 data set does not match
 SOP class, 0xC000 cannot understand) and leaves nothing half-written; the
 rejection is recorded in the audit table, so it is visible, not silent.
 
-Several listener processes share one port through ``SO_REUSEPORT``: one Python
-process is held by the GIL to about one core of receive work, and the kernel
-spreads associations over the processes.  Datasets are streamed to a
+Several listener processes accept from one listening socket opened by the
+supervisor: one Python process is held by the GIL to about one core of receive
+work, and a free process takes the next association.  Datasets are streamed to a
 temporary file as they arrive (pynetdicom's chunked receive), never held whole
 in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -58,13 +59,43 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with SO_REUSEPORT so processes can share a port."""
+def open_listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen once, in the supervisor; every listener process accepts from it.
+
+    Processes blocked on one shared socket take connections as they become
+    free, which spreads associations over processes far more evenly than
+    SO_REUSEPORT's hashing (where two of four associations often land on the
+    same process while another idles).  The socket is non-blocking so that
+    processes losing the race for a connection go back to waiting.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as exc:
+        listening.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc} (is another DICOM service using it?)") from exc
+    listening.listen(backlog)
+    listening.setblocking(False)
+    return listening
+
+
+class SharedSocketAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server accepting from an already listening socket."""
+
+    def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
+        self._listening_socket = listening_socket
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()
+        self.socket = self._listening_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening."""
 
 
 class StoreHandler:
@@ -229,9 +260,20 @@ def build_application_entity(settings: Settings) -> AE:
     return ae
 
 
-def serve(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run one listener process until SIGTERM/SIGINT (or ``stop`` is set)."""
+def serve(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    listening_socket: socket.socket | None = None,
+) -> None:
+    """Run one listener until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``listening_socket`` is the socket shared by all listener processes; alone,
+    the listener opens its own.
+    """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's "standard" handlers describe every PDU and DIMSE message
+    # for its logger; at ingest rates that costs more than our own work.
+    _config.LOG_HANDLER_LEVEL = "none"
     # pynetdicom writes the incoming data set to a NamedTemporaryFile: keep it
     # on the spool's filesystem so the final rename is atomic.
     spool = Spool(settings.spool_dir, fsync=settings.fsync)
@@ -249,10 +291,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         (evt.EVT_RELEASED, _log_association),
         (evt.EVT_ABORTED, _log_association),
     ]
+    if listening_socket is None:
+        listening_socket = open_listening_socket(settings.listen_host, settings.listen_port)
     server = ae.make_server(
         (settings.listen_host, settings.listen_port),
         evt_handlers=handlers,
-        server_class=ReusePortAssociationServer,
+        server_class=functools.partial(SharedSocketAssociationServer, listening_socket=listening_socket),  # type: ignore[arg-type]
     )
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()

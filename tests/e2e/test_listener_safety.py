@@ -24,6 +24,7 @@ NO_WORKERS = {"PACS_AI_WORKER_PROCESSES": "0"}
 
 def _association(service: PacsAiService):  # type: ignore[no-untyped-def]
     ae = AE(ae_title="TEST_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5  # a killed peer must not stall the test
     ae.requested_contexts = StoragePresentationContexts[:100]
     assoc = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
     assert assoc.is_established
@@ -100,7 +101,10 @@ def test_every_acknowledged_instance_survives_a_crash(
     for path in chest_phantom.paths:
         if not assoc.is_established:
             break
-        response = assoc.send_c_store(pydicom.dcmread(path))
+        try:
+            response = assoc.send_c_store(pydicom.dcmread(path))
+        except RuntimeError:  # the association died with the service
+            break
         if "Status" in response and response.Status == 0x0000:
             acknowledged.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     if assoc.is_established:
