@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from pacs_ai.synthetic.phantom import write_chest_phantom
+from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
 from tests.e2e.conftest import orthanc_destination
 from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE, fetch_results
 from tests.peers import OrthancServer, storescu, wait_for
+from tests.service import PacsAiService
 
 pytestmark = pytest.mark.e2e
 
@@ -60,3 +62,25 @@ def test_killed_worker_leads_to_exactly_one_set_of_results(
     assert claimed_after != claimed_by
     assert service.query("SELECT count(*) FROM results")[0][0] == 2
     assert service.query("SELECT count(*) FROM deliveries")[0][0] == 2
+
+
+def test_unfinished_jobs_are_recovered_from_the_index_after_a_restart(
+    chest_phantom: PhantomTruth, orthanc: OrthancServer, service_factory: Any, tmp_path: Path
+) -> None:
+    """The index, not the broker, is the source of truth: a job whose message is gone still runs."""
+    destinations = orthanc_destination(orthanc)
+    service = service_factory(destinations=destinations, extra_env={"PACS_AI_WORKER_PROCESSES": "0"})
+    sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
+    assert sent.returncode == 0, sent.stderr
+    wait_for(
+        lambda: service.query("SELECT id FROM jobs WHERE state = 'QUEUED'"),
+        timeout=60,
+        description="the job to be queued",
+    )
+    service.stop()
+    shutil.rmtree(service.data_dir / "redis")  # the broker forgets everything
+
+    with PacsAiService(service.data_dir, destinations=destinations) as restarted:
+        fetch_results(orthanc, chest_phantom.study_uid, tmp_path)
+        ((state, attempts),) = restarted.query("SELECT state, attempts FROM jobs")
+        assert (state, attempts) == ("SUCCEEDED", 1)
