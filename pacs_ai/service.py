@@ -92,6 +92,9 @@ class Supervisor:
         return process
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        (self.settings.data_dir / "run" / "worker-ready" / self.worker_node_name(index)).unlink(
+            missing_ok=True
+        )
         log_file = self.settings.log_dir / f"worker-{index}.log"
         command = [
             sys.executable,
@@ -229,6 +232,7 @@ def serve(settings: Settings) -> None:
     with _broker(settings) as settings:
         sessions = make_session_factory(make_engine(url))
         scheduler = Scheduler(settings, sessions, CeleryTaskQueue(create_app(settings)))
+        _warn_about_unconfigured_destinations(settings, scheduler)
         supervisor = Supervisor(settings, scheduler)
         supervisor.start()
         log.info(
@@ -252,6 +256,19 @@ def serve(settings: Settings) -> None:
             log.info("pacs-ai stopping")
             supervisor.stop()
             log.info("pacs-ai stopped")
+
+
+def _warn_about_unconfigured_destinations(settings: Settings, scheduler: Scheduler) -> None:
+    for profile in scheduler.profiles.profiles:
+        missing = [name for name in profile.destinations if name not in settings.destinations]
+        if missing:
+            log.warning(
+                "profile %s sends results to %s, which is not configured (PACS_AI_DESTINATIONS); "
+                "its results will be kept in %s and recorded as undelivered",
+                profile.name,
+                ", ".join(missing),
+                settings.results_dir,
+            )
 
 
 def _discard_partial_transfers(settings: Settings) -> None:

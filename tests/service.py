@@ -142,10 +142,8 @@ class PacsAiService:
         state = self.run_state()
         if not state or not state.get("workers") and self.env.get("PACS_AI_WORKER_PROCESSES") != "0":
             return False
-        worker_log = self.data_dir / "logs" / "worker-0.log"
-        workers_ready = self.env.get("PACS_AI_WORKER_PROCESSES") == "0" or (
-            worker_log.exists() and "ready." in worker_log.read_text(errors="replace")
-        )
+        ready_dir = self.data_dir / "run" / "worker-ready"
+        workers_ready = all((ready_dir / worker["node"]).exists() for worker in state["workers"])
         return workers_ready and echoscu("127.0.0.1", self.port, self.ae_title)
 
     def run_state(self) -> dict[str, Any] | None:

@@ -59,6 +59,16 @@ def _quiet_libraries(*_args: Any, **_kwargs: Any) -> None:
     quiet_noisy_libraries()
 
 
+@signals.worker_ready.connect
+def _announce_ready(sender: Any = None, **_kwargs: Any) -> None:
+    """Leave ``run/worker-ready/<node>`` in the data directory for the supervisor, status and tests."""
+    app = getattr(sender, "app", None)
+    if isinstance(app, PacsAiCelery):
+        marker = app.settings.data_dir / "run" / "worker-ready" / str(sender.hostname)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
 def create_app(settings: Settings) -> PacsAiCelery:
     app = PacsAiCelery(settings)
     app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
