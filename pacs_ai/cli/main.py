@@ -153,8 +153,11 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             session.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)).all()
         )
     free = shutil.disk_usage(settings.data_dir).free if settings.data_dir.exists() else None
+    ready_dir = settings.data_dir / "run" / "worker-ready"
+    workers_ready = sorted(p.name for p in ready_dir.iterdir()) if service and ready_dir.is_dir() else []
     report = {
         "service": service,
+        "workers_ready": workers_ready,
         "data_dir": str(settings.data_dir),
         "free_disk_mb": None if free is None else free // (1024 * 1024),
         "index": counts,
@@ -165,7 +168,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
         print(json.dumps(report, indent=2))
         return
     console.print(f"service: {'running, pid ' + str(service['service_pid']) if service else 'not running'}")
-    for key in ("data_dir", "free_disk_mb", "index", "jobs", "deliveries"):
+    for key in ("workers_ready", "data_dir", "free_disk_mb", "index", "jobs", "deliveries"):
         console.print(f"{key}: {report[key]}")
 
 
