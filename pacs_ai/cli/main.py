@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import __version__
 from pacs_ai.config import Settings, load_settings
@@ -120,8 +121,17 @@ def profiles_validate(
     raise typer.Exit(1 if problems else 0)
 
 
-def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
-    return make_session_factory(make_engine(settings.effective_database_url))
+def _sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on an existing index; exit 1 with a clear message where there is none yet."""
+    url = settings.effective_database_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+        console.print(
+            f"[red]no index database at {url.split('///', 1)[-1]}[/red]: pacs-ai has not run with this "
+            "data directory (PACS_AI_DATA_DIR) yet; start it with `pacs-ai serve` or create the schema "
+            "with `pacs-ai db upgrade`"
+        )
+        raise typer.Exit(1)
+    return make_session_factory(make_engine(url))
 
 
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
