@@ -1,8 +1,8 @@
 """``pacs-ai serve``: run every part of pacs-ai on one machine.
 
-Starts, in order: the embedded Redis broker (unless a broker URL is
-configured), the index schema migration, the DICOM listener processes, the
-Celery worker processes, and the scheduler loop in this process.  SIGTERM or
+Starts, in order: the index schema migration, the embedded Redis broker
+(unless a broker URL is configured), the DICOM listener processes, the Celery
+worker processes, and the scheduler loop in this process.  SIGTERM or
 SIGINT stops everything in reverse order.  The log says where each part lives.
 """
 
@@ -248,9 +248,9 @@ def serve(settings: Settings) -> None:
             while not stop.is_set():
                 try:
                     scheduler.run_once()
-                    supervisor.check()
                 except Exception:  # keep scheduling; the failure is in the log
                     log.exception("scheduler pass failed")
+                supervisor.check()
                 stop.wait(settings.scheduler_interval_seconds)
         finally:
             log.info("pacs-ai stopping")
