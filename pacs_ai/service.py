@@ -250,7 +250,10 @@ def serve(settings: Settings) -> None:
                     scheduler.run_once()
                 except Exception:  # keep scheduling; the failure is in the log
                     log.exception("scheduler pass failed")
-                supervisor.check()
+                try:
+                    supervisor.check()
+                except Exception:
+                    log.exception("supervising the child processes failed")
                 stop.wait(settings.scheduler_interval_seconds)
         finally:
             log.info("pacs-ai stopping")
