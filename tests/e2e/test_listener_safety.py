@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 
 from pacs_ai.synthetic.phantom import PhantomTruth
+from tests.e2e.conftest import BACKENDS
 from tests.peers import echoscu, storescu
 from tests.service import PacsAiService
 
@@ -31,10 +32,11 @@ def _association(service: PacsAiService):  # type: ignore[no-untyped-def]
     return assoc
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_duplicate_instances_are_kept_once_and_recorded(
-    chest_phantom: PhantomTruth, service_factory: Any
+    backend: str, chest_phantom: PhantomTruth, service_factory: Any
 ) -> None:
-    service = service_factory(extra_env=NO_WORKERS)
+    service = service_factory(backend=backend, extra_env=NO_WORKERS)
     first = chest_phantom.paths[:3]
     for _ in range(2):
         sent = storescu("127.0.0.1", service.port, service.ae_title, first)

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.e2e.conftest import BACKENDS
 from tests.peers import require_shared_data, storescu, wait_for
 from tests.service import REPO_ROOT
 
@@ -38,7 +39,10 @@ def _series_row(service: Any, series_uid: str) -> tuple[str, str | None] | None:
     return rows[0] if rows and rows[0][0] != "RECEIVING" else None
 
 
-def test_real_files_are_stored_with_a_clear_outcome(service_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_files_are_stored_with_a_clear_outcome(
+    backend: str, service_factory: Any, tmp_path: Path
+) -> None:
     head_ct = require_shared_data("ct-head-ge")
     chest_slices = require_shared_data("ct-chest-slices")
     radiograph = require_shared_data("cxr-cr")
@@ -46,7 +50,7 @@ def test_real_files_are_stored_with_a_clear_outcome(service_factory: Any, tmp_pa
     profiles.mkdir()
     shutil.copy(REPO_ROOT / "dicom_profiles" / "ct-chest-lungs.yaml", profiles)
     (profiles / "any-ct-volume.yaml").write_text(ANY_CT_PROFILE)
-    service = service_factory(profiles_dir=profiles)
+    service = service_factory(backend=backend, profiles_dir=profiles)
 
     for folder in (head_ct, chest_slices, radiograph):
         sent = storescu("127.0.0.1", service.port, service.ae_title, [folder], calling_aet="MODALITY")
