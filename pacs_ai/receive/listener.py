@@ -29,8 +29,6 @@ from typing import Any, cast
 
 from pynetdicom import (
     AE,
-    ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
     _config,
     evt,
 )
@@ -246,7 +244,7 @@ def _log_association(event: Event) -> None:
 
 
 def build_application_entity(settings: Settings) -> AE:
-    """The AE with every storage SOP class and the common transfer syntaxes."""
+    """The AE: Verification, and (unrestricted) storage of every SOP class in any transfer syntax."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = 64
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
@@ -254,9 +252,10 @@ def build_application_entity(settings: Settings) -> AE:
     if settings.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.add_supported_context(Verification)
-    for context in AllStoragePresentationContexts:
-        assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    # Storage is unrestricted (see serve()): every storage SOP class, public or
+    # private, is accepted in the first transfer syntax the sender proposes and
+    # stored as received, without listing 170 x 45 contexts that pynetdicom
+    # would deep-copy for every association.
     return ae
 
 
@@ -271,6 +270,7 @@ def serve(
     the listener opens its own.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
     # pynetdicom's "standard" handlers describe every PDU and DIMSE message
     # for its logger; at ingest rates that costs more than our own work.
     _config.LOG_HANDLER_LEVEL = "none"
