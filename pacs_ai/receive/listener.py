@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: How long a stopping listener lets associations in progress finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
+#: Per association already served, how long a listener process defers accepting a new one.
+BUSY_ACCEPT_DELAY_SECONDS = 0.003
 
 
 def open_listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -94,6 +96,16 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         """Already listening."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # Every listener process is woken for a new connection; one that is
+        # already busy waits a moment so that an idle process takes it first.
+        # Without this, the process that accepted first tends to win again and
+        # ends up serving several associations while others idle.
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(busy, 10) * BUSY_ACCEPT_DELAY_SECONDS)
+        return super().get_request()
 
 
 class StoreHandler:
