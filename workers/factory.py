@@ -20,6 +20,7 @@ from typing import Any
 from celery import Celery, signals
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai.analyze.warmup import warm_up
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory
 from pacs_ai.logging_setup import quiet_noisy_libraries
@@ -67,6 +68,13 @@ def _announce_ready(sender: Any = None, **_kwargs: Any) -> None:
         marker = app.settings.data_dir / "run" / "worker-ready" / str(sender.hostname)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+
+
+@signals.worker_init.connect
+def _warm_up(sender: Any = None, **_kwargs: Any) -> None:
+    """Run a small synthetic job before the pool forks, so no study pays the first-use costs."""
+    if isinstance(getattr(sender, "app", None), PacsAiCelery):
+        warm_up()
 
 
 def create_app(settings: Settings) -> PacsAiCelery:
