@@ -29,23 +29,14 @@ from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume, load_series
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
-from pacs_ai.encode import (
-    EquipmentInfo,
-    build_measurement_report,
-    build_segmentation,
-    derived_uid,
-    write_dataset,
-)
+from pacs_ai.encode import EquipmentInfo, write_dataset
+from pacs_ai.encode.results import build_results
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, utcnow
 from pacs_ai.route.profiles import Profile, load_profiles
 
 log = logging.getLogger(__name__)
-
-#: Series numbers of the result series, high enough not to collide with a scanner's.
-SEG_SERIES_NUMBER = 9001
-SR_SERIES_NUMBER = 9002
 
 
 class JobNotRunnable(Exception):
@@ -157,32 +148,11 @@ def _encode_and_write(
         station_name=settings.station_name,
         device_serial_number=settings.ae_title,
     )
-    prefix = settings.uid_prefix
-    seg = build_segmentation(
-        volume,
-        result,
-        series_instance_uid=derived_uid(job_key, "seg-series", prefix=prefix),
-        sop_instance_uid=derived_uid(job_key, "seg-instance", prefix=prefix),
-        series_number=SEG_SERIES_NUMBER,
-        instance_number=1,
-        equipment=equipment,
-        uid_prefix=prefix,
-    )
-    sr = build_measurement_report(
-        volume,
-        result,
-        seg,
-        series_instance_uid=derived_uid(job_key, "sr-series", prefix=prefix),
-        sop_instance_uid=derived_uid(job_key, "sr-instance", prefix=prefix),
-        series_number=SR_SERIES_NUMBER,
-        instance_number=1,
-        equipment=equipment,
-        uid_prefix=prefix,
-    )
+    objects = build_results(volume, result, key=job_key, equipment=equipment, uid_prefix=settings.uid_prefix)
     study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
     study_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, Dataset, Path]] = []
-    for kind, dataset in (("SEG", seg), ("SR", sr)):
+    for kind, dataset in objects:
         path = study_dir / f"{dataset.SOPInstanceUID}.dcm"
         write_dataset(dataset, path, fsync=settings.fsync)
         written.append((kind, dataset, path))

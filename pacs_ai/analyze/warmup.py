@@ -20,13 +20,8 @@ from pathlib import Path
 from pacs_ai.analyze.base import AnalysisRefused
 from pacs_ai.analyze.registry import available_analyzers, get_analyzer
 from pacs_ai.analyze.volume import load_series
-from pacs_ai.encode import (
-    EquipmentInfo,
-    build_measurement_report,
-    build_segmentation,
-    derived_uid,
-    write_dataset,
-)
+from pacs_ai.encode import EquipmentInfo, write_dataset
+from pacs_ai.encode.results import build_results
 from pacs_ai.synthetic.phantom import write_chest_phantom
 
 log = logging.getLogger(__name__)
@@ -55,28 +50,8 @@ def warm_up() -> float:
             )
             volume = load_series(phantom.paths)
             result = get_analyzer(WARM_UP_ANALYZER).analyze(volume, {})
-            equipment = EquipmentInfo()
-            seg = build_segmentation(
-                volume,
-                result,
-                series_instance_uid=derived_uid("warm-up", "seg-series"),
-                sop_instance_uid=derived_uid("warm-up", "seg"),
-                series_number=1,
-                instance_number=1,
-                equipment=equipment,
-            )
-            sr = build_measurement_report(
-                volume,
-                result,
-                seg,
-                series_instance_uid=derived_uid("warm-up", "sr-series"),
-                sop_instance_uid=derived_uid("warm-up", "sr"),
-                series_number=2,
-                instance_number=1,
-                equipment=equipment,
-            )
-            write_dataset(seg, Path(tmp) / "seg.dcm", fsync=False)
-            write_dataset(sr, Path(tmp) / "sr.dcm", fsync=False)
+            for kind, dataset in build_results(volume, result, key="warm-up", equipment=EquipmentInfo()):
+                write_dataset(dataset, Path(tmp) / f"{kind}.dcm", fsync=False)
     except (AnalysisRefused, OSError, ValueError) as exc:
         log.warning("worker warm-up did not complete (%s); the first job will start cold", exc)
     elapsed = time.perf_counter() - started
