@@ -6,6 +6,7 @@ Log lines carry UIDs, accession numbers and AE titles, never patient names.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -16,7 +17,9 @@ def configure_logging(level: str, log_file: Path | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        # Several processes append to one file; WatchedFileHandler reopens it
+        # after an external logrotate moves it, which is how sites rotate logs.
+        handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
     logging.basicConfig(level=level.upper(), format=FORMAT, handlers=handlers, force=True)
     quiet_noisy_libraries()
 
