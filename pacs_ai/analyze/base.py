@@ -96,6 +96,14 @@ class AnalysisRefused(Exception):
     """
 
 
+class InvalidParameters(ValueError):
+    """A profile gives an analyzer parameters it cannot use; the job fails without retries.
+
+    Raised by analyzers while reading their ``params``: the profile must be
+    fixed, so retrying the same job would only fail the same way.
+    """
+
+
 class Analyzer(Protocol):
     """A registered analyzer. Implementations must be deterministic for a given input."""
 

@@ -48,6 +48,7 @@ from pacs_ai.analyze.base import (
     AnalysisRefused,
     AnalysisResult,
     Code,
+    InvalidParameters,
     MeasurementSpec,
     SegmentSpec,
 )
@@ -109,19 +110,23 @@ class LungParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"unknown ct-chest-lung parameter(s) {unknown}; known: {sorted(known)}")
+            raise InvalidParameters(f"unknown ct-chest-lung parameter(s) {unknown}; known: {sorted(known)}")
         values: dict[str, float] = {}
         for name, value in params.items():
             try:
                 values[name] = float(value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"ct-chest-lung parameter {name!r} must be a number, got {value!r}") from exc
+                raise InvalidParameters(
+                    f"ct-chest-lung parameter {name!r} must be a number, got {value!r}"
+                ) from exc
         chosen = cls(**values)
         if not chosen.lung_threshold_hu > chosen.airway_threshold_hu:
-            raise ValueError("airway_threshold_hu must be below lung_threshold_hu (airway is darker)")
+            raise InvalidParameters("airway_threshold_hu must be below lung_threshold_hu (airway is darker)")
         percentile_ok = 0 < chosen.density_percentile < 100
         if not (percentile_ok and chosen.min_lung_ml > 0 and chosen.airway_leak_factor > 1):
-            raise ValueError("need 0 < density_percentile < 100, min_lung_ml > 0 and airway_leak_factor > 1")
+            raise InvalidParameters(
+                "need 0 < density_percentile < 100, min_lung_ml > 0 and airway_leak_factor > 1"
+            )
         return chosen
 
     def as_strings(self) -> dict[str, str]:

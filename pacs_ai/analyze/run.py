@@ -24,7 +24,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult
+from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume, load_series
 from pacs_ai.config import Settings
@@ -94,6 +94,9 @@ def run_job(
         timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except AnalysisRefused as refused:
         _finish_failed(sessions, job_id, f"input: {refused}", series_uid)
+        return []
+    except InvalidParameters as invalid:
+        _finish_failed(sessions, job_id, f"profile {profile_name}: {invalid}", series_uid)
         return []
     except Exception as exc:
         _record_error(sessions, job_id, f"error: {type(exc).__name__}: {exc}")

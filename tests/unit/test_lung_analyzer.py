@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
-from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult
+from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.lung import CtChestLungAnalyzer, LungParams
 from pacs_ai.analyze.registry import UnknownAnalyzerError, available_analyzers, get_analyzer
 from pacs_ai.analyze.volume import Volume, load_series
@@ -183,9 +183,9 @@ def test_non_axial_slices_are_refused() -> None:
 
 def test_parameters_are_validated() -> None:
     assert LungParams.from_params({"lung_threshold_hu": "-500"}).lung_threshold_hu == -500.0
-    with pytest.raises(ValueError, match="unknown ct-chest-lung parameter"):
+    with pytest.raises(InvalidParameters, match="unknown ct-chest-lung parameter"):
         LungParams.from_params({"treshold": -400})
-    with pytest.raises(ValueError, match="must be a number"):
+    with pytest.raises(InvalidParameters, match="must be a number"):
         LungParams.from_params({"min_lung_ml": "a lot"})
 
 
