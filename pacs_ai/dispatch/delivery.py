@@ -10,7 +10,6 @@ replaces or ignores the second copy instead of holding two.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,24 +32,16 @@ def lease_expiry() -> datetime:
     return utcnow() + DELIVERY_LEASE
 
 
-@dataclass(frozen=True)
-class DeliveryAttempt:
-    delivered: bool
-    #: Seconds to wait before the next attempt; None when done or out of retries.
-    retry_in_seconds: float | None
-    error: str | None = None
-
-
 def attempt_delivery(
     settings: Settings, sessions: sessionmaker[Session], delivery_id: int
-) -> DeliveryAttempt:
-    """Try one delivery once and record the outcome."""
+) -> bool:
+    """Try one delivery once and record the outcome (and when to retry); True if delivered."""
     with session_scope(sessions) as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             raise LookupError(f"delivery {delivery_id} does not exist")
         if delivery.state == DeliveryState.SENT:
-            return DeliveryAttempt(delivered=True, retry_in_seconds=None)
+            return True
         result = session.get(Result, delivery.result_fk)
         assert result is not None
         destination_name, path, sop_uid = delivery.destination, Path(result.path), result.sop_instance_uid
@@ -86,7 +77,7 @@ def attempt_delivery(
                 object_uid=sop_uid,
                 detail={"destination": destination_name},
             )
-            return DeliveryAttempt(delivered=True, retry_in_seconds=None)
+            return True
 
         delivery.last_status = error.status
         delivery.last_error = str(error)
@@ -120,4 +111,4 @@ def attempt_delivery(
             delivery.attempts,
             error,
         )
-        return DeliveryAttempt(delivered=False, retry_in_seconds=retry_in, error=str(error))
+        return False

@@ -54,7 +54,6 @@ class RoutingPass:
 
     #: (job id, Celery queue) of the jobs opened, to enqueue after commit.
     new_jobs: list[tuple[int, str]]
-    unmatched_series: list[str]
 
 
 def route_ready_series(
@@ -80,7 +79,6 @@ def route_ready_series(
     ).all()
 
     new_jobs: list[Job] = []
-    unmatched: list[str] = []
     for series_id, last_received in sorted(activity, key=lambda row: row[1]):
         series = session.get_one(Series, series_id)
         series.instance_count = (
@@ -103,7 +101,6 @@ def route_ready_series(
         study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == series.study_fk))
         if not decision.matched:
             series.routing_state = RoutingState.UNMATCHED
-            unmatched.append(series.series_instance_uid)
             record_audit(
                 session,
                 actor="router",
@@ -120,7 +117,7 @@ def route_ready_series(
                 new_jobs.append(_open_job(session, series, profile, step.name, step.queue))
         log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
     session.flush()
-    return RoutingPass(new_jobs=[(job.id, job.queue) for job in new_jobs], unmatched_series=unmatched)
+    return RoutingPass(new_jobs=[(job.id, job.queue) for job in new_jobs])
 
 
 def _open_job(session: Session, series: Series, profile: Profile, analyzer_name: str, queue: str) -> Job:
