@@ -1,4 +1,4 @@
-"""Jobs that cannot succeed fail once, visibly, with the reason; they are not retried."""
+"""Failures are visible and recorded: jobs that cannot succeed, and a PACS that is down."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
-from tests.peers import storescu, wait_for
+from tests.e2e.test_chest_ct_roundtrip import fetch_results
+from tests.peers import OrthancServer, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,3 +43,40 @@ def test_bad_profile_parameters_fail_the_job_once_with_the_reason(
     assert error.startswith("profile chest-with-a-typo:") and "treshold" in error
     failed = service.cli("jobs", "list", "--state", "failed", "--json")
     assert failed.returncode == 0 and "treshold" in failed.stdout
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
+    chest_phantom: PhantomTruth, service_factory: Any, tmp_path: Path
+) -> None:
+    pacs_port = free_port()  # nothing listens here yet
+    destination = {
+        "pacs": {
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": pacs_port,
+            "max_retries": 20,
+            "retry_backoff_seconds": 1.0,
+        }
+    }
+    service = service_factory(destinations=destination)
+    sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
+    assert sent.returncode == 0, sent.stderr
+
+    failures = wait_for(
+        lambda: service.query("SELECT state, attempts, last_error FROM deliveries WHERE attempts >= 1"),
+        timeout=90,
+        description="failed delivery attempts to be recorded",
+    )
+    assert all(state == "PENDING" and "association" in error for state, _, error in failures)
+
+    with OrthancServer(aet="ORTHANC", extra_config={"DicomPort": pacs_port}) as pacs:
+        fetch_results(pacs, chest_phantom.study_uid, tmp_path)
+        wait_for(
+            lambda: [s for (s,) in service.query("SELECT state FROM deliveries")] == ["SENT", "SENT"],
+            timeout=30,
+            description="deliveries recorded as sent",
+        )
+        attempts = [n for (n,) in service.query("SELECT attempts FROM deliveries")]
+        assert all(n >= 2 for n in attempts), attempts
+        audit = [a for (a,) in service.query("SELECT action FROM audit_events WHERE action LIKE 'result.%'")]
+        assert "result.send_failed" in audit and audit.count("result.sent") == 2
