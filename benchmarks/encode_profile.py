@@ -21,14 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pacs_ai.encode import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pacs_ai.encode import (  # noqa: E402
     EquipmentInfo,
     build_measurement_report,
     build_segmentation,
     derived_uid,
     write_dataset,
 )
-from tests.integration.synthetic_ct import lung_labels, lung_result, make_ct_series, volume_from_headers
+from tests.integration.synthetic_ct import (  # noqa: E402
+    lung_labels,
+    lung_result,
+    make_ct_series,
+    volume_from_headers,
+)
 
 T = TypeVar("T")
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_env={
                     "PACS_AI_QUIET_PERIOD_SECONDS": str(args.quiet_period),
                     "PACS_AI_LISTENER_PROCESSES": "2",
-                    },
+                },
             ) as service:
                 sent = storescu(
                     "127.0.0.1", service.port, service.ae_title, phantom.paths, associations=args.associations

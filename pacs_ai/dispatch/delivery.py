@@ -32,9 +32,7 @@ def lease_expiry() -> datetime:
     return utcnow() + DELIVERY_LEASE
 
 
-def attempt_delivery(
-    settings: Settings, sessions: sessionmaker[Session], delivery_id: int
-) -> bool:
+def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delivery_id: int) -> bool:
     """Try one delivery once and record the outcome (and when to retry); True if delivered."""
     with session_scope(sessions) as session:
         delivery = session.get(Delivery, delivery_id)

@@ -112,7 +112,7 @@ def _segment_distance_sq(
     return (px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2
 
 
-def _slice_dataset(
+def ct_slice_dataset(
     *,
     index: int,
     z_mm: float,
@@ -127,6 +127,11 @@ def _slice_dataset(
     patient_name: str,
     accession_number: str,
 ) -> Dataset:
+    """One axial CT Image Storage slice with every attribute the CT Image IOD requires.
+
+    ``stored`` holds the stored (unsigned, 12-bit) values; HU = stored + RESCALE_INTERCEPT.
+    The SOP Instance UID derives from the series UID and ``index``.
+    """
     sop_uid = _uid(series_uid, "instance", index)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -300,7 +305,7 @@ def write_chest_phantom(
             lung_voxels[label - 1] += int(np.count_nonzero(lung))
             laa_voxels[label - 1] += int(np.count_nonzero(written_hu[lung] < -950))
 
-        ds = _slice_dataset(
+        ds = ct_slice_dataset(
             index=k,
             z_mm=z,
             stored=stored,

@@ -12,18 +12,17 @@ at module level.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, MeasurementSpec, SegmentSpec
 from pacs_ai.analyze.volume import Volume
+from pacs_ai.synthetic.phantom import ct_slice_dataset
 
 ROW_COSINE = (1.0, 0.0, 0.0)
 COLUMN_COSINE = (0.0, 1.0, 0.0)
@@ -61,75 +60,28 @@ def make_ct_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     frame_of_reference_uid = generate_uid()
-    now = datetime.datetime(2024, 5, 6, 7, 8, 9)
     yy, xx = np.mgrid[0:rows, 0:columns]
     body = ((yy - rows / 2) / (rows * 0.45)) ** 2 + ((xx - columns / 2) / (columns * 0.48)) ** 2 < 1
     stored = np.where(body, 1024, 24).astype(np.uint16)  # HU 0 inside, -1000 outside
 
     datasets = []
     for index in range(n_slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        sop_uid = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = now.strftime("%Y%m%d")
-        ds.StudyTime = now.strftime("%H%M%S")
-        ds.SeriesDate = ds.StudyDate
-        ds.SeriesTime = ds.StudyTime
-        ds.AcquisitionDate = ds.StudyDate
-        ds.AcquisitionTime = ds.StudyTime
-        ds.ContentDate = ds.StudyDate
-        ds.ContentTime = ds.StudyTime
-        ds.AccessionNumber = "ACC0001"
-        ds.Modality = "CT"
-        ds.Manufacturer = "Synthetic Scanner Co"
-        ds.ManufacturerModelName = "SynthCT"
-        ds.InstitutionName = "Test Hospital"
-        ds.ReferringPhysicianName = "Referrer^Rita"
-        ds.StudyDescription = "CT CHEST"
-        ds.SeriesDescription = "Chest 2.5mm"
-        ds.PatientName = "Test^Patient"
-        ds.PatientID = "PAT0001"
-        ds.PatientBirthDate = "19600101"
-        ds.PatientSex = "F"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = slice_spacing_mm
-        ds.KVP = 120
-        ds.PatientPosition = "FFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 2
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        z = -(index * slice_spacing_mm)  # descending z: instance 1 is the top slice
-        ds.ImagePositionPatient = [-(columns * pixel_spacing_mm) / 2, -(rows * pixel_spacing_mm) / 2, z]
-        ds.ImageOrientationPatient = [*ROW_COSINE, *COLUMN_COSINE]
-        ds.FrameOfReferenceUID = frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = z
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = columns
-        ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.WindowCenter = -600
-        ds.WindowWidth = 1500
-        if with_pixels:
-            ds.PixelData = stored.tobytes()
+        ds = ct_slice_dataset(
+            index=index,
+            z_mm=-(index * slice_spacing_mm),  # descending z: instance 1 is the top slice
+            stored=stored,
+            origin_xy=-(columns * pixel_spacing_mm) / 2,
+            pixel_spacing_mm=pixel_spacing_mm,
+            slice_spacing_mm=slice_spacing_mm,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            frame_uid=frame_of_reference_uid,
+            patient_id="PAT0001",
+            patient_name="Test^Patient",
+            accession_number="ACC0001",
+        )
+        if not with_pixels:
+            del ds.PixelData
         datasets.append(ds)
     return datasets
 
