@@ -34,7 +34,6 @@ from pacs_ai.encode.results import build_results
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, utcnow
-from pacs_ai.route.profiles import Profile, load_profiles
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,7 @@ def run_job(
         job.attempts += 1
         job.started_at = utcnow()
         job_key, analyzer_name, profile_name = job.idempotency_key, job.analyzer, job.profile
+        params, destinations = dict(job.params or {}), list(job.destinations or [])
         series = session.get(Series, job.series_fk)
         assert series is not None
         series_uid = series.series_instance_uid
@@ -75,7 +75,6 @@ def run_job(
 
     timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
     try:
-        profile = _profile_named(settings, profile_name)
         started = time.perf_counter()
         volume = load_series(paths)
         timings["load_seconds"] = time.perf_counter() - started
@@ -83,7 +82,6 @@ def run_job(
 
         started = time.perf_counter()
         analyzer = get_analyzer(analyzer_name)
-        params = next((step.params for step in profile.analyzers if step.name == analyzer_name), {})
         result = analyzer.analyze(volume, params)
         timings["analyze_seconds"] = time.perf_counter() - started
 
@@ -106,7 +104,7 @@ def run_job(
         job = session.get(Job, job_id)
         assert job is not None
         for kind, dataset, path in written:
-            _record_result(session, job, kind, dataset, path, profile.destinations)
+            _record_result(session, job, kind, dataset, path, destinations)
         job.state = JobState.SUCCEEDED
         job.error = None
         job.finished_at = utcnow()
@@ -134,13 +132,6 @@ def run_job(
 
 def _current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
-
-
-def _profile_named(settings: Settings, name: str) -> Profile:
-    for profile in load_profiles(settings.profiles_dir):
-        if profile.name == name:
-            return profile
-    raise LookupError(f"profile {name!r} is no longer in {settings.profiles_dir}")
 
 
 def _encode_and_write(

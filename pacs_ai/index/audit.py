@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from pacs_ai.index.models import AuditEvent
+from pacs_ai.index.models import AuditEvent, utcnow
 
 
 def record_audit(
-    session: Session,
+    session: Session | Connection,
     *,
     actor: str,
     action: str,
@@ -18,7 +20,18 @@ def record_audit(
     object_uid: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Add an audit event to the session's transaction (committed with it)."""
-    session.add(
-        AuditEvent(actor=actor, action=action, object_type=object_type, object_uid=object_uid, detail=detail)
+    """Add an audit event to the transaction of a session or connection (committed with it).
+
+    The listener writes with Core connections on its hot path, the rest of
+    pacs-ai with ORM sessions; both go through this one statement.
+    """
+    session.execute(
+        insert(AuditEvent).values(
+            at=utcnow(),
+            actor=actor,
+            action=action,
+            object_type=object_type,
+            object_uid=object_uid,
+            detail=detail,
+        )
     )

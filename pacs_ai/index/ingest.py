@@ -22,7 +22,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from pacs_ai.index.models import AuditEvent, Instance, Patient, RoutingState, Series, Study, utcnow
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.models import Instance, Patient, RoutingState, Series, Study, utcnow
 from pacs_ai.receive.headers import InstanceHeader
 
 
@@ -190,15 +191,13 @@ def record_duplicate(
         .returning(Instance.duplicates_received)
     ).scalar_one()
     outcome = IngestOutcome.DUPLICATE_REPLACED if replaced else IngestOutcome.DUPLICATE_KEPT_FIRST
-    connection.execute(
-        insert(AuditEvent).values(
-            at=utcnow(),
-            actor=f"dicom:{calling_ae}",
-            action="instance.duplicate",
-            object_type="instance",
-            object_uid=header.sop_instance_uid,
-            detail={"outcome": outcome.value, "copies_after_first": copies},
-        )
+    record_audit(
+        connection,
+        actor=f"dicom:{calling_ae}",
+        action="instance.duplicate",
+        object_type="instance",
+        object_uid=header.sop_instance_uid,
+        detail={"outcome": outcome.value, "copies_after_first": copies},
     )
     return outcome
 

@@ -182,6 +182,10 @@ class Job(Base):
     analyzer_version: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    #: The analyzer parameters and destinations of the profile as it was when
+    #: the job was opened: a job runs as decided, whatever later edits say.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     state: Mapped[JobState] = mapped_column(
         Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED, index=True
     )

@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
-from pacs_ai.index.db import make_engine, make_session_factory, session_scope
+from pacs_ai.index.db import make_engine
 from pacs_ai.index.ingest import SeriesIds, find_instance, record_duplicate, record_new_instance
 from pacs_ai.receive.headers import (
     STATUS_OUT_OF_RESOURCES,
@@ -115,7 +115,6 @@ class StoreHandler:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         self.engine = make_engine(settings.effective_database_url)
-        self.sessions = make_session_factory(self.engine)
         self.series_ids = SeriesIds()
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
 
@@ -231,9 +230,9 @@ class StoreHandler:
             rejected.reason,
         )
         try:
-            with session_scope(self.sessions) as session:
+            with self.engine.begin() as connection:
                 record_audit(
-                    session,
+                    connection,
                     actor=f"dicom:{calling_ae}",
                     action="instance.rejected",
                     object_type="instance",

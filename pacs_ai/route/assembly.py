@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.models import Instance, Job, JobState, RoutingState, Series, Study
-from pacs_ai.route.profiles import MatchDecision, Profile, SeriesFacts, match_profiles
+from pacs_ai.route.profiles import AnalyzerStep, MatchDecision, Profile, SeriesFacts, match_profiles
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,14 @@ def route_ready_series(
         series.routing_state = RoutingState.ROUTED
         for profile in decision.matched:
             for step in profile.analyzers:
-                new_jobs.append(_open_job(session, series, profile, step.name, step.queue))
+                new_jobs.append(_open_job(session, series, profile, step))
         log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
     session.flush()
     return RoutingPass(new_jobs=[(job.id, job.queue) for job in new_jobs])
 
 
-def _open_job(session: Session, series: Series, profile: Profile, analyzer_name: str, queue: str) -> Job:
+def _open_job(session: Session, series: Series, profile: Profile, step: AnalyzerStep) -> Job:
+    analyzer_name = step.name
     analyzer_version = get_analyzer(analyzer_name).version
     previous = session.scalar(
         select(func.max(Job.version)).where(
@@ -137,7 +138,9 @@ def _open_job(session: Session, series: Series, profile: Profile, analyzer_name:
         analyzer=analyzer_name,
         analyzer_version=analyzer_version,
         version=version,
-        queue=queue,
+        queue=step.queue,
+        params=step.params,
+        destinations=list(profile.destinations),
         state=JobState.QUEUED,
         attempts=0,
         instance_count=series.instance_count,

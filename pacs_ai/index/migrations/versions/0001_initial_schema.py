@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 10:12:38.558030
+Create Date: 2026-11-24 11:23:41.237504
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def upgrade() -> None:
         sa.Column("analyzer_version", sa.String(length=32), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("queue", sa.String(length=32), nullable=False),
+        sa.Column("params", sa.JSON(), nullable=False),
+        sa.Column("destinations", sa.JSON(), nullable=False),
         sa.Column(
             "state",
             sa.Enum(
