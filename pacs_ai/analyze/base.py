@@ -10,7 +10,9 @@ analyzer is one module plus a registration in ``pacs_ai.analyze.registry``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -63,6 +65,26 @@ class MeasurementSpec:
 
 
 @dataclass(frozen=True)
+class FindingSpec:
+    """A classification output: a finding, its probability, and whether it counts as present.
+
+    Encoded in the SR as a qualitative evaluation (present / absent) with the
+    probability as a measurement, both attributed to the algorithm.
+    """
+
+    finding: Code
+    #: Model output for the finding, 0..1.
+    probability: float
+    #: The probability at or above which the finding is reported as present.
+    threshold: float
+    finding_site: Code | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
 class AlgorithmInfo:
     """Algorithm Identification (name, version, family) for SEG, SR and logs."""
 
@@ -77,13 +99,16 @@ class AnalysisResult:
     """What an analyzer found.
 
     ``labels`` has the same shape as ``Volume.voxels`` (slices, rows, columns),
-    dtype uint8, 0 meaning background and each other value a segment number.
+    dtype uint8, 0 meaning background and each other value a segment number;
+    ``None`` for analyzers that do not segment (classifiers), in which case no
+    SEG is produced and ``segments`` is empty.
     """
 
     algorithm: AlgorithmInfo
-    labels: np.ndarray
+    labels: np.ndarray | None
     segments: list[SegmentSpec]
     measurements: list[MeasurementSpec]
+    findings: list[FindingSpec] = field(default_factory=list)
     #: Free-text notes for the job record (not for the DICOM objects).
     notes: list[str] = field(default_factory=list)
 
@@ -104,11 +129,22 @@ class InvalidParameters(ValueError):
     """
 
 
+class AnalysisFailed(Exception):
+    """The analyzer itself failed in a way retrying will not fix (model error, out of memory).
+
+    The job fails at once with the reason; the worker process goes on serving.
+    """
+
+
 class Analyzer(Protocol):
     """A registered analyzer. Implementations must be deterministic for a given input."""
 
     name: str
     version: str
+
+    def load(self, paths: Sequence[Path], params: dict[str, Any]) -> Volume:
+        """Read the series' files into the input this analyzer works on (a volume or one radiograph)."""
+        ...
 
     def analyze(self, volume: Volume, params: dict[str, Any]) -> AnalysisResult:
         """Analyze one volume with the profile's parameters."""

@@ -37,7 +37,9 @@ additional memory is about 1.5-2x the int16 volume.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +55,7 @@ from pacs_ai.analyze.base import (
     SegmentSpec,
 )
 from pacs_ai.analyze.measurements import region_densitometry
-from pacs_ai.analyze.volume import Volume
+from pacs_ai.analyze.volume import Volume, load_series
 
 CT_IMAGE_STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -195,6 +197,10 @@ class CtChestLungAnalyzer:
 
     name = "ct-chest-lung"
     version = "1.0.0"
+
+    def load(self, paths: Sequence[Path], params: dict[str, Any]) -> Volume:
+        """A regular CT volume (see :func:`~pacs_ai.analyze.volume.load_series`)."""
+        return load_series(paths)
 
     def analyze(self, volume: Volume, params: dict[str, Any]) -> AnalysisResult:
         """Segment both lungs and measure them; see the module docstring for the method."""

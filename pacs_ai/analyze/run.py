@@ -24,9 +24,9 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult, InvalidParameters
+from pacs_ai.analyze.base import AnalysisFailed, AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.registry import get_analyzer
-from pacs_ai.analyze.volume import Volume, load_series
+from pacs_ai.analyze.volume import Volume
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
 from pacs_ai.encode import EquipmentInfo, write_dataset
@@ -75,13 +75,13 @@ def run_job(
 
     timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
     try:
+        analyzer = get_analyzer(analyzer_name)
         started = time.perf_counter()
-        volume = load_series(paths)
+        volume = analyzer.load(paths, params)
         timings["load_seconds"] = time.perf_counter() - started
         timings["volume_mb"] = volume.voxels.nbytes / 2**20
 
         started = time.perf_counter()
-        analyzer = get_analyzer(analyzer_name)
         result = analyzer.analyze(volume, params)
         timings["analyze_seconds"] = time.perf_counter() - started
 
@@ -95,6 +95,9 @@ def run_job(
         return []
     except InvalidParameters as invalid:
         _finish_failed(sessions, job_id, f"profile {profile_name}: {invalid}", series_uid)
+        return []
+    except AnalysisFailed as failed:
+        _finish_failed(sessions, job_id, f"analyzer {analyzer_name}: {failed}", series_uid)
         return []
     except Exception as exc:
         _record_error(sessions, job_id, f"error: {type(exc).__name__}: {exc}")
@@ -230,7 +233,7 @@ def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, se
             object_uid=series_uid,
             detail={"job": job_id, "reason": reason},
         )
-    log.warning("job %d refused its input: %s", job_id, reason)
+    log.warning("job %d failed: %s", job_id, reason)
 
 
 def _record_error(sessions: sessionmaker[Session], job_id: int, reason: str) -> None:
