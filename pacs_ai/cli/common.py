@@ -1,0 +1,54 @@
+"""What every ``pacs-ai`` sub-command shares: the console, ``--json``, settings and index access."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_ai.config import Settings
+from pacs_ai.index.db import make_engine, make_session_factory
+
+console = Console(soft_wrap=True)
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the top-level callback loaded (``--config`` or the environment)."""
+    settings: Settings = ctx.find_root().obj
+    return settings
+
+
+def index_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on an existing index; exit 1 with a clear message where there is none yet."""
+    url = settings.effective_database_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+        console.print(
+            f"[red]no index database at {url.split('///', 1)[-1]}[/red]: pacs-ai has not run with this "
+            "data directory (PACS_AI_DATA_DIR) yet; start it with `pacs-ai serve` or create the schema "
+            "with `pacs-ai db upgrade`"
+        )
+        raise typer.Exit(1)
+    return make_session_factory(make_engine(url))
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    """Rows as JSON (all keys) or as a table (the given columns)."""
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
+    console.print(table)
