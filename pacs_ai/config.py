@@ -16,13 +16,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from pacs_ai.dispatch.destinations import Destination
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 
@@ -35,18 +37,6 @@ def _default_profiles_dir() -> Path:
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "pacs-ai"
-
-
-class DicomDestination(BaseModel):
-    """A DICOM peer that receives results by C-STORE."""
-
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(gt=0, lt=65536)
-    #: How many times a failed send is retried (with exponential backoff) before
-    #: the delivery is left in state ``failed`` for an administrator to replay.
-    max_retries: int = Field(default=5, ge=0)
-    retry_backoff_seconds: float = Field(default=5.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -89,13 +79,29 @@ class Settings(BaseSettings):
     quiet_period_seconds: float = Field(default=3.0, ge=0)
     #: How often the scheduler looks for ready series and undelivered results.
     scheduler_interval_seconds: float = Field(default=0.5, gt=0)
-    destinations: dict[str, DicomDestination] = Field(default_factory=dict)
+    #: Named result destinations (DICOM C-STORE, DICOMweb STOW-RS or a folder);
+    #: see :mod:`pacs_ai.dispatch.destinations`.
+    destinations: dict[str, Destination] = Field(default_factory=dict)
 
     # Workers
     #: Celery worker processes started by ``pacs-ai serve``; 0 starts none
     #: (workers run elsewhere, e.g. on GPU machines).
     worker_processes: int = Field(default=1, ge=0)
     worker_concurrency: int = Field(default=2, ge=1)
+    #: Time limit of one analysis where the profile step sets no ``timeout_seconds`` (Celery's soft
+    #: limit; the hard limit follows a minute later).  Keep it below broker_visibility_timeout_seconds.
+    analysis_timeout_seconds: float = Field(default=1800, gt=0)
+
+    # Models (pacs_ai.models)
+    #: Registry of hospital-supplied models; None means ``data_dir/models``.
+    models_dir: Path | None = None
+    #: Memory a worker process may keep in warm (loaded) models before evicting the least recently used.
+    model_cache_mb: int = Field(default=2048, ge=0)
+    #: Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
+    inference_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    #: CUDA_VISIBLE_DEVICES value of each GPU worker (one Celery worker serving the gpu queue each);
+    #: None starts one per CUDA device torch sees ([] none, e.g. to keep a GPU for something else).
+    gpu_workers: list[str] | None = None
 
     # Identity written into results
     #: UID root for generated UIDs; None uses the UUID-derived 2.25 root.
@@ -141,6 +147,11 @@ class Settings(BaseSettings):
     def results_dir(self) -> Path:
         """DICOM objects pacs-ai created (SEG, SR), kept until delivered and beyond."""
         return self.data_dir / "results"
+
+    @property
+    def effective_models_dir(self) -> Path:
+        """The model registry (``pacs-ai models``); ``models_dir`` or ``data_dir/models``."""
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def log_dir(self) -> Path:

@@ -434,6 +434,42 @@ def forward_lua(
     )
 
 
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_dicomweb_config() -> dict[str, Any]:
+    """Orthanc options loading the DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web/``."""
+    if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        raise PeerError(f"{ORTHANC_DICOMWEB_PLUGIN} not found; install Debian package orthanc-dicomweb")
+    return {"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+
+
+def self_signed_certificate(directory: Path, common_name: str = LOOPBACK) -> tuple[Path, Path]:
+    """A throwaway certificate and key (PEM) for ``common_name`` made with the openssl command."""
+    cert, key = directory / f"{common_name}.crt", directory / f"{common_name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", f"/CN={common_name}", "-addext", f"subjectAltName=IP:{common_name}",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def orthanc_tls_config(cert: Path, key: Path) -> dict[str, Any]:
+    """Orthanc options for DICOM TLS with ``cert``/``key``, not asking the client for a certificate."""
+    return {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(cert),
+        "DicomTlsPrivateKey": str(key),
+        "DicomTlsTrustedCertificates": str(cert),
+        "DicomTlsRemoteCertificateRequired": False,
+    }
+
+
 class OrthancServer:
     """A throwaway Orthanc 1.10 process with its own config, storage, ports and log.
 

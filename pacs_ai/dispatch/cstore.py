@@ -1,8 +1,9 @@
-"""Sending DICOM files to a peer with C-STORE (pynetdicom as SCU)."""
+"""Sending DICOM files to a peer with C-STORE (pynetdicom as SCU), optionally over TLS."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,17 +11,18 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from pacs_ai.config import DicomDestination
+from pacs_ai.dispatch.destinations import DicomDestination, TlsOptions
+from pacs_ai.dispatch.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
-    """A send failed; ``status`` is the peer's DICOM status, or None when there was no answer."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
+def tls_context(options: TlsOptions) -> ssl.SSLContext:
+    """A client TLS context that verifies the peer (and presents our certificate when configured)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=options.ca_file)
+    if options.cert_file is not None and options.key_file is not None:
+        context.load_cert_chain(options.cert_file, options.key_file)
+    return context
 
 
 def send_files(
@@ -28,7 +30,7 @@ def send_files(
     paths: Sequence[Path],
     *,
     calling_ae_title: str,
-    timeout_seconds: float = 60.0,
+    timeout_seconds: float | None = None,
 ) -> None:
     """Send ``paths`` over one association; raise :class:`DeliveryError` unless all succeed.
 
@@ -37,7 +39,7 @@ def send_files(
     """
     datasets = [(path, dcmread(path)) for path in paths]
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_seconds or destination.timeout_seconds
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
         transfer_syntaxes = sorted(
             {str(ds.file_meta.TransferSyntaxUID) for _, ds in datasets if ds.SOPClassUID == sop_class}
@@ -45,11 +47,16 @@ def send_files(
         )
         ae.add_requested_context(sop_class, transfer_syntaxes)
 
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls is not None:
+        try:
+            tls_args = (tls_context(destination.tls), destination.tls.server_hostname or destination.host)
+        except (OSError, ssl.SSLError) as exc:
+            raise DeliveryError(f"TLS settings of {destination.describe()} cannot be used: {exc}") from exc
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(
-            f"association with {destination.ae_title}@{destination.host}:{destination.port} "
-            "was rejected, aborted or never connected"
+            f"association with {destination.describe()} was rejected, aborted or never connected"
         )
     try:
         for path, ds in datasets:

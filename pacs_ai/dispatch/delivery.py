@@ -16,7 +16,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import Settings
-from pacs_ai.dispatch.cstore import DeliveryError, send_files
+from pacs_ai.dispatch.destinations import Destination
+from pacs_ai.dispatch.errors import DeliveryError
+from pacs_ai.dispatch.senders import send
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Result, utcnow
@@ -50,7 +52,7 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
         error = DeliveryError(f"destination {destination_name!r} is not configured")
     else:
         try:
-            send_files(destination, [path], calling_ae_title=settings.ae_title)
+            send(destination, [path], calling_ae_title=settings.ae_title)
             error = None
         except DeliveryError as exc:
             error = exc
@@ -97,7 +99,7 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             detail={
                 "destination": destination_name,
                 "attempt": delivery.attempts,
-                "status": None if error.status is None else f"0x{error.status:04X}",
+                "status": _shown_status(error.status, destination),
                 "error": str(error),
                 "will_retry": retry_in is not None,
             },
@@ -110,3 +112,10 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             error,
         )
         return False
+
+
+def _shown_status(status: int | None, destination: Destination | None) -> str | None:
+    """A DICOM status in hex as DICOM writes it; an HTTP status as a number."""
+    if status is None:
+        return None
+    return str(status) if destination is not None and destination.type == "dicomweb" else f"0x{status:04X}"
