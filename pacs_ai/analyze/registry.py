@@ -28,7 +28,13 @@ def _ct_chest_lung() -> Analyzer:
     return CtChestLungAnalyzer()
 
 
-_FACTORIES: dict[str, AnalyzerFactory] = {"ct-chest-lung": _ct_chest_lung}
+def _monai_bundle() -> Analyzer:
+    from pacs_ai.analyze.monai_bundle import MonaiBundleAnalyzer
+
+    return MonaiBundleAnalyzer()
+
+
+_FACTORIES: dict[str, AnalyzerFactory] = {"ct-chest-lung": _ct_chest_lung, "monai-bundle": _monai_bundle}
 
 
 def register_analyzer(name: str, factory: AnalyzerFactory, *, replace: bool = False) -> None:
