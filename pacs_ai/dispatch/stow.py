@@ -16,7 +16,8 @@ from pacs_ai.dispatch.errors import DeliveryError
 log = logging.getLogger(__name__)
 
 
-def _session(destination: DicomWebDestination) -> requests.Session:
+def http_session(destination: DicomWebDestination) -> requests.Session:
+    """A requests session with the destination's credentials and CA bundle."""
     session = requests.Session()
     if destination.username is not None and destination.password is not None:
         session.auth = (destination.username, destination.password)
@@ -35,7 +36,7 @@ def stow_files(destination: DicomWebDestination, paths: Sequence[Path], *, calli
     no AE titles) and accepted so every sender has the same signature.
     """
     datasets = [dcmread(path) for path in paths]
-    client = DICOMwebClient(url=destination.url, session=_session(destination))
+    client = DICOMwebClient(url=destination.url, session=http_session(destination))
     client.set_http_retry_params(retry=False)  # retries are scheduled by the index, not here
     try:
         response = client.store_instances(datasets)
