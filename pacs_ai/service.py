@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.receive.listener import serve as serve_dicom
 from pacs_ai.route.scheduler import Scheduler
 from workers.factory import QUEUES, PacsAiCelery, create_app
-from workers.tasks import ANALYZE_TASK, DELIVER_TASK
+from workers.tasks import ANALYZE_TASK, DELIVER_TASK, analysis_time_limits
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,74 @@ class CeleryTaskQueue:
     def __init__(self, app: PacsAiCelery) -> None:
         self.app = app
 
-    def enqueue_analysis(self, job_id: int, queue: str) -> None:
-        self.app.send_task(ANALYZE_TASK, args=[job_id], queue=queue)
+    def enqueue_analysis(self, job_id: int, queue: str, timeout_seconds: float | None = None) -> None:
+        """Send the job to ``queue`` with its time limit (the profile step's, else the setting's)."""
+        limit = timeout_seconds if timeout_seconds is not None else self.app.settings.analysis_timeout_seconds
+        self.app.send_task(ANALYZE_TASK, args=[job_id], queue=queue, **analysis_time_limits(limit))
 
     def enqueue_delivery(self, delivery_id: int) -> None:
         self.app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One Celery worker process to start: its node name prefix, queues, concurrency and GPU."""
+
+    node_prefix: str
+    queues: tuple[str, ...]
+    concurrency: int
+    #: CUDA_VISIBLE_DEVICES for a GPU worker; None leaves the environment as it is.
+    cuda_visible_devices: str | None = None
+
+
+def gpu_worker_devices(
+    configured: list[str] | None, cuda_device_count: int, visible: str | None
+) -> list[str]:
+    """CUDA_VISIBLE_DEVICES value of each GPU worker (pure; unit-tested).
+
+    ``configured`` (``settings.gpu_workers``) wins; otherwise one worker per
+    CUDA device this process sees, named as the parent's CUDA_VISIBLE_DEVICES
+    (``visible``) lists them, or by index when it is unset.
+    """
+    if configured is not None:
+        return list(configured)
+    if cuda_device_count <= 0:
+        return []
+    entries = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if entries:
+        return entries[:cuda_device_count]
+    return [str(i) for i in range(cuda_device_count)]
+
+
+def plan_workers(
+    worker_processes: int, worker_concurrency: int, gpu_devices: Sequence[str]
+) -> list[WorkerSpec]:
+    """The Celery workers to start (pure; unit-tested).
+
+    With GPUs, one worker per GPU serves only the ``gpu`` queue, one task at a
+    time, and the CPU workers serve ``cpu`` and ``dispatch``; without, the CPU
+    workers serve every queue (models then run on the CPU).
+    """
+    cpu_queues = tuple(q for q in QUEUES if q != "gpu") if gpu_devices else tuple(QUEUES)
+    specs = [WorkerSpec(f"pacs-ai-{i}", cpu_queues, worker_concurrency) for i in range(worker_processes)]
+    specs += [WorkerSpec(f"pacs-ai-gpu{i}", ("gpu",), 1, device) for i, device in enumerate(gpu_devices)]
+    return specs
+
+
+def _cuda_device_count() -> int:
+    import torch  # only here: the supervisor needs torch for nothing else
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_specs(settings: Settings) -> list[WorkerSpec]:
+    """The workers ``pacs-ai serve`` starts with these settings on this machine."""
+    if settings.gpu_workers is None and settings.worker_processes == 0:
+        devices: list[str] = []  # no local workers wanted; do not probe for GPUs
+    else:
+        count = _cuda_device_count() if settings.gpu_workers is None else 0
+        devices = gpu_worker_devices(settings.gpu_workers, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return plan_workers(settings.worker_processes, settings.worker_concurrency, devices)
 
 
 def _listener_main(settings: Settings, parent_pid: int, listening_socket: socket.socket) -> None:
@@ -70,14 +134,15 @@ class Supervisor:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.listening_socket: socket.socket | None = None
         self.hostname = socket.gethostname()
+        self.worker_specs = worker_specs(settings)
 
     def worker_node_name(self, index: int) -> str:
-        return f"pacs-ai-{index}@{self.hostname}"
+        return f"{self.worker_specs[index].node_prefix}@{self.hostname}"
 
     def start(self) -> None:
         self.listening_socket = open_listening_socket(self.settings.listen_host, self.settings.listen_port)
         self.listeners = [self._start_listener(i) for i in range(self.settings.listener_processes)]
-        self.workers = [self._start_worker(i) for i in range(self.settings.worker_processes)]
+        self.workers = [self._start_worker(i) for i in range(len(self.worker_specs))]
         self.write_run_state()
 
     def _start_listener(self, index: int) -> BaseProcess:
@@ -92,6 +157,7 @@ class Supervisor:
         return process
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        spec = self.worker_specs[index]
         (self.settings.data_dir / "run" / "worker-ready" / self.worker_node_name(index)).unlink(
             missing_ok=True
         )
@@ -104,9 +170,9 @@ class Supervisor:
             "workers.app",
             "worker",
             "--queues",
-            ",".join(QUEUES),
+            ",".join(spec.queues),
             "--concurrency",
-            str(self.settings.worker_concurrency),
+            str(spec.concurrency),
             "--prefetch-multiplier",
             "1",
             "-O",
@@ -118,18 +184,22 @@ class Supervisor:
             "--logfile",
             str(log_file),
         ]
+        environment = self.settings.child_environment()
+        if spec.cuda_visible_devices is not None:
+            environment["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         worker = subprocess.Popen(
             command,
-            env=self.settings.child_environment(),
+            env=environment,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
         log.info(
-            "Celery worker %s pid %d serving queues %s (log %s)",
+            "Celery worker %s pid %d serving queues %s%s (log %s)",
             self.worker_node_name(index),
             worker.pid,
-            ",".join(QUEUES),
+            ",".join(spec.queues),
+            f" on GPU {spec.cuda_visible_devices}" if spec.cuda_visible_devices else "",
             log_file,
         )
         return worker

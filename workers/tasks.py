@@ -20,17 +20,36 @@ DELIVER_TASK = "pacs_ai.deliver_result"
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
 
+#: Time limit of an analysis message that carries none (sent by an older scheduler).
+DEFAULT_SOFT_TIME_LIMIT = 1800.0
+#: The hard limit (the pool kills the process) follows the soft one by this much, so the task
+#: has time to record why it stopped.
+HARD_TIME_LIMIT_GRACE_SECONDS = 60.0
+
+
+def analysis_time_limits(soft_seconds: float) -> dict[str, float]:
+    """Celery options limiting one analysis to ``soft_seconds``: ``soft_time_limit`` and ``time_limit``.
+
+    At the soft limit the task gets :class:`SoftTimeLimitExceeded` and fails
+    the job with the limit in the reason; the hard limit is the backstop for
+    code that does not return to Python in time (a long native call).
+    """
+    return {"soft_time_limit": soft_seconds, "time_limit": soft_seconds + HARD_TIME_LIMIT_GRACE_SECONDS}
+
 
 @shared_task(
     name=ANALYZE_TASK,
     bind=True,
     acks_late=True,
     max_retries=ANALYZE_MAX_RETRIES,
-    soft_time_limit=1800,
-    time_limit=1900,
+    **analysis_time_limits(DEFAULT_SOFT_TIME_LIMIT),
 )
 def analyze_series(self: Task, job_id: int) -> None:
-    """Run one analysis job, then queue the deliveries of its results."""
+    """Run one analysis job, then queue the deliveries of its results.
+
+    The time limit comes with the message (``analysis_time_limits`` of the
+    profile step's ``timeout_seconds`` or the installation default).
+    """
     app = self.app
     try:
         deliveries = run_job(app.settings, app.sessions, job_id, worker=self.request.hostname or "")
@@ -38,7 +57,7 @@ def analyze_series(self: Task, job_id: int) -> None:
         log.info("analysis message for job %d ignored: %s", job_id, exc)
         return
     except SoftTimeLimitExceeded:
-        _give_up(app, job_id, "error: analysis exceeded its time limit")
+        _give_up(app, job_id, f"error: analysis exceeded its time limit of {_soft_limit(self):g} s")
         return
     except Exception as exc:
         if self.request.retries >= ANALYZE_MAX_RETRIES:
@@ -49,6 +68,13 @@ def analyze_series(self: Task, job_id: int) -> None:
         raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
     for delivery_id in deliveries:
         app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+
+
+def _soft_limit(task: Task) -> float:
+    """The soft limit of this run: the message's (``request.timelimit`` is (hard, soft)) or the task's."""
+    limits = task.request.timelimit or (None, None)
+    soft = limits[1] if len(limits) > 1 else None
+    return float(soft if soft is not None else task.soft_time_limit or DEFAULT_SOFT_TIME_LIMIT)
 
 
 def _give_up(app, job_id: int, reason: str) -> None:  # type: ignore[no-untyped-def]

@@ -1,5 +1,9 @@
 """Running one job: load the series, analyze it, encode SEG and SR, record the results.
 
+A job that succeeds also checks its findings against the priority rules it was
+opened with (see :mod:`pacs_ai.route.priority`) and raises the study's AI
+reading priority when one fires, with the reason and an audit event.
+
 The function is safe to run again for the same job, which is what happens when
 a worker dies mid-task and the broker hands the message to another worker:
 
@@ -17,11 +21,13 @@ import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
+from pydantic import ValidationError
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.analyze.base import AnalysisFailed, AnalysisRefused, AnalysisResult, InvalidParameters
@@ -33,7 +39,18 @@ from pacs_ai.encode import EquipmentInfo, write_dataset
 from pacs_ai.encode.results import build_results
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, utcnow
+from pacs_ai.index.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    Study,
+    utcnow,
+)
+from pacs_ai.route.priority import PriorityDecision, decide_priority, less_urgent_than, parse_rules
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +82,10 @@ def run_job(
         job.started_at = utcnow()
         job_key, analyzer_name, profile_name = job.idempotency_key, job.analyzer, job.profile
         params, destinations = dict(job.params or {}), list(job.destinations or [])
+        stored_rules = list(job.priority_rules or [])
         series = session.get(Series, job.series_fk)
         assert series is not None
-        series_uid = series.series_instance_uid
+        series_uid, study_fk = series.series_instance_uid, series.study_fk
         paths = [
             Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))
         ]
@@ -75,6 +93,10 @@ def run_job(
 
     timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
     try:
+        try:
+            rules = parse_rules(stored_rules)
+        except ValidationError as exc:
+            raise InvalidParameters(f"priority rules cannot be read: {exc}") from exc
         analyzer = get_analyzer(analyzer_name)
         started = time.perf_counter()
         volume = analyzer.load(paths, params)
@@ -112,7 +134,15 @@ def run_job(
         job.error = None
         job.finished_at = utcnow()
         job.timings = timings
-        job.findings = _findings(result)
+        algorithm = result.algorithm
+        decision = decide_priority(
+            rules,
+            result.findings,
+            source=f"profile {profile_name}, model {algorithm.name} {algorithm.version}",
+        )
+        job.findings = _findings(result, decision)
+        if decision is not None:
+            _raise_study_priority(session, study_fk, decision, job_id, series_uid)
         record_audit(
             session,
             actor="worker",
@@ -198,7 +228,49 @@ def _pending_deliveries(session: Session, job: Job) -> list[int]:
     )
 
 
-def _findings(result: AnalysisResult) -> dict[str, Any]:
+def _raise_study_priority(
+    session: Session, study_fk: int, decision: PriorityDecision, job_id: int, series_uid: str
+) -> None:
+    """Set the study's AI priority to the decision's unless it already is as urgent or more.
+
+    One conditional UPDATE, so two jobs of the same study finishing at once
+    cannot lower what the other raised.
+    """
+    statement = (
+        update(Study)
+        .where(
+            Study.id == study_fk,
+            or_(Study.ai_priority.is_(None), Study.ai_priority.in_(less_urgent_than(decision.priority))),
+        )
+        .values(
+            ai_priority=decision.priority.value, ai_priority_reason=decision.reason, ai_priority_at=utcnow()
+        )
+        .execution_options(synchronize_session=False)
+    )
+    raised = cast(CursorResult[Any], session.execute(statement)).rowcount
+    study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_fk))
+    if not raised:
+        log.info(
+            "study %s already has priority %s or higher: %s", study_uid, decision.priority, decision.reason
+        )
+        return
+    record_audit(
+        session,
+        actor="worker",
+        action="study.priority",
+        object_type="study",
+        object_uid=study_uid,
+        detail={
+            "priority": decision.priority.value,
+            "reason": decision.reason,
+            "job": job_id,
+            "series": series_uid,
+        },
+    )
+    log.warning("study %s priority raised to %s: %s", study_uid, decision.priority, decision.reason)
+
+
+def _findings(result: AnalysisResult, decision: PriorityDecision | None = None) -> dict[str, Any]:
     return {
         "algorithm": {"name": result.algorithm.name, "version": result.algorithm.version},
         "segments": [{"number": s.number, "label": s.label, "type": asdict(s.type)} for s in result.segments],
@@ -214,6 +286,20 @@ def _findings(result: AnalysisResult) -> dict[str, Any]:
             }
             for m in result.measurements
         ],
+        "findings": [
+            {
+                "finding": f.finding.meaning,
+                "code": asdict(f.finding),
+                "probability": f.probability,
+                "threshold": f.threshold,
+                "present": f.present,
+                "finding_site": f.finding_site.meaning if f.finding_site else None,
+            }
+            for f in result.findings
+        ],
+        "priority": (
+            {"level": decision.priority.value, "reason": decision.reason} if decision is not None else None
+        ),
         "notes": result.notes,
     }
 

@@ -19,9 +19,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import __version__
+from pacs_ai.cli import admin
+from pacs_ai.cli.models import models_app
+from pacs_ai.cli.rules import rules_app
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
-from pacs_ai.index.models import Delivery, Instance, Job, JobState, Series, Study
+from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, Study
 
 app = typer.Typer(help="pacs-ai: PACS-integrated AI pipeline.", no_args_is_help=True)
 profiles_app = typer.Typer(help="Processing profiles (dicom_profiles/*.yaml).", no_args_is_help=True)
@@ -32,6 +35,8 @@ app.add_typer(profiles_app, name="profiles")
 app.add_typer(studies_app, name="studies")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+app.add_typer(rules_app, name="rules")
 
 console = Console()
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -184,58 +189,116 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 @studies_app.command("list")
 def studies_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Studies with their series count (no patient names)."""
+    """Studies with their AI priority and series count (no patient names).
+
+    STAT studies first, then URGENT, then the rest; newest first within each.
+    """
+    from pacs_ai.index.models import StudyPriority
+
+    urgent_first = {StudyPriority.STAT.value: 0, StudyPriority.URGENT.value: 1}
     with session_scope(_sessions(_settings(ctx))) as session:
         rows = [
-            {"study_instance_uid": uid, "accession_number": accession, "series": n, "first_received_at": at}
-            for uid, accession, n, at in session.execute(
+            {
+                "study_instance_uid": uid,
+                "accession_number": accession,
+                "ai_priority": priority,
+                "ai_priority_reason": reason,
+                "series": n,
+                "first_received_at": at,
+            }
+            for uid, accession, priority, reason, n, at in session.execute(
                 select(
                     Study.study_instance_uid,
                     Study.accession_number,
+                    Study.ai_priority,
+                    Study.ai_priority_reason,
                     func.count(Series.id),
                     Study.first_received_at,
                 )
                 .join(Series, Series.study_fk == Study.id, isouter=True)
                 .group_by(Study.id)
-                .order_by(Study.first_received_at.desc())
+                .order_by(Study.first_received_at.desc(), Study.id.desc())
             ).all()
         ]
+    # Stable sort: the query's newest-first order holds within each priority.
+    rows.sort(key=lambda row: urgent_first.get(str(row["ai_priority"]), len(urgent_first)))
     _print_rows(
-        rows, ["study_instance_uid", "accession_number", "series", "first_received_at"], "Studies", as_json
+        rows,
+        [
+            "study_instance_uid",
+            "accession_number",
+            "ai_priority",
+            "ai_priority_reason",
+            "series",
+            "first_received_at",
+        ],
+        "Studies",
+        as_json,
     )
 
 
 @jobs_app.command("list")
 def jobs_list(
     ctx: typer.Context,
-    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[
+        JobState | None,
+        typer.Option(
+            help="Only jobs in this state; 'failed' also lists jobs whose results could not be delivered."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Jobs, newest first, with their state and error reason."""
+    """Jobs, newest first, with their state, error reason and the state of their deliveries."""
     with session_scope(_sessions(_settings(ctx))) as session:
+        delivery_counts: dict[int, dict[str, int]] = {}
+        for job_id, delivery_state, count in session.execute(
+            select(Result.job_fk, Delivery.state, func.count(Delivery.id))
+            .join(Delivery, Delivery.result_fk == Result.id)
+            .group_by(Result.job_fk, Delivery.state)
+        ).all():
+            delivery_counts.setdefault(job_id, {})[delivery_state.value] = count
         query = select(Job, Series.series_instance_uid).join(Series, Series.id == Job.series_fk)
-        if state is not None:
-            query = query.where(Job.state == state)
-        rows = [
-            {
-                "id": job.id,
-                "series_instance_uid": series_uid,
-                "profile": job.profile,
-                "analyzer": job.analyzer,
-                "version": job.version,
-                "state": job.state.value,
-                "attempts": job.attempts,
-                "error": job.error,
-            }
-            for job, series_uid in session.execute(query.order_by(Job.id.desc())).all()
-        ]
+        rows = []
+        for job, series_uid in session.execute(query.order_by(Job.id.desc())).all():
+            deliveries = delivery_counts.get(job.id, {})
+            undelivered = deliveries.get(DeliveryState.FAILED.value, 0) > 0
+            if state is not None and not (job.state == state or (state == JobState.FAILED and undelivered)):
+                continue
+            rows.append(
+                {
+                    "id": job.id,
+                    "series_instance_uid": series_uid,
+                    "profile": job.profile,
+                    "analyzer": job.analyzer,
+                    "version": job.version,
+                    "state": job.state.value,
+                    "attempts": job.attempts,
+                    "deliveries": deliveries,
+                    "error": job.error or (_delivery_error(session, job.id) if undelivered else None),
+                }
+            )
     _print_rows(
         rows,
-        ["id", "series_instance_uid", "profile", "analyzer", "version", "state", "attempts", "error"],
+        ["id", "series_instance_uid", "profile", "analyzer", "version", "state", "deliveries", "error"],
         "Jobs",
         as_json,
     )
 
+
+def _delivery_error(session: Session, job_id: int) -> str | None:
+    """The last error of a job's failed delivery, e.g. the destination that refused or was down."""
+    row = session.execute(
+        select(Delivery.destination, Delivery.last_error)
+        .join(Result, Result.id == Delivery.result_fk)
+        .where(Result.job_fk == job_id, Delivery.state == DeliveryState.FAILED)
+        .order_by(Delivery.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else f"delivery to {row[0]} failed: {row[1]}"
+
+
+# The administrator verbs come after the ones above in --help.
+admin.register(app)
 
 if __name__ == "__main__":
     app()

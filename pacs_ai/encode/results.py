@@ -1,7 +1,8 @@
-"""The result objects of one analysis: a SEG and the SR that measures its segments.
+"""The result objects of one analysis: a SEG of its label map, and the SR of its measurements and findings.
 
-One function builds both, with identities derived from a key, so the pipeline
-(key = the job's idempotency key) and the worker warm-up build them the same way.
+One function builds them, with identities derived from a key, so the pipeline
+(key = the job's idempotency key) and the worker warm-up build them the same
+way.  A classifier's result (no label map) gives the SR alone.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from pacs_ai.analyze.base import AnalysisResult
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.equipment import EquipmentInfo
 from pacs_ai.encode.seg import build_segmentation
-from pacs_ai.encode.sr import build_measurement_report
+from pacs_ai.encode.sr import build_measurement_report, procedure_reported_for
 from pacs_ai.encode.uids import derived_uid
 
 #: Series numbers of the result series, high enough not to collide with a scanner's.
 SEG_SERIES_NUMBER = 9001
 SR_SERIES_NUMBER = 9002
+
+#: Series Descriptions (LO, 64 characters); both say the content is AI-generated and unverified.
+SEGMENTATION_SR_DESCRIPTION = "AI lung measurements (unverified)"
+CLASSIFICATION_SR_DESCRIPTION = "AI findings (unverified)"
 
 
 def build_results(
@@ -28,21 +33,26 @@ def build_results(
     equipment: EquipmentInfo,
     uid_prefix: str | None = None,
 ) -> list[tuple[str, Dataset]]:
-    """``[("SEG", segmentation), ("SR", measurement report)]`` for one analysis.
+    """``[("SEG", segmentation), ("SR", report)]`` for one analysis; ``[("SR", report)]`` without labels.
 
     Every UID derives from ``key``: building again for the same key gives the
-    same identities, so a re-run replaces its earlier objects in a PACS.
+    same identities, so a re-run replaces its earlier objects in a PACS.  The
+    SR's Procedure Reported follows the source (CT of chest, plain chest X-ray, ...).
     """
-    seg = build_segmentation(
-        volume,
-        result,
-        series_instance_uid=derived_uid(key, "seg-series", prefix=uid_prefix),
-        sop_instance_uid=derived_uid(key, "seg-instance", prefix=uid_prefix),
-        series_number=SEG_SERIES_NUMBER,
-        instance_number=1,
-        equipment=equipment,
-        uid_prefix=uid_prefix,
-    )
+    objects: list[tuple[str, Dataset]] = []
+    seg: Dataset | None = None
+    if result.labels is not None:
+        seg = build_segmentation(
+            volume,
+            result,
+            series_instance_uid=derived_uid(key, "seg-series", prefix=uid_prefix),
+            sop_instance_uid=derived_uid(key, "seg-instance", prefix=uid_prefix),
+            series_number=SEG_SERIES_NUMBER,
+            instance_number=1,
+            equipment=equipment,
+            uid_prefix=uid_prefix,
+        )
+        objects.append(("SEG", seg))
     sr = build_measurement_report(
         volume,
         result,
@@ -52,6 +62,9 @@ def build_results(
         series_number=SR_SERIES_NUMBER,
         instance_number=1,
         equipment=equipment,
+        series_description=SEGMENTATION_SR_DESCRIPTION if seg is not None else CLASSIFICATION_SR_DESCRIPTION,
+        procedure_reported=procedure_reported_for(volume.headers[0]),
         uid_prefix=uid_prefix,
     )
-    return [("SEG", seg), ("SR", sr)]
+    objects.append(("SR", sr))
+    return objects

@@ -17,6 +17,7 @@ import numpy as np
 from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, SegmentSpec
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
+from pacs_ai.encode.copied import drop_invalid_optional_attributes
 from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
 from pacs_ai.encode.uids import derived_uid
 
@@ -55,10 +56,14 @@ def _segment_description(
     )
 
 
-def _check_inputs(volume: Volume, result: AnalysisResult) -> None:
-    """Fail early, with the reason, on inputs highdicom would reject obscurely."""
+def _check_inputs(volume: Volume, result: AnalysisResult) -> np.ndarray:
+    """Fail early, with the reason, on inputs highdicom would reject obscurely; return the label map."""
     if not volume.headers:
         raise ValueError("Volume has no source headers; a SEG must reference its source images")
+    if result.labels is None:
+        raise ValueError(
+            "AnalysisResult has no label map (a classifier's result); it is encoded as an SR only"
+        )
     expected = (len(volume.headers), int(volume.headers[0].Rows), int(volume.headers[0].Columns))
     if result.labels.shape != expected:
         raise ValueError(
@@ -77,6 +82,7 @@ def _check_inputs(volume: Volume, result: AnalysisResult) -> None:
         raise ValueError(
             f"Label map contains label {highest} but only segments 1..{len(numbers)} are described"
         )
+    return result.labels
 
 
 def _pin_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
@@ -143,7 +149,7 @@ def build_segmentation(
     ValueError
         If the label map does not fit the volume or the segment descriptions.
     """
-    _check_inputs(volume, result)
+    labels = _check_inputs(volume, result)
     algorithm_identification = _algorithm_identification(result.algorithm)
     descriptions = [_segment_description(spec, algorithm_identification) for spec in result.segments]
 
@@ -151,7 +157,7 @@ def build_segmentation(
         source_images=volume.headers,
         # Label-map style input: highdicom splits it into one binary frame per
         # segment and slice, and relates frame k to volume.headers[k].
-        pixel_array=result.labels,
+        pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,
@@ -177,4 +183,5 @@ def build_segmentation(
     _pin_dimension_organization_uid(
         seg, derived_uid(sop_instance_uid, "dimension-organization", prefix=uid_prefix)
     )
+    drop_invalid_optional_attributes(seg)
     return seg

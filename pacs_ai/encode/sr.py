@@ -14,9 +14,21 @@ Structure (all built with highdicom's template classes):
 * one TID 1411 volumetric group per segment, referencing that segment of the
   SEG and the source series, with the segment's measurements;
 * one TID 1501 group per finding site for measurements over a whole region
-  (``MeasurementSpec.segment_number is None``), e.g. both lungs together.
+  (``MeasurementSpec.segment_number is None``), e.g. both lungs together;
+* one image-level TID 1501 group per classification finding
+  (:class:`~pacs_ai.analyze.base.FindingSpec`), referencing the source
+  image(s), with the finding as Finding, a qualitative evaluation
+  (finding = SCT 52101004 "Present" / SCT 2667000 "Absent", decided by the
+  threshold) and the model's probability as DCM 111012 "Certainty of Finding"
+  in UCUM ``{probability}`` (0..1).  One group per finding because a group
+  carries one Finding and one tracking identity, which ties each probability
+  to its finding without inventing per-finding measurement codes.
 
-Every group and measurement carries Algorithm Identification (TID 4019).  The
+A classifier's result (no label map) gives an SR without a SEG: no TID 1411
+groups and no SEG in the evidence.
+
+Every group and measurement carries Algorithm Identification (TID 4019); a
+finding group's also carries its decision threshold as a parameter.  The
 document is PARTIAL / UNVERIFIED / PRELIMINARY: AI output stays unverified
 until a radiologist signs it off in their own system.
 """
@@ -32,29 +44,77 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import SegmentationStorage
 
-from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, MeasurementSpec, SegmentSpec
+from pacs_ai.analyze.base import (
+    AlgorithmInfo,
+    AnalysisResult,
+    Code,
+    FindingSpec,
+    MeasurementSpec,
+    SegmentSpec,
+)
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
+from pacs_ai.encode.copied import drop_invalid_optional_attributes
 from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
 from pacs_ai.encode.uids import derived_uid
 
-__all__ = ["CT_OF_CHEST", "build_measurement_report"]
+__all__ = [
+    "CERTAINTY_OF_FINDING",
+    "CT_OF_CHEST",
+    "PLAIN_CHEST_XRAY",
+    "PROBABILITY_UNIT",
+    "RADIOGRAPHIC_PROCEDURE",
+    "build_measurement_report",
+    "procedure_reported_for",
+]
 
 #: SNOMED CT 169069000 "Computed tomography of chest" (preferred term "CT of
 #: chest"); CID 100 is extensible and has no chest-specific CT entry.
 CT_OF_CHEST = Code("169069000", "SCT", "CT of chest")
+#: SNOMED CT 399208008 "Plain chest X-ray" (procedure), for chest radiographs.
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+#: SNOMED CT 363680008 "Radiographic imaging procedure", for other projection radiographs.
+RADIOGRAPHIC_PROCEDURE = Code("363680008", "SCT", "Radiographic imaging procedure")
+
+#: DCM 111012 "Certainty of Finding": the name of a classifier's probability for a finding.
+CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
+#: A probability 0..1: UCUM's dimensionless unity with an annotation saying what it is.
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+_PRESENT = Code("52101004", "SCT", "Present")
+_ABSENT = Code("2667000", "SCT", "Absent")
+
+#: Body Part Examined values (CS, upper case) that make a radiograph a chest radiograph.
+_CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG"})
 
 _LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
-def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+def _algorithm_id(
+    algorithm: AlgorithmInfo, extra_parameters: dict[str, str] | None = None
+) -> hd.sr.AlgorithmIdentification:
+    parameters = {**algorithm.parameters, **(extra_parameters or {})}
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
         family=to_pydicom_code(algorithm.family),
         # TID 4019 parameters are free text; "name=value" sorted for a stable encoding.
-        parameters=[f"{key}={value}" for key, value in sorted(algorithm.parameters.items())] or None,
+        parameters=[f"{key}={value}" for key, value in sorted(parameters.items())] or None,
     )
+
+
+def procedure_reported_for(header: Dataset) -> Code:
+    """TID 1500 "Procedure Reported" for a source series, from its Modality and Body Part Examined.
+
+    Projection radiographs (including a Secondary Capture of one) are "Plain
+    chest X-ray" when the body part says chest, else "Radiographic imaging
+    procedure"; everything else keeps :data:`CT_OF_CHEST`, the procedure of
+    the built-in CT analyzer.
+    """
+    modality = str(header.get("Modality", "")).upper()
+    if modality in _PROJECTION_MODALITIES:
+        body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+        return PLAIN_CHEST_XRAY if body_part in _CHEST_BODY_PARTS else RADIOGRAPHIC_PROCEDURE
+    return CT_OF_CHEST
 
 
 def _observation_context(
@@ -157,6 +217,51 @@ def _region_group(
     )
 
 
+def _finding_group(
+    finding: FindingSpec,
+    headers: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    sop_instance_uid: str,
+    uid_prefix: str | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """An image-level TID 1501 group for one classification finding."""
+    code = finding.finding
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid(sop_instance_uid, "tracking", "finding", code.scheme, code.value, prefix=uid_prefix),
+        identifier=f"{code.meaning} (AI classification)",
+    )
+    # The threshold decides "present", so it belongs with the algorithm that applied it.
+    algorithm_id = _algorithm_id(algorithm, {"threshold": f"{finding.threshold:g}"})
+    probability = hd.sr.Measurement(
+        name=to_pydicom_code(CERTAINTY_OF_FINDING),
+        value=finding.probability,
+        unit=to_pydicom_code(PROBABILITY_UNIT),
+        algorithm_id=algorithm_id,
+    )
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=to_pydicom_code(code), value=to_pydicom_code(_PRESENT if finding.present else _ABSENT)
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=to_pydicom_code(code),
+        algorithm_id=algorithm_id,
+        finding_sites=(
+            [hd.sr.FindingSite(to_pydicom_code(finding.finding_site))] if finding.finding_site else None
+        ),
+        measurements=[probability],
+        qualitative_evaluations=[evaluation],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+    )
+
+
+def _check_finding(finding: FindingSpec) -> None:
+    if not (0.0 <= finding.probability <= 1.0) or not (0.0 <= finding.threshold <= 1.0):
+        raise ValueError(
+            f"Finding {finding.finding.meaning!r} has probability {finding.probability} and threshold "
+            f"{finding.threshold}; both must be within 0..1"
+        )
+
+
 # --- Image Library (TID 1600) ----------------------------------------------------------------
 #
 # highdicom's ImageLibrary writes the full TID 1602 descriptor set (~16 content
@@ -175,6 +280,12 @@ _Reader = Callable[[Dataset], object]
 _CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})  # as highdicom's ImageLibraryEntryDescriptors
 _PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
+#: Modality code (CID 29) of each projection modality, by its Modality attribute value.
+_CID29_MODALITIES: dict[str, PydicomCode] = {
+    code.value: code
+    for code in (getattr(codes.cid29, name) for name in codes.cid29.dir())
+    if code.value in _PROJECTION_MODALITIES
+}
 
 
 def _key(code: PydicomCode | hd.sr.CodedConcept) -> _DescriptorKey:
@@ -227,6 +338,63 @@ def _descriptor_readers(modality: str) -> dict[_DescriptorKey, _Reader]:
     return readers
 
 
+def _projection_descriptors(header: Dataset) -> list[hd.sr.ContentItem]:
+    """TID 1602 + 1603 descriptors of a projection image, written from what the header has.
+
+    highdicom's ImageLibraryEntryDescriptors requires Patient Orientation and
+    Imager Pixel Spacing on projection images, which CR (Type 3 / empty Type 2)
+    and Secondary Captures of radiographs often lack.  Every TID 1603 row is
+    optional, so descriptors whose attribute is absent or empty are left out
+    here instead of failing.  Modality is the header's (CID 29: CR, DX, ...),
+    also for a Secondary Capture of a radiograph, which says more than
+    highdicom's "OT" for that SOP Class.
+    """
+    acquisition = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = hd.sr.CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="Pixels")
+    modality = _CID29_MODALITIES[str(header.Modality)]
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acquisition)
+    ]
+    if "FrameOfReferenceUID" in header:
+        items.append(
+            hd.sr.UIDRefContentItem(
+                name=codes.DCM.FrameOfReferenceUID,
+                value=header.FrameOfReferenceUID,
+                relationship_type=acquisition,
+            )
+        )
+    for name, keyword in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
+        items.append(
+            hd.sr.NumContentItem(
+                name=name, value=int(header[keyword].value), unit=pixels, relationship_type=acquisition
+            )
+        )
+    readers = _descriptor_readers(str(header.Modality))
+    for name in (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn):
+        value = readers[_key(name)](header)
+        if value:
+            items.append(hd.sr.TextContentItem(name=name, value=str(value), relationship_type=acquisition))
+    for name in (codes.DCM.HorizontalPixelSpacing, codes.DCM.VerticalPixelSpacing):
+        value = readers[_key(name)](header)
+        if value is not None:
+            items.append(
+                hd.sr.NumContentItem(
+                    name=name,
+                    value=cast(float, value),
+                    unit=codes.UCUM.Millimeter,
+                    relationship_type=acquisition,
+                )
+            )
+    return items
+
+
+def _entry_descriptors(header: Dataset) -> list[hd.sr.ContentItem]:
+    """TID 1602 descriptors of one image: highdicom's, or ours for projection images (see above)."""
+    if str(header.get("Modality", "")) in _PROJECTION_MODALITIES:
+        return _projection_descriptors(header)
+    return cast(list[hd.sr.ContentItem], list(hd.sr.ImageLibraryEntryDescriptors(header)))
+
+
 def _with_value(template: hd.sr.ContentItem, value: object) -> hd.sr.ContentItem:
     """A descriptor like ``template`` (same concept, type, unit) with another value."""
     relationship = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
@@ -246,9 +414,10 @@ def _with_value(template: hd.sr.ContentItem, value: object) -> hd.sr.ContentItem
 
 def _library_group(headers: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     """One Image Library Group (TID 1600 rows 2-4) for images of one SOP Class, Modality and FoR."""
-    # highdicom builds (and validates: an image SOP Class with a CID 29 modality)
-    # the descriptors of the first image; the others are only compared with it.
-    template = cast(list[hd.sr.ContentItem], list(hd.sr.ImageLibraryEntryDescriptors(headers[0])))
+    # The descriptors of the first image are built (by highdicom, which also
+    # validates an image SOP Class with a CID 29 modality, or for projection
+    # images by _projection_descriptors); the others are only compared with it.
+    template = _entry_descriptors(headers[0])
     readers = _descriptor_readers(headers[0].Modality)
     in_template = {_key(item.name) for item in template}
     readable = in_template <= readers.keys() and not any(
@@ -271,10 +440,7 @@ def _library_group(headers: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
         ]
     else:  # descriptors this module cannot compare: all of them per image, as highdicom does
         shared = []
-        entry_descriptors = [
-            cast(list[hd.sr.ContentItem], list(hd.sr.ImageLibraryEntryDescriptors(header)))
-            for header in headers
-        ]
+        entry_descriptors = [_entry_descriptors(header) for header in headers]
 
     entries = []
     for header, descriptors in zip(headers, entry_descriptors, strict=True):
@@ -331,10 +497,24 @@ def _insert_image_library(sr: hd.sr.Comprehensive3DSR, library: hd.sr.ContainerC
         sequence.insert(position, library)
 
 
-def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset) -> None:
+def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset | None) -> None:
     """Reject inputs that would produce an SR pointing at the wrong objects."""
     if not volume.headers:
         raise ValueError("Volume has no source headers; the SR must reference its source images")
+    for finding in result.findings:
+        _check_finding(finding)
+    if segmentation is None:
+        if result.labels is not None or result.segments:
+            raise ValueError(
+                "The result has a label map or segments but no SEG was given; pass the SEG built by "
+                "build_segmentation() for this result"
+            )
+        referencing = sorted({m.segment_number for m in result.measurements if m.segment_number is not None})
+        if referencing:
+            raise ValueError(
+                f"Measurements refer to segment numbers {referencing}, but the result has no segmentation"
+            )
+        return
     if segmentation.SOPClassUID not in (SegmentationStorage, _LABELMAP_SEGMENTATION_STORAGE):
         raise ValueError(
             f"'segmentation' has SOP Class {segmentation.SOPClassUID}, not a Segmentation; "
@@ -364,7 +544,7 @@ def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset)
 def build_measurement_report(
     volume: Volume,
     result: AnalysisResult,
-    segmentation: Dataset,
+    segmentation: Dataset | None,
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -375,7 +555,7 @@ def build_measurement_report(
     procedure_reported: Code = CT_OF_CHEST,
     uid_prefix: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """Encode ``result.measurements`` as a TID 1500 Measurement Report.
+    """Encode ``result.measurements`` and ``result.findings`` as a TID 1500 Measurement Report.
 
     Parameters
     ----------
@@ -385,7 +565,8 @@ def build_measurement_report(
         The analyzer's output, the same one encoded in ``segmentation``.
     segmentation:
         The SEG of ``result`` (from :func:`~pacs_ai.encode.seg.build_segmentation`
-        or read back from disk); its segments are referenced by the TID 1411 groups.
+        or read back from disk); its segments are referenced by the TID 1411
+        groups.  ``None`` for a result without a label map (a classifier).
     series_instance_uid, sop_instance_uid:
         Identities of the SR; pass :func:`~pacs_ai.encode.uids.derived_uid`
         values so a re-run overwrites instead of duplicating.
@@ -409,7 +590,9 @@ def build_measurement_report(
     ------
     ValueError
         If ``segmentation`` is not a SEG of the same study containing every
-        segment of ``result``, or a measurement refers to an unknown segment.
+        segment of ``result``, a measurement refers to an unknown segment, a
+        result with segments comes without its SEG, or a finding's probability
+        or threshold is outside 0..1.
     """
     _check_inputs(volume, result, segmentation)
     algorithm_id = _algorithm_id(result.algorithm)
@@ -418,13 +601,20 @@ def build_measurement_report(
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
-    for segment in result.segments:
-        specs = [m for m in result.measurements if m.segment_number == segment.number]
-        groups.append(
-            _segment_group(
-                segment, specs, segmentation, source_series_uid, algorithm_id, sop_instance_uid, uid_prefix
+    if segmentation is not None:  # without one, _check_inputs made sure there are no segments
+        for segment in result.segments:
+            specs = [m for m in result.measurements if m.segment_number == segment.number]
+            groups.append(
+                _segment_group(
+                    segment,
+                    specs,
+                    segmentation,
+                    source_series_uid,
+                    algorithm_id,
+                    sop_instance_uid,
+                    uid_prefix,
+                )
             )
-        )
     # Whole-region measurements, one group per finding site, in first-seen order.
     regions: dict[Code, list[MeasurementSpec]] = {}
     for spec in result.measurements:
@@ -432,6 +622,8 @@ def build_measurement_report(
             regions.setdefault(spec.finding_site, []).append(spec)
     for site, specs in regions.items():
         groups.append(_region_group(site, specs, algorithm_id, sop_instance_uid, uid_prefix))
+    for finding in result.findings:
+        groups.append(_finding_group(finding, volume.headers, result.algorithm, sop_instance_uid, uid_prefix))
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(equipment, result.algorithm, uid_prefix),
@@ -444,11 +636,13 @@ def build_measurement_report(
         used_codes += [spec.name, spec.unit, spec.finding_site, spec.derivation]
     for segment in result.segments:
         used_codes += [segment.category, segment.type]
+    for finding in result.findings:
+        used_codes += [finding.finding, finding.finding_site]
 
     sr = hd.sr.Comprehensive3DSR(
         # Source images first: highdicom records the acquisition equipment of
         # evidence[0], which must be the scanner, not the SEG.
-        evidence=[*volume.headers, segmentation],
+        evidence=[*volume.headers, *([segmentation] if segmentation is not None else [])],
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -468,4 +662,5 @@ def build_measurement_report(
     )
     # Every library entry is one of the headers, all recorded as evidence above.
     _insert_image_library(sr, _image_library(volume.headers))
+    drop_invalid_optional_attributes(sr)
     return sr

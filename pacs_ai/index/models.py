@@ -90,8 +90,27 @@ class Study(Base):
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_description: Mapped[str | None] = mapped_column(String(64))
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Reading priority raised by AI findings (a :class:`StudyPriority` value),
+    #: None while no profile rule has fired.  Only ever raised, never lowered.
+    ai_priority: Mapped[str | None] = mapped_column(String(16))
+    #: Which finding of which job raised it, e.g. "Pneumothorax p=0.93 > 0.8 (profile cxr, ...)".
+    ai_priority_reason: Mapped[str | None] = mapped_column(Text)
+    ai_priority_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class StudyPriority(enum.StrEnum):
+    """Reading priority of a study as AI findings set it, most urgent first."""
+
+    STAT = "STAT"
+    URGENT = "URGENT"
+    ROUTINE = "ROUTINE"
+
+    @property
+    def rank(self) -> int:
+        """0 for STAT, 1 for URGENT, 2 for ROUTINE: lower is more urgent."""
+        return list(StudyPriority).index(self)
 
 
 class RoutingState(enum.StrEnum):
@@ -186,6 +205,10 @@ class Job(Base):
     #: the job was opened: a job runs as decided, whatever later edits say.
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: The profile step's priority rules (``PriorityRule`` as dicts), evaluated on the findings.
+    priority_rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
+    #: The profile step's time limit in seconds; None means the installation default.
+    timeout_seconds: Mapped[float | None] = mapped_column(Float)
     state: Mapped[JobState] = mapped_column(
         Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED, index=True
     )

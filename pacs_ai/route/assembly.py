@@ -4,9 +4,11 @@ DICOM has no "end of series" message.  A series is taken as complete when no
 instance of it has arrived for a quiet period (global setting, or the longest
 override among the profiles it matches).  The router then records either the
 jobs to run (one per profile analyzer, with a version number) or why nothing
-matched.  Each instance row carries a ``routed`` flag: instances that arrive
-after a decision are unrouted, and the next pass opens a new job version for
-their series, so nothing received is ever ignored.
+matched.  A job takes its parameters, destinations, priority rules and time
+limit from the profile as it is at that moment.  Each instance row carries a
+``routed`` flag: instances that arrive after a decision are unrouted, and the
+next pass opens a new job version for their series, so nothing received is
+ever ignored.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def quiet_period_for(decision: MatchDecision, default_seconds: float) -> float:
 class RoutingPass:
     """What one pass of the router did."""
 
-    #: (job id, Celery queue) of the jobs opened, to enqueue after commit.
-    new_jobs: list[tuple[int, str]]
+    #: (job id, Celery queue, time limit or None for the default) of the jobs opened, to enqueue
+    #: after commit.
+    new_jobs: list[tuple[int, str, float | None]]
 
 
 def route_ready_series(
@@ -117,7 +120,7 @@ def route_ready_series(
                 new_jobs.append(_open_job(session, series, profile, step))
         log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
     session.flush()
-    return RoutingPass(new_jobs=[(job.id, job.queue) for job in new_jobs])
+    return RoutingPass(new_jobs=[(job.id, job.queue, job.timeout_seconds) for job in new_jobs])
 
 
 def _open_job(session: Session, series: Series, profile: Profile, step: AnalyzerStep) -> Job:
@@ -141,6 +144,8 @@ def _open_job(session: Session, series: Series, profile: Profile, step: Analyzer
         queue=step.queue,
         params=step.params,
         destinations=list(profile.destinations),
+        priority_rules=[rule.model_dump(by_alias=True, mode="json") for rule in step.priority],
+        timeout_seconds=step.timeout_seconds,
         state=JobState.QUEUED,
         attempts=0,
         instance_count=series.instance_count,

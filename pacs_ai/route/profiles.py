@@ -14,6 +14,11 @@ A profile is a YAML file in ``dicom_profiles/``::
     analyzers:
       - name: ct-chest-lung
         params: {}
+        timeout_seconds: 600     # optional; else the analysis_timeout_seconds setting
+        priority:                # optional; findings that raise the study's reading priority
+          - finding: "36118008"  # code value or code meaning (case-insensitive)
+            above: 0.8           # probability strictly above this
+            set: STAT            # STAT | URGENT | ROUTINE
     destinations: [pacs]
     quiet_period_seconds: 3      # optional; overrides the global setting
 
@@ -31,6 +36,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pacs_ai.index.models import StudyPriority
 
 
 @dataclass(frozen=True)
@@ -123,12 +130,47 @@ class Criteria(BaseModel):
         return reasons
 
 
+class PriorityRule(BaseModel):
+    """Raise the study's reading priority to ``set`` when a finding's probability exceeds ``above``.
+
+    ``finding`` names the finding by code value (``"36118008"``) or code
+    meaning (``"Pneumothorax"``, case-insensitive), as the analyzer reports it.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    finding: str = Field(min_length=1)
+    #: Fires when the probability is strictly above this; 1 could never fire, so it is refused.
+    above: float = Field(ge=0, lt=1)
+    level: StudyPriority = Field(alias="set")
+
+    @field_validator("finding")
+    @classmethod
+    def _not_blank(cls, finding: str) -> str:
+        if not finding.strip():
+            raise ValueError('finding must name a code value or code meaning, e.g. "36118008"')
+        return finding.strip()
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_case(cls, level: object) -> object:
+        return level.strip().upper() if isinstance(level, str) else level
+
+    def matches(self, value: str, meaning: str) -> bool:
+        """True when this rule names the finding with code ``value`` and ``meaning``."""
+        return self.finding == value or self.finding.casefold() == meaning.casefold()
+
+
 class AnalyzerStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     #: Celery queue: "cpu" for built-in analyzers, "gpu" for models that want one.
     queue: str = "cpu"
+    #: Time limit of one run in seconds; None uses the ``analysis_timeout_seconds`` setting.
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    #: Rules raising the study's reading priority from this step's findings, in order.
+    priority: list[PriorityRule] = Field(default_factory=list)
 
 
 class Profile(BaseModel):
@@ -171,6 +213,8 @@ def load_profiles(directory: Path) -> list[Profile]:
     profiles: list[Profile] = []
     errors: list[str] = []
     for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        if path.name in ("rules.yaml", "rules.yml"):
+            continue  # the routing rules live next to the profiles (pacs_ai.route.rules)
         try:
             profiles.append(load_profile(path))
         except ProfileError as exc:

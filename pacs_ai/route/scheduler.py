@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class TaskQueue(Protocol):
     """Where the scheduler puts work (Celery in production)."""
 
-    def enqueue_analysis(self, job_id: int, queue: str) -> None: ...
+    def enqueue_analysis(self, job_id: int, queue: str, timeout_seconds: float | None = None) -> None:
+        """Queue job ``job_id`` on ``queue``, limited to ``timeout_seconds`` (None: the default limit)."""
+        ...
 
     def enqueue_delivery(self, delivery_id: int) -> None: ...
 
@@ -77,13 +79,15 @@ class Scheduler:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""
         with session_scope(self.sessions) as session:
             jobs = session.execute(
-                select(Job.id, Job.queue).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                select(Job.id, Job.queue, Job.timeout_seconds).where(
+                    Job.state.in_([JobState.QUEUED, JobState.RUNNING])
+                )
             ).all()
             deliveries = session.scalars(
                 select(Delivery.id).where(Delivery.state == DeliveryState.PENDING)
             ).all()
-        for job_id, queue in jobs:
-            self.queue.enqueue_analysis(job_id, queue)
+        for job_id, queue, timeout_seconds in jobs:
+            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
         for delivery_id in deliveries:
             self.queue.enqueue_delivery(delivery_id)
         if jobs or deliveries:
@@ -103,12 +107,12 @@ class Scheduler:
             for job in jobs:
                 job.state = JobState.QUEUED
                 job.claimed_by = None
-            handed = [(job.id, job.queue) for job in jobs]
-        for job_id, queue in handed:
-            self.queue.enqueue_analysis(job_id, queue)
+            handed = [(job.id, job.queue, job.timeout_seconds) for job in jobs]
+        for job_id, queue, timeout_seconds in handed:
+            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
         if handed:
-            log.warning("re-enqueued job(s) %s of dead worker %s", [j for j, _ in handed], worker)
-        return [job_id for job_id, _ in handed]
+            log.warning("re-enqueued job(s) %s of dead worker %s", [j for j, _, _ in handed], worker)
+        return [job_id for job_id, _, _ in handed]
 
     def run_once(self) -> None:
         profiles = self.profiles.refresh()
@@ -117,8 +121,8 @@ class Scheduler:
             routing = route_ready_series(
                 session, profiles, now=now, default_quiet_seconds=self.settings.quiet_period_seconds
             )
-        for job_id, queue in routing.new_jobs:
-            self.queue.enqueue_analysis(job_id, queue)
+        for job_id, queue, timeout_seconds in routing.new_jobs:
+            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
 
         with session_scope(self.sessions) as session:
             due = session.scalars(
