@@ -4,7 +4,7 @@ Sends a generated 300-slice 512x512 chest CT (or ``--dir``) with DCMTK storescu 
 concurrent associations to a freshly started peer each time, and prints instances/s and the
 ratio of pacs-ai to each peer.  pacs-ai runs as ``pacs-ai serve`` with its durability on
 (fsync of every file and index commit before Success), no workers, and ``--listener-processes``
-listener processes sharing the port.
+listener processes sharing the port (default: the service's own default).
 
     python benchmarks/ingest.py --associations 1 4 --repeats 3
 """
@@ -23,23 +23,20 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.ingest_peers import PEERS, Endpoint, format_table, run_cell  # noqa: E402
+from pacs_ai.config import Settings  # noqa: E402
 from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
 from tests.service import PacsAiService  # noqa: E402
 
 
-def pacs_ai_endpoint_factory(listener_processes: int, backend: str):  # type: ignore[no-untyped-def]
+def pacs_ai_endpoint_factory(listener_processes: int | None, backend: str):  # type: ignore[no-untyped-def]
+    env = {"PACS_AI_WORKER_PROCESSES": "0", "PACS_AI_LOG_LEVEL": "WARNING"}
+    if listener_processes is not None:
+        env["PACS_AI_LISTENER_PROCESSES"] = str(listener_processes)
+
     @contextmanager
     def endpoint() -> Iterator[Endpoint]:
         with tempfile.TemporaryDirectory(prefix="pacs-ai-bench-") as tmp:
-            service = PacsAiService(
-                Path(tmp) / "data",
-                backend=backend,
-                extra_env={
-                    "PACS_AI_WORKER_PROCESSES": "0",
-                    "PACS_AI_LISTENER_PROCESSES": str(listener_processes),
-                    "PACS_AI_LOG_LEVEL": "WARNING",
-                },
-            )
+            service = PacsAiService(Path(tmp) / "data", backend=backend, extra_env=env)
             with service:
                 yield Endpoint("127.0.0.1", service.port, service.ae_title)
 
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--listener-processes", type=int, default=4)
+    parser.add_argument("--listener-processes", type=int, help="default: the service's default")
     parser.add_argument("--backend", choices=["embedded", "servers"], default="embedded")
     args = parser.parse_args(argv)
 
@@ -75,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of {args.repeats}"
     )
-    print(f"pacs-ai: {args.listener_processes} listener processes, {args.backend} index/broker, fsync on")
+    processes = args.listener_processes or Settings().listener_processes
+    print(f"pacs-ai: {processes} listener processes, {args.backend} index/broker, fsync on")
     print(format_table(rows))
     print()
     for associations in args.associations:

@@ -2,8 +2,10 @@
 
 * :func:`build_segmentation` - the label map as a BINARY Segmentation aligned
   to the source series;
-* :func:`build_measurement_report` - the measurements as a TID 1500
-  Measurement Report referencing the SEG segments;
+* :func:`build_measurement_report` - the measurements and classification
+  findings as a TID 1500 Measurement Report referencing the SEG segments (a
+  classifier's result has no label map: SR only, see
+  :func:`~pacs_ai.encode.results.build_results`);
 * :func:`derived_uid` - deterministic UIDs so re-runs overwrite, not duplicate;
 * :class:`EquipmentInfo` - the pacs-ai identity written into both;
 * :func:`write_dataset` - atomic Part 10 write.
@@ -15,7 +17,7 @@ AI-generated and unverified.
 from pacs_ai.encode.equipment import EquipmentInfo, add_contributing_equipment, processing_equipment
 from pacs_ai.encode.io import write_dataset
 from pacs_ai.encode.seg import build_segmentation
-from pacs_ai.encode.sr import CT_OF_CHEST, build_measurement_report
+from pacs_ai.encode.sr import CT_OF_CHEST, build_measurement_report, procedure_reported_for
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "build_measurement_report",
     "build_segmentation",
     "derived_uid",
+    "procedure_reported_for",
     "processing_equipment",
     "write_dataset",
 ]

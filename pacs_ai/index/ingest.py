@@ -154,6 +154,48 @@ def record_new_instance(
     )
 
 
+def insert_instance_if_new(
+    connection: Connection,
+    header: InstanceHeader,
+    *,
+    path: str,
+    size: int,
+    calling_ae: str,
+    series_ids: SeriesIds,
+) -> bool:
+    """Like :func:`record_new_instance`, but False instead of an error if the SOP instance is indexed.
+
+    A failed statement spoils a whole transaction, so instances committed
+    together (group commit) must not raise on the expected conflict.  Other
+    integrity errors (a series row purged meanwhile) still raise.
+    """
+    series_id = series_ids.get(header.series_instance_uid)
+    if series_id is None:
+        series_id = ensure_series(connection, header, calling_ae)
+        series_ids.remember(header.series_instance_uid, series_id)
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    result = connection.execute(
+        dialect.insert(Instance)
+        .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+        .returning(Instance.id),
+        {
+            "sop_instance_uid": header.sop_instance_uid,
+            "series_fk": series_id,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "instance_number": header.instance_number,
+            "path": path,
+            "size_bytes": size,
+            "calling_ae_title": calling_ae,
+            "received_at": utcnow(),
+            "duplicates_received": 0,
+            "routed": False,
+        },
+    )
+    # RETURNING rather than rowcount: not every driver reports a row count for it.
+    return result.first() is not None
+
+
 def find_instance(connection: Connection, sop_instance_uid: str) -> tuple[int, str] | None:
     """(id, spool path) of an indexed instance, or None."""
     row = connection.execute(
@@ -208,6 +250,7 @@ __all__ = [
     "SeriesIds",
     "ensure_series",
     "find_instance",
+    "insert_instance_if_new",
     "record_duplicate",
     "record_new_instance",
 ]

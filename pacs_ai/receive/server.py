@@ -1,0 +1,459 @@
+"""The listener's network loop: one asyncio event loop per listener process.
+
+pynetdicom's own server runs three threads per association (DUL, ACSE/DIMSE,
+socket) talking through queues polled every millisecond, and rebuilds each
+message as Python objects; held to one core by the GIL, a process of it spent
+about 1.5 ms of CPU per instance before storing anything.  Here one loop reads
+every association's PDUs itself: command sets are decoded with ``struct``,
+data set fragments go from the socket straight into a temporary file in the
+spool, and only the durable part of a store (fsync, link, index commit) is
+handed to a worker thread, so other associations keep being read meanwhile.
+Association negotiation and PDU encoding are pynetdicom's
+(:mod:`pacs_ai.receive.acceptor`).
+
+Per association, messages are handled one at a time (no asynchronous
+operations window), so a response always follows its request's storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dsutils import create_file_meta
+
+from pacs_ai.receive.acceptor import (
+    ABORT_INVALID_PARAMETER,
+    ABORT_UNEXPECTED_PDU,
+    AcceptorPolicy,
+    NegotiationError,
+    abort_pdu,
+    command_pdus,
+    negotiate,
+    release_response_pdu,
+)
+from pacs_ai.receive.dimse import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    STATUS_UNRECOGNIZED_OPERATION,
+    Command,
+    CommandSetError,
+    decode_command,
+    encode_response,
+)
+from pacs_ai.receive.headers import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceRejected,
+)
+from pacs_ai.receive.store import StoreHandler
+
+log = logging.getLogger(__name__)
+
+_PDU_HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">IBB")
+PDU_ASSOCIATE_RQ = 0x01
+PDU_P_DATA_TF = 0x04
+PDU_RELEASE_RQ = 0x05
+PDU_ABORT = 0x07
+#: An A-ASSOCIATE-RQ or command set larger than this is not a real one.
+MAX_CONTROL_BYTES = 1 << 20
+#: Bytes handed from the socket buffer to the file per read; data sets are never held whole.
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Limits and timers of one listener process."""
+
+    #: Seconds a new connection has to send its A-ASSOCIATE-RQ.
+    acse_timeout: float = 30.0
+    #: Seconds an association may stay silent (between or inside PDUs) before it is aborted.
+    idle_timeout: float = 60.0
+    #: Associations one process serves at once; more are rejected (transient, local limit).
+    maximum_associations: int = 64
+    #: Per association already served, how long to defer accepting another: the listener
+    #: processes share one socket and an idle process should take the next association.
+    busy_accept_delay: float = 0.003
+    #: Threads doing the blocking part of stores (fsync, index commit) for this process.
+    store_threads: int = 8
+
+
+class _AbortAssociation(Exception):
+    """The peer broke the protocol: send A-ABORT with ``reason`` and close."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Released(Exception):
+    """The association ended normally (A-RELEASE) or the peer aborted it."""
+
+
+class AssociationServer:
+    """Accepts associations from a listening socket shared with other processes and serves them."""
+
+    def __init__(
+        self,
+        handler: StoreHandler,
+        policy: AcceptorPolicy,
+        listening_socket: socket.socket,
+        options: ServerOptions | None = None,
+    ) -> None:
+        self.handler = handler
+        self.policy = policy
+        self.listening_socket = listening_socket
+        self.options = options or ServerOptions()
+        self.tmp_dir = handler.spool.tmp_dir
+        self.associations: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="store")
+
+    async def serve(self, stop: asyncio.Event, shutdown_grace: float) -> None:
+        """Serve until ``stop`` is set; then let associations finish for ``shutdown_grace`` seconds."""
+        accepting = asyncio.create_task(self._accept_loop())
+        await stop.wait()
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accepting
+        if self.associations:
+            await asyncio.wait(set(self.associations), timeout=shutdown_grace)
+        for task in set(self.associations):
+            task.cancel()  # each aborts its association on the way out
+        if self.associations:
+            await asyncio.wait(set(self.associations), timeout=5)
+        self._executor.shutdown(wait=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        listening = self.listening_socket
+        while True:
+            await _readable(loop, listening)
+            busy = len(self.associations)
+            if busy:
+                # Every process is woken for a new connection; a busy one lets an idle one win it.
+                await asyncio.sleep(min(busy, 10) * self.options.busy_accept_delay)
+            try:
+                connection, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another listener process took it
+            except OSError as exc:  # out of file descriptors and the like: wait, do not spin
+                log.error("cannot accept a connection: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            connection.setblocking(False)
+            task = asyncio.create_task(self._serve_connection(connection, address))
+            self.associations.add(task)
+            task.add_done_callback(self.associations.discard)
+
+    async def _serve_connection(self, connection: socket.socket, address: object) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        try:
+            reader, writer = await asyncio.open_connection(sock=connection, limit=READ_CHUNK)
+        except OSError as exc:
+            log.info("connection from %s lost before it started: %s", peer, exc)
+            connection.close()
+            return
+        association = _Association(self, reader, writer, peer)
+        try:
+            await association.run()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def store(self, temp_path: Path, calling_ae: str, command: Command) -> tuple[int, str | None]:
+        """File a complete data set in a worker thread; the temporary file is gone afterwards."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, _store_and_clean_up, self.handler, temp_path, calling_ae, command
+        )
+
+    async def refuse(self, calling_ae: str, command: Command, reason: str) -> None:
+        """Record (audit) a data set refused because it could not even be written."""
+        loop = asyncio.get_running_loop()
+        rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, reason)
+        await loop.run_in_executor(
+            self._executor,
+            self.handler.record_rejection,
+            calling_ae,
+            command.affected_sop_instance_uid,
+            rejected,
+        )
+
+
+def _store_and_clean_up(
+    handler: StoreHandler, temp_path: Path, calling_ae: str, command: Command
+) -> tuple[int, str | None]:
+    try:
+        return handler.store(
+            temp_path,
+            calling_ae=calling_ae,
+            sop_class=command.affected_sop_class_uid,
+            sop_instance=command.affected_sop_instance_uid,
+        )
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+class _DataSetFile:
+    """A data set being received into a temporary Part 10 file in the spool."""
+
+    def __init__(self, tmp_dir: Path, command: Command, transfer_syntax: str) -> None:
+        self.command = command
+        descriptor, name = tempfile.mkstemp(suffix=".dcm", dir=tmp_dir)
+        self.path = Path(name)
+        self.descriptor: int | None = descriptor
+        self.error: OSError | None = None
+        meta = BytesIO()
+        meta.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(
+            meta,  # type: ignore[arg-type]
+            create_file_meta(
+                sop_class_uid=command.affected_sop_class_uid,  # type: ignore[arg-type]
+                sop_instance_uid=command.affected_sop_instance_uid,  # type: ignore[arg-type]
+                transfer_syntax=transfer_syntax,  # type: ignore[arg-type]
+            ),
+        )
+        self.write(meta.getvalue())
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append to the file; after a write error (disk full) the rest is read and dropped."""
+        if self.descriptor is None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.descriptor, view)
+                view = view[written:]
+        except OSError as exc:
+            self.error = exc
+            self.close()
+
+    def close(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Association:
+    """One association, from A-ASSOCIATE-RQ to release or abort."""
+
+    def __init__(
+        self, server: AssociationServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
+        self.calling_ae = "?"
+        self.contexts: dict[int, tuple[str, str]] = {}
+        self.peer_maximum_pdu_length = 0
+        self.command_bytes = bytearray()
+        self.command: Command | None = None
+        self.data_set: _DataSetFile | None = None
+        #: Why no temporary file could be created for the data set now arriving (it is dropped).
+        self.create_error: OSError | None = None
+        self.timeout: asyncio.Timeout | None = None
+
+    async def run(self) -> None:
+        outcome = "aborted"
+        try:
+            async with asyncio.timeout(None) as self.timeout:
+                self._arm(self.server.options.acse_timeout)
+                if not await self._negotiate():
+                    return
+                self._log("established")
+                outcome = await self._serve_messages()
+        except _AbortAssociation as abort:
+            log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, abort)
+            self._send_abort(abort.reason)
+        except TimeoutError:
+            log.warning("aborting association from %s (%s): silent too long", self.calling_ae, self.peer)
+            self._send_abort(0x00)
+        except asyncio.CancelledError:
+            self._send_abort(0x00)  # the listener is stopping
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            log.info("association from %s (%s) lost: %s", self.calling_ae, self.peer, exc)
+        finally:
+            if self.data_set is not None:
+                self.data_set.discard()  # never acknowledged: the sender will send it again
+            if self.contexts:
+                self._log(outcome)
+
+    def _log(self, what: str) -> None:
+        log.info("association %s from %s (%s)", what, self.calling_ae, self.peer)
+
+    def _arm(self, seconds: float | None) -> None:
+        assert self.timeout is not None
+        self.timeout.reschedule(None if seconds is None else self.loop.time() + seconds)
+
+    def _send_abort(self, reason: int) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(abort_pdu(reason))
+
+    async def _read_pdu_header(self) -> tuple[int, int]:
+        pdu_type, _, length = _PDU_HEADER.unpack(await self.reader.readexactly(6))
+        return pdu_type, length
+
+    async def _negotiate(self) -> bool:
+        pdu_type, length = await self._read_pdu_header()
+        if pdu_type != PDU_ASSOCIATE_RQ or length > MAX_CONTROL_BYTES:
+            raise _AbortAssociation(ABORT_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
+        body = await self.reader.readexactly(length)
+        over_limit = len(self.server.associations) > self.server.options.maximum_associations
+        try:
+            negotiation = negotiate(
+                _PDU_HEADER.pack(pdu_type, 0, length) + body, self.server.policy, over_limit=over_limit
+            )
+        except NegotiationError as exc:
+            raise _AbortAssociation(ABORT_INVALID_PARAMETER, str(exc)) from exc
+        self.calling_ae = negotiation.calling_ae_title
+        self.writer.write(negotiation.reply)
+        if not negotiation.accepted:
+            log.info("association from %s (%s) rejected: %s", self.calling_ae, self.peer, negotiation.reason)
+            await self.writer.drain()
+            return False
+        self.contexts = negotiation.contexts
+        self.peer_maximum_pdu_length = negotiation.peer_maximum_pdu_length
+        return True
+
+    async def _serve_messages(self) -> str:
+        idle = self.server.options.idle_timeout
+        while True:
+            self._arm(idle)
+            pdu_type, length = await self._read_pdu_header()
+            if pdu_type == PDU_P_DATA_TF:
+                await self._p_data(length)
+            elif pdu_type == PDU_RELEASE_RQ:
+                await self.reader.readexactly(length)
+                if self.data_set is not None or self.command_bytes:
+                    raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "A-RELEASE-RQ in the middle of a message")
+                self.writer.write(release_response_pdu())
+                await self.writer.drain()
+                return "released"
+            elif pdu_type == PDU_ABORT:
+                await self.reader.readexactly(length)
+                return "aborted"
+            else:
+                raise _AbortAssociation(ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+
+    async def _p_data(self, length: int) -> None:
+        remaining = length
+        read = self.reader.readexactly
+        idle = self.server.options.idle_timeout
+        while remaining:
+            if remaining < 6:
+                raise _AbortAssociation(ABORT_INVALID_PARAMETER, "P-DATA-TF ends inside a PDV item header")
+            item_length, context_id, control = _PDV_HEADER.unpack(await read(6))
+            remaining -= 4 + item_length
+            if item_length < 2 or remaining < 0:
+                raise _AbortAssociation(ABORT_INVALID_PARAMETER, f"PDV item length {item_length} is invalid")
+            if context_id not in self.contexts:
+                raise _AbortAssociation(
+                    ABORT_INVALID_PARAMETER, f"presentation context {context_id} not accepted"
+                )
+            size = item_length - 2
+            last = bool(control & 0x02)
+            if control & 0x01:  # command set fragment
+                if self.command is not None or len(self.command_bytes) + size > MAX_CONTROL_BYTES:
+                    raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "command set fragment out of place")
+                self.command_bytes += await read(size)
+                if last:
+                    await self._command_complete(context_id)
+                continue
+            if self.command is None:
+                raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "data set fragment without a command")
+            while size:  # data set fragment: straight to the file, a chunk at a time
+                chunk = await self.reader.read(min(size, READ_CHUNK))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"", size)
+                size -= len(chunk)
+                if self.data_set is not None:
+                    self.data_set.write(chunk)
+                self._arm(idle)
+            if last:
+                await self._data_set_complete(context_id)
+
+    async def _command_complete(self, context_id: int) -> None:
+        try:
+            command = decode_command(self.command_bytes)
+        except CommandSetError as exc:
+            raise _AbortAssociation(ABORT_INVALID_PARAMETER, str(exc)) from exc
+        self.command_bytes = bytearray()
+        if command.has_data_set:
+            self.command = command
+            if command.command_field == C_STORE_RQ:
+                try:
+                    self.data_set = _DataSetFile(self.server.tmp_dir, command, self.contexts[context_id][1])
+                except OSError as exc:  # cannot even create the file: read and drop the data set
+                    log.error("cannot create a temporary file in %s: %s", self.server.tmp_dir, exc)
+                    self.create_error = exc
+            return
+        if command.command_field == C_ECHO_RQ:
+            self._respond(context_id, command, STATUS_SUCCESS)
+        elif command.command_field == C_STORE_RQ:
+            self._respond(context_id, command, STATUS_CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
+        elif command.command_field != C_CANCEL_RQ:  # a cancel has no response
+            self._respond(context_id, command, STATUS_UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE")
+
+    async def _data_set_complete(self, context_id: int) -> None:
+        command, data_set = self.command, self.data_set
+        assert command is not None
+        self.command, self.data_set = None, None
+        if command.command_field != C_STORE_RQ:
+            self._respond(context_id, command, STATUS_UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE")
+            return
+        if data_set is None or data_set.error is not None:
+            reason = f"storage error: {data_set.error if data_set else self.create_error}"
+            self.create_error = None
+            if data_set is not None:
+                data_set.discard()
+            await self.server.refuse(self.calling_ae, command, reason)
+            self._respond(context_id, command, STATUS_OUT_OF_RESOURCES, reason)
+            return
+        data_set.close()
+        self._arm(None)  # our own work, however slow the disk or index, is not the peer's silence
+        status, comment = await self.server.store(data_set.path, self.calling_ae, command)
+        self._respond(context_id, command, status, comment)
+
+    def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:
+        response = encode_response(
+            command,
+            status,
+            include_instance=command.command_field != C_ECHO_RQ,
+            error_comment=comment if status != STATUS_SUCCESS else None,
+        )
+        self.writer.write(command_pdus(context_id, response, self.peer_maximum_pdu_length))

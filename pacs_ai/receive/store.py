@@ -1,0 +1,256 @@
+"""Accepting one received data set: durable in the spool, recorded in the index, or refused.
+
+An instance is acknowledged with Success only after its file is fsynced in the
+spool and its row is committed in the index.  Anything else gets a failure
+status that says why (0xA700 out of resources, 0xA900 data set does not match
+SOP class, 0xC000 cannot understand) and leaves nothing half-written; the
+rejection is recorded in the audit table, so it is visible, not silent.
+
+This runs in a listener's worker threads: it blocks on fsync and on the index,
+and the network loop goes on serving other associations meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from pacs_ai.config import Settings
+from pacs_ai.index.audit import record_audit
+from pacs_ai.index.db import make_engine
+from pacs_ai.index.ingest import (
+    SeriesIds,
+    find_instance,
+    insert_instance_if_new,
+    record_duplicate,
+    record_new_instance,
+)
+from pacs_ai.receive.headers import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InstanceHeader,
+    InstanceRejected,
+    read_header,
+)
+from pacs_ai.receive.spool import Spool, UnsafeIdentifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingRow:
+    header: InstanceHeader
+    path: str
+    size: int
+    calling_ae: str
+    done: bool = False
+    inserted: bool = False
+
+
+class GroupCommit:
+    """Index rows of instances stored at the same moment, committed in one transaction.
+
+    Each commit waits for the database's flush to disk (a few milliseconds on
+    SQLite in WAL mode with ``synchronous=FULL``) while holding the write lock,
+    so one commit per instance caps concurrent associations at one instance
+    per flush.  Here the first thread to arrive commits every row waiting at
+    that moment; rows arriving meanwhile wait and go in the next commit.  Every
+    instance is still acknowledged only after the commit holding its row.
+    """
+
+    def __init__(self, engine: Engine, series_ids: SeriesIds) -> None:
+        self._engine = engine
+        self._series_ids = series_ids
+        self._changed = threading.Condition()
+        self._pending: list[_PendingRow] = []
+        self._committing = False
+
+    def insert(self, header: InstanceHeader, *, path: str, size: int, calling_ae: str) -> bool:
+        """Commit a new instance's row; False if it was not inserted (a duplicate, or any error).
+
+        The caller then records it the slow way, one instance per transaction,
+        which tells duplicates apart and raises what went wrong.
+        """
+        row = _PendingRow(header, path, size, calling_ae)
+        with self._changed:
+            self._pending.append(row)
+            while self._committing and not row.done:
+                self._changed.wait()
+            if row.done:
+                return row.inserted
+            batch, self._pending = self._pending, []
+            self._committing = True
+        try:
+            self._commit(batch)
+        finally:
+            with self._changed:
+                for pending in batch:
+                    pending.done = True
+                self._committing = False
+                self._changed.notify_all()
+        return row.inserted
+
+    def _commit(self, batch: list[_PendingRow]) -> None:
+        try:
+            with self._engine.begin() as connection:
+                inserted = [
+                    insert_instance_if_new(
+                        connection,
+                        row.header,
+                        path=row.path,
+                        size=row.size,
+                        calling_ae=row.calling_ae,
+                        series_ids=self._series_ids,
+                    )
+                    for row in batch
+                ]
+        except SQLAlchemyError as exc:  # every row of the batch is retried on its own
+            log.debug("group commit of %d rows failed, retrying one by one: %s", len(batch), exc)
+            return
+        for row, was_inserted in zip(batch, inserted, strict=True):
+            row.inserted = was_inserted
+
+
+class StoreHandler:
+    """Files received data sets for one listener process (thread-safe)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
+        self.engine = make_engine(settings.effective_database_url)
+        self.series_ids = SeriesIds()
+        self.group_commit = GroupCommit(self.engine, self.series_ids)
+        self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
+
+    def store(
+        self, temp_path: Path, *, calling_ae: str, sop_class: str, sop_instance: str
+    ) -> tuple[int, str | None]:
+        """File the complete Part 10 file at ``temp_path``; return (status, error comment).
+
+        On Success the temporary name is gone or left for the caller to remove;
+        the caller always removes ``temp_path`` afterwards.
+        """
+        try:
+            self._store(temp_path, calling_ae, sop_class, sop_instance)
+            return STATUS_SUCCESS, None
+        except InstanceRejected as rejected:
+            self.record_rejection(calling_ae, sop_instance, rejected)
+            return rejected.status, rejected.reason
+        except OSError as exc:
+            # Full disk, I/O error: refuse with "out of resources"; the sender retries later.
+            log.error("cannot store %s from %s: %s", sop_instance, calling_ae, exc)
+            rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}")
+            self.record_rejection(calling_ae, sop_instance, rejected)
+            return rejected.status, rejected.reason
+        except OperationalError as exc:
+            log.error("index unavailable while storing %s: %s", sop_instance, exc)
+            return STATUS_OUT_OF_RESOURCES, "index database unavailable"
+
+    def _store(self, temp_path: Path, calling_ae: str, sop_class: str, sop_instance: str) -> None:
+        if self.spool.free_bytes() < self.min_free_bytes:
+            raise InstanceRejected(
+                STATUS_OUT_OF_RESOURCES,
+                f"less than {self.settings.min_free_disk_mb} MB free in {self.spool.root}",
+            )
+        header = read_header(temp_path, command_sop_class=sop_class, command_sop_instance=sop_instance)
+        try:
+            final_path = self.spool.path_for(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except UnsafeIdentifier as exc:
+            raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
+
+        if self.spool.place_new(temp_path, final_path):
+            try:
+                self._index_new(header, final_path, calling_ae)
+            except BaseException:
+                # Not indexed means not accepted: take the name back so nothing half-recorded remains.
+                final_path.unlink(missing_ok=True)
+                raise
+        else:
+            self._store_over_existing_name(header, temp_path, final_path, calling_ae)
+        log.debug(
+            "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, calling_ae
+        )
+
+    def _index_new(self, header: InstanceHeader, final_path: Path, calling_ae: str) -> None:
+        size = final_path.stat().st_size
+        if self.group_commit.insert(header, path=str(final_path), size=size, calling_ae=calling_ae):
+            return
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as connection:
+                    record_new_instance(
+                        connection,
+                        header,
+                        path=str(final_path),
+                        size=size,
+                        calling_ae=calling_ae,
+                        series_ids=self.series_ids,
+                    )
+                return
+            except IntegrityError:
+                with self.engine.begin() as connection:
+                    existing = find_instance(connection, header.sop_instance_uid)
+                    if existing is not None:
+                        # Indexed meanwhile by another association: this copy is a duplicate.
+                        record_duplicate(
+                            connection, existing[0], header, replaced=False, size=size, calling_ae=calling_ae
+                        )
+                        return
+                # Not a duplicate: the remembered series row is gone (purged); look it up again.
+                self.series_ids.forget(header.series_instance_uid)
+                if attempt:
+                    raise
+
+    def _store_over_existing_name(
+        self, header: InstanceHeader, temp_path: Path, final_path: Path, calling_ae: str
+    ) -> None:
+        """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
+        with self.engine.begin() as connection:
+            existing = find_instance(connection, header.sop_instance_uid)
+            if existing is not None:
+                instance_id, existing_path = existing
+                replace = self.settings.duplicate_policy == "replace"
+                if replace:
+                    self.spool.replace(temp_path, Path(existing_path))
+                outcome = record_duplicate(
+                    connection,
+                    instance_id,
+                    header,
+                    replaced=replace,
+                    size=Path(existing_path).stat().st_size,
+                    calling_ae=calling_ae,
+                )
+                log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
+                return
+        # A file never acknowledged (a crash between rename and commit): this copy replaces it.
+        self.spool.replace(temp_path, final_path)
+        self._index_new(header, final_path, calling_ae)
+
+    def record_rejection(self, calling_ae: str, sop_instance: str, rejected: InstanceRejected) -> None:
+        log.warning(
+            "refused %s from %s with status 0x%04X: %s",
+            sop_instance,
+            calling_ae,
+            rejected.status,
+            rejected.reason,
+        )
+        try:
+            with self.engine.begin() as connection:
+                record_audit(
+                    connection,
+                    actor=f"dicom:{calling_ae}",
+                    action="instance.rejected",
+                    object_type="instance",
+                    object_uid=sop_instance[:64],
+                    detail={"status": f"0x{rejected.status:04X}", "reason": rejected.reason},
+                )
+        except Exception:  # the refusal itself must still reach the sender
+            log.exception("could not record the refusal of %s", sop_instance)
