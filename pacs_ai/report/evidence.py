@@ -1,0 +1,310 @@
+"""Evidence: the structured record of what is known about a study, which every draft must stay within.
+
+It is built from what the pipeline already has: the headers of the study
+(modality, body part, descriptions, patient age and sex) and the findings JSON
+the job runner stores on each succeeded job
+(:func:`pacs_ai.analyze.run._findings`: algorithm, segments, measurements with
+UCUM units, classification findings with probability, threshold and present),
+plus a prior report's text where one is supplied.
+
+No direct identifier (name, patient ID, birth date, accession number) enters
+the evidence: drafters, and the prompts built from the evidence, need none,
+and what is not there cannot leak into a draft.
+
+:func:`evidence_from_findings_text` builds evidence from a findings section
+instead (the findings-to-impression task): its finding terms, negations, sides
+and numbers become the facts an impression must agree with.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any
+
+from pydicom import Dataset
+
+from pacs_ai.report.text import find_mentions, find_numbers, side_in_name
+from pacs_ai.report.vocabulary import term_for_name, term_patterns
+
+
+class EvidenceError(ValueError):
+    """The job findings cannot be read as evidence (wrong shape, missing values)."""
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """DICOM context of the study: what kind of examination, of whom (age and sex only)."""
+
+    modality: str | None = None
+    body_part: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    #: Whole years at the study date, from PatientAge or PatientBirthDate and StudyDate.
+    patient_age_years: int | None = None
+    #: "M", "F" or "O" as in DICOM.
+    patient_sex: str | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured value with its UCUM unit and the site it was measured on."""
+
+    name: str
+    value: float
+    #: UCUM code as the analyzer recorded it ("mL", "[hnsf'U]", "%").
+    unit: str
+    site: str | None = None
+    code: str | None = None
+    derivation: str | None = None
+    segment_number: int | None = None
+    algorithm: str | None = None
+
+    @property
+    def side(self) -> str | None:
+        """ "left", "right", "both" (a site named for both sides, or the lungs as a whole) or None."""
+        side = side_in_name(self.site)
+        if side is None and self.site and self.site.strip().lower() in ("lung", "lungs", "both lungs"):
+            return "both"
+        return side
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A finding the evidence speaks about: present or absent, with probability where a model gave one."""
+
+    name: str
+    present: bool
+    probability: float | None = None
+    threshold: float | None = None
+    site: str | None = None
+    code: str | None = None
+    algorithm: str | None = None
+
+    @property
+    def term(self) -> str:
+        """The vocabulary term of the finding (see :func:`pacs_ai.report.vocabulary.term_for_name`)."""
+        return term_for_name(self.name)
+
+    @property
+    def side(self) -> str | None:
+        """Side from the site, else from the finding's own name ("Left pneumothorax"); None if unsided."""
+        return side_in_name(self.site) or side_in_name(self.name)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment of a DICOM SEG the analyzers produced."""
+
+    number: int
+    label: str
+    type: str | None = None
+    algorithm: str | None = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything a draft may state (:func:`evidence_from_findings`, :func:`evidence_from_findings_text`)."""
+
+    context: StudyContext = field(default_factory=StudyContext)
+    measurements: tuple[Measurement, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    segments: tuple[Segment, ...] = ()
+    #: "name version" of each analyzer whose results are included.
+    algorithms: tuple[str, ...] = ()
+    prior_report: str | None = None
+    #: Where the evidence came from: "analyzers" or "findings text".
+    source: str = "analyzers"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored with a draft so a reader can see what it was checked against."""
+        return asdict(self)
+
+
+def _text(header: Dataset | None, keyword: str) -> str | None:
+    if header is None:
+        return None
+    value = header.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _dicom_date(value: str | None) -> date | None:
+    if not value or not re.fullmatch(r"\d{8}", value):
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    except ValueError:
+        return None
+
+
+def patient_age_years(header: Dataset | None) -> int | None:
+    """Whole years: PatientAge ("045Y"; months, weeks, days count as 0), else birth date to study date."""
+    age = _text(header, "PatientAge")
+    if age:
+        match = re.fullmatch(r"(\d{3})([DWMY])", age)
+        if match:
+            return int(match.group(1)) if match.group(2) == "Y" else 0
+    born, studied = _dicom_date(_text(header, "PatientBirthDate")), _dicom_date(_text(header, "StudyDate"))
+    if born and studied and studied >= born:
+        return studied.year - born.year - ((studied.month, studied.day) < (born.month, born.day))
+    return None
+
+
+def study_context(header: Dataset | None) -> StudyContext:
+    """The :class:`StudyContext` of a study from one of its datasets (any instance; headers suffice)."""
+    sex = _text(header, "PatientSex")
+    return StudyContext(
+        modality=_text(header, "Modality"),
+        body_part=_text(header, "BodyPartExamined"),
+        study_description=_text(header, "StudyDescription"),
+        series_description=_text(header, "SeriesDescription"),
+        patient_age_years=patient_age_years(header),
+        patient_sex=sex.upper() if sex and sex.upper() in ("M", "F", "O") else None,
+    )
+
+
+def _require(item: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in item or item[key] is None:
+        raise EvidenceError(f"{where} has no {key!r}: {dict(item)!r}")
+    return item[key]
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise EvidenceError(f"{where} is not a number: {value!r}") from exc
+    if number != number or number in (float("inf"), float("-inf")):
+        raise EvidenceError(f"{where} is not a finite number: {value!r}")
+    return number
+
+
+def _code_value(item: Mapping[str, Any]) -> str | None:
+    code = item.get("code")
+    return str(code.get("value")) if isinstance(code, Mapping) and code.get("value") is not None else None
+
+
+def evidence_from_findings(
+    header: Dataset | None,
+    job_findings: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    prior_report: str | None = None,
+) -> Evidence:
+    """Evidence of a study from its headers and the findings JSON of its succeeded jobs.
+
+    ``header``: any dataset of the study (read without pixel data is fine), or
+    None when only results are known.  ``job_findings``: the ``Job.findings``
+    value of one job, or a sequence of them (one per analyzer that ran on the
+    study).  Raises :class:`EvidenceError` naming the malformed entry.
+    """
+    jobs = [job_findings] if isinstance(job_findings, Mapping) else list(job_findings)
+    measurements: list[Measurement] = []
+    findings: list[Finding] = []
+    segments: list[Segment] = []
+    algorithms: list[str] = []
+    for index, job in enumerate(jobs):
+        if not isinstance(job, Mapping):
+            raise EvidenceError(f"job findings #{index} is a {type(job).__name__}, not a mapping")
+        algorithm_info = job.get("algorithm") or {}
+        algorithm = (
+            " ".join(
+                str(part) for part in (algorithm_info.get("name"), algorithm_info.get("version")) if part
+            )
+            or None
+        )
+        if algorithm:
+            algorithms.append(algorithm)
+        for item in job.get("segments") or []:
+            where = f"segment of {algorithm or 'job #' + str(index)}"
+            kind = item.get("type")
+            segments.append(
+                Segment(
+                    number=int(_require(item, "number", where)),
+                    label=str(_require(item, "label", where)),
+                    type=str(kind.get("meaning"))
+                    if isinstance(kind, Mapping) and kind.get("meaning")
+                    else None,
+                    algorithm=algorithm,
+                )
+            )
+        for item in job.get("measurements") or []:
+            where = f"measurement {item.get('name')!r} of {algorithm or 'job #' + str(index)}"
+            measurements.append(
+                Measurement(
+                    name=str(_require(item, "name", where)),
+                    value=_number(_require(item, "value", where), where),
+                    unit=str(_require(item, "unit", where)),
+                    site=item.get("finding_site"),
+                    code=_code_value(item),
+                    derivation=item.get("derivation"),
+                    segment_number=item.get("segment_number"),
+                    algorithm=algorithm,
+                )
+            )
+        for item in job.get("findings") or []:
+            where = f"finding {item.get('finding')!r} of {algorithm or 'job #' + str(index)}"
+            probability = item.get("probability")
+            threshold = item.get("threshold")
+            probability = None if probability is None else _number(probability, where + " probability")
+            threshold = None if threshold is None else _number(threshold, where + " threshold")
+            present = item.get("present")
+            if present is None:
+                if probability is None or threshold is None:
+                    raise EvidenceError(f"{where} has neither 'present' nor probability and threshold")
+                present = probability >= threshold
+            findings.append(
+                Finding(
+                    name=str(_require(item, "finding", where)),
+                    present=bool(present),
+                    probability=probability,
+                    threshold=threshold,
+                    site=item.get("finding_site"),
+                    code=_code_value(item),
+                    algorithm=algorithm,
+                )
+            )
+    prior = prior_report.strip() if prior_report and prior_report.strip() else None
+    return Evidence(
+        context=study_context(header),
+        measurements=tuple(measurements),
+        findings=tuple(findings),
+        segments=tuple(segments),
+        algorithms=tuple(algorithms),
+        prior_report=prior,
+    )
+
+
+def evidence_from_findings_text(findings_text: str, context: StudyContext | None = None) -> Evidence:
+    """Evidence from a findings section: its terms (present unless every mention is negated), sides, numbers.
+
+    A term mentioned both negated and asserted counts as present; its sides are
+    the sides of its asserted mentions, or open when one of them has no side.
+    Numbers with units become measurements (named by their sentence), so an
+    impression may repeat them.
+    """
+    by_term: dict[str, list[Any]] = {}
+    for mention in find_mentions(findings_text, term_patterns()):
+        by_term.setdefault(mention.term, []).append(mention)
+    findings = []
+    for term, mentions in by_term.items():
+        asserted = [m for m in mentions if not m.negated]
+        sides = {m.side for m in asserted}
+        side = None
+        # An asserted mention without a side leaves the side open (its side word may be further away).
+        if sides and None not in sides:
+            side = "both" if "both" in sides or sides == {"left", "right"} else sides.pop()
+        findings.append(Finding(name=term, present=bool(asserted), site=f"{side} side" if side else None))
+    measurements = [
+        Measurement(name=number.sentence, value=number.value, unit=number.unit, site=number.side)
+        for number in find_numbers(findings_text)
+        if number.unit is not None
+    ]
+    return Evidence(
+        context=context or StudyContext(),
+        measurements=tuple(measurements),
+        findings=tuple(findings),
+        source="findings text",
+    )
