@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from pacs_ai.index import reports as _reports  # noqa: F401  (registers the reporting tables on Base)
 from pacs_ai.index.db import make_engine
 from pacs_ai.index.models import Base
 

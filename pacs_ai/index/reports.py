@@ -1,0 +1,105 @@
+"""Index tables of the reporting workflow: worklist users and report drafts.
+
+A :class:`ReportDraft` is one AI-written report of one study and what became
+of it: drafted (``draft``), signed by a radiologist (``accepted``), turned
+down with a reason (``rejected``), or replaced by a newer draft of the same
+study before anyone decided (``superseded``).  The text the drafter wrote is
+kept unchanged next to the text that was signed, so an audit can show what
+the radiologist changed.
+
+The tables share :class:`~pacs_ai.index.models.Base` with the rest of the
+index, so Alembic (``migrations/env.py`` imports this module) sees them.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Enum, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from pacs_ai.index.models import Base, Job, Study, utcnow
+
+__all__ = ["ReportDraft", "ReportStatus", "Role", "User"]
+
+
+class Role(enum.StrEnum):
+    """What a worklist user may do."""
+
+    #: Reads studies and drafts, accepts (signs) or rejects them.
+    RADIOLOGIST = "radiologist"
+    #: Administers the installation: users and the audit trail; does not sign reports.
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who logs in to the worklist."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    #: DICOM person name ("Family^Given") written into signed reports.
+    display_name: Mapped[str] = mapped_column(String(324))
+    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=16))
+    #: argon2id hash in PHC string format (never the password).
+    password_hash: Mapped[str] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column()
+
+
+class ReportStatus(enum.StrEnum):
+    DRAFT = "draft"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+
+
+class ReportDraft(Base):
+    """One AI report draft of a study, and the radiologist's decision on it."""
+
+    __tablename__ = "report_drafts"
+    __table_args__ = (UniqueConstraint("study_fk", "version", name="uq_report_draft_study_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    #: The job whose results the SR files are recorded with (and delivered like).
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    #: Every job whose findings the draft was written from.
+    job_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    #: 1 for a study's first draft; a re-drafted study gets the next number.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[ReportStatus] = mapped_column(
+        Enum(ReportStatus, native_enum=False, length=16), default=ReportStatus.DRAFT, index=True
+    )
+
+    # What the drafter wrote, never changed afterwards.
+    findings_text: Mapped[str] = mapped_column(Text)
+    impression_text: Mapped[str] = mapped_column(Text)
+    backend: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    #: The guardrail checks' outcome (e.g. {"passed": true, "checks": [...]}).
+    guardrail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Why a fallback backend wrote the text instead of the configured one; None if it did not.
+    fallback_reason: Mapped[str | None] = mapped_column(Text)
+    draft_sr_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+    # The decision.
+    signed_findings_text: Mapped[str | None] = mapped_column(Text)
+    signed_impression_text: Mapped[str | None] = mapped_column(Text)
+    #: True when the signed text differs from the draft.
+    edited: Mapped[bool] = mapped_column(Boolean, default=False)
+    signed_sr_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    decided_by_fk: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    decided_at: Mapped[datetime | None] = mapped_column()
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study] = relationship()
+    job: Mapped[Job] = relationship()
+    decided_by: Mapped[User | None] = relationship()
