@@ -30,9 +30,11 @@ from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import die_with_parent
 from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.receive.listener import serve as serve_dicom
+from pacs_ai.route.assembly import JobTicket, Notification
+from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
 from workers.factory import QUEUES, PacsAiCelery, create_app
-from workers.tasks import ANALYZE_TASK, DELIVER_TASK, analysis_time_limits
+from workers.tasks import ANALYZE_TASK, DELIVER_TASK, NOTIFY_TASK, analysis_time_limits
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,24 @@ class CeleryTaskQueue:
     def __init__(self, app: PacsAiCelery) -> None:
         self.app = app
 
-    def enqueue_analysis(self, job_id: int, queue: str, timeout_seconds: float | None = None) -> None:
-        """Send the job to ``queue`` with its time limit (the profile step's, else the setting's)."""
-        limit = timeout_seconds if timeout_seconds is not None else self.app.settings.analysis_timeout_seconds
-        self.app.send_task(ANALYZE_TASK, args=[job_id], queue=queue, **analysis_time_limits(limit))
+    def enqueue_analysis(self, ticket: JobTicket) -> None:
+        """Send the job to its queue with its time limit (the step's, else the setting's) and priority."""
+        limit = ticket.timeout_seconds
+        if limit is None:
+            limit = self.app.settings.analysis_timeout_seconds
+        self.app.send_task(
+            ANALYZE_TASK,
+            args=[ticket.job_id],
+            queue=ticket.queue,
+            priority=CELERY_PRIORITY.get(ticket.routing_priority, CELERY_PRIORITY["routine"]),
+            **analysis_time_limits(limit),
+        )
 
     def enqueue_delivery(self, delivery_id: int) -> None:
         self.app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+
+    def enqueue_notification(self, notification: Notification) -> None:
+        self.app.send_task(NOTIFY_TASK, args=[notification.url, notification.payload], queue="dispatch")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,12 @@ class PacsAiCelery(Celery):
             worker_prefetch_multiplier=1,
             worker_hijack_root_logger=False,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds},
+            broker_transport_options={
+                "visibility_timeout": settings.broker_visibility_timeout_seconds,
+                # STAT analyses overtake routine ones (message priority 0 is served first on Redis).
+                "queue_order_strategy": "priority",
+                "priority_steps": [0, 3, 6, 9],
+            },
             task_default_queue="cpu",
             task_create_missing_queues=True,
             worker_send_task_events=False,

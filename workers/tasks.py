@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import requests
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pacs_ai.analyze.run import JobNotRunnable, run_job
 from pacs_ai.dispatch.delivery import attempt_delivery
+from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Job, JobState, utcnow
 
@@ -16,6 +19,7 @@ log = logging.getLogger(__name__)
 
 ANALYZE_TASK = "pacs_ai.analyze_series"
 DELIVER_TASK = "pacs_ai.deliver_result"
+NOTIFY_TASK = "pacs_ai.notify"
 
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
@@ -96,3 +100,30 @@ def deliver_result(self: Task, delivery_id: int) -> None:
     (where a long countdown would collide with the visibility timeout).
     """
     attempt_delivery(self.app.settings, self.app.sessions, delivery_id)
+
+
+#: Attempts of a webhook call before it is given up (and audited as failed).
+NOTIFY_MAX_RETRIES = 5
+
+
+@shared_task(name=NOTIFY_TASK, bind=True, acks_late=True, max_retries=NOTIFY_MAX_RETRIES)
+def notify(self: Task, url: str, payload: dict[str, Any]) -> None:
+    """POST a routing decision (identifiers only) to a webhook; retried with backoff, outcome audited."""
+    try:
+        response = requests.post(url, json=payload, timeout=10)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        if self.request.retries < NOTIFY_MAX_RETRIES:
+            raise self.retry(exc=exc, countdown=2 * 2**self.request.retries) from exc
+        outcome, detail = "notify.failed", {"url": url, "error": str(exc)}
+    else:
+        outcome, detail = "notify.sent", {"url": url, "status": response.status_code}
+    with session_scope(self.app.sessions) as session:
+        record_audit(
+            session,
+            actor="dispatcher",
+            action=outcome,
+            object_type="series",
+            object_uid=payload.get("series_instance_uid"),
+            detail={**detail, "rule": payload.get("rule")},
+        )

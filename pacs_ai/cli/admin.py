@@ -34,6 +34,7 @@ from pacs_ai.index.models import (
     Study,
     utcnow,
 )
+from pacs_ai.route.assembly import JobTicket
 
 
 def _actor() -> str:
@@ -43,7 +44,7 @@ def _actor() -> str:
         return "cli"
 
 
-def _enqueue(settings: Settings, jobs: list[tuple[int, str, float | None]], deliveries: list[int]) -> bool:
+def _enqueue(settings: Settings, jobs: list[JobTicket], deliveries: list[int]) -> bool:
     """Hand work to the broker now; False (work stays queued in the index) when it cannot be reached."""
     if not jobs and not deliveries:
         return True
@@ -57,8 +58,8 @@ def _enqueue(settings: Settings, jobs: list[tuple[int, str, float | None]], deli
     app.conf.broker_connection_max_retries = 0
     queue = CeleryTaskQueue(app)
     try:
-        for job_id, job_queue, timeout in jobs:
-            queue.enqueue_analysis(job_id, job_queue, timeout)
+        for ticket in jobs:
+            queue.enqueue_analysis(ticket)
         for delivery_id in deliveries:
             queue.enqueue_delivery(delivery_id)
     except (OperationalError, OSError):
@@ -108,7 +109,7 @@ def retry(
     settings = settings_of(ctx)
     actor = _actor()
     retried: list[dict[str, Any]] = []
-    jobs_to_send: list[tuple[int, str, float | None]] = []
+    jobs_to_send: list[JobTicket] = []
     deliveries_to_send: list[int] = []
     with session_scope(index_sessions(settings)) as session:
         candidates = _jobs_to_retry(session, job_ids)
@@ -118,7 +119,7 @@ def retry(
                 job.state = JobState.QUEUED
                 job.error = None
                 job.finished_at = None
-                jobs_to_send.append((job.id, job.queue, job.timeout_seconds))
+                jobs_to_send.append(JobTicket.of(job))
                 retried.append({"job": job.id, "what": "analysis"})
                 record_audit(
                     session, actor=actor, action="job.retried", object_type="job", object_uid=str(job.id)

@@ -22,6 +22,8 @@ from pacs_ai import __version__
 from pacs_ai.cli import admin
 from pacs_ai.cli.models import models_app
 from pacs_ai.cli.rules import rules_app
+from pacs_ai.cli.users import users_app
+from pacs_ai.cli.worklist import worklist_app
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series, Study
@@ -37,6 +39,8 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(rules_app, name="rules")
+app.add_typer(users_app, name="users")
+app.add_typer(worklist_app, name="worklist")
 
 console = Console()
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

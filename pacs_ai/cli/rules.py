@@ -170,20 +170,17 @@ def test(
         )
         raise typer.Exit(1)
     report: list[dict[str, Any]] = []
-    for index, sample in enumerate(samples):
-        decision = evaluate_rules(rules.rules, sample.facts, trigger="series")
-        entry: dict[str, Any] = {
-            "series_instance_uid": sample.series_instance_uid,
-            "applied": [rule.name for rule in decision.applied],
-            "shadow": [rule.name for rule in decision.shadowed],
-            "explanation": decision.explain(),
-        }
-        if index == 0:
-            # Study-triggered rules see the study through its first series.
-            study_decision = evaluate_rules(rules.rules, sample.facts, trigger="study")
-            entry["study_rules_applied"] = [rule.name for rule in study_decision.applied]
-            entry["explanation"] += study_decision.explain()
-        report.append(entry)
+    for sample in samples:
+        # As the router does: series- and study-triggered rules together, on each series.
+        decision = evaluate_rules(rules.rules, sample.facts)
+        report.append(
+            {
+                "series_instance_uid": sample.series_instance_uid,
+                "applied": [rule.name for rule in decision.applied],
+                "shadow": [rule.name for rule in decision.shadowed],
+                "explanation": decision.explain(),
+            }
+        )
     if as_json:
         print_json(report)
         return

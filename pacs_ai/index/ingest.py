@@ -15,6 +15,7 @@ see the first instances of one study at the same moment.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -25,6 +26,17 @@ from sqlalchemy.exc import IntegrityError
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.models import Instance, Patient, RoutingState, Series, Study, utcnow
 from pacs_ai.receive.headers import InstanceHeader
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an instance: the calling AE title and, when known, the peer's IP address."""
+
+    ae_title: str
+    address: str | None = None
+
+    def __str__(self) -> str:
+        return self.ae_title if self.address is None else f"{self.ae_title} ({self.address})"
 
 
 class IngestOutcome(enum.StrEnum):
@@ -62,7 +74,7 @@ class SeriesIds:
         self._ids.pop(series_uid, None)
 
 
-def ensure_series(connection: Connection, header: InstanceHeader, calling_ae: str) -> int:
+def ensure_series(connection: Connection, header: InstanceHeader, sender: Sender) -> int:
     """The id of the instance's series, creating patient, study and series rows as needed."""
     _insert_ignoring_conflict(
         connection,
@@ -108,7 +120,8 @@ def ensure_series(connection: Connection, header: InstanceHeader, calling_ae: st
             "sop_class_uid": header.sop_class_uid,
             "image_type": header.image_type,
             "slice_thickness": header.slice_thickness,
-            "calling_ae_title": calling_ae,
+            "calling_ae_title": sender.ae_title,
+            "peer_address": sender.address,
             "instance_count": 0,
             "routing_state": RoutingState.RECEIVING,
         },
@@ -120,38 +133,48 @@ def ensure_series(connection: Connection, header: InstanceHeader, calling_ae: st
     return series_id
 
 
+def _instance_row(
+    connection: Connection,
+    header: InstanceHeader,
+    path: str,
+    size: int,
+    sender: Sender,
+    series_ids: SeriesIds,
+) -> dict[str, Any]:
+    """The values of a new instance row, creating its patient, study and series rows as needed."""
+    series_id = series_ids.get(header.series_instance_uid)
+    if series_id is None:
+        series_id = ensure_series(connection, header, sender)
+        series_ids.remember(header.series_instance_uid, series_id)
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "series_fk": series_id,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": path,
+        "size_bytes": size,
+        "calling_ae_title": sender.ae_title,
+        "received_at": utcnow(),
+        "duplicates_received": 0,
+        "routed": False,
+    }
+
+
 def record_new_instance(
     connection: Connection,
     header: InstanceHeader,
     *,
     path: str,
     size: int,
-    calling_ae: str,
+    sender: Sender,
     series_ids: SeriesIds,
 ) -> None:
     """Add a new instance in the connection's transaction (the caller commits).
 
     Raises IntegrityError if the SOP instance is already indexed.
     """
-    series_id = series_ids.get(header.series_instance_uid)
-    if series_id is None:
-        series_id = ensure_series(connection, header, calling_ae)
-        series_ids.remember(header.series_instance_uid, series_id)
-    connection.execute(
-        insert(Instance).values(
-            sop_instance_uid=header.sop_instance_uid,
-            series_fk=series_id,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            instance_number=header.instance_number,
-            path=path,
-            size_bytes=size,
-            calling_ae_title=calling_ae,
-            received_at=utcnow(),
-            duplicates_received=0,
-            routed=False,
-        )
-    )
+    connection.execute(insert(Instance), _instance_row(connection, header, path, size, sender, series_ids))
 
 
 def insert_instance_if_new(
@@ -160,7 +183,7 @@ def insert_instance_if_new(
     *,
     path: str,
     size: int,
-    calling_ae: str,
+    sender: Sender,
     series_ids: SeriesIds,
 ) -> bool:
     """Like :func:`record_new_instance`, but False instead of an error if the SOP instance is indexed.
@@ -169,28 +192,12 @@ def insert_instance_if_new(
     together (group commit) must not raise on the expected conflict.  Other
     integrity errors (a series row purged meanwhile) still raise.
     """
-    series_id = series_ids.get(header.series_instance_uid)
-    if series_id is None:
-        series_id = ensure_series(connection, header, calling_ae)
-        series_ids.remember(header.series_instance_uid, series_id)
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     result = connection.execute(
         dialect.insert(Instance)
         .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
         .returning(Instance.id),
-        {
-            "sop_instance_uid": header.sop_instance_uid,
-            "series_fk": series_id,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "instance_number": header.instance_number,
-            "path": path,
-            "size_bytes": size,
-            "calling_ae_title": calling_ae,
-            "received_at": utcnow(),
-            "duplicates_received": 0,
-            "routed": False,
-        },
+        _instance_row(connection, header, path, size, sender, series_ids),
     )
     # RETURNING rather than rowcount: not every driver reports a row count for it.
     return result.first() is not None
@@ -211,7 +218,7 @@ def record_duplicate(
     *,
     replaced: bool,
     size: int,
-    calling_ae: str,
+    sender: Sender,
 ) -> IngestOutcome:
     """Count a second copy of a known instance and audit it (the caller commits).
 
@@ -235,7 +242,7 @@ def record_duplicate(
     outcome = IngestOutcome.DUPLICATE_REPLACED if replaced else IngestOutcome.DUPLICATE_KEPT_FIRST
     record_audit(
         connection,
-        actor=f"dicom:{calling_ae}",
+        actor=f"dicom:{sender.ae_title}",
         action="instance.duplicate",
         object_type="instance",
         object_uid=header.sop_instance_uid,
@@ -246,6 +253,7 @@ def record_duplicate(
 
 __all__ = [
     "IngestOutcome",
+    "Sender",
     "IntegrityError",
     "SeriesIds",
     "ensure_series",

@@ -119,6 +119,7 @@ class RoutingState(enum.StrEnum):
     RECEIVING = "receiving"  # instances still arriving (quiet period not over)
     ROUTED = "routed"  # one or more profiles matched; jobs exist
     UNMATCHED = "unmatched"  # no profile matched; the reason is recorded
+    DISCARDED = "discarded"  # a routing rule said to ignore it; the rule and reason are recorded
 
 
 class Series(Base):
@@ -135,6 +136,8 @@ class Series(Base):
     image_type: Mapped[str | None] = mapped_column(String(256))
     slice_thickness: Mapped[float | None] = mapped_column(Float)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    #: IP address of the sender of the series' first instance, for routing rules.
+    peer_address: Mapped[str | None] = mapped_column(String(64))
     #: Instances and latest arrival as of the router's last decision; the
     #: listener only inserts instance rows, so receiving never contends on
     #: this row (see ``Instance.routed``).
@@ -175,6 +178,7 @@ class Instance(Base):
 
 
 class JobState(enum.StrEnum):
+    HELD = "held"  # waiting for the off-peak window (routing priority "off-peak")
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -209,6 +213,10 @@ class Job(Base):
     priority_rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
     #: The profile step's time limit in seconds; None means the installation default.
     timeout_seconds: Mapped[float | None] = mapped_column(Float)
+    #: The routing rule that opened the job (None when profiles route without rules).
+    rule: Mapped[str | None] = mapped_column(String(128))
+    #: "stat", "routine" or "off-peak" (held until the off-peak window); from the routing rule.
+    routing_priority: Mapped[str] = mapped_column(String(16), default="routine")
     state: Mapped[JobState] = mapped_column(
         Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED, index=True
     )
@@ -232,13 +240,18 @@ class Job(Base):
 
 
 class Result(Base):
-    """A DICOM object pacs-ai produced (SEG, SR), stored under the results directory."""
+    """A DICOM object to deliver: one pacs-ai produced (SEG, SR), or an original being forwarded.
+
+    Forwarded originals (kind ``ORIGINAL``) belong to a job of the analyzer
+    ``forward``, which routing opens finished, so they share the delivery
+    machinery: retries, failures in ``jobs list``, ``retry`` and ``send``.
+    """
 
     __tablename__ = "results"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "SEG", "SR"
+    kind: Mapped[str] = mapped_column(String(16))  # "SEG", "SR", "ORIGINAL"
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))

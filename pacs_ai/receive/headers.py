@@ -53,7 +53,8 @@ class InstanceHeader:
     slice_thickness: float | None
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
+    """The value as text, cut to the index column's width (``limit``; None keeps it whole)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -89,11 +90,10 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
     try:
         ds = dcmread(path, stop_before_pixels=True)
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
+        # Never truncated: a UID longer than 64 characters is refused, not shortened into another UID.
         uids = {
-            "SOPClassUID": _text(ds, "SOPClassUID"),
-            "SOPInstanceUID": _text(ds, "SOPInstanceUID"),
-            "StudyInstanceUID": _text(ds, "StudyInstanceUID"),
-            "SeriesInstanceUID": _text(ds, "SeriesInstanceUID"),
+            keyword: _text(ds, keyword, limit=None)
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
     except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError) as exc:
         raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc

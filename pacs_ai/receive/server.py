@@ -32,6 +32,7 @@ from pathlib import Path
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
+from pacs_ai.index.ingest import Sender
 from pacs_ai.receive.acceptor import (
     ABORT_INVALID_PARAMETER,
     ABORT_UNEXPECTED_PDU,
@@ -166,7 +167,9 @@ class AssociationServer:
             log.info("connection from %s lost before it started: %s", peer, exc)
             connection.close()
             return
-        association = _Association(self, reader, writer, peer)
+        association = _Association(
+            self, reader, writer, peer, address[0] if isinstance(address, tuple) else None
+        )
         try:
             await association.run()
         finally:
@@ -174,33 +177,33 @@ class AssociationServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def store(self, temp_path: Path, calling_ae: str, command: Command) -> tuple[int, str | None]:
+    async def store(self, temp_path: Path, sender: Sender, command: Command) -> tuple[int, str | None]:
         """File a complete data set in a worker thread; the temporary file is gone afterwards."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, _store_and_clean_up, self.handler, temp_path, calling_ae, command
+            self._executor, _store_and_clean_up, self.handler, temp_path, sender, command
         )
 
-    async def refuse(self, calling_ae: str, command: Command, reason: str) -> None:
+    async def refuse(self, sender: Sender, command: Command, reason: str) -> None:
         """Record (audit) a data set refused because it could not even be written."""
         loop = asyncio.get_running_loop()
         rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, reason)
         await loop.run_in_executor(
             self._executor,
             self.handler.record_rejection,
-            calling_ae,
+            sender,
             command.affected_sop_instance_uid,
             rejected,
         )
 
 
 def _store_and_clean_up(
-    handler: StoreHandler, temp_path: Path, calling_ae: str, command: Command
+    handler: StoreHandler, temp_path: Path, sender: Sender, command: Command
 ) -> tuple[int, str | None]:
     try:
         return handler.store(
             temp_path,
-            calling_ae=calling_ae,
+            sender=sender,
             sop_class=command.affected_sop_class_uid,
             sop_instance=command.affected_sop_instance_uid,
         )
@@ -270,14 +273,21 @@ class _Association:
     """One association, from A-ASSOCIATE-RQ to release or abort."""
 
     def __init__(
-        self, server: AssociationServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self,
+        server: AssociationServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        peer_address: str | None,
     ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self.peer_address = peer_address
         self.loop = asyncio.get_running_loop()
         self.calling_ae = "?"
+        self.sender = Sender(self.calling_ae, peer_address)
         self.contexts: dict[int, tuple[str, str]] = {}
         self.peer_maximum_pdu_length = 0
         self.command_bytes = bytearray()
@@ -341,6 +351,7 @@ class _Association:
         except NegotiationError as exc:
             raise _AbortAssociation(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = negotiation.calling_ae_title
+        self.sender = Sender(self.calling_ae, self.peer_address)
         self.writer.write(negotiation.reply)
         if not negotiation.accepted:
             log.info("association from %s (%s) rejected: %s", self.calling_ae, self.peer, negotiation.reason)
@@ -441,12 +452,12 @@ class _Association:
             self.create_error = None
             if data_set is not None:
                 data_set.discard()
-            await self.server.refuse(self.calling_ae, command, reason)
+            await self.server.refuse(self.sender, command, reason)
             self._respond(context_id, command, STATUS_OUT_OF_RESOURCES, reason)
             return
         data_set.close()
         self._arm(None)  # our own work, however slow the disk or index, is not the peer's silence
-        status, comment = await self.server.store(data_set.path, self.calling_ae, command)
+        status, comment = await self.server.store(data_set.path, self.sender, command)
         self._respond(context_id, command, status, comment)
 
     def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:

@@ -24,6 +24,7 @@ from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine
 from pacs_ai.index.ingest import (
+    Sender,
     SeriesIds,
     find_instance,
     insert_instance_if_new,
@@ -48,7 +49,7 @@ class _PendingRow:
     header: InstanceHeader
     path: str
     size: int
-    calling_ae: str
+    sender: Sender
     done: bool = False
     inserted: bool = False
 
@@ -71,13 +72,13 @@ class GroupCommit:
         self._pending: list[_PendingRow] = []
         self._committing = False
 
-    def insert(self, header: InstanceHeader, *, path: str, size: int, calling_ae: str) -> bool:
+    def insert(self, header: InstanceHeader, *, path: str, size: int, sender: Sender) -> bool:
         """Commit a new instance's row; False if it was not inserted (a duplicate, or any error).
 
         The caller then records it the slow way, one instance per transaction,
         which tells duplicates apart and raises what went wrong.
         """
-        row = _PendingRow(header, path, size, calling_ae)
+        row = _PendingRow(header, path, size, sender)
         with self._changed:
             self._pending.append(row)
             while self._committing and not row.done:
@@ -105,7 +106,7 @@ class GroupCommit:
                         row.header,
                         path=row.path,
                         size=row.size,
-                        calling_ae=row.calling_ae,
+                        sender=row.sender,
                         series_ids=self._series_ids,
                     )
                     for row in batch
@@ -129,7 +130,7 @@ class StoreHandler:
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
 
     def store(
-        self, temp_path: Path, *, calling_ae: str, sop_class: str, sop_instance: str
+        self, temp_path: Path, *, sender: Sender, sop_class: str, sop_instance: str
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
 
@@ -137,22 +138,22 @@ class StoreHandler:
         the caller always removes ``temp_path`` afterwards.
         """
         try:
-            self._store(temp_path, calling_ae, sop_class, sop_instance)
+            self._store(temp_path, sender, sop_class, sop_instance)
             return STATUS_SUCCESS, None
         except InstanceRejected as rejected:
-            self.record_rejection(calling_ae, sop_instance, rejected)
+            self.record_rejection(sender, sop_instance, rejected)
             return rejected.status, rejected.reason
         except OSError as exc:
             # Full disk, I/O error: refuse with "out of resources"; the sender retries later.
-            log.error("cannot store %s from %s: %s", sop_instance, calling_ae, exc)
+            log.error("cannot store %s from %s: %s", sop_instance, sender, exc)
             rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}")
-            self.record_rejection(calling_ae, sop_instance, rejected)
+            self.record_rejection(sender, sop_instance, rejected)
             return rejected.status, rejected.reason
         except OperationalError as exc:
             log.error("index unavailable while storing %s: %s", sop_instance, exc)
             return STATUS_OUT_OF_RESOURCES, "index database unavailable"
 
-    def _store(self, temp_path: Path, calling_ae: str, sop_class: str, sop_instance: str) -> None:
+    def _store(self, temp_path: Path, sender: Sender, sop_class: str, sop_instance: str) -> None:
         if self.spool.free_bytes() < self.min_free_bytes:
             raise InstanceRejected(
                 STATUS_OUT_OF_RESOURCES,
@@ -168,20 +169,20 @@ class StoreHandler:
 
         if self.spool.place_new(temp_path, final_path):
             try:
-                self._index_new(header, final_path, calling_ae)
+                self._index_new(header, final_path, sender)
             except BaseException:
                 # Not indexed means not accepted: take the name back so nothing half-recorded remains.
                 final_path.unlink(missing_ok=True)
                 raise
         else:
-            self._store_over_existing_name(header, temp_path, final_path, calling_ae)
+            self._store_over_existing_name(header, temp_path, final_path, sender)
         log.debug(
-            "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, calling_ae
+            "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, sender
         )
 
-    def _index_new(self, header: InstanceHeader, final_path: Path, calling_ae: str) -> None:
+    def _index_new(self, header: InstanceHeader, final_path: Path, sender: Sender) -> None:
         size = final_path.stat().st_size
-        if self.group_commit.insert(header, path=str(final_path), size=size, calling_ae=calling_ae):
+        if self.group_commit.insert(header, path=str(final_path), size=size, sender=sender):
             return
         for attempt in range(2):
             try:
@@ -191,7 +192,7 @@ class StoreHandler:
                         header,
                         path=str(final_path),
                         size=size,
-                        calling_ae=calling_ae,
+                        sender=sender,
                         series_ids=self.series_ids,
                     )
                 return
@@ -201,7 +202,7 @@ class StoreHandler:
                     if existing is not None:
                         # Indexed meanwhile by another association: this copy is a duplicate.
                         record_duplicate(
-                            connection, existing[0], header, replaced=False, size=size, calling_ae=calling_ae
+                            connection, existing[0], header, replaced=False, size=size, sender=sender
                         )
                         return
                 # Not a duplicate: the remembered series row is gone (purged); look it up again.
@@ -210,7 +211,7 @@ class StoreHandler:
                     raise
 
     def _store_over_existing_name(
-        self, header: InstanceHeader, temp_path: Path, final_path: Path, calling_ae: str
+        self, header: InstanceHeader, temp_path: Path, final_path: Path, sender: Sender
     ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
         with self.engine.begin() as connection:
@@ -226,19 +227,19 @@ class StoreHandler:
                     header,
                     replaced=replace,
                     size=Path(existing_path).stat().st_size,
-                    calling_ae=calling_ae,
+                    sender=sender,
                 )
-                log.info("duplicate %s from %s: %s", header.sop_instance_uid, calling_ae, outcome.value)
+                log.info("duplicate %s from %s: %s", header.sop_instance_uid, sender, outcome.value)
                 return
         # A file never acknowledged (a crash between rename and commit): this copy replaces it.
         self.spool.replace(temp_path, final_path)
-        self._index_new(header, final_path, calling_ae)
+        self._index_new(header, final_path, sender)
 
-    def record_rejection(self, calling_ae: str, sop_instance: str, rejected: InstanceRejected) -> None:
+    def record_rejection(self, sender: Sender, sop_instance: str, rejected: InstanceRejected) -> None:
         log.warning(
             "refused %s from %s with status 0x%04X: %s",
             sop_instance,
-            calling_ae,
+            sender,
             rejected.status,
             rejected.reason,
         )
@@ -246,7 +247,7 @@ class StoreHandler:
             with self.engine.begin() as connection:
                 record_audit(
                     connection,
-                    actor=f"dicom:{calling_ae}",
+                    actor=f"dicom:{sender.ae_title}",
                     action="instance.rejected",
                     object_type="instance",
                     object_uid=sop_instance[:64],

@@ -451,8 +451,8 @@ class RoutingDecision:
         return lines
 
 
-def evaluate_rules(rules: Sequence[Rule], facts: RoutingFacts, trigger: str = "series") -> RoutingDecision:
-    """Evaluate every enabled rule of ``trigger`` on ``facts``.
+def evaluate_rules(rules: Sequence[Rule], facts: RoutingFacts, trigger: str | None = None) -> RoutingDecision:
+    """Evaluate every enabled rule (of ``trigger`` only, when given) on ``facts``.
 
     All matching rules apply (a series can be processed by one profile and
     forwarded by another rule); the fallback applies only when no other
@@ -461,7 +461,7 @@ def evaluate_rules(rules: Sequence[Rule], facts: RoutingFacts, trigger: str = "s
     outcomes: list[RuleOutcome] = []
     applied: list[Rule] = []
     shadowed: list[Rule] = []
-    candidates = [rule for rule in rules if rule.enabled and rule.trigger == trigger]
+    candidates = [rule for rule in rules if rule.enabled and trigger in (None, rule.trigger)]
     for rule in candidates:
         if rule.fallback:
             continue

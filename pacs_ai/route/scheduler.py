@@ -10,6 +10,7 @@ broker only carries messages.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, time
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +21,9 @@ from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, utcnow
-from pacs_ai.route.assembly import route_ready_series
+from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
 from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
+from pacs_ai.route.rules import RulesError, RuleSet, find_rules_file, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +31,13 @@ log = logging.getLogger(__name__)
 class TaskQueue(Protocol):
     """Where the scheduler puts work (Celery in production)."""
 
-    def enqueue_analysis(self, job_id: int, queue: str, timeout_seconds: float | None = None) -> None:
-        """Queue job ``job_id`` on ``queue``, limited to ``timeout_seconds`` (None: the default limit)."""
+    def enqueue_analysis(self, ticket: JobTicket) -> None:
+        """Queue a job on its queue, with its time limit and routing priority."""
         ...
 
     def enqueue_delivery(self, delivery_id: int) -> None: ...
+
+    def enqueue_notification(self, notification: Notification) -> None: ...
 
 
 class ProfileSet:
@@ -43,6 +47,8 @@ class ProfileSet:
         self.directory = directory
         self._stamp: tuple[tuple[str, float], ...] | None = None
         self.profiles: list[Profile] = []
+        #: The routing rules next to the profiles; None when there is no rules file (profiles decide).
+        self.rules: RuleSet | None = None
         self.refresh()
 
     def _current_stamp(self) -> tuple[tuple[str, float], ...]:
@@ -53,17 +59,22 @@ class ProfileSet:
         stamp = self._current_stamp()
         if stamp != self._stamp:
             try:
-                self.profiles = load_profiles(self.directory)
+                profiles = load_profiles(self.directory)
+                rules_file = find_rules_file(self.directory)
+                self.rules = load_rules(rules_file) if rules_file is not None else None
+                self.profiles = profiles
+                if self.rules is not None:
+                    log.info("routing by %d rule(s) from %s", len(self.rules.rules), rules_file)
                 log.info(
                     "loaded %d profile(s) from %s: %s",
                     len(self.profiles),
                     self.directory,
                     ", ".join(p.name for p in self.profiles) or "none",
                 )
-            except ProfileError as exc:
+            except (ProfileError, RulesError) as exc:
                 if self._stamp is None:
                     raise
-                log.error("profile change rejected, keeping the previous profiles:\n%s", exc)
+                log.error("profile or rule change rejected, keeping the previous ones:\n%s", exc)
             self._stamp = stamp
         return self.profiles
 
@@ -78,16 +89,17 @@ class Scheduler:
     def recover(self) -> int:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""
         with session_scope(self.sessions) as session:
-            jobs = session.execute(
-                select(Job.id, Job.queue, Job.timeout_seconds).where(
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING])
+            jobs = [
+                JobTicket.of(job)
+                for job in session.scalars(
+                    select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
                 )
-            ).all()
+            ]
             deliveries = session.scalars(
                 select(Delivery.id).where(Delivery.state == DeliveryState.PENDING)
             ).all()
-        for job_id, queue, timeout_seconds in jobs:
-            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
+        for ticket in jobs:
+            self.queue.enqueue_analysis(ticket)
         for delivery_id in deliveries:
             self.queue.enqueue_delivery(delivery_id)
         if jobs or deliveries:
@@ -107,22 +119,33 @@ class Scheduler:
             for job in jobs:
                 job.state = JobState.QUEUED
                 job.claimed_by = None
-            handed = [(job.id, job.queue, job.timeout_seconds) for job in jobs]
-        for job_id, queue, timeout_seconds in handed:
-            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
+            handed = [JobTicket.of(job) for job in jobs]
+        for ticket in handed:
+            self.queue.enqueue_analysis(ticket)
         if handed:
-            log.warning("re-enqueued job(s) %s of dead worker %s", [j for j, _, _ in handed], worker)
-        return [job_id for job_id, _, _ in handed]
+            log.warning("re-enqueued job(s) %s of dead worker %s", [t.job_id for t in handed], worker)
+        return [ticket.job_id for ticket in handed]
 
     def run_once(self) -> None:
         profiles = self.profiles.refresh()
+        rules = self.profiles.rules
         now = utcnow()
         with session_scope(self.sessions) as session:
             routing = route_ready_series(
-                session, profiles, now=now, default_quiet_seconds=self.settings.quiet_period_seconds
+                session,
+                profiles,
+                now=now,
+                default_quiet_seconds=self.settings.quiet_period_seconds,
+                rules=rules,
             )
-        for job_id, queue, timeout_seconds in routing.new_jobs:
-            self.queue.enqueue_analysis(job_id, queue, timeout_seconds)
+        for ticket in routing.new_jobs:
+            self.queue.enqueue_analysis(ticket)
+        for delivery_id in routing.new_deliveries:
+            self.queue.enqueue_delivery(delivery_id)
+        for notification in routing.notifications:
+            self.queue.enqueue_notification(notification)
+        if rules is not None and rules.off_peak.contains(local_time_of_day()):
+            self.release_held_jobs()
 
         with session_scope(self.sessions) as session:
             due = session.scalars(
@@ -136,3 +159,21 @@ class Scheduler:
             due_ids = [delivery.id for delivery in due]
         for delivery_id in due_ids:
             self.queue.enqueue_delivery(delivery_id)
+
+    def release_held_jobs(self) -> list[int]:
+        """Queue the jobs held for the off-peak window (the caller checks that it is open)."""
+        with session_scope(self.sessions) as session:
+            held = list(session.scalars(select(Job).where(Job.state == JobState.HELD).order_by(Job.id)))
+            for job in held:
+                job.state = JobState.QUEUED
+            tickets = [JobTicket.of(job) for job in held]
+        for ticket in tickets:
+            self.queue.enqueue_analysis(ticket)
+        if tickets:
+            log.info("off-peak window open: released %d held job(s)", len(tickets))
+        return [ticket.job_id for ticket in tickets]
+
+
+def local_time_of_day() -> time:
+    """The wall-clock time here, which is what an off-peak window means to the people who set it."""
+    return datetime.now().time()

@@ -66,6 +66,22 @@ def test_missing_type1_uid_is_refused_with_a_status_and_recorded(
     assert echoscu("127.0.0.1", service.port, service.ae_title), "listener must survive bad input"
 
 
+def test_overlong_uid_is_refused_not_shortened(chest_phantom: PhantomTruth, service_factory: Any) -> None:
+    service = service_factory(extra_env=NO_WORKERS)
+    dataset = pydicom.dcmread(chest_phantom.paths[0])
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = dataset.SeriesInstanceUID + ".12345"  # 65+ characters: not a UID
+
+    assoc = _association(service)
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+
+    assert status.Status == 0xC000
+    assert service.query("SELECT count(*) FROM instances")[0][0] == 0
+    ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
+    assert "SeriesInstanceUID" in str(detail) and "not a valid UID" in str(detail)
+
+
 def test_nearly_full_disk_refuses_with_out_of_resources(
     chest_phantom: PhantomTruth, service_factory: Any
 ) -> None:

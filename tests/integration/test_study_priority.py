@@ -188,8 +188,9 @@ def test_findings_raise_the_study_priority_and_the_worklist_shows_it_first(
     # Routing copies the step's rules and time limit into the job.
     with session_scope(sessions) as session:
         routing = route_ready_series(session, [PROFILE], now=utcnow(), default_quiet_seconds=0)
-    ((job_id, queue, timeout),) = routing.new_jobs
-    assert (queue, timeout) == ("cpu", 120.0)
+    (ticket,) = routing.new_jobs
+    job_id = ticket.job_id
+    assert (ticket.queue, ticket.timeout_seconds) == ("cpu", 120.0)
     with session_scope(sessions) as session:
         job = session.get_one(Job, job_id)
         assert job.priority_rules == [

@@ -170,13 +170,14 @@ def test_the_reported_limit_is_the_one_the_message_carried() -> None:
 def test_enqueued_analysis_carries_the_step_limit_or_the_default(tmp_path: Path) -> None:
     # A real Celery app on kombu's in-process memory transport; the limits travel in the message headers.
     from pacs_ai.config import Settings
+    from pacs_ai.route.assembly import JobTicket
     from pacs_ai.service import CeleryTaskQueue
     from workers.factory import create_app
 
     app = create_app(Settings(data_dir=tmp_path, broker_url="memory://", analysis_timeout_seconds=900))
     queue = CeleryTaskQueue(app)
-    queue.enqueue_analysis(7, "gpu", 300)
-    queue.enqueue_analysis(8, "gpu")
+    queue.enqueue_analysis(JobTicket(7, "gpu", 300))
+    queue.enqueue_analysis(JobTicket(8, "gpu"))
     with app.connection_for_read() as connection:
         gpu = connection.SimpleQueue("gpu")
         try:

@@ -156,8 +156,10 @@ def test_shadow_rules_are_reported_but_not_applied() -> None:
 def test_disabled_rules_and_other_triggers_are_skipped() -> None:
     disabled = rule("off", when={"attribute": "Modality", "equals": "CT"}, enabled=False)
     per_study = rule("study", when={"attribute": "Modality", "equals": "CT"}, trigger="study")
-    assert evaluate_rules([disabled, per_study], FACTS).applied == []
+    assert evaluate_rules([disabled, per_study], FACTS, trigger="series").applied == []
     assert [r.name for r in evaluate_rules([per_study], FACTS, trigger="study").applied] == ["study"]
+    # Without a trigger (what the router does once the study is quiet) both kinds are evaluated.
+    assert [r.name for r in evaluate_rules([disabled, per_study], FACTS).applied] == ["study"]
 
 
 @pytest.mark.parametrize(
