@@ -30,10 +30,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pacs_ai.models import ModelError
+from pacs_ai.yaml_files import load_yaml_model
 
 #: Suffixes tried for the descriptor next to a TorchScript file (same stem).
 DESCRIPTOR_SUFFIXES = (".yaml", ".yml")
@@ -120,20 +120,7 @@ class TorchScriptDescriptor(BaseModel):
 
 def read_descriptor(path: Path) -> TorchScriptDescriptor:
     """Parse and validate a descriptor; :class:`ModelError` names the file and every wrong key."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelError(f"{path}: cannot be read as YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelError(f"{path}: a descriptor is a YAML mapping (name, version, task, ...), got {raw!r}")
-    try:
-        return TorchScriptDescriptor.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or '(top level)'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ModelError(f"{path}: invalid TorchScript descriptor: {problems}") from exc
+    return load_yaml_model(path, TorchScriptDescriptor, ModelError, what="a TorchScript descriptor")
 
 
 def pair_torchscript(path: Path) -> tuple[Path, Path]:

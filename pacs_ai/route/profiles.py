@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacs_ai.index.models import StudyPriority
+from pacs_ai.yaml_files import load_yaml_model
 
 
 @dataclass(frozen=True)
@@ -190,20 +190,8 @@ class ProfileError(ValueError):
 
 
 def load_profile(path: Path) -> Profile:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ProfileError(f"{path}: cannot read YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: expected a mapping at the top level")
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ProfileError(f"{path}: {problems}") from exc
+    """One profile file, validated; :class:`ProfileError` names the file and every problem."""
+    return load_yaml_model(path, Profile, ProfileError, what="a profile")
 
 
 def load_profiles(directory: Path) -> list[Profile]:

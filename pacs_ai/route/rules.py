@@ -48,11 +48,12 @@ from datetime import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.multival import MultiValue
+
+from pacs_ai.yaml_files import load_yaml_model
 
 RULES_FILE_NAMES = ("rules.yaml", "rules.yml")
 
@@ -397,22 +398,7 @@ class RulesError(ValueError):
 
 def load_rules(path: Path) -> RuleSet:
     """Load and validate one rules file; all problems are reported together."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise RulesError(f"{path}: cannot read YAML: {exc}") from exc
-    if data is None:
-        return RuleSet()
-    if not isinstance(data, dict):
-        raise RulesError(f"{path}: expected a mapping with 'rules:' at the top level")
-    try:
-        return RuleSet.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise RulesError(f"{path}: {problems}") from exc
+    return load_yaml_model(path, RuleSet, RulesError, what="a rules file (rules: [...])", empty=RuleSet())
 
 
 def find_rules_file(profiles_dir: Path) -> Path | None:
