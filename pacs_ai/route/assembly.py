@@ -172,15 +172,7 @@ def route_ready_series(
         series.routing_detail = decision.explain()
         study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == series.study_fk))
         if not decision.matched:
-            series.routing_state = RoutingState.UNMATCHED
-            record_audit(
-                session,
-                actor="router",
-                action="series.unmatched",
-                object_type="series",
-                object_uid=series.series_instance_uid,
-                detail={"reason": series.routing_detail},
-            )
+            _record_unmatched(session, series)
             log.info("series %s (study %s): %s", series.series_instance_uid, study_uid, series.routing_detail)
             continue
         series.routing_state = RoutingState.ROUTED
@@ -342,15 +334,7 @@ def _route_by_rules(
             detail={"rule": rule_name, "reason": reason},
         )
     else:
-        series.routing_state = RoutingState.UNMATCHED
-        record_audit(
-            session,
-            actor="router",
-            action="series.unmatched",
-            object_type="series",
-            object_uid=series.series_instance_uid,
-            detail={"reason": series.routing_detail},
-        )
+        _record_unmatched(session, series)
     log.info(
         "series %s (study %s, accession %s): rules %s -> %s",
         series.series_instance_uid,
@@ -445,3 +429,16 @@ def _notification_payload(series: Series, study: Study, rule: str, plan: SeriesP
         "profiles": [step.profile.name for step in plan.process],
         "originals_to": sorted(plan.originals),
     }
+
+
+def _record_unmatched(session: Session, series: Series) -> None:
+    """Nothing will run on the series: recorded with the reason, visible, not an error."""
+    series.routing_state = RoutingState.UNMATCHED
+    record_audit(
+        session,
+        actor="router",
+        action="series.unmatched",
+        object_type="series",
+        object_uid=series.series_instance_uid,
+        detail={"reason": series.routing_detail},
+    )
