@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from pacs_ai.dispatch.destinations import Destination
+from pacs_ai.receive.retrieve import QueryRetrievePeer
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 
@@ -60,6 +61,10 @@ class Settings(BaseSettings):
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     #: Refuse instances (0xA700) when less than this is free on the spool's disk.
     min_free_disk_mb: int = Field(default=512, ge=0)
+    #: Reject new associations (A-ASSOCIATE-RJ, transient, local limit exceeded) when less than this
+    #: is free on the spool's disk, so senders keep their studies and retry later; 0 never rejects.
+    #: Keep it above ``min_free_disk_mb``: associations already open may still finish their studies.
+    refuse_associations_below_free_mb: int = Field(default=1024, ge=0)
     #: fsync files and directories before acknowledging; only tests of
     #: throwaway data may turn this off.
     fsync: bool = True
@@ -82,6 +87,9 @@ class Settings(BaseSettings):
     #: Named result destinations (DICOM C-STORE, DICOMweb STOW-RS or a folder);
     #: see :mod:`pacs_ai.dispatch.destinations`.
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    #: PACS that ``pacs-ai reprocess`` may query (C-FIND) and retrieve from (C-MOVE), tried in this
+    #: order; each must know pacs-ai's listener as a move destination (see :mod:`pacs_ai.receive.retrieve`).
+    query_retrieve: dict[str, QueryRetrievePeer] = Field(default_factory=dict)
 
     # Workers
     #: Celery worker processes started by ``pacs-ai serve``; 0 starts none
@@ -103,6 +111,34 @@ class Settings(BaseSettings):
     #: None starts one per CUDA device torch sees ([] none, e.g. to keep a GPU for something else).
     gpu_workers: list[str] | None = None
 
+    # Radiologist worklist (pacs_ai.worklist), served by ``pacs-ai serve`` next to the listener
+    #: Draft AI reports of analysed studies (each profile's ``report`` section says how); false drafts
+    #: none anywhere, whatever the profiles say.
+    report_drafts_enabled: bool = True
+    #: Run the worklist web app as a child of ``pacs-ai serve`` (``pacs-ai worklist serve`` runs it alone).
+    worklist_enabled: bool = True
+    #: Address and port of the worklist; loopback by default: put a TLS proxy in front to open it up.
+    worklist_host: str = "127.0.0.1"
+    worklist_port: int = Field(default=8042, gt=0, lt=65536)
+    #: FHIR R4 base URL that signed reports are POSTed to as DiagnosticReport; None sends none.
+    worklist_fhir_endpoint: str | None = None
+    #: Send the session cookie over HTTPS only (set when a TLS proxy serves the worklist).
+    worklist_secure_cookies: bool = False
+    #: Verifying Organization written into signed reports; None uses institution_name, else "pacs-ai".
+    worklist_organization: str | None = None
+
+    # Retention (pacs_ai.index.retention): cleaning the spool; off while neither limit is set.
+    #: Purge studies whose last instance arrived more than this many days ago; None: no age limit.
+    retention_days: float | None = Field(default=None, ge=0)
+    #: When the spool's disk is at least this full (percent used), purge the oldest studies ...
+    retention_high_watermark_percent: float | None = Field(default=None, gt=0, le=100)
+    #: ... until it is this full again; None means the high watermark.
+    retention_low_watermark_percent: float | None = Field(default=None, gt=0, le=100)
+    #: Minutes between the scheduler's retention passes.
+    retention_interval_minutes: float = Field(default=15.0, gt=0)
+    #: Also delete the files of results (SEG, SR) of purged studies once every delivery succeeded.
+    retention_purge_results: bool = False
+
     # Identity written into results
     #: UID root for generated UIDs; None uses the UUID-derived 2.25 root.
     uid_prefix: str | None = None
@@ -110,6 +146,16 @@ class Settings(BaseSettings):
     station_name: str = "PACS-AI"
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _watermarks_are_ordered(self) -> Settings:
+        high, low = self.retention_high_watermark_percent, self.retention_low_watermark_percent
+        if low is not None and (high is None or low > high):
+            raise ValueError(
+                f"retention_low_watermark_percent ({low}) needs a retention_high_watermark_percent "
+                f"at or above it (got {high})"
+            )
+        return self
 
     @field_validator("ae_title")
     @classmethod

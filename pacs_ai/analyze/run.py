@@ -12,6 +12,11 @@ a worker dies mid-task and the broker hands the message to another worker:
   same SEG/SR identities and a PACS that received the first attempt's objects
   overwrites them instead of holding two sets;
 * result and delivery rows are keyed on those UIDs, so they are never doubled.
+
+A later version of the same analysis (``pacs-ai reprocess``) has a new key and
+so new UIDs; its results reference the latest earlier version's (see
+:mod:`pacs_ai.encode.results`) and each replacement is recorded in the audit
+table as ``result.replaces``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pacs_ai.analyze.volume import Volume
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
 from pacs_ai.encode import EquipmentInfo, write_dataset
-from pacs_ai.encode.results import build_results
+from pacs_ai.encode.results import PreviousResult, build_results
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import (
@@ -86,6 +91,7 @@ def run_job(
         series = session.get(Series, job.series_fk)
         assert series is not None
         series_uid, study_fk = series.series_instance_uid, series.study_fk
+        version, previous = job.version, _previous_results(session, job)
         paths = [
             Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))
         ]
@@ -108,7 +114,7 @@ def run_job(
         timings["analyze_seconds"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        written = _encode_and_write(settings, volume, result, job_key)
+        written = _encode_and_write(settings, volume, result, job_key, version, previous)
         timings["encode_seconds"] = time.perf_counter() - started
         # Peak resident memory of this worker process so far (Linux reports KiB).
         timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -130,6 +136,7 @@ def run_job(
         assert job is not None
         for kind, dataset, path in written:
             _record_result(session, job, kind, dataset, path, destinations)
+        _record_replacements(session, job, written, previous)
         job.state = JobState.SUCCEEDED
         job.error = None
         job.finished_at = utcnow()
@@ -167,15 +174,85 @@ def _current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _previous_results(session: Session, job: Job) -> list[PreviousResult]:
+    """The results of the latest earlier version of this analysis that produced any (none for v1)."""
+    rows = session.execute(
+        select(Job.version, Result, Series.series_instance_uid, Study.study_instance_uid)
+        .join(Result, Result.job_fk == Job.id)
+        .join(Series, Series.id == Job.series_fk)
+        .join(Study, Study.id == Series.study_fk)
+        .where(
+            Job.series_fk == job.series_fk,
+            Job.profile == job.profile,
+            Job.analyzer == job.analyzer,
+            Job.version < job.version,
+            Result.kind.in_(("SEG", "SR")),
+        )
+        .order_by(Job.version.desc(), Result.id)
+    ).all()
+    if not rows:
+        return []
+    latest = rows[0][0]
+    return [
+        PreviousResult(
+            kind=result.kind,
+            study_instance_uid=study_uid,
+            series_instance_uid=result.series_instance_uid,
+            sop_class_uid=result.sop_class_uid,
+            sop_instance_uid=result.sop_instance_uid,
+        )
+        for version, result, _, study_uid in rows
+        if version == latest
+    ]
+
+
+def _record_replacements(
+    session: Session,
+    job: Job,
+    written: list[tuple[str, Dataset, Path]],
+    previous: list[PreviousResult],
+) -> None:
+    """Audit which earlier result each new one replaces (same kind, latest earlier version)."""
+    for kind, dataset, _ in written:
+        for old in (item for item in previous if item.kind == kind):
+            record_audit(
+                session,
+                actor="worker",
+                action="result.replaces",
+                object_type="result",
+                object_uid=str(dataset.SOPInstanceUID),
+                detail={
+                    "kind": kind,
+                    "job": job.id,
+                    "version": job.version,
+                    "replaces_sop_instance_uid": old.sop_instance_uid,
+                    "replaces_series_instance_uid": old.series_instance_uid,
+                },
+            )
+
+
 def _encode_and_write(
-    settings: Settings, volume: Volume, result: AnalysisResult, job_key: str
+    settings: Settings,
+    volume: Volume,
+    result: AnalysisResult,
+    job_key: str,
+    version: int = 1,
+    previous: list[PreviousResult] | None = None,
 ) -> list[tuple[str, Dataset, Path]]:
     equipment = EquipmentInfo(
         institution_name=settings.institution_name,
         station_name=settings.station_name,
         device_serial_number=settings.ae_title,
     )
-    objects = build_results(volume, result, key=job_key, equipment=equipment, uid_prefix=settings.uid_prefix)
+    objects = build_results(
+        volume,
+        result,
+        key=job_key,
+        equipment=equipment,
+        uid_prefix=settings.uid_prefix,
+        version=version,
+        previous=previous or (),
+    )
     study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
     study_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, Dataset, Path]] = []

@@ -9,7 +9,6 @@ operating-system user as the actor.
 
 from __future__ import annotations
 
-import getpass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,7 +16,15 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, print_rows, settings_of
+from pacs_ai.cli.common import (
+    JsonOption,
+    cli_actor,
+    console,
+    index_sessions,
+    print_json,
+    print_rows,
+    settings_of,
+)
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.check import check_destination
 from pacs_ai.dispatch.destinations import DicomDestination
@@ -35,13 +42,6 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.route.assembly import JobTicket
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _enqueue(settings: Settings, jobs: list[JobTicket], deliveries: list[int]) -> bool:
@@ -107,7 +107,7 @@ def retry(
 ) -> None:
     """Run failed jobs again and resend their failed deliveries (results are never duplicated)."""
     settings = settings_of(ctx)
-    actor = _actor()
+    actor = cli_actor()
     retried: list[dict[str, Any]] = []
     jobs_to_send: list[JobTicket] = []
     deliveries_to_send: list[int] = []
@@ -174,7 +174,11 @@ def cancel(
                 job.state = JobState.CANCELLED
                 job.finished_at = utcnow()
                 record_audit(
-                    session, actor=_actor(), action="job.cancelled", object_type="job", object_uid=str(job_id)
+                    session,
+                    actor=cli_actor(),
+                    action="job.cancelled",
+                    object_type="job",
+                    object_uid=str(job_id),
                 )
                 outcome.append({"job": job_id, "cancelled": True, "reason": None})
     if as_json:
@@ -231,7 +235,7 @@ def send(
                 session.flush()
                 record_audit(
                     session,
-                    actor=_actor(),
+                    actor=cli_actor(),
                     action="result.resend",
                     object_type="result",
                     object_uid=result.sop_instance_uid,

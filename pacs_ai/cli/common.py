@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,14 @@ from pacs_ai.index.db import make_engine, make_session_factory
 
 console = Console(soft_wrap=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def cli_actor() -> str:
+    """Who runs this command, as the audit trail records it (``cli:<login name>``)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name for this uid (e.g. a container's)
+        return "cli"
 
 
 def settings_of(ctx: typer.Context) -> Settings:

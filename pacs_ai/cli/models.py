@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from pacs_ai.cli.common import JsonOption, console, settings_of
 from pacs_ai.config import Settings
 from pacs_ai.models import ModelError
 from pacs_ai.models.store import ModelStore, RegisteredModel
@@ -22,12 +22,10 @@ from pacs_ai.models.store import ModelStore, RegisteredModel
 models_app = typer.Typer(
     help="Models the analyzer monai-bundle runs (MONAI bundles, TorchScript).", no_args_is_help=True
 )
-console = Console()
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _store(ctx: typer.Context) -> tuple[Settings, ModelStore]:
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     return settings, ModelStore(settings.effective_models_dir)
 
 

@@ -554,6 +554,7 @@ def build_measurement_report(
     series_description: str = "AI lung measurements (unverified)",
     procedure_reported: Code = CT_OF_CHEST,
     uid_prefix: str | None = None,
+    previous_versions: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode ``result.measurements`` and ``result.findings`` as a TID 1500 Measurement Report.
 
@@ -580,6 +581,10 @@ def build_measurement_report(
         TID 1500 "Procedure Reported" (CID 100, extensible).
     uid_prefix:
         UID root for the tracking and device observer UIDs (None: 2.25 UIDs).
+    previous_versions:
+        Earlier versions of this report (data sets with Study, Series and SOP
+        Instance UIDs and SOP Class UID), listed in the Predecessor Documents
+        Sequence; None for a first version.
 
     Returns
     -------
@@ -659,6 +664,7 @@ def build_measurement_report(
         is_verified=False,
         contributing_equipment=[processing_equipment(equipment, result.algorithm)],
         coding_schemes=local_coding_schemes(used_codes, equipment.manufacturer) or None,
+        previous_versions=previous_versions,
     )
     # Every library entry is one of the headers, all recorded as evidence above.
     _insert_image_library(sr, _image_library(volume.headers))

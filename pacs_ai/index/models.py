@@ -173,6 +173,9 @@ class Instance(Base):
     #: False until the router has taken this instance into a decision; a
     #: series with unrouted instances is one the router must look at again.
     routed: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: When retention deleted the spool file (``path`` is kept for the record); None while it is there.
+    #: Such a row may be received again: the listener restores the file (see ``pacs_ai.index.purge``).
+    purged_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -257,6 +260,8 @@ class Result(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When retention deleted the file after every delivery succeeded (``retention_purge_results``).
+    purged_at: Mapped[datetime | None] = mapped_column()
 
     job: Mapped[Job] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")

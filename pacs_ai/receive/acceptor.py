@@ -33,6 +33,7 @@ REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_PROTOCOL_VERSION = (0x02, 0x02, 0x02)
+#: Rejected-transient, by the service provider (presentation related function), local limit exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 # A-ABORT provider reasons (PS3.8 9.3.8): the listener aborts as service provider.
@@ -69,11 +70,15 @@ class Negotiation:
     reason: str = ""
 
 
-def negotiate(request_pdu: bytes, policy: AcceptorPolicy, *, over_limit: bool = False) -> Negotiation:
+def negotiate(
+    request_pdu: bytes, policy: AcceptorPolicy, *, over_limit: bool = False, low_disk: str | None = None
+) -> Negotiation:
     """Answer a whole A-ASSOCIATE-RQ PDU (header included).
 
     ``over_limit`` rejects it (transient, local limit exceeded) because the
-    listener already serves as many associations as it may.
+    listener already serves as many associations as it may; ``low_disk``
+    (why, in words) rejects it the same way because the spool's disk is
+    nearly full: the sender keeps its data and tries again later.
     """
     pdu = A_ASSOCIATE_RQ()
     try:
@@ -95,6 +100,8 @@ def negotiate(request_pdu: bytes, policy: AcceptorPolicy, *, over_limit: bool = 
         rejection = REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed"
     elif over_limit:
         rejection = REJECT_LOCAL_LIMIT, "too many associations"
+    elif low_disk:
+        rejection = REJECT_LOCAL_LIMIT, low_disk
     if rejection is not None:
         (result, source, diagnostic), reason = rejection
         return Negotiation(
@@ -108,7 +115,7 @@ def negotiate(request_pdu: bytes, policy: AcceptorPolicy, *, over_limit: bool = 
     requested_roles = {
         item.sop_class_uid: (item.scu_role, item.scp_role)
         for item in user_items
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
     results, role_replies = negotiate_unrestricted(
         request.presentation_context_definition_list,

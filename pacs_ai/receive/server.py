@@ -13,6 +13,12 @@ Association negotiation and PDU encoding are pynetdicom's
 
 Per association, messages are handled one at a time (no asynchronous
 operations window), so a response always follows its request's storage.
+
+When less than ``refuse_associations_below_free_mb`` is free on the spool's
+disk, new associations are rejected (transient, local limit exceeded), logged
+and audited (``association.refused``): senders keep their studies and retry,
+and associations already open may still finish theirs (each instance is
+checked against ``min_free_disk_mb`` when it is stored).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
+from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
 from pacs_ai.receive.acceptor import (
     ABORT_INVALID_PARAMETER,
@@ -121,6 +128,40 @@ class AssociationServer:
         self.tmp_dir = handler.spool.tmp_dir
         self.associations: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="store")
+        self.refuse_below_free_mb = handler.settings.refuse_associations_below_free_mb
+
+    def low_disk(self) -> str | None:
+        """Why new associations must be refused for lack of disk space, or None (one statvfs call)."""
+        if not self.refuse_below_free_mb:
+            return None
+        try:
+            free_mb = self.handler.spool.free_bytes() // (1024 * 1024)
+        except OSError as exc:
+            return f"spool disk unreadable: {exc}"
+        if free_mb >= self.refuse_below_free_mb:
+            return None
+        return (
+            f"spool disk nearly full: {free_mb} MB free, below refuse_associations_below_free_mb="
+            f"{self.refuse_below_free_mb} MB"
+        )
+
+    async def record_refused_association(self, sender: Sender, peer: str, reason: str) -> None:
+        """Audit an association refused because of the disk (``association.refused``)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._audit_refusal, sender, peer, reason)
+
+    def _audit_refusal(self, sender: Sender, peer: str, reason: str) -> None:
+        try:
+            with self.handler.engine.begin() as connection:
+                record_audit(
+                    connection,
+                    actor=f"dicom:{sender.ae_title}",
+                    action="association.refused",
+                    object_type="association",
+                    detail={"peer": peer, "reason": reason, "result": "A-ASSOCIATE-RJ local-limit-exceeded"},
+                )
+        except Exception:  # the refusal itself already reached the sender
+            log.exception("could not audit the refused association from %s", peer)
 
     async def serve(self, stop: asyncio.Event, shutdown_grace: float) -> None:
         """Serve until ``stop`` is set; then let associations finish for ``shutdown_grace`` seconds."""
@@ -344,9 +385,13 @@ class _Association:
             raise _AbortAssociation(ABORT_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
         body = await self.reader.readexactly(length)
         over_limit = len(self.server.associations) > self.server.options.maximum_associations
+        low_disk = self.server.low_disk()
         try:
             negotiation = negotiate(
-                _PDU_HEADER.pack(pdu_type, 0, length) + body, self.server.policy, over_limit=over_limit
+                _PDU_HEADER.pack(pdu_type, 0, length) + body,
+                self.server.policy,
+                over_limit=over_limit,
+                low_disk=low_disk,
             )
         except NegotiationError as exc:
             raise _AbortAssociation(ABORT_INVALID_PARAMETER, str(exc)) from exc
@@ -354,8 +399,17 @@ class _Association:
         self.sender = Sender(self.calling_ae, self.peer_address)
         self.writer.write(negotiation.reply)
         if not negotiation.accepted:
-            log.info("association from %s (%s) rejected: %s", self.calling_ae, self.peer, negotiation.reason)
+            refused_for_disk = low_disk is not None and negotiation.reason == low_disk
+            log.log(
+                logging.WARNING if refused_for_disk else logging.INFO,
+                "association from %s (%s) rejected: %s",
+                self.calling_ae,
+                self.peer,
+                negotiation.reason,
+            )
             await self.writer.drain()
+            if refused_for_disk:
+                await self.server.record_refused_association(self.sender, self.peer, negotiation.reason)
             return False
         self.contexts = negotiation.contexts
         self.peer_maximum_pdu_length = negotiation.peer_maximum_pdu_length

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from sqlalchemy import update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from pacs_ai.config import Settings
@@ -31,6 +32,7 @@ from pacs_ai.index.ingest import (
     record_duplicate,
     record_new_instance,
 )
+from pacs_ai.index.models import Instance
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -146,9 +148,9 @@ class StoreHandler:
         except OSError as exc:
             # Full disk, I/O error: refuse with "out of resources"; the sender retries later.
             log.error("cannot store %s from %s: %s", sop_instance, sender, exc)
-            rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}")
-            self.record_rejection(sender, sop_instance, rejected)
-            return rejected.status, rejected.reason
+            storage_error = InstanceRejected(STATUS_OUT_OF_RESOURCES, f"storage error: {exc}")
+            self.record_rejection(sender, sop_instance, storage_error)
+            return storage_error.status, storage_error.reason
         except OperationalError as exc:
             log.error("index unavailable while storing %s: %s", sop_instance, exc)
             return STATUS_OUT_OF_RESOURCES, "index database unavailable"
@@ -200,6 +202,11 @@ class StoreHandler:
                 with self.engine.begin() as connection:
                     existing = find_instance(connection, header.sop_instance_uid)
                     if existing is not None:
+                        if existing[1] == str(final_path) or not Path(existing[1]).exists():
+                            # The indexed copy's file is gone (deleted by an administrator or by
+                            # retention), which is why this copy's name was free: it takes its place.
+                            _record_restored(connection, existing[0], header, final_path, size, sender)
+                            return
                         # Indexed meanwhile by another association: this copy is a duplicate.
                         record_duplicate(
                             connection, existing[0], header, replaced=False, size=size, sender=sender
@@ -255,3 +262,30 @@ class StoreHandler:
                 )
         except Exception:  # the refusal itself must still reach the sender
             log.exception("could not record the refusal of %s", sop_instance)
+
+
+def _record_restored(
+    connection: Connection, instance_id: int, header: InstanceHeader, path: Path, size: int, sender: Sender
+) -> None:
+    """Point an indexed instance whose file was missing at the copy just received, and audit it.
+
+    The row keeps its routing state: receiving a lost file again (``pacs-ai
+    reprocess`` retrieving it from the PACS, say) is not by itself a reason to
+    analyse the series again.
+    """
+    connection.execute(
+        update(Instance)
+        .where(Instance.id == instance_id)
+        .values(
+            path=str(path), size_bytes=size, transfer_syntax_uid=header.transfer_syntax_uid, purged_at=None
+        )
+    )
+    record_audit(
+        connection,
+        actor=f"dicom:{sender.ae_title}",
+        action="instance.restored",
+        object_type="instance",
+        object_uid=header.sop_instance_uid,
+        detail={"path": str(path)},
+    )
+    log.info("restored the missing file of %s from %s", header.sop_instance_uid, sender)

@@ -4,12 +4,14 @@ Each pass routes series whose quiet period is over, enqueues the jobs it
 opened, and enqueues deliveries that are due (first attempts whose message was
 lost, and retries whose backoff has passed).  At start-up it re-enqueues every
 job that was accepted but not finished: the index is the source of truth, the
-broker only carries messages.
+broker only carries messages.  Every ``retention_interval_minutes`` it also
+runs retention (:mod:`pacs_ai.index.purge`) where a retention limit is set.
 """
 
 from __future__ import annotations
 
 import logging
+import time as monotonic_clock
 from datetime import datetime, time
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +23,7 @@ from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, utcnow
+from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
 from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
 from pacs_ai.route.rules import RulesError, RuleSet, find_rules_file, load_rules
@@ -85,6 +88,8 @@ class Scheduler:
         self.sessions = sessions
         self.queue = queue
         self.profiles = ProfileSet(settings.profiles_dir)
+        #: Monotonic time of the next retention pass; the first comes with the first scheduler pass.
+        self._next_retention = 0.0
 
     def recover(self) -> int:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""
@@ -159,6 +164,16 @@ class Scheduler:
             due_ids = [delivery.id for delivery in due]
         for delivery_id in due_ids:
             self.queue.enqueue_delivery(delivery_id)
+        self.retain_if_due()
+
+    def retain_if_due(self) -> RetentionRun | None:
+        """Run retention when its interval has passed and a retention limit is configured."""
+        policy = policy_of(self.settings)
+        if not policy.enabled or monotonic_clock.monotonic() < self._next_retention:
+            return None
+        # Set before running: a failing pass is retried next interval, not on every scheduler pass.
+        self._next_retention = monotonic_clock.monotonic() + self.settings.retention_interval_minutes * 60
+        return run_retention(self.sessions, self.settings, policy, actor="retention")
 
     def release_held_jobs(self) -> list[int]:
         """Queue the jobs held for the off-peak window (the caller checks that it is open)."""
