@@ -2,7 +2,8 @@
 
 Starts, in order: the index schema migration, the embedded Redis broker
 (unless a broker URL is configured), the DICOM listener processes, the Celery
-worker processes, and the scheduler loop in this process.  SIGTERM or
+worker processes, the radiologist worklist (one uvicorn process, unless
+``worklist_enabled`` is off), and the scheduler loop in this process.  SIGTERM or
 SIGINT stops everything in reverse order.  The log says where each part lives.
 """
 
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -33,6 +35,7 @@ from pacs_ai.receive.listener import serve as serve_dicom
 from pacs_ai.route.assembly import JobTicket, Notification
 from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
+from pacs_ai.worklist.server import bind_worklist_socket, worklist_url
 from workers.factory import QUEUES, PacsAiCelery, create_app
 from workers.tasks import ANALYZE_TASK, DELIVER_TASK, NOTIFY_TASK, analysis_time_limits
 
@@ -132,8 +135,13 @@ def _listener_main(settings: Settings, parent_pid: int, listening_socket: socket
     serve_dicom(settings, listening_socket=listening_socket)
 
 
+#: A worklist process that dies is started again no sooner than this after its previous start,
+#: so one that cannot run (a broken installation) does not spin.
+WORKLIST_RESTART_SECONDS = 5.0
+
+
 class Supervisor:
-    """Starts the listener and worker processes and restarts any that dies.
+    """Starts the listener, worker and worklist processes and restarts any that dies.
 
     When a worker dies (killed, out of memory), the jobs it had claimed are
     handed back to the queue at once rather than after the broker's visibility
@@ -148,15 +156,60 @@ class Supervisor:
         self.listening_socket: socket.socket | None = None
         self.hostname = socket.gethostname()
         self.worker_specs = worker_specs(settings)
+        self.worklist: subprocess.Popen[bytes] | None = None
+        self.worklist_socket: socket.socket | None = None
+        self._worklist_started_at = 0.0
 
     def worker_node_name(self, index: int) -> str:
         return f"{self.worker_specs[index].node_prefix}@{self.hostname}"
 
     def start(self) -> None:
         self.listening_socket = open_listening_socket(self.settings.listen_host, self.settings.listen_port)
+        if self.settings.worklist_enabled:
+            # Bound here, once: a taken port stops start-up with a clear message, and restarts reuse it.
+            self.worklist_socket = bind_worklist_socket(
+                self.settings.worklist_host, self.settings.worklist_port
+            )
         self.listeners = [self._start_listener(i) for i in range(self.settings.listener_processes)]
         self.workers = [self._start_worker(i) for i in range(len(self.worker_specs))]
+        if self.worklist_socket is not None:
+            self.worklist = self._start_worklist()
         self.write_run_state()
+
+    @property
+    def worklist_url(self) -> str | None:
+        if not self.settings.worklist_enabled:
+            return None
+        return worklist_url(self.settings.worklist_host, self.settings.worklist_port)
+
+    def _start_worklist(self) -> subprocess.Popen[bytes]:
+        """The worklist web app (uvicorn) on the socket bound at start; its log is ``worklist.log``."""
+        assert self.worklist_socket is not None
+        descriptor = self.worklist_socket.fileno()
+        command = [
+            sys.executable,
+            "-m",
+            "pacs_ai.worklist.server",
+            "--fd",
+            str(descriptor),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        self._worklist_started_at = time.monotonic()
+        process = subprocess.Popen(
+            command,
+            env=self.settings.child_environment(),
+            stdin=subprocess.DEVNULL,
+            pass_fds=(descriptor,),
+            start_new_session=True,
+        )
+        log.info(
+            "worklist at %s (pid %d, log %s)",
+            (self.worklist_url or "").rstrip("/"),
+            process.pid,
+            self.settings.log_dir / "worklist.log",
+        )
+        return process
 
     def _start_listener(self, index: int) -> BaseProcess:
         context = multiprocessing.get_context("spawn")
@@ -237,6 +290,15 @@ class Supervisor:
                 self.scheduler.requeue_jobs_of(node)
                 self.workers[index] = self._start_worker(index)
                 changed = True
+        worklist = self.worklist
+        if (
+            worklist is not None
+            and worklist.poll() is not None
+            and time.monotonic() - self._worklist_started_at >= WORKLIST_RESTART_SECONDS
+        ):
+            log.error("worklist (pid %d) exited with %s; restarting it", worklist.pid, worklist.returncode)
+            self.worklist = self._start_worklist()
+            changed = True
         if changed:
             self.write_run_state()
 
@@ -256,6 +318,11 @@ class Supervisor:
             "listener_pids": [p.pid for p in self.listeners],
             "workers": [{"node": self.worker_node_name(i), "pid": w.pid} for i, w in enumerate(self.workers)],
             "broker": self.settings.effective_broker_url.split("@")[-1],
+            "worklist": (
+                {"url": self.worklist_url, "pid": self.worklist.pid if self.worklist else None}
+                if self.settings.worklist_enabled
+                else None
+            ),
         }
         path = self.settings.data_dir / "run" / "service.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +337,8 @@ class Supervisor:
         for worker in self.workers:
             if worker.poll() is None:
                 worker.terminate()  # warm shutdown: running tasks finish or return to the queue
+        if self.worklist is not None and self.worklist.poll() is None:
+            self.worklist.terminate()  # uvicorn finishes the requests in flight
         for process in self.listeners:
             process.join(timeout=10)
         if self.listening_socket is not None:
@@ -280,6 +349,14 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self._kill_group(worker)
                 worker.wait()
+        if self.worklist is not None:
+            try:
+                self.worklist.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._kill_group(self.worklist)
+                self.worklist.wait()
+        if self.worklist_socket is not None:
+            self.worklist_socket.close()
         (self.settings.data_dir / "run" / "service.json").unlink(missing_ok=True)
 
 

@@ -449,9 +449,22 @@ def self_signed_certificate(directory: Path, common_name: str = LOOPBACK) -> tup
     cert, key = directory / f"{common_name}.crt", directory / f"{common_name}.key"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", f"/CN={common_name}", "-addext", f"subjectAltName=IP:{common_name}",
-            "-keyout", str(key), "-out", str(cert),
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={common_name}",
+            "-addext",
+            f"subjectAltName=IP:{common_name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
         ],
         check=True,
         capture_output=True,
@@ -656,7 +669,13 @@ class OrthancServer:
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Perform a REST call and raise with Orthanc's error body on HTTP errors."""
         kwargs.setdefault("timeout", 60)
-        response = self._session.request(method, f"{self.url}{path}", **kwargs)
+        try:
+            response = self._session.request(method, f"{self.url}{path}", **kwargs)
+        except requests.ConnectionError:
+            # Orthanc closes idle keep-alive connections after a short while; a request sent on one
+            # just as it closes gets no response without having been processed.  Once more, afresh.
+            self._session.close()
+            response = self._session.request(method, f"{self.url}{path}", **kwargs)
         if not response.ok:
             raise PeerError(f"Orthanc {method} {path} -> {response.status_code}: {response.text[:2000]}")
         return response

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
@@ -71,6 +72,8 @@ class PacsAiService:
         self.data_dir = data_dir
         self.backend = backend
         self.port = free_port()
+        #: The worklist web app ``pacs-ai serve`` runs (PACS_AI_WORKLIST_ENABLED=false in extra_env: none).
+        self.worklist_port = free_port()
         self.ae_title = ae_title
         self.process: subprocess.Popen[bytes] | None = None
         self._postgres: PostgresDatabase | None = None
@@ -85,12 +88,29 @@ class PacsAiService:
             "PACS_AI_QUIET_PERIOD_SECONDS": "1.0",
             "PACS_AI_MIN_FREE_DISK_MB": "64",
             "PACS_AI_DESTINATIONS": json.dumps(destinations or {}),
+            "PACS_AI_WORKLIST_HOST": "127.0.0.1",
+            "PACS_AI_WORKLIST_PORT": str(self.worklist_port),
             **({"PACS_AI_PROFILES_DIR": str(profiles_dir)} if profiles_dir else {}),
             **(extra_env or {}),
         }
         self.env.pop("PACS_AI_SETTINGS_JSON", None)
         self.env.pop("PACS_AI_CONFIG_FILE", None)
         self.database_url = f"sqlite:///{data_dir / 'index.sqlite3'}"
+
+    @property
+    def worklist_url(self) -> str:
+        """Base URL of the worklist, without the trailing slash."""
+        return f"http://127.0.0.1:{self.worklist_port}"
+
+    @property
+    def worklist_enabled(self) -> bool:
+        return self.env.get("PACS_AI_WORKLIST_ENABLED", "true").lower() not in ("0", "false", "no", "off")
+
+    def worklist_healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.worklist_url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     @property
     def log_path(self) -> Path:
@@ -144,6 +164,8 @@ class PacsAiService:
             return False
         ready_dir = self.data_dir / "run" / "worker-ready"
         workers_ready = all((ready_dir / worker["node"]).exists() for worker in state["workers"])
+        if self.worklist_enabled and not self.worklist_healthy():
+            return False
         return workers_ready and echoscu("127.0.0.1", self.port, self.ae_title)
 
     def run_state(self) -> dict[str, Any] | None:
@@ -164,11 +186,16 @@ class PacsAiService:
         finally:
             engine.dispose()
 
-    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = False, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``pacs-ai ARGS`` against this service's settings; ``input`` goes to standard input."""
         return subprocess.run(
             [sys.executable, "-m", "pacs_ai.cli.main", *args],
             env=self.env,
             cwd=REPO_ROOT,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             check=check,

@@ -6,20 +6,24 @@ import logging
 from typing import Any
 
 import requests
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from pacs_ai.analyze.run import JobNotRunnable, run_job
 from pacs_ai.dispatch.delivery import attempt_delivery
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Job, JobState, utcnow
+from pacs_ai.index.models import Job, JobState, Study, utcnow
+from pacs_ai.report.pipeline import ReportPipeline
 
 log = logging.getLogger(__name__)
 
 ANALYZE_TASK = "pacs_ai.analyze_series"
 DELIVER_TASK = "pacs_ai.deliver_result"
 NOTIFY_TASK = "pacs_ai.notify"
+DRAFT_TASK = "pacs_ai.draft_report"
 
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
@@ -59,19 +63,23 @@ def analyze_series(self: Task, job_id: int) -> None:
         deliveries = run_job(app.settings, app.sessions, job_id, worker=self.request.hostname or "")
     except JobNotRunnable as exc:
         log.info("analysis message for job %d ignored: %s", job_id, exc)
+        _queue_draft_if_due(app, job_id)
         return
     except SoftTimeLimitExceeded:
         _give_up(app, job_id, f"error: analysis exceeded its time limit of {_soft_limit(self):g} s")
+        _queue_draft_if_due(app, job_id)
         return
     except Exception as exc:
         if self.request.retries >= ANALYZE_MAX_RETRIES:
             _give_up(
                 app, job_id, f"error: {type(exc).__name__}: {exc} (after {self.request.retries} retries)"
             )
+            _queue_draft_if_due(app, job_id)
             return
         raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
     for delivery_id in deliveries:
         app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+    _queue_draft_if_due(app, job_id)
 
 
 def _soft_limit(task: Task) -> float:
@@ -109,6 +117,7 @@ NOTIFY_MAX_RETRIES = 5
 @shared_task(name=NOTIFY_TASK, bind=True, acks_late=True, max_retries=NOTIFY_MAX_RETRIES)
 def notify(self: Task, url: str, payload: dict[str, Any]) -> None:
     """POST a routing decision (identifiers only) to a webhook; retried with backoff, outcome audited."""
+    detail: dict[str, Any]
     try:
         response = requests.post(url, json=payload, timeout=10)
         response.raise_for_status()
@@ -127,3 +136,95 @@ def notify(self: Task, url: str, payload: dict[str, Any]) -> None:
             object_uid=payload.get("series_instance_uid"),
             detail={**detail, "rule": payload.get("rule")},
         )
+
+
+# --- report drafts ----------------------------------------------------------------------------------
+
+#: Retries of a draft that failed on the database (a concurrent draft of the same study, a lost connection).
+DRAFT_MAX_RETRIES = 3
+#: Time limit of one draft: a language model on a CPU may need minutes; the template needs milliseconds.
+DRAFT_SOFT_TIME_LIMIT = 900.0
+
+
+def report_pipeline(app: Celery) -> ReportPipeline:
+    """The worker process's :class:`ReportPipeline`: one per process, so drafters load their model once."""
+    pipeline: ReportPipeline | None = getattr(app, "report_pipeline", None)
+    if pipeline is None:
+        pipeline = ReportPipeline(app.settings, app.sessions)  # type: ignore[attr-defined]
+        app.report_pipeline = pipeline  # type: ignore[attr-defined]
+    return pipeline
+
+
+def _queue_draft_if_due(app: Celery, job_id: int) -> None:
+    """Queue the draft of the job's study when this job was the study's last unfinished one.
+
+    Never raises: the analysis is done and recorded whatever happens here, and
+    a duplicate draft message is harmless (the draft task is idempotent).
+    """
+    try:
+        study_id = report_pipeline(app).study_to_draft(job_id)
+        if study_id is not None:
+            app.send_task(DRAFT_TASK, args=[study_id], queue="cpu")
+            log.info("report draft of study %d queued (job %d was its last analysis)", study_id, job_id)
+    except Exception:
+        log.exception("could not decide whether to draft the report of job %d's study", job_id)
+
+
+@shared_task(
+    name=DRAFT_TASK,
+    bind=True,
+    acks_late=True,
+    max_retries=DRAFT_MAX_RETRIES,
+    soft_time_limit=DRAFT_SOFT_TIME_LIMIT,
+    time_limit=DRAFT_SOFT_TIME_LIMIT + HARD_TIME_LIMIT_GRACE_SECONDS,
+)
+def draft_study_report(self: Task, study_id: int) -> None:
+    """Draft, record and queue a study's AI report (:meth:`ReportPipeline.draft_study`); idempotent.
+
+    A failure is logged and written to the audit table as ``report.draft_failed``
+    (the worklist shows it); database errors are retried first.
+    """
+    app = self.app
+    try:
+        outcome = report_pipeline(app).draft_study(study_id)
+    except DBAPIError as exc:
+        if self.request.retries < DRAFT_MAX_RETRIES:
+            raise self.retry(exc=exc, countdown=2 * 2**self.request.retries) from exc
+        _draft_failed(app, study_id, f"database: {exc}")
+        return
+    except SoftTimeLimitExceeded:
+        _draft_failed(app, study_id, f"drafting exceeded its time limit of {DRAFT_SOFT_TIME_LIMIT:g} s")
+        return
+    except Exception as exc:
+        log.exception("report draft of study %d failed", study_id)
+        _draft_failed(app, study_id, f"{type(exc).__name__}: {exc}")
+        return
+    if outcome.status != "drafted":
+        log.info("report draft of study %d skipped: %s", study_id, outcome.detail)
+        return
+    log.info(
+        "report draft %d (version %s) of study %s: %s",
+        outcome.draft_id,
+        outcome.version,
+        outcome.study_uid,
+        outcome.detail,
+    )
+    for delivery_id in outcome.delivery_ids:
+        app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
+
+
+def _draft_failed(app: Celery, study_id: int, reason: str) -> None:
+    log.error("report draft of study %d failed: %s", study_id, reason)
+    try:
+        with session_scope(app.sessions) as session:  # type: ignore[attr-defined]
+            study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+            record_audit(
+                session,
+                actor="drafter",
+                action="report.draft_failed",
+                object_type="study",
+                object_uid=study_uid,
+                detail={"study": study_id, "reason": reason[:2000]},
+            )
+    except Exception:
+        log.exception("the failure of study %d's draft could not be recorded", study_id)

@@ -1,4 +1,10 @@
-"""``pacs-ai worklist serve``: run the radiologist worklist web app."""
+"""``pacs-ai worklist serve``: run the radiologist worklist web app on its own.
+
+``pacs-ai serve`` already runs the worklist next to the listener and workers
+(``worklist_enabled``); this command is for running it on another machine or
+alone.  Address, port and options default to the same settings
+(``PACS_AI_WORKLIST_HOST``, ``PACS_AI_WORKLIST_PORT``, ...); options given here win.
+"""
 
 from __future__ import annotations
 
@@ -15,22 +21,30 @@ worklist_app = typer.Typer(help="The radiologist worklist web app.", no_args_is_
 @worklist_app.command("serve")
 def worklist_serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8080,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to listen on [default: worklist_host setting].")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", help="TCP port [default: worklist_port setting].", min=1, max=65535),
+    ] = None,
     fhir_endpoint: Annotated[
         str | None, typer.Option("--fhir-endpoint", help="FHIR R4 base URL to POST signed reports to.")
     ] = None,
     secure_cookies: Annotated[
-        bool, typer.Option("--secure-cookies", help="Session cookie over HTTPS only (behind a TLS proxy).")
-    ] = False,
+        bool | None,
+        typer.Option("--secure-cookies/--no-secure-cookies", help="Session cookie over HTTPS only."),
+    ] = None,
 ) -> None:
     """Serve the worklist until stopped (the index schema is brought up to date first)."""
-    import uvicorn
-
-    from pacs_ai.worklist import WorklistOptions, create_app
+    from pacs_ai.logging_setup import configure_logging
+    from pacs_ai.worklist.server import run_worklist, worklist_options, worklist_url
 
     settings = settings_of(ctx)
+    configure_logging(settings.log_level, None)
     upgrade_schema(settings.effective_database_url)
-    app = create_app(settings, WorklistOptions(fhir_endpoint=fhir_endpoint, secure_cookies=secure_cookies))
-    console.print(f"worklist on http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=False)
+    options = worklist_options(settings, fhir_endpoint=fhir_endpoint, secure_cookies=secure_cookies)
+    host = host or settings.worklist_host
+    port = port or settings.worklist_port
+    console.print(f"worklist at {worklist_url(host, port)}")
+    run_worklist(settings, options, host=host, port=port)

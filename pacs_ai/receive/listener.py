@@ -23,6 +23,7 @@ from pacs_ai.config import Settings
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.server import AssociationServer, ServerOptions
 from pacs_ai.receive.store import StoreHandler
+from pacs_ai.sockets import bind_listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,9 @@ def open_listening_socket(host: str, port: int, backlog: int = 128) -> socket.so
     same process while another idles).  The socket is non-blocking so that
     processes losing the race for a connection go back to waiting.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listening.bind((host, port))
-    except OSError as exc:
-        listening.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc} (is another DICOM service using it?)") from exc
-    listening.listen(backlog)
+    listening = bind_listening_socket(
+        host, port, purpose="listen", advice="is another DICOM service using it?", backlog=backlog
+    )
     listening.setblocking(False)
     return listening
 

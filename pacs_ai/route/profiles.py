@@ -21,6 +21,9 @@ A profile is a YAML file in ``dicom_profiles/``::
             set: STAT            # STAT | URGENT | ROUTINE
     destinations: [pacs]
     quiet_period_seconds: 3      # optional; overrides the global setting
+    report:                      # optional; the AI report draft of studies this profile analyses
+      backend: template          # template (default) | transformers | openai; "report: false" drafts none
+      params: {}
 
 Matching is a pure function of a :class:`SeriesFacts`; each failed criterion
 yields a reason, so "why did my series not run?" always has an answer.
@@ -37,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacs_ai.index.models import StudyPriority
+from pacs_ai.report.drafters import DrafterConfig, DrafterConfigError, get_drafter
 from pacs_ai.yaml_files import load_yaml_model
 
 
@@ -183,6 +187,35 @@ class Profile(BaseModel):
     analyzers: list[AnalyzerStep] = Field(min_length=1)
     destinations: list[str] = Field(default_factory=list)
     quiet_period_seconds: float | None = Field(default=None, ge=0)
+    #: How the study's AI report draft is written; None (``report: false``) drafts none.  A profile
+    #: without ``report`` drafts with the template backend, which needs no model.
+    report: DrafterConfig | None = Field(default_factory=DrafterConfig)
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _report_switch(cls, value: object) -> object:
+        """``report: false`` (or null) turns drafting off; ``report: true`` is the default (template)."""
+        if value is False:
+            return None
+        if value is True:
+            return {}
+        return value
+
+    @field_validator("report")
+    @classmethod
+    def _drafter_is_usable(cls, config: DrafterConfig | None) -> DrafterConfig | None:
+        """Build the drafter once (no model is loaded) so a wrong backend name or parameter fails here."""
+        if config is not None:
+            try:
+                get_drafter(config.backend, config.params)
+            except DrafterConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return config
+
+    @property
+    def drafts_reports(self) -> bool:
+        """True when studies analysed by this profile get an AI report draft."""
+        return self.report is not None
 
 
 class ProfileError(ValueError):

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pacs_ai.index.models import Job, JobState, Patient, Series, Study, StudyPriority
+from pacs_ai.index.models import AuditEvent, Job, JobState, Patient, Series, Study, StudyPriority
 from pacs_ai.index.reports import ReportDraft, ReportStatus
 from pacs_ai.worklist.key_images import key_images_of
 
@@ -152,6 +152,19 @@ def _measurements(jobs: list[Job]) -> tuple[list[dict[str, Any]], list[dict[str,
     return measurements, findings
 
 
+def _draft_failure(session: Session, study: Study, latest: ReportDraft | None) -> dict[str, Any] | None:
+    """The last ``report.draft_failed`` event of the study, unless a draft was written after it."""
+    event = session.scalar(
+        select(AuditEvent)
+        .where(AuditEvent.action == "report.draft_failed", AuditEvent.object_uid == study.study_instance_uid)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    if event is None or (latest is not None and latest.created_at >= event.at):
+        return None
+    return {"at": event.at.isoformat(timespec="seconds"), "reason": (event.detail or {}).get("reason")}
+
+
 def study_view(session: Session, study: Study, now: datetime) -> dict[str, Any]:
     """Everything the study page shows: study, latest draft, earlier drafts, measurements, key images."""
     patient = session.get(Patient, study.patient_fk) if study.patient_fk is not None else None
@@ -175,6 +188,7 @@ def study_view(session: Session, study: Study, now: datetime) -> dict[str, Any]:
             "patient_name": str(patient.patient_name or "").replace("^", " ").strip() if patient else None,
         },
         "draft": draft_view(drafts[0]) if drafts else None,
+        "draft_failure": _draft_failure(session, study, drafts[0] if drafts else None),
         "earlier_drafts": [draft_view(d) for d in drafts[1:]],
         "jobs": [
             {

@@ -14,6 +14,9 @@ from tests.service import PacsAiService
 #: Both ways pacs-ai is deployed: embedded defaults, and PostgreSQL + Redis servers.
 BACKENDS = ["embedded", "servers"]
 
+#: For tests about the analysis results (SEG and SR) only: no AI draft report is written or sent.
+NO_DRAFT_REPORTS = {"PACS_AI_REPORT_DRAFTS_ENABLED": "false"}
+
 
 @pytest.fixture(scope="session")
 def chest_phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomTruth:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
+from tests.e2e.conftest import NO_DRAFT_REPORTS
 from tests.e2e.test_chest_ct_roundtrip import fetch_results, results_in
 from tests.peers import OrthancServer, free_port, storescu, wait_for
 
@@ -33,7 +34,7 @@ def test_undelivered_results_are_listed_retried_and_resent_without_duplicates(
             "timeout_seconds": 5,
         }
     }
-    service = service_factory(destinations=destination)
+    service = service_factory(destinations=destination, extra_env=NO_DRAFT_REPORTS)
 
     echo = service.cli("echo", "pacs", "--json")
     assert echo.returncode == 1 and as_json(echo)["ok"] is False

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.e2e
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+#: Enhanced SR: the AI report draft (TID 2000) that profiles with a ``report`` section add.
+DRAFT_REPORT_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 RIGHT_LUNG, LEFT_LUNG = "3341006", "44029006"
 
 
@@ -87,13 +89,16 @@ def test_chest_ct_from_modality_comes_back_as_seg_and_sr(
     assert service.query("SELECT count(*) FROM instances")[0][0] == len(chest_phantom.paths)
     jobs = service.query("SELECT state, error, timings FROM jobs")
     assert [(state, error) for state, error, _ in jobs] == [("SUCCEEDED", None)]
-    deliveries = service.query("SELECT state FROM deliveries")
+    # The SEG, the SR and the AI draft report (TID 2000) were each delivered once.
+    sent = "SELECT r.kind, d.state FROM deliveries d JOIN results r ON r.id = d.result_fk ORDER BY r.kind"
     wait_for(
-        lambda: [s for (s,) in service.query("SELECT state FROM deliveries")] == ["SENT", "SENT"],
-        timeout=30,
+        lambda: (
+            [tuple(row) for row in service.query(sent)]
+            == [("SEG", "SENT"), ("SR", "SENT"), ("SR-DRAFT", "SENT")]
+        ),
+        timeout=60,
         description="deliveries recorded as sent",
     )
-    assert len(deliveries) == 2
     audit = {action for (action,) in service.query("SELECT action FROM audit_events")}
     assert {"job.created", "job.succeeded", "result.sent"} <= audit
 

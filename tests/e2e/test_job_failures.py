@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
+from tests.e2e.conftest import NO_DRAFT_REPORTS
 from tests.e2e.test_chest_ct_roundtrip import fetch_results
 from tests.peers import OrthancServer, free_port, storescu, wait_for
 
@@ -58,7 +59,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
             "retry_backoff_seconds": 1.0,
         }
     }
-    service = service_factory(destinations=destination)
+    service = service_factory(destinations=destination, extra_env=NO_DRAFT_REPORTS)
     sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
     assert sent.returncode == 0, sent.stderr
 

@@ -23,6 +23,7 @@ from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
 from pacs_ai.synthetic.radiograph import write_chest_radiograph
 from tests import modelzoo
 from tests.e2e.conftest import orthanc_destination
+from tests.e2e.test_chest_ct_roundtrip import DRAFT_REPORT_SR
 from tests.peers import OrthancServer, dciodvfy_errors, dsrdump, storescu, wait_for
 from tests.sr_reading import measurements, volume_ml
 
@@ -104,7 +105,10 @@ def codes_in(sr: Dataset) -> set[str]:
 def downloaded_results(
     orthanc: OrthancServer, study_uid: str, into: Path, segs: int, srs: int
 ) -> dict[str, list[Path]]:
-    """Wait until the study holds ``segs`` SEG and ``srs`` SR instances in Orthanc; download them."""
+    """Wait until the study holds ``segs`` SEG and ``srs`` SR instances in Orthanc; download them.
+
+    The SR counted are the analysis results (TID 1500 and findings), not report drafts.
+    """
 
     def ready() -> dict[str, list[str]] | None:
         found: dict[str, list[str]] = {"SEG": [], "SR": []}
@@ -114,7 +118,10 @@ def downloaded_results(
                 if SEG_STORAGE in series["SOPClassUIDs"]
                 else (
                     "SR"
-                    if any(uid.startswith("1.2.840.10008.5.1.4.1.1.88.") for uid in series["SOPClassUIDs"])
+                    if any(
+                        uid.startswith("1.2.840.10008.5.1.4.1.1.88.") and uid != DRAFT_REPORT_SR
+                        for uid in series["SOPClassUIDs"]
+                    )
                     else None
                 )
             )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
-from tests.e2e.conftest import orthanc_destination
+from tests.e2e.conftest import NO_DRAFT_REPORTS, orthanc_destination
 from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE, fetch_results
 from tests.peers import OrthancServer, storescu, wait_for
 from tests.service import PacsAiService
@@ -28,7 +28,8 @@ def test_killed_worker_leads_to_exactly_one_set_of_results(
         tmp_path / "phantom", slices=160, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.0
     )
     service = service_factory(
-        destinations=orthanc_destination(orthanc), extra_env={"PACS_AI_WORKER_PROCESSES": "2"}
+        destinations=orthanc_destination(orthanc),
+        extra_env={"PACS_AI_WORKER_PROCESSES": "2", **NO_DRAFT_REPORTS},
     )
     sent = storescu("127.0.0.1", service.port, service.ae_title, phantom.paths)
     assert sent.returncode == 0, sent.stderr

@@ -19,7 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
-from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE
+from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, DRAFT_REPORT_SR, SEG_STORAGE
 from tests.peers import OrthancServer, storescu, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -129,7 +129,13 @@ def test_two_series_two_profiles_originals_to_an_archive(
             assert sent.returncode == 0, sent.stderr
 
         def results_in_pacs() -> list[str] | None:
-            classes = [c for s in pacs.series_of_study(first.study_uid) for c in s["SOPClassUIDs"]]
+            # (The AI report draft, an Enhanced SR, may come too; test_report_pipeline checks it.)
+            classes = [
+                c
+                for s in pacs.series_of_study(first.study_uid)
+                for c in s["SOPClassUIDs"]
+                if c != DRAFT_REPORT_SR
+            ]
             return (
                 classes
                 if sorted(classes) == sorted([SEG_STORAGE, SEG_STORAGE] + [COMPREHENSIVE_3D_SR] * 2)
