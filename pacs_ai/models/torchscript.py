@@ -17,6 +17,9 @@ engine runs both kinds alike:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from pacs_ai.models import ModelError
@@ -42,7 +45,7 @@ def build_transforms(descriptor: TorchScriptDescriptor) -> tuple[object, object]
 
     spec = descriptor.input
     linear = "bilinear"  # Spacingd/Resized use "bilinear" for 3D too (trilinear in torch terms)
-    steps: list[object] = []
+    steps: list[Callable[..., Any]] = []
     if spec.spacing_mm is not None:
         steps.append(Spacingd(keys=IMAGE_KEY, pixdim=spec.spacing_mm, mode=linear))
     if spec.resize is not None:
@@ -65,7 +68,7 @@ def build_transforms(descriptor: TorchScriptDescriptor) -> tuple[object, object]
     preprocessing = Compose(steps)
 
     activation = descriptor.output.activation
-    post: list[object] = []
+    post: list[Callable[..., Any]] = []
     if activation != "none":
         post.append(
             Activationsd(keys=PRED_KEY, softmax=activation == "softmax", sigmoid=activation == "sigmoid")

@@ -10,7 +10,9 @@ same pipeline real studies take.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +100,9 @@ def smoke_volume(shape: tuple[int, ...], value_range: tuple[float, float], spati
     )
 
 
+T = TypeVar("T")
+
+
 def verify_model(model: RegisteredModel, device: torch.device) -> VerifyReport:
     """Run every check on ``model``; a failure is recorded with an actionable detail, never raised."""
     from pacs_ai.models.engine import load_registered
@@ -105,7 +110,7 @@ def verify_model(model: RegisteredModel, device: torch.device) -> VerifyReport:
 
     report = VerifyReport(model=model.name, device=str(device))
 
-    def check(name: str, action) -> object | None:  # noqa: ANN001
+    def check(name: str, action: Callable[[], T]) -> T | Literal[True] | None:
         try:
             result = action()
         except ModelError as exc:
@@ -129,7 +134,7 @@ def verify_model(model: RegisteredModel, device: torch.device) -> VerifyReport:
     if check("files", hashes) is None or check("config", lambda: _config(model)) is None:
         return report
     loaded = check("network and weights", lambda: load_registered(model, device))
-    if loaded is None:
+    if loaded is None or loaded is True:  # (load_registered returns the model, never None)
         return report
     report.checks[
         -1

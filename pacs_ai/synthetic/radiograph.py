@@ -291,7 +291,7 @@ def radiograph_dataset(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     date, time = STUDY_DATETIME.strftime("%Y%m%d"), STUDY_DATETIME.strftime("%H%M%S")
 

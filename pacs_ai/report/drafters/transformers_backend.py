@@ -128,7 +128,7 @@ class TransformersDrafter:
                     model = transformers.AutoModelForImageTextToText.from_pretrained(
                         p.model_dir, dtype=dtype, **common
                     )
-                model.to(p.device)
+                model.to(p.device)  # type: ignore[arg-type]  # transformers' stubs: to() takes a device
                 model.eval()
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
                 raise DrafterError(f"cannot load the model in {p.model_dir} for {p.task}: {exc}") from exc
