@@ -38,6 +38,9 @@ from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent, Study, utcnow
 from pacs_ai.index.reports import ReportDraft, Role, User
+from pacs_ai.report.draft import Draft, draft_impression
+from pacs_ai.report.drafters import DrafterConfig
+from pacs_ai.report.pipeline import ReportPipeline, report_jobs
 from pacs_ai.worklist import drafts as report_drafts
 from pacs_ai.worklist.key_images import render_segment_image, render_series_image
 from pacs_ai.worklist.security import (
@@ -99,6 +102,11 @@ class AcceptBody(BaseModel):
     #: Edited text; omitted means "as drafted".
     findings: str | None = None
     impression: str | None = None
+
+
+class ImpressionBody(BaseModel):
+    #: The findings text (as the radiologist has it now) to draft an impression from.
+    findings: str = Field(min_length=1, max_length=20000)
 
 
 class RejectBody(BaseModel):
@@ -409,6 +417,82 @@ def create_app(
             raise report_drafts.ReportNotFound(f"study {study_uid} has no report draft {draft_id}")
         return draft
 
+    # One per app: a local model (transformers) is loaded once, on the first impression asked for.
+    impression_drafting = ReportPipeline(settings, sessions)
+
+    def _suggest_impression(request: Request, study_uid: str, findings: str) -> Draft:
+        """Draft an impression from ``findings`` with the study's drafter and guardrails; audited.
+
+        The drafter is the one the study's profiles name (``report`` section),
+        the template where none does; its output passes the same guardrails as
+        a whole draft (read against the findings text) or is replaced by the
+        template's impression, with the reason.  Nothing is stored: the
+        radiologist decides what to sign.
+        """
+        with session_scope(sessions) as db:
+            user = current_user(request, db)
+            require_role(user, Role.RADIOLOGIST)
+            study = study_or_404(db, study_uid)
+            profiles = [job.profile for job in report_jobs(db, study.id)]
+        config = impression_drafting.report_config(profiles) or DrafterConfig()
+        suggestion = draft_impression(findings, config, drafter=impression_drafting.drafter_for(config))
+        with session_scope(sessions) as db:
+            audit(
+                db,
+                user,
+                "report.impression_drafted",
+                study_uid,
+                backend=suggestion.backend,
+                requested_backend=suggestion.requested_backend,
+                guardrails_passed=suggestion.guardrails.passed,
+                fallback_reason=suggestion.fallback_reason,
+            )
+        return suggestion
+
+    def _impression_view(suggestion: Draft) -> dict[str, Any]:
+        return {
+            "impression": suggestion.impression,
+            "backend": suggestion.backend,
+            "model": suggestion.model_id,
+            "requested_backend": suggestion.requested_backend,
+            "guardrails_passed": suggestion.guardrails.passed,
+            "fallback_reason": suggestion.fallback_reason,
+            "unverified": True,
+        }
+
+    @app.post("/studies/{study_uid}/impression", response_class=HTMLResponse)
+    def impression_form(
+        request: Request,
+        study_uid: str,
+        draft_id: int = Form(...),
+        findings: str = Form(...),
+        impression: str = Form(""),
+        csrf_token_value: str = Form("", alias=CSRF_FIELD),
+    ) -> HTMLResponse:
+        """The study page again, the findings as typed and the impression drafted from them."""
+        check_csrf(request, csrf_token_value)
+        if not findings.strip():
+            return _study_error(
+                request, study_uid, "Write findings first: the impression is drafted from them."
+            )
+        suggestion = _suggest_impression(request, study_uid, findings)
+        with session_scope(sessions) as db:
+            user = current_user(request, db)
+            view = study_view(db, study_or_404(db, study_uid), utcnow())
+            draft = view["draft"]
+            if draft is not None and draft["id"] == draft_id:
+                draft["findings"], draft["impression"] = findings, suggestion.impression
+            return page(
+                request,
+                "study.html",
+                user=user,
+                view=view,
+                done=None,
+                can_sign=user.role == Role.RADIOLOGIST,
+                error=None,
+                suggestion=_impression_view(suggestion),
+            )
+
     @app.get("/images/seg/{result_id}/{segment_number}.png")
     def segment_image(request: Request, result_id: int, segment_number: int) -> Response:
         with session_scope(sessions) as db:
@@ -526,6 +610,12 @@ def create_app(
             assert decided is not None
             payload = draft_view(decided)
         return JSONResponse(payload, background=BackgroundTask(publish_fhir, draft_id))
+
+    @app.post("/api/studies/{study_uid}/impression")
+    def api_impression(request: Request, study_uid: str, body: ImpressionBody) -> dict[str, Any]:
+        """Findings to impression: a suggestion with its backend and guardrail outcome; nothing is stored."""
+        check_csrf(request, request.headers.get(CSRF_HEADER))
+        return _impression_view(_suggest_impression(request, study_uid, body.findings))
 
     @app.post("/api/studies/{study_uid}/reject")
     def api_reject(request: Request, study_uid: str, body: RejectBody) -> Response:

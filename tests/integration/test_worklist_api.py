@@ -387,3 +387,46 @@ def test_the_recorded_draft_sr_is_valid_and_queued_with_the_analysis_results(env
         assert study.draft.delivery_ids
         delivery = session.get(Delivery, study.draft.delivery_ids[0])
         assert delivery is not None and delivery.destination == DESTINATION
+
+
+FINDINGS = "There is no pneumothorax. Moderate centrilobular emphysema in the right upper lobe."
+
+
+def test_findings_to_impression_in_the_api_and_on_the_study_page(app, env) -> None:  # type: ignore[no-untyped-def]
+    _, sessions, study = env
+    draft_id = _new_draft(env)
+    url = f"/api/studies/{study.study_uid}/impression"
+
+    admin = TestClient(app)
+    admin_token = _login_api(admin, ADMIN[0], ADMIN[2])
+    assert (
+        admin.post(url, json={"findings": FINDINGS}, headers={"X-CSRF-Token": admin_token}).status_code == 403
+    )
+
+    client = TestClient(app)
+    token = _login_api(client, RADIOLOGIST[0], RADIOLOGIST[2])
+    assert client.post(url, json={"findings": FINDINGS}).status_code == 403  # no CSRF token
+    assert client.post(url, json={"findings": ""}, headers={"X-CSRF-Token": token}).status_code == 422
+    response = client.post(url, json={"findings": FINDINGS}, headers={"X-CSRF-Token": token})
+    assert response.status_code == 200, response.text
+    suggestion = response.json()
+    assert suggestion["backend"] == "template" and suggestion["guardrails_passed"] is True
+    assert suggestion["unverified"] is True and suggestion["fallback_reason"] is None
+    assert "emphysema" in suggestion["impression"] and "right" in suggestion["impression"].lower()
+    [event] = _audit(sessions, "report.impression_drafted")[-1:]
+    assert event.actor == RADIOLOGIST[0] and event.object_uid == study.study_uid
+
+    # The page: the findings as typed stay, the impression box holds the suggestion, marked unverified.
+    page_token = CSRF.search(client.get(f"/studies/{study.study_uid}").text).group(1)  # type: ignore[union-attr]
+    form = {"draft_id": draft_id, "findings": FINDINGS, "impression": "", "csrf_token": page_token}
+    page = client.post(f"/studies/{study.study_uid}/impression", data=form)
+    assert page.status_code == 200, page.text
+    assert 'id="impression-suggestion"' in page.text and "UNVERIFIED AI output" in page.text
+    impression_box = re.search(
+        r'<textarea name="impression" id="impression"[^>]*>([^<]*)</textarea>', page.text
+    )
+    assert impression_box is not None and impression_box.group(1).strip() == suggestion["impression"]
+    assert FINDINGS in page.text
+    empty = client.post(f"/studies/{study.study_uid}/impression", data={**form, "findings": " "})
+    assert empty.status_code == 400 and "Write findings first" in empty.text
+    assert _draft(sessions, draft_id).status == ReportStatus.DRAFT  # a suggestion changes nothing stored
