@@ -37,7 +37,7 @@ from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.worklist.server import bind_worklist_socket, worklist_url
 from workers.factory import QUEUES, PacsAiCelery, create_app
-from workers.tasks import ANALYZE_TASK, DELIVER_TASK, NOTIFY_TASK, analysis_time_limits
+from workers.tasks import ANALYZE_TASK, DELIVER_TASK, DRAFT_TASK, NOTIFY_TASK, analysis_time_limits
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class CeleryTaskQueue:
 
     def enqueue_notification(self, notification: Notification) -> None:
         self.app.send_task(NOTIFY_TASK, args=[notification.url, notification.payload], queue="dispatch")
+
+    def enqueue_draft(self, study_id: int) -> None:
+        """Draft the study's AI report (the task checks again that it is due; duplicates are harmless)."""
+        self.app.send_task(DRAFT_TASK, args=[study_id], queue="cpu")
 
 
 @dataclass(frozen=True)

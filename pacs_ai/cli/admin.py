@@ -9,12 +9,13 @@ operating-system user as the actor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.cli.common import (
     JsonOption,
@@ -44,9 +45,14 @@ from pacs_ai.index.models import (
 from pacs_ai.route.assembly import JobTicket
 
 
-def _enqueue(settings: Settings, jobs: list[JobTicket], deliveries: list[int]) -> bool:
-    """Hand work to the broker now; False (work stays queued in the index) when it cannot be reached."""
-    if not jobs and not deliveries:
+def _enqueue(
+    settings: Settings, jobs: list[JobTicket], deliveries: list[int], drafts: Sequence[int] = ()
+) -> bool:
+    """Hand work to the broker now; False (work stays queued in the index) when it cannot be reached.
+
+    ``drafts`` are ids of studies whose AI report is now due.
+    """
+    if not jobs and not deliveries and not drafts:
         return True
     from kombu.exceptions import OperationalError
 
@@ -62,6 +68,8 @@ def _enqueue(settings: Settings, jobs: list[JobTicket], deliveries: list[int]) -
             queue.enqueue_analysis(ticket)
         for delivery_id in deliveries:
             queue.enqueue_delivery(delivery_id)
+        for study_id in drafts:
+            queue.enqueue_draft(study_id)
     except (OperationalError, OSError):
         return False
     return True
@@ -155,6 +163,16 @@ def retry(
     raise typer.Exit(1 if missing else 0)
 
 
+def _studies_due_for_draft(
+    settings: Settings, sessions: sessionmaker[Session], job_ids: list[int]
+) -> list[int]:
+    """Ids of the studies of these jobs whose AI report draft is now due (no job of theirs unfinished)."""
+    from pacs_ai.report.pipeline import ReportPipeline
+
+    pipeline = ReportPipeline(settings, sessions)
+    return sorted({study for job_id in job_ids if (study := pipeline.study_to_draft(job_id)) is not None})
+
+
 def cancel(
     ctx: typer.Context,
     job_ids: Annotated[list[int], typer.Argument(help="Ids of queued or running jobs.")],
@@ -163,7 +181,8 @@ def cancel(
     """Cancel jobs that have not finished; a running one stops being retried and its results are not sent."""
     settings = settings_of(ctx)
     outcome: list[dict[str, Any]] = []
-    with session_scope(index_sessions(settings)) as session:
+    sessions = index_sessions(settings)
+    with session_scope(sessions) as session:
         for job_id in job_ids:
             job = session.get(Job, job_id)
             if job is None:
@@ -181,6 +200,10 @@ def cancel(
                     object_uid=str(job_id),
                 )
                 outcome.append({"job": job_id, "cancelled": True, "reason": None})
+    # A cancelled job may have been the last one its study's report draft waited for.
+    cancelled = [row["job"] for row in outcome if row["cancelled"]]
+    drafts = _studies_due_for_draft(settings, sessions, cancelled)
+    _report_enqueued(_enqueue(settings, [], [], drafts), as_json)
     if as_json:
         print_json(outcome)
     else:

@@ -291,6 +291,7 @@ def build_draft_sr(
     instance_number: int = 1,
     series_description: str = DRAFT_SR_DESCRIPTION,
     uid_prefix: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.EnhancedSR:
     """The AI draft as a PARTIAL / UNVERIFIED / PRELIMINARY TID 2000 Enhanced SR.
 
@@ -310,6 +311,9 @@ def build_draft_sr(
         The pacs-ai installation (General Equipment and Contributing Equipment).
     series_instance_uid, sop_instance_uid:
         Identities, usually from :func:`draft_sr_uids`.
+    previous_versions:
+        Earlier drafts of the study this one supersedes (a reprocessed study is
+        drafted again): they go into the Predecessor Documents Sequence.
     """
     if not evidence:
         raise ValueError("a draft report needs evidence: at least the headers of the source images")
@@ -337,6 +341,7 @@ def build_draft_sr(
         is_complete=False,
         is_final=False,
         is_verified=False,
+        previous_versions=list(previous_versions) or None,
         contributing_equipment=[
             _drafting_equipment(
                 equipment, drafter, f"Report draft by {drafter.label}; not verified by a physician"

@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import logging
 import time as monotonic_clock
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, utcnow
+from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
 from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
 from pacs_ai.route.rules import RulesError, RuleSet, find_rules_file, load_rules
 
 log = logging.getLogger(__name__)
+
+#: How far back start-up looks for analysed studies whose report draft was never queued.
+DRAFT_RECOVERY_WINDOW = timedelta(days=2)
 
 
 class TaskQueue(Protocol):
@@ -41,6 +44,10 @@ class TaskQueue(Protocol):
     def enqueue_delivery(self, delivery_id: int) -> None: ...
 
     def enqueue_notification(self, notification: Notification) -> None: ...
+
+    def enqueue_draft(self, study_id: int) -> None:
+        """Queue the AI report draft of a study whose analyses are all finished."""
+        ...
 
 
 class ProfileSet:
@@ -107,13 +114,43 @@ class Scheduler:
             self.queue.enqueue_analysis(ticket)
         for delivery_id in deliveries:
             self.queue.enqueue_delivery(delivery_id)
-        if jobs or deliveries:
+        drafts = self.studies_due_for_draft()
+        for study_id in drafts:
+            self.queue.enqueue_draft(study_id)
+        if jobs or deliveries or drafts:
             log.info(
-                "recovered %d unfinished job(s) and %d undelivered result(s) from the index",
+                "recovered %d unfinished job(s), %d undelivered result(s) and %d report draft(s) due "
+                "from the index",
                 len(jobs),
                 len(deliveries),
+                len(drafts),
             )
-        return len(jobs) + len(deliveries)
+        return len(jobs) + len(deliveries) + len(drafts)
+
+    def studies_due_for_draft(self) -> list[int]:
+        """Studies analysed in the last ``DRAFT_RECOVERY_WINDOW`` whose AI report draft is due but missing.
+
+        A worker that stopped between finishing a study's last job and queueing
+        its draft, or a broker that lost the draft message, leaves such a
+        study; the draft task is idempotent, so a study queued twice is
+        drafted once.
+        """
+        from pacs_ai.report.pipeline import ReportPipeline
+
+        since = utcnow() - DRAFT_RECOVERY_WINDOW
+        with session_scope(self.sessions) as session:
+            last_jobs = session.execute(
+                select(Series.study_fk, func.max(Job.id))
+                .join(Series, Series.id == Job.series_fk)
+                .where(Job.state == JobState.SUCCEEDED, Job.finished_at >= since)
+                .group_by(Series.study_fk)
+            ).all()
+        pipeline = ReportPipeline(self.settings, self.sessions, self.profiles)
+        return sorted(
+            study_id
+            for study_id, job_id in last_jobs
+            if pipeline.study_to_draft(job_id) is not None
+        )
 
     def requeue_jobs_of(self, worker: str) -> list[int]:
         """Hand the running jobs of a worker that died back to the queue."""

@@ -218,6 +218,13 @@ def create_draft_record(
     ) + 1
     key = "|".join([study.study_instance_uid, "report", *sorted(job.idempotency_key for job in found)])
     series_uid, sop_uid = draft_sr_uids(key, version, settings.uid_prefix)
+    superseded = list(
+        session.scalars(
+            select(ReportDraft).where(
+                ReportDraft.study_fk == study.id, ReportDraft.status == ReportStatus.DRAFT
+            )
+        )
+    )
     sr = build_draft_sr(
         evidence=evidence,
         text=text,
@@ -227,14 +234,13 @@ def create_draft_record(
         sop_instance_uid=sop_uid,
         instance_number=version,
         uid_prefix=settings.uid_prefix,
+        previous_versions=_draft_srs(session, superseded),
     )
     study_dir = settings.results_dir / study.study_instance_uid
     study_dir.mkdir(parents=True, exist_ok=True)
     path = write_dataset(sr, study_dir / f"{sop_uid}.dcm", fsync=settings.fsync)
 
-    for older in session.scalars(
-        select(ReportDraft).where(ReportDraft.study_fk == study.id, ReportDraft.status == ReportStatus.DRAFT)
-    ):
+    for older in superseded:
         older.status = ReportStatus.SUPERSEDED
     draft = ReportDraft(
         study_fk=study.id,
@@ -272,6 +278,16 @@ def create_draft_record(
     )
     log.info("report draft %d (version %d) of study %s recorded", draft.id, version, study.study_instance_uid)
     return RecordedReport(draft.id, ReportStatus.DRAFT, sop_uid, path, delivery_ids)
+
+
+def _draft_srs(session: Session, drafts: Sequence[ReportDraft]) -> list[Dataset]:
+    """The headers of these drafts' SR files that are still on disk (a purged one is left out)."""
+    headers = []
+    for draft in drafts:
+        path = session.scalar(select(Result.path).where(Result.sop_instance_uid == draft.draft_sr_uid))
+        if path is not None and Path(path).is_file():
+            headers.append(_read_header(Path(path)))
+    return headers
 
 
 def latest_draft(session: Session, study: Study) -> ReportDraft | None:

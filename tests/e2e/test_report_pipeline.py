@@ -207,6 +207,14 @@ def test_study_is_drafted_reviewed_in_the_browser_signed_and_sent(
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n") and len(png.content) > 1000
     browser.save_screenshot(str(tmp_path / "study.png"))
 
+    # Findings to impression: the page comes back with the impression drafted from the findings.
+    findings_text = browser.find_element(By.ID, "findings").get_attribute("value")
+    browser.find_element(By.ID, "draft-impression").click()
+    wait.until(expected_conditions.presence_of_element_located((By.ID, "impression-suggestion")))
+    assert "UNVERIFIED" in browser.find_element(By.ID, "impression-suggestion").text
+    assert browser.find_element(By.ID, "findings").get_attribute("value") == findings_text
+    assert browser.find_element(By.ID, "impression").get_attribute("value").strip()
+
     impression = browser.find_element(By.ID, "impression")
     impression.clear()
     impression.send_keys(SIGNED_IMPRESSION)

@@ -9,6 +9,7 @@ the Celery task is a thin wrapper around these calls (the e2e test runs it).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -22,9 +23,13 @@ from pacs_ai.index.models import Delivery, Job, JobState, Result
 from pacs_ai.index.reports import ReportDraft, ReportStatus
 from pacs_ai.report.pipeline import TEMPLATE_MODEL_ID, ReportPipeline
 from pacs_ai.route.assembly import job_key
+from pacs_ai.route.scheduler import Scheduler
+from pacs_ai.service import CeleryTaskQueue
 from pacs_ai.synthetic.phantom import write_chest_phantom
 from tests.integration.worklist_study import ANALYZER, DESTINATION, UID_PREFIX, _index_series, _open_job
 from tests.peers import dciodvfy_errors, dsrdump
+from workers.factory import create_app
+from workers.tasks import DRAFT_TASK
 
 PROFILE = """\
 name: chest-ct
@@ -135,6 +140,20 @@ def test_last_job_drafts_once_and_a_new_version_supersedes(tmp_path: Path, phant
         drafts = {d.version: (d.status, d.job_ids) for d in session.scalars(select(ReportDraft))}
     assert drafts == {1: (ReportStatus.SUPERSEDED, [job_id]), 2: (ReportStatus.DRAFT, [second])}
     assert newer.sr_instance_uid != outcome.sr_instance_uid
+    # The new draft SR names the one it supersedes as its predecessor.
+    with session_scope(sessions) as session:
+        newer_path = Path(
+            session.scalars(select(Result.path).where(Result.sop_instance_uid == newer.sr_instance_uid)).one()
+        )
+    newer_sr = pydicom.dcmread(newer_path)
+    [predecessor_study] = newer_sr.PredecessorDocumentsSequence
+    [predecessor_series] = predecessor_study.ReferencedSeriesSequence
+    assert [r.ReferencedSOPInstanceUID for r in predecessor_series.ReferencedSOPSequence] == [
+        outcome.sr_instance_uid
+    ]
+    assert newer_sr.VerificationFlag == "UNVERIFIED"
+    assert dciodvfy_errors(newer_path) == []
+    assert dsrdump(newer_path).returncode == 0
 
 
 def test_profile_without_drafting_drafts_nothing(tmp_path: Path, phantom_dir: Path) -> None:
@@ -196,3 +215,34 @@ def test_installation_switch_turns_drafting_off(tmp_path: Path, phantom_dir: Pat
     off = settings.model_copy(update={"report_drafts_enabled": False})
     assert ReportPipeline(off, sessions).study_to_draft(job_id) is None
     assert ReportPipeline(settings, sessions).study_to_draft(job_id) is not None
+
+
+def _recovered_messages(settings: Settings, sessions: sessionmaker[Session]) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message ``Scheduler.recover`` sends to the ``cpu`` queue."""
+    app = create_app(settings.model_copy(update={"broker_url": "memory://"}))
+    Scheduler(app.settings, sessions, CeleryTaskQueue(app)).recover()
+    sent: list[tuple[str, list[Any]]] = []
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("cpu")
+        try:
+            while True:
+                message = queue.get(timeout=0.5)
+                sent.append((message.headers["task"], list(message.payload[0])))
+                message.ack()
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    return sent
+
+
+def test_start_up_queues_drafts_that_were_due_but_never_queued(tmp_path: Path, phantom_dir: Path) -> None:
+    settings, sessions, _, job_id = _setup(tmp_path, phantom_dir)
+    run_job(settings, sessions, job_id)  # finished, but (as if the worker died) no draft was queued
+    pipeline = ReportPipeline(settings, sessions)
+    study_id = pipeline.study_to_draft(job_id)
+    assert study_id is not None
+
+    assert _recovered_messages(settings, sessions) == [(DRAFT_TASK, [study_id])]
+    assert pipeline.draft_study(study_id).status == "drafted"
+    assert _recovered_messages(settings, sessions) == []
