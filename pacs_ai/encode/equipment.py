@@ -18,6 +18,7 @@ code for its own library entry and only accepts CID 7005 codes here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import highdicom as hd
 from pydicom import Dataset
@@ -37,6 +38,16 @@ def _package_version() -> str:
     except ImportError:
         return _FALLBACK_VERSION
     return str(__version__) or _FALLBACK_VERSION
+
+
+class GeneralEquipment(TypedDict):
+    """Keyword arguments of highdicom's SOP class constructors for the General Equipment module."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+    institution_name: str | None
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,16 @@ class EquipmentInfo:
                     f"EquipmentInfo.{name}={value!r} must be 1-64 characters without backslash "
                     "(it is written to a DICOM LO attribute)"
                 )
+
+    def general_equipment(self) -> GeneralEquipment:
+        """The General Equipment arguments every highdicom SOP class constructor takes, by name."""
+        return GeneralEquipment(
+            manufacturer=self.manufacturer,
+            manufacturer_model_name=self.model_name,
+            software_versions=self.software_version,
+            device_serial_number=self.device_serial_number,
+            institution_name=self.institution_name,
+        )
 
 
 def processing_equipment(equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> hd.ContributingEquipment:

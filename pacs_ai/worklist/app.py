@@ -328,19 +328,42 @@ def create_app(
 
     @app.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str, done: str | None = None) -> HTMLResponse:
+        return render_study(request, study_uid, done=done, audited=True)
+
+    def render_study(
+        request: Request,
+        study_uid: str,
+        *,
+        status_code: int = 200,
+        done: str | None = None,
+        error: str | None = None,
+        audited: bool = False,
+        typed: tuple[int, str, str] | None = None,
+        suggestion: Draft | None = None,
+    ) -> HTMLResponse:
+        """The study page; ``typed`` (draft id, findings, impression) keeps what the radiologist wrote.
+
+        ``audited`` records the view (``report.view``): a page shown again after
+        a form post is part of that action, already audited.
+        """
         with session_scope(sessions) as db:
             user = current_user(request, db)
-            study = study_or_404(db, study_uid)
-            view = study_view(db, study, utcnow())
-            audit(db, user, "report.view", study_uid, draft=view["draft"]["id"] if view["draft"] else None)
+            view = study_view(db, study_or_404(db, study_uid), utcnow())
+            draft = view["draft"]
+            if audited:
+                audit(db, user, "report.view", study_uid, draft=draft["id"] if draft else None)
+            if typed is not None and draft is not None and draft["id"] == typed[0]:
+                draft["findings"], draft["impression"] = typed[1], typed[2]
             return page(
                 request,
                 "study.html",
+                status_code=status_code,
                 user=user,
                 view=view,
                 done=done,
                 can_sign=user.role == Role.RADIOLOGIST,
-                error=None,
+                error=error,
+                suggestion=_impression_view(suggestion) if suggestion else None,
             )
 
     @app.post("/studies/{study_uid}/accept")
@@ -379,19 +402,7 @@ def create_app(
         return RedirectResponse(f"/studies/{quote(study_uid)}?done=rejected", status_code=303)
 
     def _study_error(request: Request, study_uid: str, message: str) -> HTMLResponse:
-        with session_scope(sessions) as db:
-            user = current_user(request, db)
-            view = study_view(db, study_or_404(db, study_uid), utcnow())
-            return page(
-                request,
-                "study.html",
-                status_code=400,
-                user=user,
-                view=view,
-                done=None,
-                can_sign=user.role == Role.RADIOLOGIST,
-                error=message,
-            )
+        return render_study(request, study_uid, status_code=400, error=message)
 
     def _accept(request: Request, study_uid: str, draft_id: int, text: ReportText | None) -> int:
         with session_scope(sessions) as db:
@@ -476,22 +487,9 @@ def create_app(
                 request, study_uid, "Write findings first: the impression is drafted from them."
             )
         suggestion = _suggest_impression(request, study_uid, findings)
-        with session_scope(sessions) as db:
-            user = current_user(request, db)
-            view = study_view(db, study_or_404(db, study_uid), utcnow())
-            draft = view["draft"]
-            if draft is not None and draft["id"] == draft_id:
-                draft["findings"], draft["impression"] = findings, suggestion.impression
-            return page(
-                request,
-                "study.html",
-                user=user,
-                view=view,
-                done=None,
-                can_sign=user.role == Role.RADIOLOGIST,
-                error=None,
-                suggestion=_impression_view(suggestion),
-            )
+        return render_study(
+            request, study_uid, typed=(draft_id, findings, suggestion.impression), suggestion=suggestion
+        )
 
     @app.get("/images/seg/{result_id}/{segment_number}.png")
     def segment_image(request: Request, result_id: int, segment_number: int) -> Response:
