@@ -13,9 +13,22 @@ The geometry is worked out by :func:`slice_geometry` (pure, headers in,
 numbers out) and judged by :func:`check_geometry`, so both are unit-testable
 without pixel data.
 
-Memory: headers are read first without Pixel Data; the voxel array is then
-preallocated and filled one file at a time, so the peak is about one volume
-plus one decoded slice.
+Reading: each file is parsed once.  Its header is read with pydicom's
+``defer_size``, so that an uncompressed Pixel Data value stays on disk until its
+slice goes into the voxel array; pydicom then reads just that value, and
+:func:`native_pixels` takes its bytes as they are (``np.frombuffer``).  Before,
+the headers were parsed without Pixel Data and every file was parsed a second
+time by pydicom's pixel decoder, which cost more than the first parse.
+Compressed (encapsulated) Pixel Data has no length up front, so pydicom reads it
+with the header, and pydicom's decoders (pylibjpeg, openjpeg, rle plugins)
+decode it from memory.
+
+Memory: the voxel array is preallocated once the geometry is checked and
+filled one file at a time; each slice's Pixel Data is dropped from its header
+as soon as it is in the volume, so the peak is about one volume plus one
+slice for uncompressed series, and one volume plus the series' compressed
+Pixel Data for compressed ones.  The headers kept in the :class:`Volume` are
+what ``stop_before_pixels`` would give and need no file afterwards.
 """
 
 from __future__ import annotations
@@ -29,8 +42,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_ai.analyze.base import AnalysisRefused
 
@@ -40,6 +55,15 @@ MIN_SLICES = 3
 ORIENTATION_TOLERANCE = 1e-4
 #: Two slices closer than this along the normal (mm) are duplicates.
 DUPLICATE_POSITION_MM = 1e-3
+#: Values longer than this (bytes) are left on disk when a header is read and read when first used
+#: (pydicom's ``defer_size``).  In practice that is the Pixel Data of any image of 64x64 or more, which
+#: is then read once, when it goes into the volume.
+DEFER_SIZE_BYTES = 8 * 1024
+#: Tag of Pixel Data; nothing from it on is kept in a loaded volume's headers (as ``stop_before_pixels``).
+_PIXEL_DATA_TAG = 0x7FE00010
+#: Uncompressed little-endian transfer syntaxes whose Pixel Data :func:`native_pixels` reads directly.
+_NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_INT16 = np.iinfo(np.int16)
 
 
 @dataclass
@@ -318,10 +342,25 @@ def _check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> tuple[in
 
 
 def _read_header(path: Path) -> Dataset:
+    """The dataset of ``path`` with large values (the Pixel Data) deferred: read when first used."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, defer_size=DEFER_SIZE_BYTES)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise AnalysisRefused(f"{path} cannot be read as DICOM: {exc}") from exc
+
+
+def _detach_header(header: Dataset) -> None:
+    """Make ``header`` what ``stop_before_pixels`` would have read, independent of its file.
+
+    Pixel Data and whatever follows it (trailing padding, signatures) are deleted; any other value
+    that :func:`_read_header` deferred (large private or overlay data, rare) is read now, so that the
+    headers of a :class:`Volume` never reach back to files that may have been deleted since.
+    """
+    del header[_PIXEL_DATA_TAG:]
+    for tag in list(header.keys()):
+        element: DataElement | RawDataElement = header.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is None and element.length:  # deferred
+            header[tag]  # noqa: B018 - indexing reads the deferred value and keeps it in the dataset
 
 
 def _rescale_is_integral(header: Dataset) -> bool:
@@ -378,6 +417,83 @@ def decode_pixels(path: Path) -> np.ndarray:
         ) from exc
 
 
+def native_pixels(header: Dataset) -> np.ndarray | None:
+    """Stored values of uncompressed little-endian Pixel Data as an array, or None for other data.
+
+    The bytes of such Pixel Data are the pixels, so they are taken as they are
+    (``np.frombuffer``); when Bits Stored is less than Bits Allocated, the
+    unused high bits are cleared, sign-extending signed values, exactly as
+    pydicom's own native decoder does.  None means "not this simple case"
+    (compressed, big-endian, 1-bit, multi-sample, short or missing Pixel Data)
+    and the caller lets pydicom decode it.
+    """
+    file_meta = getattr(header, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    allocated = header.get("BitsAllocated")
+    representation = header.get("PixelRepresentation")
+    if (
+        syntax not in _NATIVE_LITTLE_ENDIAN
+        or allocated not in (8, 16, 32)
+        or representation not in (0, 1)
+        or header.get("SamplesPerPixel", 1) != 1
+        or int(header.get("NumberOfFrames", 1) or 1) != 1
+        or "PixelData" not in header
+    ):
+        return None
+    rows, columns = int(header.Rows), int(header.Columns)
+    dtype = np.dtype(f"<{'i' if representation else 'u'}{allocated // 8}")
+    data = header.PixelData  # a deferred value is read from the file here
+    if len(data) < rows * columns * dtype.itemsize:
+        return None  # pydicom's decoder reports the truncation
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    stored = int(header.get("BitsStored") or allocated)
+    if 0 < stored < allocated:
+        shift = allocated - stored
+        pixels = np.left_shift(pixels, shift)  # a writable copy; the right shift then works in place
+        np.right_shift(pixels, shift, out=pixels)
+    return pixels
+
+
+def _decode_header_pixels(header: Dataset, path: Path) -> np.ndarray:
+    """Stored values of the slice whose header (with its Pixel Data deferred or in memory) is ``header``."""
+    try:
+        native = native_pixels(header)
+        return native if native is not None else header.pixel_array
+    except Exception as exc:  # decoder plugins raise a variety of types; all mean "cannot decode"
+        file_meta = getattr(header, "file_meta", None)
+        syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+        name = syntax.name if syntax is not None else "unknown"
+        raise AnalysisRefused(
+            f"pixel data of {path.name} (transfer syntax {name}) cannot be decoded: {exc}"
+        ) from exc
+
+
+def _store_slice(voxels: np.ndarray, k: int, stored: np.ndarray, header: Dataset) -> np.ndarray:
+    """Write slice ``k`` in modality units into ``voxels``; return ``voxels``, widened if it had to be.
+
+    The common CT case (int16 volume, slope 1, integral intercept, stored
+    values of at most 16 bits) is written straight into the volume: the range
+    check uses the slice's extreme stored values, and NumPy adds in int32 and
+    casts to int16 block by block, so no rescaled copy of the slice is made
+    (allocating one per slice cost more than the addition).  Everything else
+    goes through :func:`_modality_values`.
+    """
+    if voxels.dtype == np.int16 and "ModalityLUTSequence" not in header:
+        slope = float(header.get("RescaleSlope", 1) or 1)
+        intercept = float(header.get("RescaleIntercept", 0) or 0)
+        if slope == 1 and intercept.is_integer() and stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+            low, high = int(stored.min()) + int(intercept), int(stored.max()) + int(intercept)
+            if _INT16.min <= low and high <= _INT16.max:
+                np.add(stored, np.int32(intercept), out=voxels[k], casting="unsafe")
+                return voxels
+    values = _modality_values(stored, header)
+    if voxels.dtype == np.int16 and (values.min() < _INT16.min or values.max() > _INT16.max):
+        # Rare (16-bit stored values with a large intercept): widen once, briefly ~1.5x the final volume.
+        voxels = voxels.astype(np.float32)
+    voxels[k] = values
+    return voxels
+
+
 def load_series(
     paths: Sequence[Path],
     *,
@@ -415,18 +531,14 @@ def load_series(
     paths = [paths[i] for i in geometry.order]
     integral = all(_rescale_is_integral(h) for h in headers)
     voxels = np.empty((len(paths), rows, columns), dtype=np.int16 if integral else np.float32)
-    int16 = np.iinfo(np.int16)
     for k, (path, header) in enumerate(zip(paths, headers, strict=True)):
-        stored = decode_pixels(path)
+        stored = _decode_header_pixels(header, path)
         if stored.shape != (rows, columns):
             raise AnalysisRefused(
                 f"{path.name} decodes to shape {stored.shape}, not the {rows}x{columns} its header declares"
             )
-        values = _modality_values(stored, header)
-        if voxels.dtype == np.int16 and (values.min() < int16.min or values.max() > int16.max):
-            # Rare (16-bit stored values with a large intercept): widen once, briefly ~1.5x the final volume.
-            voxels = voxels.astype(np.float32)
-        voxels[k] = values
+        voxels = _store_slice(voxels, k, stored, header)
+        _detach_header(header)
     dy, dx = geometry.pixel_spacing_mm
     return Volume(
         voxels=voxels,

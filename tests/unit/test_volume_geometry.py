@@ -15,7 +15,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from pacs_ai.analyze.base import AnalysisRefused
-from pacs_ai.analyze.volume import check_geometry, decode_pixels, load_series, slice_geometry
+from pacs_ai.analyze.volume import check_geometry, decode_pixels, load_series, native_pixels, slice_geometry
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -291,3 +291,75 @@ def test_real_jpeg_baseline_radiograph_decodes() -> None:
     # As a "series" it has no 3D geometry, which is refused clearly rather than crashing.
     with pytest.raises(AnalysisRefused, match="only 1 slice"):
         load_series([path])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading each file once: deferred Pixel Data, native pixels, headers without files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allocated", "stored", "signed"),
+    [(16, 12, 0), (16, 12, 1), (16, 16, 1), (16, 16, 0), (8, 8, 0), (8, 7, 1), (32, 20, 1)],
+)
+def test_native_pixels_equal_pydicoms_decoder(
+    tmp_path: Path, allocated: int, stored: int, signed: int
+) -> None:
+    # Values across the whole Bits Stored range, with the unused high bits filled with noise:
+    # pydicom clears (or sign-extends into) them, and native_pixels must give the very same array.
+    rng = np.random.default_rng(allocated * 100 + stored * 10 + signed)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    low, high = (-(2 ** (stored - 1)), 2 ** (stored - 1)) if signed else (0, 2**stored)
+    values = rng.integers(low, high, size=(96, 64), dtype=np.int64)
+    noise = rng.integers(0, 2 ** (allocated - stored), size=values.shape, dtype=np.int64) << stored
+    raw = ((values & (2**stored - 1)) | noise).astype(np.uint64).astype(f"<u{allocated // 8}")
+    paths, _ = write_ct_series(tmp_path, [0.0], rows=96, columns=64)
+    ds = pydicom.dcmread(paths[0])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        allocated,
+        stored,
+        stored - 1,
+        signed,
+    )
+    ds.PixelData = raw.tobytes()
+    ds.save_as(paths[0], enforce_file_format=True)
+
+    expected = pydicom.dcmread(paths[0]).pixel_array
+    header = pydicom.dcmread(paths[0], defer_size=1024)
+    assert header.get_item("PixelData", keep_deferred=True).value is None  # deferred: read by native_pixels
+    pixels = native_pixels(header)
+    assert pixels is not None
+    assert pixels.dtype == dtype == expected.dtype
+    np.testing.assert_array_equal(pixels, expected)
+    np.testing.assert_array_equal(pixels, values)
+
+
+def test_native_pixels_leave_compressed_data_to_pydicom(tmp_path: Path) -> None:
+    paths, _ = write_ct_series(tmp_path, [0.0], rows=32, columns=32, transfer_syntax=RLELossless)
+    assert native_pixels(pydicom.dcmread(paths[0])) is None
+
+
+def test_loaded_headers_hold_no_pixel_data_and_need_no_file(tmp_path: Path) -> None:
+    # 128x128 slices: their Pixel Data is deferred when the headers are read.  A large private
+    # value before it is deferred too and must be in the header once loaded; what follows Pixel
+    # Data is not kept, as with stop_before_pixels.
+    paths, stored = write_ct_series(tmp_path, [0.0, 1.0, 2.0], rows=128, columns=128)
+    blob = bytes(range(256)) * 64  # 16 KiB
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        block = ds.private_block(0x0029, "PACS-AI TEST", create=True)
+        block.add_new(0x10, "OB", blob)
+        ds.DataSetTrailingPadding = b"\0" * 64
+        ds.save_as(path, enforce_file_format=True)
+
+    volume = load_series(paths)
+    for path in paths:
+        path.unlink()
+
+    for k, header in enumerate(volume.headers):
+        assert "PixelData" not in header
+        assert "DataSetTrailingPadding" not in header
+        assert header.private_block(0x0029, "PACS-AI TEST")[0x10].value == blob
+        for element in header.iterall():  # every value is in memory: no file is needed any more
+            assert element.value is not None or element.is_empty
+        np.testing.assert_array_equal(volume.voxels[k], stored[float(k)].astype(np.int32) - 1024)
