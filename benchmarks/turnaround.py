@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--quiet-period", type=float, default=1.0)
     parser.add_argument("--associations", type=int, default=4)
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=1,
+        help="pool processes of the worker (1 as in the tests and the README figures; serve's default is 2)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="turnaround-") as tmp_name:
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_env={
                     "PACS_AI_QUIET_PERIOD_SECONDS": str(args.quiet_period),
                     "PACS_AI_LISTENER_PROCESSES": "2",
+                    "PACS_AI_WORKER_CONCURRENCY": str(args.worker_concurrency),
                 },
             ) as service:
                 sent = storescu(
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 if sent.returncode != 0:
                     raise SystemExit(f"storescu failed: {sent.stderr[-2000:]}")
                 wait_for(
-                    lambda: service.query("SELECT count(*) FROM deliveries WHERE state = 'SENT'")[0][0] == 2,
+                    lambda: service.query(_SENT_RESULTS)[0][0] == 2,
                     timeout=600,
                     interval=0.2,
                     description="SEG and SR acknowledged by Orthanc",
@@ -84,12 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: The analysis results (SEG and SR) acknowledged by the PACS; the AI report draft, which is
+#: delivered too once the study's last analysis is done, is not part of the turnaround.
+_RESULTS_SENT = (
+    "FROM deliveries JOIN results ON results.id = deliveries.result_fk "
+    "WHERE deliveries.state = 'SENT' AND results.kind IN ('SEG', 'SR')"
+)
+_SENT_RESULTS = f"SELECT count(*) {_RESULTS_SENT}"
+
+
 def stage_report(service: PacsAiService) -> dict[str, float]:
     ((last_received,),) = service.query("SELECT max(received_at) FROM instances")
     ((created, started, finished, timings),) = service.query(
         "SELECT created_at, started_at, finished_at, timings FROM jobs"
     )
-    ((last_sent,),) = service.query("SELECT max(sent_at) FROM deliveries")
+    ((last_sent,),) = service.query(f"SELECT max(deliveries.sent_at) {_RESULTS_SENT}")
     stamps = [_parse(value) for value in (last_received, created, started, finished, last_sent)]
     timings = json.loads(timings) if isinstance(timings, str) else timings
     return {
@@ -134,7 +150,10 @@ def _parse(value: object) -> float:
 
 def print_report(report: dict[str, float], args: argparse.Namespace, sitk_seconds: float) -> None:
     outside = report["turnaround"] - report["quiet_period"] - report["analyze"]
-    print(f"chest CT {args.slices} x {args.size}x{args.size}, sent over {args.associations} associations")
+    print(
+        f"chest CT {args.slices} x {args.size}x{args.size}, sent over {args.associations} associations; "
+        f"worker concurrency {args.worker_concurrency}"
+    )
     print("stage                seconds")
     for stage in ("quiet_period", "queue", "load", "analyze", "encode", "record", "dispatch"):
         print(f"  {stage:<18} {report[stage]:7.2f}")

@@ -6,6 +6,12 @@ Queues, one per kind of work:
 * ``gpu``: model inference; served by GPU workers, or by CPU workers where no GPU exists;
 * ``dispatch``: sending results to destinations (light, network-bound).
 
+A worker takes the next message from its queues in the order of
+:data:`QUEUES` (``queue_order_strategy`` "priority"; within that, message
+priority first): ``dispatch`` comes first, so results already computed go out
+before the worker starts the next analysis or report draft; otherwise a
+study's SEG and SR would wait behind every analysis queued after it.
+
 Tasks are acknowledged late (after they finish) and rejected back to the queue
 when their worker process dies, so a killed worker's task is run by another.
 The broker is only a delivery mechanism: the index holds the state, and the
@@ -25,7 +31,8 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory
 from pacs_ai.logging_setup import quiet_noisy_libraries
 
-QUEUES = ("cpu", "gpu", "dispatch")
+#: In the order a worker serves them (see the module docstring).
+QUEUES = ("dispatch", "cpu", "gpu")
 
 
 class PacsAiCelery(Celery):

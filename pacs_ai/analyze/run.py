@@ -30,7 +30,6 @@ from typing import Any, cast
 
 import psutil
 from pydantic import ValidationError
-from pydicom import Dataset
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,8 +39,9 @@ from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
-from pacs_ai.encode import EquipmentInfo, write_dataset
-from pacs_ai.encode.results import PreviousResult, build_results
+from pacs_ai.encode import EquipmentInfo
+from pacs_ai.encode.results import PreviousResult
+from pacs_ai.encode.writing import WrittenResult, write_results
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import (
@@ -134,8 +134,8 @@ def run_job(
     with session_scope(sessions) as session:
         job = session.get(Job, job_id)
         assert job is not None
-        for kind, dataset, path in written:
-            _record_result(session, job, kind, dataset, path, destinations)
+        for item in written:
+            _record_result(session, job, item, destinations)
         _record_replacements(session, job, written, previous)
         job.state = JobState.SUCCEEDED
         job.error = None
@@ -209,20 +209,20 @@ def _previous_results(session: Session, job: Job) -> list[PreviousResult]:
 def _record_replacements(
     session: Session,
     job: Job,
-    written: list[tuple[str, Dataset, Path]],
+    written: list[WrittenResult],
     previous: list[PreviousResult],
 ) -> None:
     """Audit which earlier result each new one replaces (same kind, latest earlier version)."""
-    for kind, dataset, _ in written:
-        for old in (item for item in previous if item.kind == kind):
+    for new in written:
+        for old in (item for item in previous if item.kind == new.kind):
             record_audit(
                 session,
                 actor="worker",
                 action="result.replaces",
                 object_type="result",
-                object_uid=str(dataset.SOPInstanceUID),
+                object_uid=new.sop_instance_uid,
                 detail={
-                    "kind": kind,
+                    "kind": new.kind,
                     "job": job.id,
                     "version": job.version,
                     "replaces_sop_instance_uid": old.sop_instance_uid,
@@ -238,43 +238,36 @@ def _encode_and_write(
     job_key: str,
     version: int = 1,
     previous: list[PreviousResult] | None = None,
-) -> list[tuple[str, Dataset, Path]]:
+) -> list[WrittenResult]:
+    """SEG and SR of the job written (fsynced) under the study's results folder."""
     equipment = EquipmentInfo(
         institution_name=settings.institution_name,
         station_name=settings.station_name,
         device_serial_number=settings.ae_title,
     )
-    objects = build_results(
+    return write_results(
         volume,
         result,
+        settings.results_dir / str(volume.headers[0].StudyInstanceUID),
         key=job_key,
         equipment=equipment,
         uid_prefix=settings.uid_prefix,
         version=version,
         previous=previous or (),
+        fsync=settings.fsync,
     )
-    study_dir = settings.results_dir / str(volume.headers[0].StudyInstanceUID)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[str, Dataset, Path]] = []
-    for kind, dataset in objects:
-        path = study_dir / f"{dataset.SOPInstanceUID}.dcm"
-        write_dataset(dataset, path, fsync=settings.fsync)
-        written.append((kind, dataset, path))
-    return written
 
 
-def _record_result(
-    session: Session, job: Job, kind: str, dataset: Dataset, path: Path, destinations: list[str]
-) -> None:
-    result = session.scalar(select(Result).where(Result.sop_instance_uid == str(dataset.SOPInstanceUID)))
+def _record_result(session: Session, job: Job, written: WrittenResult, destinations: list[str]) -> None:
+    result = session.scalar(select(Result).where(Result.sop_instance_uid == written.sop_instance_uid))
     if result is None:
         result = Result(
             job_fk=job.id,
-            kind=kind,
-            sop_class_uid=str(dataset.SOPClassUID),
-            sop_instance_uid=str(dataset.SOPInstanceUID),
-            series_instance_uid=str(dataset.SeriesInstanceUID),
-            path=str(path),
+            kind=written.kind,
+            sop_class_uid=written.sop_class_uid,
+            sop_instance_uid=written.sop_instance_uid,
+            series_instance_uid=written.series_instance_uid,
+            path=str(written.path),
         )
         session.add(result)
         session.flush()

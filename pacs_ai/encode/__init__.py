@@ -8,7 +8,9 @@
   :func:`~pacs_ai.encode.results.build_results`);
 * :func:`derived_uid` - deterministic UIDs so re-runs overwrite, not duplicate;
 * :class:`EquipmentInfo` - the pacs-ai identity written into both;
-* :func:`write_dataset` - atomic Part 10 write.
+* :func:`write_dataset` - atomic Part 10 write;
+* :func:`pacs_ai.encode.writing.write_results` - a job's SEG and SR built and
+  written at the same time (the SR in a forked child), as the pipeline does.
 
 Both objects say, in Series Description and content, that they are
 AI-generated and unverified.

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pydicom.uid import SegmentationStorage
 
 from pacs_ai.analyze.base import AnalysisResult
 from pacs_ai.analyze.volume import Volume
@@ -73,6 +74,118 @@ def versioned(description: str, version: int) -> str:
     return description[: 64 - len(suffix)] + suffix
 
 
+@dataclass(frozen=True)
+class ResultIdentities:
+    """The Series and SOP Instance UIDs of one analysis's SEG and SR.
+
+    All derive from the job's key, so they are known before either object is
+    built: the SR can then be built without the SEG object (see
+    :func:`segmentation_reference`), at the same time as the SEG.
+    """
+
+    seg_series_instance_uid: str
+    seg_sop_instance_uid: str
+    sr_series_instance_uid: str
+    sr_sop_instance_uid: str
+
+    @classmethod
+    def derive(cls, key: str, uid_prefix: str | None = None) -> ResultIdentities:
+        """The identities for ``key`` (the job's idempotency key): the same on every run."""
+        return cls(
+            seg_series_instance_uid=derived_uid(key, "seg-series", prefix=uid_prefix),
+            seg_sop_instance_uid=derived_uid(key, "seg-instance", prefix=uid_prefix),
+            sr_series_instance_uid=derived_uid(key, "sr-series", prefix=uid_prefix),
+            sr_sop_instance_uid=derived_uid(key, "sr-instance", prefix=uid_prefix),
+        )
+
+
+def segmentation_reference(volume: Volume, result: AnalysisResult, identities: ResultIdentities) -> Dataset:
+    """What the SR reads of its SEG, without building the SEG: identities and segment numbers.
+
+    :func:`~pacs_ai.encode.sr.build_measurement_report` uses the SEG's Study,
+    Series and SOP Instance UIDs, its SOP Class and the numbers in its Segment
+    Sequence (to check that every measured segment is encoded); all of them
+    are known before the SEG exists, since :func:`build_segmentation_for`
+    encodes exactly ``result.segments`` under ``identities``.
+    """
+    reference = Dataset()
+    reference.StudyInstanceUID = volume.headers[0].StudyInstanceUID
+    reference.SeriesInstanceUID = identities.seg_series_instance_uid
+    reference.SOPClassUID = SegmentationStorage
+    reference.SOPInstanceUID = identities.seg_sop_instance_uid
+    segments = []
+    for spec in result.segments:
+        item = Dataset()
+        item.SegmentNumber = spec.number
+        segments.append(item)
+    reference.SegmentSequence = segments
+    return reference
+
+
+def build_segmentation_for(
+    volume: Volume,
+    result: AnalysisResult,
+    *,
+    identities: ResultIdentities,
+    equipment: EquipmentInfo,
+    uid_prefix: str | None = None,
+    version: int = 1,
+) -> Dataset:
+    """The SEG of one analysis (``result.labels`` must be set), as the pipeline numbers and names it."""
+    return build_segmentation(
+        volume,
+        result,
+        series_instance_uid=identities.seg_series_instance_uid,
+        sop_instance_uid=identities.seg_sop_instance_uid,
+        series_number=SEG_SERIES_NUMBER + _series_number_step(version),
+        instance_number=1,
+        equipment=equipment,
+        series_description=versioned(SEGMENTATION_DESCRIPTION, version),
+        uid_prefix=uid_prefix,
+    )
+
+
+def build_report_for(
+    volume: Volume,
+    result: AnalysisResult,
+    segmentation: Dataset | None,
+    *,
+    identities: ResultIdentities,
+    equipment: EquipmentInfo,
+    uid_prefix: str | None = None,
+    version: int = 1,
+    previous: Sequence[PreviousResult] = (),
+) -> Dataset:
+    """The SR of one analysis.
+
+    ``segmentation`` is its SEG or the SEG's :func:`segmentation_reference`
+    (the SR comes out the same); None for a result without a label map.
+    """
+    predecessors = [item.reference() for item in previous if item.kind == "SR"]
+    return build_measurement_report(
+        volume,
+        result,
+        segmentation,
+        series_instance_uid=identities.sr_series_instance_uid,
+        sop_instance_uid=identities.sr_sop_instance_uid,
+        series_number=SR_SERIES_NUMBER + _series_number_step(version),
+        instance_number=1,
+        equipment=equipment,
+        series_description=versioned(
+            SEGMENTATION_SR_DESCRIPTION if segmentation is not None else CLASSIFICATION_SR_DESCRIPTION,
+            version,
+        ),
+        procedure_reported=procedure_reported_for(volume.headers[0]),
+        uid_prefix=uid_prefix,
+        previous_versions=predecessors or None,
+    )
+
+
+def _series_number_step(version: int) -> int:
+    """Series Numbers are 10 higher per version (see the module docstring)."""
+    return 10 * (max(version, 1) - 1)
+
+
 def build_results(
     volume: Volume,
     result: AnalysisResult,
@@ -90,39 +203,26 @@ def build_results(
     SR's Procedure Reported follows the source (CT of chest, plain chest X-ray, ...).
     ``version`` is the job version and ``previous`` the objects of the version
     this one replaces (see the module docstring for how they are referenced).
+    One after the other, in this process; the pipeline builds the two at the
+    same time (:mod:`pacs_ai.encode.writing`).
     """
-    step = 10 * (max(version, 1) - 1)
-    predecessors = [item.reference() for item in previous if item.kind == "SR"]
+    identities = ResultIdentities.derive(key, uid_prefix)
     objects: list[tuple[str, Dataset]] = []
     seg: Dataset | None = None
     if result.labels is not None:
-        seg = build_segmentation(
-            volume,
-            result,
-            series_instance_uid=derived_uid(key, "seg-series", prefix=uid_prefix),
-            sop_instance_uid=derived_uid(key, "seg-instance", prefix=uid_prefix),
-            series_number=SEG_SERIES_NUMBER + step,
-            instance_number=1,
-            equipment=equipment,
-            series_description=versioned(SEGMENTATION_DESCRIPTION, version),
-            uid_prefix=uid_prefix,
+        seg = build_segmentation_for(
+            volume, result, identities=identities, equipment=equipment, uid_prefix=uid_prefix, version=version
         )
         objects.append(("SEG", seg))
-    sr = build_measurement_report(
+    sr = build_report_for(
         volume,
         result,
         seg,
-        series_instance_uid=derived_uid(key, "sr-series", prefix=uid_prefix),
-        sop_instance_uid=derived_uid(key, "sr-instance", prefix=uid_prefix),
-        series_number=SR_SERIES_NUMBER + step,
-        instance_number=1,
+        identities=identities,
         equipment=equipment,
-        series_description=versioned(
-            SEGMENTATION_SR_DESCRIPTION if seg is not None else CLASSIFICATION_SR_DESCRIPTION, version
-        ),
-        procedure_reported=procedure_reported_for(volume.headers[0]),
         uid_prefix=uid_prefix,
-        previous_versions=predecessors or None,
+        version=version,
+        previous=previous,
     )
     objects.append(("SR", sr))
     return objects

@@ -7,15 +7,15 @@ from pacs_ai.service import WorkerSpec, gpu_worker_devices, plan_workers
 
 def test_without_gpu_cpu_workers_serve_every_queue() -> None:
     assert plan_workers(2, 3, []) == [
-        WorkerSpec("pacs-ai-0", ("cpu", "gpu", "dispatch"), 3),
-        WorkerSpec("pacs-ai-1", ("cpu", "gpu", "dispatch"), 3),
+        WorkerSpec("pacs-ai-0", ("dispatch", "cpu", "gpu"), 3),
+        WorkerSpec("pacs-ai-1", ("dispatch", "cpu", "gpu"), 3),
     ]
 
 
 def test_with_gpus_one_single_task_worker_per_gpu_serves_the_gpu_queue() -> None:
     specs = plan_workers(1, 2, ["0", "1"])
     assert specs == [
-        WorkerSpec("pacs-ai-0", ("cpu", "dispatch"), 2),
+        WorkerSpec("pacs-ai-0", ("dispatch", "cpu"), 2),
         WorkerSpec("pacs-ai-gpu0", ("gpu",), 1, "0"),
         WorkerSpec("pacs-ai-gpu1", ("gpu",), 1, "1"),
     ]
