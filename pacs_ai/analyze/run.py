@@ -55,6 +55,7 @@ from pacs_ai.index.models import (
     Study,
     utcnow,
 )
+from pacs_ai.index.results import record_result
 from pacs_ai.route.priority import PriorityDecision, decide_priority, less_urgent_than, parse_rules
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,19 @@ def run_job(
         job = session.get(Job, job_id)
         assert job is not None
         for item in written:
-            _record_result(session, job, item, destinations)
+            # The worker enqueues the deliveries right away; the lease lets the scheduler
+            # re-enqueue one should that message be lost.
+            record_result(
+                session,
+                job.id,
+                kind=item.kind,
+                sop_class_uid=item.sop_class_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                series_instance_uid=item.series_instance_uid,
+                path=item.path,
+                destinations=destinations,
+                next_attempt_at=lease_expiry(),
+            )
         _record_replacements(session, job, written, previous)
         job.state = JobState.SUCCEEDED
         job.error = None
@@ -256,35 +269,6 @@ def _encode_and_write(
         previous=previous or (),
         fsync=settings.fsync,
     )
-
-
-def _record_result(session: Session, job: Job, written: WrittenResult, destinations: list[str]) -> None:
-    result = session.scalar(select(Result).where(Result.sop_instance_uid == written.sop_instance_uid))
-    if result is None:
-        result = Result(
-            job_fk=job.id,
-            kind=written.kind,
-            sop_class_uid=written.sop_class_uid,
-            sop_instance_uid=written.sop_instance_uid,
-            series_instance_uid=written.series_instance_uid,
-            path=str(written.path),
-        )
-        session.add(result)
-        session.flush()
-    known = set(session.scalars(select(Delivery.destination).where(Delivery.result_fk == result.id)))
-    for destination in destinations:
-        if destination not in known:
-            # The worker enqueues it right away; the lease lets the scheduler
-            # re-enqueue it should that message be lost.
-            session.add(
-                Delivery(
-                    result_fk=result.id,
-                    destination=destination,
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    next_attempt_at=lease_expiry(),
-                )
-            )
 
 
 def _pending_deliveries(session: Session, job: Job) -> list[int]:

@@ -26,7 +26,13 @@ from pydicom.sr.codedict import codes
 
 from pacs_ai.analyze.base import AlgorithmInfo
 
-__all__ = ["EquipmentInfo", "add_contributing_equipment", "processing_equipment"]
+__all__ = [
+    "EquipmentInfo",
+    "GeneralEquipment",
+    "add_contributing_equipment",
+    "contributing_equipment",
+    "processing_equipment",
+]
 
 #: Used when the package version cannot be read (e.g. a vendored copy).
 _FALLBACK_VERSION = "0.1.0"
@@ -88,6 +94,27 @@ class EquipmentInfo:
         )
 
 
+def contributing_equipment(
+    equipment: EquipmentInfo, *, software: str, description: str
+) -> hd.ContributingEquipment:
+    """A Processing Equipment item naming pacs-ai and, second in Software Versions, ``software``.
+
+    ``software`` is what did the work inside pacs-ai (an algorithm, a drafting
+    model, with its version); ``description`` is the Contribution Description
+    (ST, up to 1024 characters).
+    """
+    return hd.ContributingEquipment(
+        manufacturer=equipment.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=[f"{equipment.model_name} {equipment.software_version}", software],
+        device_serial_number=equipment.device_serial_number,
+        institution_name=equipment.institution_name,
+        station_name=equipment.station_name,
+        contribution_description=description,
+    )
+
+
 def processing_equipment(equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
     """Build the Contributing Equipment item naming pacs-ai and the algorithm.
 
@@ -102,15 +129,10 @@ def processing_equipment(equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> 
             f"Algorithm name and version {algorithm_version!r} exceed 64 characters "
             "(Software Versions is LO); shorten AlgorithmInfo.name or .version"
         )
-    return hd.ContributingEquipment(
-        manufacturer=equipment.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=equipment.model_name,
-        software_versions=[f"{equipment.model_name} {equipment.software_version}", algorithm_version],
-        device_serial_number=equipment.device_serial_number,
-        institution_name=equipment.institution_name,
-        station_name=equipment.station_name,
-        contribution_description=(
+    return contributing_equipment(
+        equipment,
+        software=algorithm_version,
+        description=(
             f"AI analysis by {algorithm.name} {algorithm.version}; result not verified by a physician"
         ),
     )

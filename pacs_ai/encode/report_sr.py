@@ -50,7 +50,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.valuerep import DT
 
 from pacs_ai.encode.copied import drop_invalid_optional_attributes
-from pacs_ai.encode.equipment import EquipmentInfo
+from pacs_ai.encode.equipment import EquipmentInfo, contributing_equipment
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
@@ -267,16 +267,7 @@ def _drafting_equipment(
     equipment: EquipmentInfo, drafter: DraftingModel, description: str
 ) -> hd.ContributingEquipment:
     """Contributing Equipment naming pacs-ai and the drafting model (Software Versions holds both)."""
-    return hd.ContributingEquipment(
-        manufacturer=equipment.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=equipment.model_name,
-        software_versions=[f"{equipment.model_name} {equipment.software_version}", drafter.label],
-        device_serial_number=equipment.device_serial_number,
-        institution_name=equipment.institution_name,
-        station_name=equipment.station_name,
-        contribution_description=description,  # ST: up to 1024 characters
-    )
+    return contributing_equipment(equipment, software=drafter.label, description=description)
 
 
 def build_draft_sr(

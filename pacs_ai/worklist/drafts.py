@@ -56,6 +56,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.index.reports import ReportDraft, ReportStatus, Role, User
+from pacs_ai.index.results import record_result
 
 __all__ = [
     "RecordedReport",
@@ -113,31 +114,22 @@ def _read_header(path: Path) -> Dataset:
 def _record_sr_result(
     session: Session, job: Job, kind: str, sr: Dataset, path: Path, destinations: Sequence[str]
 ) -> list[int]:
-    result = session.scalar(select(Result).where(Result.sop_instance_uid == str(sr.SOPInstanceUID)))
-    if result is None:
-        result = Result(
-            job_fk=job.id,
-            kind=kind,
-            sop_class_uid=str(sr.SOPClassUID),
-            sop_instance_uid=str(sr.SOPInstanceUID),
-            series_instance_uid=str(sr.SeriesInstanceUID),
-            path=str(path),
-        )
-        session.add(result)
-        session.flush()
-    known = set(session.scalars(select(Delivery.destination).where(Delivery.result_fk == result.id)))
-    for destination in destinations:
-        if destination not in known:
-            session.add(
-                Delivery(
-                    result_fk=result.id,
-                    destination=destination,
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    next_attempt_at=utcnow(),
-                )
-            )
-    session.flush()
+    """Record a report SR as a result of ``job``; return the ids of its pending deliveries.
+
+    They are due at once: the scheduler sends them at its next pass, unless the
+    caller queues them first (the draft task does).
+    """
+    result = record_result(
+        session,
+        job.id,
+        kind=kind,
+        sop_class_uid=str(sr.SOPClassUID),
+        sop_instance_uid=str(sr.SOPInstanceUID),
+        series_instance_uid=str(sr.SeriesInstanceUID),
+        path=path,
+        destinations=destinations,
+        next_attempt_at=utcnow(),
+    )
     return list(
         session.scalars(
             select(Delivery.id).where(
