@@ -32,7 +32,7 @@ from pydicom.uid import (
 )
 
 from pacs_ai.analyze.base import AnalysisRefused
-from pacs_ai.analyze.volume import Volume, decode_pixels
+from pacs_ai.analyze.volume import Volume, check_greyscale_image, decode_pixels
 
 __all__ = ["RADIOGRAPH_SOP_CLASSES", "display_values", "load_radiograph", "radiograph_spacing"]
 
@@ -66,21 +66,7 @@ def _check_header(header: Dataset, name: str) -> tuple[int, int]:
             f"{name} has SOP Class {described}; a radiograph must be one of "
             f"{', '.join(RADIOGRAPH_SOP_CLASSES.values())}"
         )
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise AnalysisRefused(
-            f"{name} is a multi-frame image ({frames} frames); a radiograph is one single-frame image"
-        )
-    samples = header.get("SamplesPerPixel")
-    photometric = str(header.get("PhotometricInterpretation", ""))
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise AnalysisRefused(
-            f"{name} is not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation "
-            f"{photometric or 'missing'}); only MONOCHROME1/2 radiographs are analysed"
-        )
-    if header.get("Rows") is None or header.get("Columns") is None:
-        raise AnalysisRefused(f"{name} has no Rows/Columns; it holds no image")
-    return int(header.Rows), int(header.Columns)
+    return check_greyscale_image(header, name, "a radiograph is one single-frame greyscale image")
 
 
 def radiograph_spacing(header: Dataset) -> tuple[tuple[float, float], str | None]:

@@ -318,27 +318,34 @@ def _check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> tuple[in
             f"{repeated} SOPInstanceUID(s) occur more than once; the same instance was given twice"
         )
     for index, header in enumerate(headers):
-        name = paths[index].name
-        frames = int(header.get("NumberOfFrames", 1) or 1)
-        if frames != 1:
-            raise AnalysisRefused(
-                f"{name} is a multi-frame image ({frames} frames); only single-frame series are loaded"
-            )
-        samples = header.get("SamplesPerPixel")
-        photometric = str(header.get("PhotometricInterpretation", ""))
-        if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise AnalysisRefused(
-                f"{name} is not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation "
-                f"{photometric or 'missing'}); only MONOCHROME1/2 with one sample per pixel is measurable"
-            )
-        if header.get("Rows") is None or header.get("Columns") is None:
-            raise AnalysisRefused(f"{name} has no Rows/Columns; it holds no image")
+        check_greyscale_image(header, paths[index].name, "only single-frame greyscale series are loaded")
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
         raise AnalysisRefused(
             f"slices have different matrix sizes {sorted(sizes)}; they do not form one volume"
         )
     return sizes.pop()
+
+
+def check_greyscale_image(header: Dataset, name: str, accepted: str) -> tuple[int, int]:
+    """(Rows, Columns) of a single-frame greyscale image; :class:`AnalysisRefused` otherwise.
+
+    ``name`` names the file and ``accepted`` ends each refusal, saying what the
+    caller takes (e.g. "only single-frame greyscale series are loaded").
+    """
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise AnalysisRefused(f"{name} is a multi-frame image ({frames} frames); {accepted}")
+    samples = header.get("SamplesPerPixel")
+    photometric = str(header.get("PhotometricInterpretation", ""))
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise AnalysisRefused(
+            f"{name} is not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation "
+            f"{photometric or 'missing'}, not MONOCHROME1/2 with one sample per pixel); {accepted}"
+        )
+    if header.get("Rows") is None or header.get("Columns") is None:
+        raise AnalysisRefused(f"{name} has no Rows/Columns; it holds no image")
+    return int(header.Rows), int(header.Columns)
 
 
 def _read_header(path: Path) -> Dataset:
