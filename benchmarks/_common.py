@@ -26,8 +26,10 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -182,6 +184,30 @@ def run_child(script: Path, args: Sequence[str], *, threads: int, timeout: float
             f"{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
         )
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def run_interleaved(
+    script: Path,
+    variants: Sequence[str],
+    repeats: int,
+    child_args: Callable[[str], list[str]],
+    *,
+    threads: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Each variant's measurements over ``repeats`` fresh processes (:func:`run_child`), by variant.
+
+    The variants take turns (A, B, A, B, ...) so that drift in the machine's load
+    hits every variant alike; ``child_args(variant)`` gives a child's arguments.
+    """
+    results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
+    for repeat in range(repeats):
+        for variant in variants:
+            start = time.perf_counter()
+            results[variant].append(run_child(script, child_args(variant), threads=threads))
+            print(
+                f"  run {repeat + 1} {variant:<10} done in {time.perf_counter() - start:5.1f} s", flush=True
+            )
+    return results
 
 
 def spread(values: Sequence[float]) -> str:

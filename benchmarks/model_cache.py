@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import ensure_phantom, report, run_child, warm_page_cache  # noqa: E402
+from benchmarks._common import ensure_phantom, report, run_interleaved, warm_page_cache  # noqa: E402
 from benchmarks.monai_deploy_inference import MODEL_NAME, write_bundle  # noqa: E402
 
 #: Pixel spacing of the phantom: size x spacing must cover the 200 mm the phantom's chest needs.
@@ -114,14 +114,13 @@ def run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     warm_page_cache(paths)
     bundle = write_bundle(args.root, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
     child_args = [str(bundle), str(paths[0].parent)]
-    return [
-        run_child(
-            Path(__file__),
-            ["--child", device, "--threads", str(args.threads), "--child-args", *child_args],
-            threads=args.threads,
-        )
-        for _ in range(args.repeats)
-    ]
+    return run_interleaved(
+        Path(__file__),
+        [device],
+        args.repeats,
+        lambda _: ["--child", device, "--threads", str(args.threads), "--child-args", *child_args],
+        threads=args.threads,
+    )[device]
 
 
 def parser() -> argparse.ArgumentParser:

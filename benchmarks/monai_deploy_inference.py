@@ -67,7 +67,7 @@ from benchmarks._common import (  # noqa: E402
     peak_rss_mib,
     report,
     reset_peak_rss,
-    run_child,
+    run_interleaved,
     sdk_available,
     sdk_version,
     spread,
@@ -421,28 +421,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} fresh process(es) per variant, {args.threads} threads; "
         + (f"MONAI Deploy App SDK {sdk_version()}" if sdk_available() else "SDK not installed")
     )
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-infer-labels-", dir="/tmp") as tmp:
         labels_paths = {v: Path(tmp) / f"{v}.npy" for v in args.variants}
-        for repeat in range(args.repeats):
-            for variant in args.variants:  # interleaved, so that drift in machine load hits every variant
-                start = time.perf_counter()
-                child_args = [
-                    str(bundle),
-                    str(paths[0].parent),
-                    str(warm_paths[0].parent),
-                    str(labels_paths[variant]),
-                ]
-                result = run_child(
-                    Path(__file__),
-                    ["--threads", str(args.threads), "--child", variant, "--child-args", *child_args],
-                    threads=args.threads,
-                )
-                results[variant].append(result)
-                print(
-                    f"  run {repeat + 1} {variant:<8} done in {time.perf_counter() - start:5.1f} s",
-                    flush=True,
-                )
+        folders = [str(bundle), str(paths[0].parent), str(warm_paths[0].parent)]
+        results = run_interleaved(
+            Path(__file__),
+            args.variants,
+            args.repeats,
+            lambda variant: [
+                "--threads",
+                str(args.threads),
+                "--child",
+                variant,
+                "--child-args",
+                *folders,
+                str(labels_paths[variant]),
+            ],
+            threads=args.threads,
+        )
         label_maps = {v: np.load(p) for v, p in labels_paths.items()}
 
     first = label_maps[args.variants[0]]

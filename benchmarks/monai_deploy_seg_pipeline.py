@@ -90,7 +90,7 @@ from benchmarks._common import (  # noqa: E402
     peak_rss_mib,
     report,
     reset_peak_rss,
-    run_child,
+    run_interleaved,
     sdk_available,
     sdk_version,
     spread,
@@ -434,18 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} fresh process(es) per variant, {args.threads} threads; "
         + (f"MONAI Deploy App SDK {sdk_version()}" if sdk_available() else "SDK not installed")
     )
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     child_args = [str(paths[0].parent), str(labels_path), str(warm_paths[0].parent), str(warm_labels)]
-    for repeat in range(args.repeats):
-        for variant in args.variants:  # interleaved, so that drift in machine load hits every variant
-            start = time.perf_counter()
-            result = run_child(
-                Path(__file__), ["--child", variant, "--child-args", *child_args], threads=args.threads
-            )
-            results[variant].append(result)
-            print(
-                f"  run {repeat + 1} {variant:<10} done in {time.perf_counter() - start:5.1f} s", flush=True
-            )
+    results = run_interleaved(
+        Path(__file__),
+        args.variants,
+        args.repeats,
+        lambda variant: ["--child", variant, "--child-args", *child_args],
+        threads=args.threads,
+    )
 
     reference = results[args.variants[0]][0]
     for variant, runs in results.items():

@@ -24,7 +24,6 @@ unhealthy (``problems`` says why), so monitoring can call it as it is.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,9 @@ from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, 
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, Instance, Job, Series, Study
+from pacs_ai.index.purge import spool_disk_usage
+from pacs_ai.index.retention import DiskUsage
+from pacs_ai.receive.server import low_disk_reason
 
 MIB = 1024 * 1024
 #: Seconds to wait for the broker: status must answer quickly when it is down.
@@ -76,14 +78,13 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     if service is None:
         problems.append("the service is not running (no live `pacs-ai serve` for this data directory)")
 
-    disk = _disk(settings)
-    refusing = None
+    usage = spool_disk_usage(settings)
+    disk = _disk(settings, usage)
     free_mb = disk["free_mb"] if disk else None
-    if free_mb is not None and free_mb < settings.refuse_associations_below_free_mb:
-        refusing = (
-            f"spool disk nearly full: {free_mb} MB free, below refuse_associations_below_free_mb="
-            f"{settings.refuse_associations_below_free_mb} MB"
-        )
+    refusing = (
+        low_disk_reason(usage.free_bytes, settings.refuse_associations_below_free_mb) if usage else None
+    )
+    if refusing is not None:
         problems.append(f"the listener refuses new associations: {refusing}")
 
     listener_pids = list(service.get("listener_pids", [])) if service else []
@@ -138,16 +139,14 @@ def _service_state(settings: Settings) -> dict[str, Any] | None:
     return state if isinstance(pid, int) and psutil.pid_exists(pid) else None
 
 
-def _disk(settings: Settings) -> dict[str, Any] | None:
-    path = next((p for p in (settings.spool_dir, settings.data_dir) if p.exists()), None)
-    if path is None:
+def _disk(settings: Settings, usage: DiskUsage | None) -> dict[str, Any] | None:
+    if usage is None:
         return None
-    usage = shutil.disk_usage(path)
     return {
-        "path": str(path),
-        "total_mb": usage.total // MIB,
-        "free_mb": usage.free // MIB,
-        "used_percent": round(100.0 * (usage.total - usage.free) / usage.total, 1) if usage.total else None,
+        "path": str(next(p for p in (settings.spool_dir, settings.data_dir) if p.exists())),
+        "total_mb": usage.total_bytes // MIB,
+        "free_mb": usage.free_bytes // MIB,
+        "used_percent": round(usage.used_percent, 1) if usage.total_bytes else None,
         "refuse_instances_below_mb": settings.min_free_disk_mb,
         "refuse_associations_below_mb": settings.refuse_associations_below_free_mb,
         "retention": {

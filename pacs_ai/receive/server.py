@@ -111,6 +111,20 @@ class _Released(Exception):
     """The association ended normally (A-RELEASE) or the peer aborted it."""
 
 
+def low_disk_reason(free_bytes: int, refuse_below_free_mb: int) -> str | None:
+    """Why new associations are refused with this much free on the spool's disk; None when they are not.
+
+    Shared by the listener and ``pacs-ai status``, so both say the same thing.
+    """
+    free_mb = free_bytes // (1024 * 1024)
+    if not refuse_below_free_mb or free_mb >= refuse_below_free_mb:
+        return None
+    return (
+        f"spool disk nearly full: {free_mb} MB free, below refuse_associations_below_free_mb="
+        f"{refuse_below_free_mb} MB"
+    )
+
+
 class AssociationServer:
     """Accepts associations from a listening socket shared with other processes and serves them."""
 
@@ -135,15 +149,10 @@ class AssociationServer:
         if not self.refuse_below_free_mb:
             return None
         try:
-            free_mb = self.handler.spool.free_bytes() // (1024 * 1024)
+            free_bytes = self.handler.spool.free_bytes()
         except OSError as exc:
             return f"spool disk unreadable: {exc}"
-        if free_mb >= self.refuse_below_free_mb:
-            return None
-        return (
-            f"spool disk nearly full: {free_mb} MB free, below refuse_associations_below_free_mb="
-            f"{self.refuse_below_free_mb} MB"
-        )
+        return low_disk_reason(free_bytes, self.refuse_below_free_mb)
 
     async def record_refused_association(self, sender: Sender, peer: str, reason: str) -> None:
         """Audit an association refused because of the disk (``association.refused``)."""
