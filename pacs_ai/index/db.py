@@ -9,7 +9,10 @@ URL in production.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,53 @@ def _configure_sqlite_connection(dbapi_connection, _record) -> None:  # type: ig
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
+
+
+class WriteGate:
+    """Write transactions that queue for SQLite's write lock instead of polling for it.
+
+    SQLite lets one writer in at a time; a connection that finds the lock taken
+    calls its busy handler, which sleeps 1, 2, 5, 10... ms and tries again.
+    Listener processes committing hundreds of rows a second collide often, and
+    each collision costs a sleep far longer than the commit it waits for (seen
+    under strace: 175 sleeps, 0.4 s in all, for 300 instances over four
+    associations into two listener processes).  Here a thread first takes an
+    exclusive ``flock`` on a file next to the database, which the kernel hands
+    to the next waiter as soon as it is released, and only then begins; SQLite's
+    lock is then free, except against writers that do not use the gate (the
+    scheduler and workers, whose writes are few).  On other databases
+    (PostgreSQL) :meth:`begin` is simply ``engine.begin()``.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.lock_path = Path(f"{database}.write-lock") if database and database != ":memory:" else None
+        #: One lock file descriptor per thread: flock excludes open file descriptions, not threads.
+        self._local = threading.local()
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """Like ``engine.begin()``, entered once no other gated transaction is open."""
+        if self.lock_path is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        descriptor = self._descriptor()
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _descriptor(self) -> int:
+        descriptor: int | None = getattr(self._local, "descriptor", None)
+        if descriptor is None:
+            assert self.lock_path is not None
+            descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._local.descriptor = descriptor
+        return descriptor
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
@@ -80,15 +81,47 @@ def _multi_valued_text(ds: Dataset, keyword: str, limit: int = 256) -> str | Non
     return str(value)[:limit]
 
 
-def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str) -> InstanceHeader:
+def header_from_prefix(prefix: bytes, *, whole: bool = False) -> Dataset | None:
+    """Parse a received file's attributes up to Pixel Data from its first bytes, if they hold them all.
+
+    ``prefix`` is the start of the Part 10 file (preamble, file meta, data
+    set), kept in memory as it was received, so most instances are parsed
+    without reading their file back; ``whole`` says the prefix is the whole
+    file.  Returns None when the attributes before Pixel Data may run past the
+    prefix (large private data, say) or the prefix cannot be parsed: the
+    caller then reads the file, whose errors are the ones worth reporting.
+    """
+    stream = BytesIO(prefix)
+    try:
+        ds = dcmread(stream, stop_before_pixels=True)
+    except Exception:  # truncated inside an element: decided on the whole file instead
+        return None
+    # pydicom stops (and steps back) at Pixel Data: the attributes before it are all here.
+    # Reaching the end instead means the prefix may have cut the data set short.
+    return ds if whole or stream.tell() < len(prefix) else None
+
+
+def read_header(
+    path: Path,
+    *,
+    command_sop_class: str,
+    command_sop_instance: str,
+    prefix: bytes | None = None,
+    prefix_is_whole: bool = False,
+) -> InstanceHeader:
     """Read and check the identifying attributes of a received file.
 
-    Raises :class:`InstanceRejected` with the status to answer when the data
-    set is unreadable, lacks a UID needed to file it, or disagrees with the
-    C-STORE command that carried it.
+    ``prefix``, the file's first bytes if the caller still has them, spares
+    reading the file back when it holds every attribute before Pixel Data
+    (:func:`header_from_prefix`; ``prefix_is_whole`` when it is the whole
+    file).  Raises :class:`InstanceRejected` with the status to answer when
+    the data set is unreadable, lacks a UID needed to file it, or disagrees
+    with the C-STORE command that carried it.
     """
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = header_from_prefix(prefix, whole=prefix_is_whole) if prefix is not None else None
+        if ds is None:
+            ds = dcmread(path, stop_before_pixels=True)
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
         # Never truncated: a UID longer than 64 characters is refused, not shortened into another UID.
         uids = {

@@ -80,6 +80,9 @@ PDU_ABORT = 0x07
 MAX_CONTROL_BYTES = 1 << 20
 #: Bytes handed from the socket buffer to the file per read; data sets are never held whole.
 READ_CHUNK = 1 << 20
+#: The first bytes of each received file kept in memory, so that its header is parsed without
+#: reading the file back; enough for the attributes before Pixel Data of nearly every image.
+HEADER_PREFIX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class AssociationServer:
 
     def _audit_refusal(self, sender: Sender, peer: str, reason: str) -> None:
         try:
-            with self.handler.engine.begin() as connection:
+            with self.handler.gate.begin() as connection:
                 record_audit(
                     connection,
                     actor=f"dicom:{sender.ae_title}",
@@ -227,12 +230,10 @@ class AssociationServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def store(self, temp_path: Path, sender: Sender, command: Command) -> tuple[int, str | None]:
+    async def store(self, data_set: _DataSetFile, sender: Sender) -> tuple[int, str | None]:
         """File a complete data set in a worker thread; the temporary file is gone afterwards."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, _store_and_clean_up, self.handler, temp_path, sender, command
-        )
+        return await loop.run_in_executor(self._executor, _store_and_clean_up, self.handler, data_set, sender)
 
     async def refuse(self, sender: Sender, command: Command, reason: str) -> None:
         """Record (audit) a data set refused because it could not even be written."""
@@ -248,17 +249,19 @@ class AssociationServer:
 
 
 def _store_and_clean_up(
-    handler: StoreHandler, temp_path: Path, sender: Sender, command: Command
+    handler: StoreHandler, data_set: _DataSetFile, sender: Sender
 ) -> tuple[int, str | None]:
     try:
         return handler.store(
-            temp_path,
+            data_set.path,
             sender=sender,
-            sop_class=command.affected_sop_class_uid,
-            sop_instance=command.affected_sop_instance_uid,
+            sop_class=data_set.command.affected_sop_class_uid,
+            sop_instance=data_set.command.affected_sop_instance_uid,
+            prefix=bytes(data_set.prefix),
+            prefix_is_whole=data_set.prefix_is_whole,
         )
     finally:
-        temp_path.unlink(missing_ok=True)
+        data_set.path.unlink(missing_ok=True)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -276,7 +279,11 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class _DataSetFile:
-    """A data set being received into a temporary Part 10 file in the spool."""
+    """A data set being received into a temporary Part 10 file in the spool.
+
+    The file's first :data:`HEADER_PREFIX_BYTES` are also kept in ``prefix``
+    (``prefix_is_whole`` once the whole file fitted in it).
+    """
 
     def __init__(self, tmp_dir: Path, command: Command, transfer_syntax: str) -> None:
         self.command = command
@@ -284,6 +291,8 @@ class _DataSetFile:
         self.path = Path(name)
         self.descriptor: int | None = descriptor
         self.error: OSError | None = None
+        self.prefix = bytearray()
+        self.prefix_is_whole = True
         meta = BytesIO()
         meta.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(
@@ -301,6 +310,10 @@ class _DataSetFile:
         if self.descriptor is None:
             return
         view = memoryview(data)
+        if self.prefix_is_whole:
+            room = HEADER_PREFIX_BYTES - len(self.prefix)
+            self.prefix += view[:room]
+            self.prefix_is_whole = len(view) <= room
         try:
             while view:
                 written = os.write(self.descriptor, view)
@@ -520,7 +533,7 @@ class _Association:
             return
         data_set.close()
         self._arm(None)  # our own work, however slow the disk or index, is not the peer's silence
-        status, comment = await self.server.store(data_set.path, self.sender, command)
+        status, comment = await self.server.store(data_set, self.sender)
         self._respond(context_id, command, status, comment)
 
     def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:

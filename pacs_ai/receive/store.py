@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
-from pacs_ai.index.db import make_engine
+from pacs_ai.index.db import WriteGate, make_engine
 from pacs_ai.index.ingest import (
     Sender,
     SeriesIds,
@@ -67,8 +67,8 @@ class GroupCommit:
     instance is still acknowledged only after the commit holding its row.
     """
 
-    def __init__(self, engine: Engine, series_ids: SeriesIds) -> None:
-        self._engine = engine
+    def __init__(self, gate: WriteGate, series_ids: SeriesIds) -> None:
+        self._gate = gate
         self._series_ids = series_ids
         self._changed = threading.Condition()
         self._pending: list[_PendingRow] = []
@@ -101,7 +101,7 @@ class GroupCommit:
 
     def _commit(self, batch: list[_PendingRow]) -> None:
         try:
-            with self._engine.begin() as connection:
+            with self._gate.begin() as connection:
                 inserted = [
                     insert_instance_if_new(
                         connection,
@@ -127,20 +127,32 @@ class StoreHandler:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         self.engine = make_engine(settings.effective_database_url)
+        #: Every index write of the listener goes through the gate (see :class:`WriteGate`).
+        self.gate = WriteGate(self.engine)
         self.series_ids = SeriesIds()
-        self.group_commit = GroupCommit(self.engine, self.series_ids)
+        self.group_commit = GroupCommit(self.gate, self.series_ids)
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
 
     def store(
-        self, temp_path: Path, *, sender: Sender, sop_class: str, sop_instance: str
+        self,
+        temp_path: Path,
+        *,
+        sender: Sender,
+        sop_class: str,
+        sop_instance: str,
+        prefix: bytes | None = None,
+        prefix_is_whole: bool = False,
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
 
-        On Success the temporary name is gone or left for the caller to remove;
-        the caller always removes ``temp_path`` afterwards.
+        ``prefix`` (the file's first bytes, ``prefix_is_whole`` if that is all
+        of it) spares reading the header back from the file; see
+        :func:`~pacs_ai.receive.headers.read_header`.  On Success the temporary
+        name is gone or left for the caller to remove; the caller always
+        removes ``temp_path`` afterwards.
         """
         try:
-            self._store(temp_path, sender, sop_class, sop_instance)
+            self._store(temp_path, sender, sop_class, sop_instance, prefix, prefix_is_whole)
             return STATUS_SUCCESS, None
         except InstanceRejected as rejected:
             self.record_rejection(sender, sop_instance, rejected)
@@ -155,13 +167,27 @@ class StoreHandler:
             log.error("index unavailable while storing %s: %s", sop_instance, exc)
             return STATUS_OUT_OF_RESOURCES, "index database unavailable"
 
-    def _store(self, temp_path: Path, sender: Sender, sop_class: str, sop_instance: str) -> None:
+    def _store(
+        self,
+        temp_path: Path,
+        sender: Sender,
+        sop_class: str,
+        sop_instance: str,
+        prefix: bytes | None,
+        prefix_is_whole: bool,
+    ) -> None:
         if self.spool.free_bytes() < self.min_free_bytes:
             raise InstanceRejected(
                 STATUS_OUT_OF_RESOURCES,
                 f"less than {self.settings.min_free_disk_mb} MB free in {self.spool.root}",
             )
-        header = read_header(temp_path, command_sop_class=sop_class, command_sop_instance=sop_instance)
+        header = read_header(
+            temp_path,
+            command_sop_class=sop_class,
+            command_sop_instance=sop_instance,
+            prefix=prefix,
+            prefix_is_whole=prefix_is_whole,
+        )
         try:
             final_path = self.spool.path_for(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
@@ -188,7 +214,7 @@ class StoreHandler:
             return
         for attempt in range(2):
             try:
-                with self.engine.begin() as connection:
+                with self.gate.begin() as connection:
                     record_new_instance(
                         connection,
                         header,
@@ -199,7 +225,7 @@ class StoreHandler:
                     )
                 return
             except IntegrityError:
-                with self.engine.begin() as connection:
+                with self.gate.begin() as connection:
                     existing = find_instance(connection, header.sop_instance_uid)
                     if existing is not None:
                         if existing[1] == str(final_path) or not Path(existing[1]).exists():
@@ -221,7 +247,7 @@ class StoreHandler:
         self, header: InstanceHeader, temp_path: Path, final_path: Path, sender: Sender
     ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
-        with self.engine.begin() as connection:
+        with self.gate.begin() as connection:
             existing = find_instance(connection, header.sop_instance_uid)
             if existing is not None:
                 instance_id, existing_path = existing
@@ -251,7 +277,7 @@ class StoreHandler:
             rejected.reason,
         )
         try:
-            with self.engine.begin() as connection:
+            with self.gate.begin() as connection:
                 record_audit(
                     connection,
                     actor=f"dicom:{sender.ae_title}",

@@ -1,0 +1,111 @@
+"""Reading a received instance's header from the bytes the listener kept, or from its file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pacs_ai.receive.headers import (
+    STATUS_CANNOT_UNDERSTAND,
+    InstanceRejected,
+    header_from_prefix,
+    read_header,
+)
+from tests.peers import require_shared_data
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _pixel_data_offset(data: bytes) -> int:
+    """Where the Pixel Data element starts in a little-endian Part 10 file."""
+    offset = data.find(b"\xe0\x7f\x10\x00")
+    assert offset > 0
+    return offset
+
+
+def _sr_file(tmp_path: Path) -> tuple[Path, bytes]:
+    """A small instance without Pixel Data (as an SR is), written as a Part 10 file."""
+    ds = Dataset()
+    ds.SOPClassUID = COMPREHENSIVE_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "P1"
+    ds.Modality = "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, path.read_bytes()
+
+
+def test_a_prefix_reaching_pixel_data_gives_the_same_header_as_the_file() -> None:
+    path = require_shared_data("ct-head-ge") / "01.dcm"
+    data = path.read_bytes()
+    prefix = data[: _pixel_data_offset(data) + 100]
+
+    from_prefix = header_from_prefix(prefix)
+
+    assert from_prefix is not None
+    from_file = dcmread(path, stop_before_pixels=True)
+    assert [e.tag for e in from_prefix] == [e.tag for e in from_file]
+    assert from_prefix.SOPInstanceUID == from_file.SOPInstanceUID
+    assert from_prefix.ImagePositionPatient == from_file.ImagePositionPatient
+
+
+@pytest.mark.parametrize("cut", [200, 600, -10, -3])
+def test_a_prefix_ending_before_pixel_data_is_not_trusted(cut: int) -> None:
+    """Cut inside the file meta, inside the data set, or just before the Pixel Data tag."""
+    data = (require_shared_data("ct-head-ge") / "01.dcm").read_bytes()
+    end = cut if cut > 0 else _pixel_data_offset(data) + cut
+
+    assert header_from_prefix(data[:end]) is None
+
+
+def test_a_prefix_that_is_the_whole_file_is_enough_without_pixel_data(tmp_path: Path) -> None:
+    path, data = _sr_file(tmp_path)
+
+    assert header_from_prefix(data) is None  # could have been cut at an element boundary
+    whole = header_from_prefix(data, whole=True)
+    assert whole is not None and whole.Modality == "SR"
+
+
+def test_read_header_falls_back_to_the_file_when_the_prefix_is_short() -> None:
+    path = require_shared_data("ct-head-ge") / "01.dcm"
+    expected = dcmread(path, stop_before_pixels=True)
+
+    header = read_header(
+        path,
+        command_sop_class=expected.SOPClassUID,
+        command_sop_instance=expected.SOPInstanceUID,
+        prefix=path.read_bytes()[:300],
+    )
+
+    assert header.series_instance_uid == expected.SeriesInstanceUID
+    assert header.modality == "CT"
+
+
+def test_read_header_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 64)
+
+    with pytest.raises(InstanceRejected) as refused:
+        read_header(
+            junk,
+            command_sop_class=COMPREHENSIVE_SR,
+            command_sop_instance="1.2.3",
+            prefix=junk.read_bytes(),
+            prefix_is_whole=True,
+        )
+    assert refused.value.status == STATUS_CANNOT_UNDERSTAND
+
+
+def test_header_from_prefix_never_raises_on_garbage() -> None:
+    assert header_from_prefix(b"not dicom") is None
+    assert header_from_prefix(b"not dicom", whole=True) is None
