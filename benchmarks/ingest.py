@@ -6,12 +6,13 @@ ratio of pacs-ai to each peer.  pacs-ai runs as ``pacs-ai serve`` with its durab
 (fsync of every file and index commit before Success), no workers, and ``--listener-processes``
 listener processes sharing the port (default: the service's own default).
 
-    python benchmarks/ingest.py --associations 1 4 --repeats 3
+    python benchmarks/ingest.py --associations 1 4 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,23 +23,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.ingest_peers import PEERS, Endpoint, format_table, run_cell  # noqa: E402
+from benchmarks.ingest_peers import PEERS, Endpoint, format_table, run_interleaved  # noqa: E402
 from pacs_ai.config import Settings  # noqa: E402
 from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
 from tests.service import PacsAiService  # noqa: E402
 
 
 def pacs_ai_endpoint_factory(listener_processes: int | None, backend: str):  # type: ignore[no-untyped-def]
-    env = {"PACS_AI_WORKER_PROCESSES": "0", "PACS_AI_LOG_LEVEL": "WARNING"}
-    if listener_processes is not None:
-        env["PACS_AI_LISTENER_PROCESSES"] = str(listener_processes)
+    env = {
+        "PACS_AI_WORKER_PROCESSES": "0",
+        "PACS_AI_LOG_LEVEL": "WARNING",
+        # Always set: the test harness's PacsAiService runs 1 listener process unless told otherwise.
+        "PACS_AI_LISTENER_PROCESSES": str(listener_processes or Settings().listener_processes),
+    }
 
     @contextmanager
-    def endpoint() -> Iterator[Endpoint]:
-        with tempfile.TemporaryDirectory(prefix="pacs-ai-bench-") as tmp:
-            service = PacsAiService(Path(tmp) / "data", backend=backend, extra_env=env)
-            with service:
+    def endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
+        data_dir = Path(tempfile.mkdtemp(prefix="pacs-ai-bench-")) / "data"
+        try:
+            with PacsAiService(data_dir, backend=backend, extra_env=env) as service:
                 yield Endpoint("127.0.0.1", service.port, service.ae_title)
+        finally:
+            if not keep_files:
+                shutil.rmtree(data_dir.parent, ignore_errors=True)
 
     return endpoint
 
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--listener-processes", type=int, help="default: the service's default")
     parser.add_argument("--backend", choices=["embedded", "servers"], default="embedded")
     args = parser.parse_args(argv)
@@ -64,13 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                 send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7, slice_spacing_mm=1.0
             )
         peers = {"pacs-ai": pacs_ai_endpoint_factory(args.listener_processes, args.backend), **PEERS}
-        rows = [
-            run_cell(send_dir, name, factory, associations, args.repeats)
-            for associations in args.associations
-            for name, factory in peers.items()
-        ]
+        rows = run_interleaved(send_dir, peers, args.associations, args.repeats)
     print(
-        f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of {args.repeats}"
+        f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of "
+        f"{args.repeats} runs per peer, peers taking turns, files kept until the end"
     )
     processes = args.listener_processes or Settings().listener_processes
     print(f"pacs-ai: {processes} listener processes, {args.backend} index/broker, fsync on")

@@ -8,6 +8,13 @@ over N concurrent associations.  Command line: compares the reference peers, e.g
 Every measurement uses a freshly started peer, because Orthanc answers a re-sent instance without
 storing it again, which would inflate later runs.  Timing covers only the storescu runs (wall clock
 from first process start to last process exit); file scanning and profile generation happen before.
+
+Fairness on a shared, noisy machine (:func:`run_interleaved`): the peers take turns within every
+repeat (in a rotating order), so a slow spell of the machine hits them alike, and no peer's files are
+deleted until all runs are over.  Deleting between runs made whichever peer came next slower: on
+ext4 without a journal, as here, creating a file skips the inodes freed in the last minutes, reading
+each one to tell (seen in ``perf``: a fifth of the listener's CPU in ``recently_deleted``), and
+Orthanc's rate fell from about 570 to 390 instances/s over eight runs that way.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +53,8 @@ class Endpoint:
     aet: str
 
 
-PeerFactory = Callable[[], AbstractContextManager[Endpoint]]
+#: Starts a fresh peer; ``keep_files=True`` leaves what it received on disk when it stops.
+PeerFactory = Callable[..., AbstractContextManager[Endpoint]]
 
 
 def measure_ingest(
@@ -79,16 +87,16 @@ def measure_ingest(
 
 
 @contextmanager
-def orthanc_endpoint() -> Iterator[Endpoint]:
+def orthanc_endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
     """A fresh Orthanc 1.10 with default storage settings."""
-    with OrthancServer(aet="ORTHANC") as orthanc:
+    with OrthancServer(aet="ORTHANC", keep_workdir=keep_files) as orthanc:
         yield Endpoint(orthanc.host, orthanc.dicom_port, orthanc.aet)
 
 
 @contextmanager
-def storescp_endpoint() -> Iterator[Endpoint]:
+def storescp_endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
     """A fresh DCMTK storescp forking one process per association."""
-    with StoreScp(aet="STORESCP") as scp:
+    with StoreScp(aet="STORESCP", keep_workdir=keep_files) as scp:
         yield Endpoint(scp.host, scp.port, scp.aet)
 
 
@@ -111,13 +119,30 @@ class Row:
         return statistics.median(self.rates)
 
 
-def run_cell(send_dir: Path, peer: str, factory: PeerFactory, associations: int, repeats: int) -> Row:
-    """Measure one peer at one association count ``repeats`` times, each on a fresh peer."""
-    rates = []
-    for _ in range(repeats):
-        with factory() as endpoint:
-            rates.append(measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, associations))
-    return Row(peer, associations, len(dicom_files([send_dir])), tuple(rates))
+def run_interleaved(
+    send_dir: Path, peers: Mapping[str, PeerFactory], associations: Sequence[int], repeats: int
+) -> list[Row]:
+    """Measure every peer at every association count ``repeats`` times, the peers taking turns.
+
+    Each run gets a fresh peer whose files stay on disk, under one temporary directory, until all
+    runs are done (see the module docstring); rows come out by association count, then peer.
+    """
+    rates: dict[tuple[int, str], list[float]] = {(n, name): [] for n in associations for name in peers}
+    names = list(peers)
+    with tempfile.TemporaryDirectory(prefix="ingest-runs-") as runs_dir:
+        previous_tempdir, tempfile.tempdir = tempfile.tempdir, runs_dir
+        try:
+            for repeat in range(repeats):
+                turn = names[repeat % len(names) :] + names[: repeat % len(names)]
+                for count in associations:
+                    for name in turn:
+                        with peers[name](keep_files=True) as endpoint:
+                            rate = measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, count)
+                        rates[(count, name)].append(rate)
+        finally:
+            tempfile.tempdir = previous_tempdir
+    instances = len(dicom_files([send_dir]))
+    return [Row(name, n, instances, tuple(rates[(n, name)])) for n in associations for name in names]
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -150,11 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dir.is_dir():
         print(f"no such folder: {args.dir}", file=sys.stderr)
         return 2
-    rows = [
-        run_cell(args.dir, peer, PEERS[peer], associations, args.repeats)
-        for peer in args.peers
-        for associations in args.associations
-    ]
+    rows = run_interleaved(
+        args.dir, {peer: PEERS[peer] for peer in args.peers}, args.associations, args.repeats
+    )
     print(f"C-STORE ingest of {args.dir} (DCMTK storescu, wall time)")
     print(format_table(rows))
     return 0

@@ -483,6 +483,26 @@ def orthanc_tls_config(cert: Path, key: Path) -> dict[str, Any]:
     }
 
 
+class KeptDirectory:
+    """A peer's work dir that is not deleted when the peer stops (``keep_workdir=True``).
+
+    For benchmarks, which delete all their peers' dirs together at the end: on
+    ext4 without a journal (these machines), creating a file skips inodes freed
+    in the last minutes and reads each one to tell, so deleting a run's hundreds
+    of files would slow the next peer's run, whichever it is.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.name = tempfile.mkdtemp(prefix=prefix)
+
+    def cleanup(self) -> None:
+        """Nothing to do: the directory goes with its parent."""
+
+
+def _work_dir(prefix: str, keep: bool) -> tempfile.TemporaryDirectory[str] | KeptDirectory:
+    return KeptDirectory(prefix) if keep else tempfile.TemporaryDirectory(prefix=prefix)
+
+
 class OrthancServer:
     """A throwaway Orthanc 1.10 process with its own config, storage, ports and log.
 
@@ -502,11 +522,13 @@ class OrthancServer:
         extra_config: Mapping[str, Any] | None = None,
         startup_timeout: float = 30.0,
         verbose: bool = False,
+        keep_workdir: bool = False,
     ) -> None:
         """Store settings; the process starts in :meth:`start` / ``__enter__``.
 
         ``modalities`` maps Orthanc's modality name to ``(aet, host, port)``; ``lua`` is script text
-        (see :func:`forward_lua`); ``extra_config`` overrides or adds any Orthanc option last.
+        (see :func:`forward_lua`); ``extra_config`` overrides or adds any Orthanc option last;
+        ``keep_workdir`` leaves the work dir in place on exit (see :class:`KeptDirectory`).
         """
         self.aet = aet
         self.host = LOOPBACK
@@ -518,9 +540,10 @@ class OrthancServer:
         self.extra_config = dict(extra_config or {})
         self.startup_timeout = startup_timeout
         self.verbose = verbose
+        self.keep_workdir = keep_workdir
         self.dicom_port = 0
         self.http_port = 0
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | KeptDirectory | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._session = requests.Session()
         self._session.trust_env = False  # never route loopback REST calls through an env proxy
@@ -618,7 +641,7 @@ class OrthancServer:
     def start(self, attempts: int = 3) -> Self:
         """Start Orthanc and wait until its REST API answers (retrying on port collisions)."""
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix=f"orthanc-{self.aet.lower()}-")
+            self._tmp = _work_dir(f"orthanc-{self.aet.lower()}-", self.keep_workdir)
         for attempt in range(1, attempts + 1):
             self._write_config()
             self._launch()
@@ -778,15 +801,20 @@ class StoreScp:
         fork: bool = True,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 15.0,
+        keep_workdir: bool = False,
     ) -> None:
-        """Store settings; the process starts in :meth:`start` / ``__enter__``."""
+        """Store settings; the process starts in :meth:`start` / ``__enter__``.
+
+        ``keep_workdir`` leaves the work dir in place on exit (see :class:`KeptDirectory`).
+        """
         self.aet = aet
         self.host = LOOPBACK
         self.port = 0
         self.fork = fork
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.keep_workdir = keep_workdir
+        self._tmp: tempfile.TemporaryDirectory[str] | KeptDirectory | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -832,7 +860,7 @@ class StoreScp:
     def start(self, attempts: int = 3) -> Self:
         """Start storescp and wait until it answers C-ECHO (retrying on port collisions)."""
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="storescp-")
+            self._tmp = _work_dir("storescp-", self.keep_workdir)
             self.output_dir.mkdir()
         for attempt in range(1, attempts + 1):
             self.port = free_port()
