@@ -30,6 +30,7 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
 from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import die_with_parent
+from pacs_ai.receive.balance import AssociationLoads, ListenerLoad
 from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.receive.listener import serve as serve_dicom
 from pacs_ai.route.assembly import JobTicket, Notification
@@ -133,10 +134,12 @@ def worker_specs(settings: Settings) -> list[WorkerSpec]:
     return plan_workers(settings.worker_processes, settings.worker_concurrency, devices)
 
 
-def _listener_main(settings: Settings, parent_pid: int, listening_socket: socket.socket) -> None:
+def _listener_main(
+    settings: Settings, parent_pid: int, listening_socket: socket.socket, load: ListenerLoad
+) -> None:
     die_with_parent(parent_pid)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
-    serve_dicom(settings, listening_socket=listening_socket)
+    serve_dicom(settings, listening_socket=listening_socket, load=load)
 
 
 #: A worklist process that dies is started again no sooner than this after its previous start,
@@ -158,6 +161,8 @@ class Supervisor:
         self.listeners: list[BaseProcess] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.listening_socket: socket.socket | None = None
+        #: Associations each listener process serves, so new ones go to the least busy.
+        self.association_loads = AssociationLoads(settings.listener_processes)
         self.hostname = socket.gethostname()
         self.worker_specs = worker_specs(settings)
         self.worklist: subprocess.Popen[bytes] | None = None
@@ -219,7 +224,7 @@ class Supervisor:
         context = multiprocessing.get_context("spawn")
         process = context.Process(
             target=_listener_main,
-            args=(self.settings, os.getpid(), self.listening_socket),
+            args=(self.settings, os.getpid(), self.listening_socket, self.association_loads.slot(index)),
             name=f"listener-{index}",
             daemon=True,
         )

@@ -21,6 +21,7 @@ import threading
 
 from pacs_ai.config import Settings
 from pacs_ai.receive.acceptor import AcceptorPolicy
+from pacs_ai.receive.balance import ListenerLoad
 from pacs_ai.receive.server import AssociationServer, ServerOptions
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.sockets import bind_listening_socket
@@ -35,10 +36,11 @@ def open_listening_socket(host: str, port: int, backlog: int = 128) -> socket.so
     """Bind and listen once, in the supervisor; every listener process accepts from it.
 
     Processes waiting on one shared socket take connections as they become
-    free, which spreads associations over processes far more evenly than
-    SO_REUSEPORT's hashing (where two of four associations often land on the
-    same process while another idles).  The socket is non-blocking so that
-    processes losing the race for a connection go back to waiting.
+    free, the least busy first (:mod:`pacs_ai.receive.balance`), which spreads
+    associations over processes far more evenly than SO_REUSEPORT's hashing
+    (where two of four associations often land on the same process while
+    another idles).  The socket is non-blocking so that processes losing the
+    race for a connection go back to waiting.
     """
     listening = bind_listening_socket(
         host, port, purpose="listen", advice="is another DICOM service using it?", backlog=backlog
@@ -60,18 +62,25 @@ def serve(
     settings: Settings,
     stop: threading.Event | None = None,
     listening_socket: socket.socket | None = None,
+    load: ListenerLoad | None = None,
 ) -> None:
     """Run one listener until SIGTERM/SIGINT (or ``stop`` is set).
 
     ``listening_socket`` is the socket shared by all listener processes; alone,
-    the listener opens its own.
+    the listener opens its own.  ``load`` is this process's slot in the
+    association counts shared with the others (:mod:`pacs_ai.receive.balance`).
     """
     if listening_socket is None:
         listening_socket = open_listening_socket(settings.listen_host, settings.listen_port)
-    asyncio.run(_serve(settings, stop, listening_socket))
+    asyncio.run(_serve(settings, stop, listening_socket, load))
 
 
-async def _serve(settings: Settings, stop: threading.Event | None, listening_socket: socket.socket) -> None:
+async def _serve(
+    settings: Settings,
+    stop: threading.Event | None,
+    listening_socket: socket.socket,
+    load: ListenerLoad | None,
+) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     if stop is None:  # running as a process of its own: stop on SIGTERM/SIGINT
@@ -85,7 +94,7 @@ async def _serve(settings: Settings, stop: threading.Event | None, listening_soc
         ).start()
 
     server = AssociationServer(
-        StoreHandler(settings), acceptor_policy(settings), listening_socket, ServerOptions()
+        StoreHandler(settings), acceptor_policy(settings), listening_socket, ServerOptions(), load
     )
     log.info(
         "DICOM listener pid %d: AE %s on %s:%d, spool %s",

@@ -50,6 +50,7 @@ from pacs_ai.receive.acceptor import (
     negotiate,
     release_response_pdu,
 )
+from pacs_ai.receive.balance import DEFERRAL_STEP, MAXIMUM_DEFERRAL, ListenerLoad
 from pacs_ai.receive.dimse import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -95,9 +96,9 @@ class ServerOptions:
     idle_timeout: float = 60.0
     #: Associations one process serves at once; more are rejected (transient, local limit).
     maximum_associations: int = 64
-    #: Per association already served, how long to defer accepting another: the listener
-    #: processes share one socket and an idle process should take the next association.
-    busy_accept_delay: float = 0.003
+    #: Longest a busier listener process leaves a new connection to a less busy one (see
+    #: :mod:`pacs_ai.receive.balance`).
+    maximum_accept_deferral: float = MAXIMUM_DEFERRAL
     #: Threads doing the blocking part of stores (fsync, index commit) for this process.
     store_threads: int = 8
 
@@ -137,13 +138,16 @@ class AssociationServer:
         policy: AcceptorPolicy,
         listening_socket: socket.socket,
         options: ServerOptions | None = None,
+        load: ListenerLoad | None = None,
     ) -> None:
+        """``load`` is this process's slot among listener processes sharing the socket (None: alone)."""
         self.handler = handler
         self.policy = policy
         self.listening_socket = listening_socket
         self.options = options or ServerOptions()
         self.tmp_dir = handler.spool.tmp_dir
         self.associations: set[asyncio.Task[None]] = set()
+        self.load = load
         self._executor = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="store")
         self.refuse_below_free_mb = handler.settings.refuse_associations_below_free_mb
 
@@ -195,10 +199,7 @@ class AssociationServer:
         listening = self.listening_socket
         while True:
             await _readable(loop, listening)
-            busy = len(self.associations)
-            if busy:
-                # Every process is woken for a new connection; a busy one lets an idle one win it.
-                await asyncio.sleep(min(busy, 10) * self.options.busy_accept_delay)
+            await self._defer_to_less_busy_process()
             try:
                 connection, address = listening.accept()
             except (BlockingIOError, InterruptedError):
@@ -208,9 +209,30 @@ class AssociationServer:
                 await asyncio.sleep(0.5)
                 continue
             connection.setblocking(False)
+            if self.load is not None:
+                self.load.started()
             task = asyncio.create_task(self._serve_connection(connection, address))
             self.associations.add(task)
-            task.add_done_callback(self.associations.discard)
+            task.add_done_callback(self._association_ended)
+
+    async def _defer_to_less_busy_process(self) -> None:
+        """Give a less busy listener process the time to take the waiting connection first.
+
+        Returns at once when this process is alone or among the least busy; else
+        when the connection has been taken (this process is then least busy again,
+        or the accept that follows finds nothing), or after the maximum deferral.
+        """
+        if self.load is None:
+            return
+        waited = 0.0
+        while not self.load.is_least_busy() and waited < self.options.maximum_accept_deferral:
+            await asyncio.sleep(DEFERRAL_STEP)
+            waited += DEFERRAL_STEP
+
+    def _association_ended(self, task: asyncio.Task[None]) -> None:
+        self.associations.discard(task)
+        if self.load is not None:
+            self.load.ended()
 
     async def _serve_connection(self, connection: socket.socket, address: object) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
