@@ -28,14 +28,14 @@ volume), ``seg_build`` (label map to SEG dataset) and ``seg_write`` (SEG to disk
 writer operator does build and write in one method; its ``save_as`` and its read-back of the file
 are timed by wrapping them (:func:`sdk_write_timed`), and ``seg_build`` is the rest of that method.
 
-What bounds the ratio (measured 2026-11 on 2 shared cores): both sides build the SEG with the same
-highdicom call (source headers, label map, ``omit_empty_frames``) and write it with pydicom, about
-0.20 s build and 0.15 s write for the 454 frames, equal on both sides.  pacs-ai's load takes about
-half the SDK's (0.20 vs 0.38 s), which gives about 1.35x overall.  2x would need load, build and
-write together in half the SDK's 0.73 s, 0.37 s, which is what the SEG encoding alone takes in
-highdicom and pydicom.  Passing ``plane_positions`` makes highdicom's build slower (0.32 s: it then
-matches every plane against the sources and recomputes their positions), and a (frames, rows,
-columns, segments) boolean array instead of the label map takes over 1 s.
+What bounds the ratio (measured 2026-11-24 on 2 shared cores): both sides build the SEG with the
+same highdicom call (source headers, label map, ``omit_empty_frames``) and write it with pydicom,
+about 0.26 s build and 0.19 s write for the 454 frames, equal on both sides.  pacs-ai's load takes
+under half the SDK's (0.27 vs 0.60 s), which gives 1.44-1.48x overall.  2x would need load, build
+and write together in half the SDK's 1.02-1.06 s, about 0.52 s, barely more than the SEG encoding
+alone takes in highdicom and pydicom.  Passing ``plane_positions`` makes highdicom's build slower
+(it then matches every plane against the sources and recomputes their positions), and a (frames,
+rows, columns, segments) boolean array instead of the label map takes over 1 s.
 
 Before the measured run each process runs the same pipeline once on a small 8-slice phantom, so
 imports, decoder plugins and lazy initialisation are paid outside the measurement; the RSS
