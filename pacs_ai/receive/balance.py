@@ -5,9 +5,10 @@ wakes them all for a new connection; whichever calls ``accept`` first gets
 it.  Left to that race, a process already serving associations often wins
 again (the idle one may be woken a few milliseconds late on a busy machine),
 and one process ends up with all four associations of a sender while the
-other idles: measured with DCMTK storescu over 4 associations into 2
-processes, 375 instances/s with all four in one process against 500-570 with
-two each, because one process is held to one core by the GIL.
+other idles.  Measured with DCMTK storescu over 4 associations into 2
+processes (files not flushed, to see the listener alone): 375 instances/s
+with all four in one process, 440 with three, 500-570 with two each, because
+a process is held to one core by the GIL.
 
 So the processes publish how many associations each is serving, in a small
 array of shared memory (:class:`AssociationLoads`, created by the

@@ -219,8 +219,9 @@ class AssociationServer:
         """Give a less busy listener process the time to take the waiting connection first.
 
         Returns at once when this process is alone or among the least busy; else
-        when the connection has been taken (this process is then least busy again,
-        or the accept that follows finds nothing), or after the maximum deferral.
+        once it is (another process took a connection, or an association here
+        ended), or after the maximum deferral.  The accept that follows may then
+        find the connection gone, which the accept loop expects.
         """
         if self.load is None:
             return
