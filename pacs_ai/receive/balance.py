@@ -24,7 +24,7 @@ import multiprocessing
 from ctypes import c_int
 from typing import Any
 
-__all__ = ["MAXIMUM_DEFERRAL", "AssociationLoads", "ListenerLoad"]
+__all__ = ["DEFERRAL_STEP", "MAXIMUM_DEFERRAL", "AssociationLoads", "ListenerLoad"]
 
 #: Longest a busier process leaves a waiting connection to a less busy one, in seconds.
 MAXIMUM_DEFERRAL = 0.2
@@ -35,8 +35,8 @@ DEFERRAL_STEP = 0.002
 class ListenerLoad:
     """One listener process's view of the shared counts: its own slot, written only by itself.
 
-    Picklable, so that it can be handed to a listener process when it is
-    started; the counts stay in shared memory.
+    Handed to a listener process as an argument when it is spawned (shared
+    memory cannot be pickled at other times); the counts stay shared.
     """
 
     def __init__(self, counts: Any, index: int) -> None:

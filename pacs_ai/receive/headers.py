@@ -81,7 +81,7 @@ def _multi_valued_text(ds: Dataset, keyword: str, limit: int = 256) -> str | Non
     return str(value)[:limit]
 
 
-def header_from_prefix(prefix: bytes, *, whole: bool = False) -> Dataset | None:
+def header_from_prefix(prefix: bytes | bytearray, *, whole: bool = False) -> Dataset | None:
     """Parse a received file's attributes up to Pixel Data from its first bytes, if they hold them all.
 
     ``prefix`` is the start of the Part 10 file (preamble, file meta, data
@@ -106,7 +106,7 @@ def read_header(
     *,
     command_sop_class: str,
     command_sop_instance: str,
-    prefix: bytes | None = None,
+    prefix: bytes | bytearray | None = None,
     prefix_is_whole: bool = False,
 ) -> InstanceHeader:
     """Read and check the identifying attributes of a received file.

@@ -280,7 +280,7 @@ def _store_and_clean_up(
             sender=sender,
             sop_class=data_set.command.affected_sop_class_uid,
             sop_instance=data_set.command.affected_sop_instance_uid,
-            prefix=bytes(data_set.prefix),
+            prefix=data_set.prefix,
             prefix_is_whole=data_set.prefix_is_whole,
         )
     finally:

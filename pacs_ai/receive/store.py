@@ -140,7 +140,7 @@ class StoreHandler:
         sender: Sender,
         sop_class: str,
         sop_instance: str,
-        prefix: bytes | None = None,
+        prefix: bytes | bytearray | None = None,
         prefix_is_whole: bool = False,
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
@@ -173,7 +173,7 @@ class StoreHandler:
         sender: Sender,
         sop_class: str,
         sop_instance: str,
-        prefix: bytes | None,
+        prefix: bytes | bytearray | None,
         prefix_is_whole: bool,
     ) -> None:
         if self.spool.free_bytes() < self.min_free_bytes:
