@@ -1,10 +1,12 @@
 """Engine, sessions and schema migrations for the index database.
 
 SQLite is the embedded default: WAL journal so the listener processes, the
-scheduler and the workers can read while one writes, ``synchronous=FULL`` so a
-committed row survives power loss (an acknowledged instance must), and a busy
-timeout so concurrent writers wait instead of failing.  PostgreSQL is used by
-URL in production.
+scheduler and the workers can read while one writes, and a busy timeout so
+concurrent writers wait instead of failing.  Every commit is flushed to the
+disk before it counts, so a committed row survives power loss (an
+acknowledged instance must): with ``synchronous=FULL`` inside the commit, or,
+for the listener's writes, right after it and outside the write lock
+(:func:`make_write_gate`).  PostgreSQL is used by URL in production.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -28,14 +31,26 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine with the connection settings pacs-ai relies on."""
+def make_engine(url: str, *, flush_after_commit: bool = False) -> Engine:
+    """Create an engine with the connection settings pacs-ai relies on.
+
+    SQLite commits are flushed to the disk before they return
+    (``synchronous=FULL``), unless ``flush_after_commit``: then they are not
+    (``synchronous=NORMAL``, still flushed around checkpoints) and the caller
+    must flush the WAL itself before relying on a commit, as the gate from
+    :func:`make_write_gate` does.
+    """
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-        event.listen(engine, "connect", _configure_sqlite_connection)
+        synchronous = "NORMAL" if flush_after_commit else "FULL"
+        event.listen(
+            engine,
+            "connect",
+            lambda dbapi_connection, _record: _configure_sqlite_connection(dbapi_connection, synchronous),
+        )
         # Let SQLAlchemy's BEGIN be the one that takes the write lock early
         # (BEGIN IMMEDIATE) so two writers never deadlock upgrading read locks.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
@@ -43,13 +58,13 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _configure_sqlite_connection(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _configure_sqlite_connection(dbapi_connection: Any, synchronous: str) -> None:
     # The sqlite3 module's own transaction handling would issue BEGIN itself;
     # switch it off so the "begin" listener above controls transactions.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
@@ -69,18 +84,27 @@ class WriteGate:
     lock is then free, except against writers that do not use the gate (the
     scheduler and workers, whose writes are few).  On other databases
     (PostgreSQL) :meth:`begin` is simply ``engine.begin()``.
+
+    ``flush_wal_after_unlock`` is for an engine whose commits do not flush
+    (see :func:`make_write_gate`): :meth:`begin` then flushes the WAL after
+    committing and after releasing both locks, before it returns.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, flush_wal_after_unlock: bool = False) -> None:
         self.engine = engine
         database = engine.url.database if engine.dialect.name == "sqlite" else None
         self.lock_path = Path(f"{database}.write-lock") if database and database != ":memory:" else None
+        #: The WAL file flushed after each commit (None: the commit flushed itself, or not SQLite).
+        self.wal_path = Path(f"{database}-wal") if self.lock_path and flush_wal_after_unlock else None
         #: One lock file descriptor per thread: flock excludes open file descriptions, not threads.
         self._local = threading.local()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        """Like ``engine.begin()``, entered once no other gated transaction is open."""
+        """Like ``engine.begin()``, entered once no other gated transaction is open.
+
+        On leaving without an error the transaction is committed and on the disk.
+        """
         if self.lock_path is None:
             with self.engine.begin() as connection:
                 yield connection
@@ -92,6 +116,8 @@ class WriteGate:
                 yield connection
         finally:
             fcntl.flock(descriptor, fcntl.LOCK_UN)
+        if self.wal_path is not None:
+            flush_wal(self.wal_path)
 
     def _descriptor(self) -> int:
         descriptor: int | None = getattr(self._local, "descriptor", None)
@@ -100,6 +126,40 @@ class WriteGate:
             descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._local.descriptor = descriptor
         return descriptor
+
+
+def make_write_gate(url: str) -> WriteGate:
+    """The listener's write path: commits flushed after the write lock is released, not under it.
+
+    A flush takes a few milliseconds, and with ``synchronous=FULL`` SQLite
+    flushes while holding the write lock, so commits from several listener
+    processes are flushed strictly one after another.  Here a commit only
+    writes its WAL frames, releases the locks, and then flushes the WAL file
+    (:func:`flush_wal`), so flushes of concurrent commits overlap and the disk
+    serves several with one cache flush.  The commit is on the disk before
+    :meth:`WriteGate.begin` returns, as before; only the waiting moved.
+    Checkpoints are unaffected: at ``synchronous=NORMAL`` SQLite still flushes
+    the WAL before copying it into the database and the database after.
+    """
+    engine = make_engine(url, flush_after_commit=True)
+    return WriteGate(engine, flush_wal_after_unlock=True)
+
+
+def flush_wal(wal_path: Path) -> None:
+    """Force every commit written so far to the WAL file onto the disk.
+
+    A missing WAL file was checkpointed into the database file, which SQLite
+    flushed, and removed when its last connection closed: nothing is left to
+    flush.  A WAL restarted by a checkpoint meanwhile was flushed by it too.
+    """
+    try:
+        descriptor = os.open(wal_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -32,11 +32,7 @@ import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
-
-from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dsutils import create_file_meta
 
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
@@ -61,6 +57,7 @@ from pacs_ai.receive.dimse import (
     decode_command,
     encode_response,
 )
+from pacs_ai.receive.filemeta import encode_file_meta
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -316,17 +313,10 @@ class _DataSetFile:
         self.error: OSError | None = None
         self.prefix = bytearray()
         self.prefix_is_whole = True
-        meta = BytesIO()
-        meta.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(
-            meta,  # type: ignore[arg-type]
-            create_file_meta(
-                sop_class_uid=command.affected_sop_class_uid,  # type: ignore[arg-type]
-                sop_instance_uid=command.affected_sop_instance_uid,  # type: ignore[arg-type]
-                transfer_syntax=transfer_syntax,  # type: ignore[arg-type]
-            ),
+        meta = encode_file_meta(
+            command.affected_sop_class_uid, command.affected_sop_instance_uid, transfer_syntax
         )
-        self.write(meta.getvalue())
+        self.write(meta)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append to the file; after a write error (disk full) the rest is read and dropped."""

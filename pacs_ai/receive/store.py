@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
-from pacs_ai.index.db import WriteGate, make_engine
+from pacs_ai.index.db import WriteGate, make_write_gate
 from pacs_ai.index.ingest import (
     Sender,
     SeriesIds,
@@ -59,12 +59,11 @@ class _PendingRow:
 class GroupCommit:
     """Index rows of instances stored at the same moment, committed in one transaction.
 
-    Each commit waits for the database's flush to disk (a few milliseconds on
-    SQLite in WAL mode with ``synchronous=FULL``) while holding the write lock,
-    so one commit per instance caps concurrent associations at one instance
-    per flush.  Here the first thread to arrive commits every row waiting at
-    that moment; rows arriving meanwhile wait and go in the next commit.  Every
-    instance is still acknowledged only after the commit holding its row.
+    Each commit takes the write lock and waits for a flush to the disk (a few
+    milliseconds), so one commit per instance would cost every instance both.
+    Here the first thread to arrive commits every row waiting at that moment;
+    rows arriving meanwhile wait and go in the next commit.  Every instance is
+    still acknowledged only after the commit holding its row is on the disk.
     """
 
     def __init__(self, gate: WriteGate, series_ids: SeriesIds) -> None:
@@ -126,9 +125,9 @@ class StoreHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
-        self.engine = make_engine(settings.effective_database_url)
-        #: Every index write of the listener goes through the gate (see :class:`WriteGate`).
-        self.gate = WriteGate(self.engine)
+        #: Every index write of the listener goes through the gate (see :func:`make_write_gate`).
+        self.gate = make_write_gate(settings.effective_database_url)
+        self.engine = self.gate.engine
         self.series_ids = SeriesIds()
         self.group_commit = GroupCommit(self.gate, self.series_ids)
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from pacs_ai.index.db import WriteGate, make_engine
+from pacs_ai.index.db import WriteGate, flush_wal, make_engine, make_write_gate
 
 
 def test_a_second_gated_transaction_waits_for_the_first(tmp_path: Path) -> None:
@@ -87,3 +87,41 @@ def test_other_databases_are_not_gated() -> None:
     engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")  # never connected
     assert WriteGate(engine).lock_path is None
     assert WriteGate(make_engine("sqlite:///:memory:")).lock_path is None
+
+
+def test_the_listener_gate_flushes_the_wal_after_releasing_the_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits do not flush under the write lock; the gate flushes the WAL once the lock is free."""
+    database = tmp_path / "index.sqlite3"
+    gate = make_write_gate(f"sqlite:///{database}")
+    with gate.begin() as connection:
+        connection.execute(text("CREATE TABLE events (name TEXT)"))
+        assert connection.execute(text("PRAGMA synchronous")).scalar_one() == 1  # NORMAL
+    flushes: list[tuple[str, bool]] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(descriptor: int) -> None:
+        flushes.append((os.readlink(f"/proc/self/fd/{descriptor}"), _gate_is_held(gate)))
+        real_fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    with gate.begin() as connection:
+        connection.execute(text("INSERT INTO events VALUES ('stored')"))
+        assert flushes == []
+    assert flushes == [(f"{database}-wal", False)]
+
+    with pytest.raises(Exception, match="no_such_table"), gate.begin() as connection:
+        connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
+    assert len(flushes) == 1  # nothing committed, nothing to flush
+
+
+def test_other_engines_flush_inside_each_commit(tmp_path: Path) -> None:
+    gate = WriteGate(make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}"))
+    assert gate.wal_path is None
+    with gate.begin() as connection:
+        assert connection.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+
+
+def test_a_missing_wal_has_nothing_to_flush(tmp_path: Path) -> None:
+    flush_wal(tmp_path / "index.sqlite3-wal")  # checkpointed and removed: no error
