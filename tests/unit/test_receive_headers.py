@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs_ai.receive.headers import (
@@ -109,3 +110,64 @@ def test_read_header_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
 def test_header_from_prefix_never_raises_on_garbage() -> None:
     assert header_from_prefix(b"not dicom") is None
     assert header_from_prefix(b"not dicom", whole=True) is None
+
+
+def _converted_by_pydicom(ds: Dataset, keyword: str) -> object:
+    """What pydicom makes of an attribute, in the form the index records it."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if keyword in ("SeriesNumber", "InstanceNumber"):
+        return int(value)
+    if keyword == "SliceThickness":
+        return float(value)
+    if keyword == "ImageType":
+        return "\\".join(str(item) for item in value) if isinstance(value, MultiValue) else str(value)
+    return str(value)
+
+
+@pytest.mark.parametrize("folder", ["ct-head-ge", "ct-chest-slices", "cxr-cr"])
+def test_attributes_read_from_raw_bytes_equal_pydicom_conversions(folder: str) -> None:
+    """Real files from three vendors: the UI, CS, DA, IS and DS values read without pydicom's conversion."""
+    files = [path for path in sorted(require_shared_data(folder).rglob("*")) if path.is_file()]
+    checked = 0
+    for path in files[:20]:
+        try:
+            reference = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue  # README and other non-DICOM files
+        header = read_header(
+            path, command_sop_class=reference.SOPClassUID, command_sop_instance=reference.SOPInstanceUID
+        )
+        for keyword, field in [
+            ("StudyInstanceUID", "study_instance_uid"),
+            ("SeriesInstanceUID", "series_instance_uid"),
+            ("PatientBirthDate", "patient_birth_date"),
+            ("PatientSex", "patient_sex"),
+            ("StudyDate", "study_date"),
+            ("Modality", "modality"),
+            ("BodyPartExamined", "body_part_examined"),
+            ("SeriesNumber", "series_number"),
+            ("InstanceNumber", "instance_number"),
+            ("ImageType", "image_type"),
+            ("SliceThickness", "slice_thickness"),
+            ("PatientName", "patient_name"),
+        ]:
+            assert getattr(header, field) == _converted_by_pydicom(reference, keyword), (path, keyword)
+        checked += 1
+    assert checked
+
+
+def test_numbers_that_are_not_one_number_are_not_recorded(tmp_path: Path) -> None:
+    path, _ = _sr_file(tmp_path)
+    ds = dcmread(path)
+    ds.add_new(0x00200011, "IS", "1\\2")  # SeriesNumber, two values
+    ds.add_new(0x00200013, "IS", "7.0")  # InstanceNumber written as a decimal
+    ds.add_new(0x00180050, "DS", "NaN")  # SliceThickness
+    ds.ImageType = ["DERIVED", " SECONDARY "]
+    ds.save_as(path)
+    header = read_header(path, command_sop_class=ds.SOPClassUID, command_sop_instance=ds.SOPInstanceUID)
+    assert header.series_number is None
+    assert header.instance_number == 7
+    assert header.slice_thickness is None
+    assert header.image_type == "DERIVED\\SECONDARY"
