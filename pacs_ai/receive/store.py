@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import configure_mappers
 
 from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
@@ -131,6 +132,9 @@ class StoreHandler:
         self.series_ids = SeriesIds()
         self.group_commit = GroupCommit(self.gate, self.series_ids)
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
+        # Set up the ORM's mappers now (about 20 ms of CPU) rather than while the first
+        # instance's sender waits for its response.
+        configure_mappers()
 
     def store(
         self,
