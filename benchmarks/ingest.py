@@ -11,8 +11,10 @@ listener processes sharing the port (default: the service's own default).
 Where pacs-ai and Orthanc differ (2026-11-24, 2 shared cores): counted with strace over 300
 instances at 4 associations, Orthanc 1.10 called ``fdatasync`` 321 times (once per file, its
 SQLite index commits mostly unflushed), while pacs-ai flushes each file, the folder entry that
-names it and its index commit.  ``--no-fsync`` drops the first two, to show what they cost; it is
-a diagnostic, never a setting for patient data.
+names it and its index commit (the WAL, after the write lock is released; see
+``pacs_ai.index.db.make_write_gate``).  ``--no-fsync`` drops the first two, to show what they
+cost; it is a diagnostic, never a setting for patient data.  Single runs spread by 20% or more
+on a shared machine: compare medians of several runs, and the listener's CPU time per instance.
 """
 
 from __future__ import annotations

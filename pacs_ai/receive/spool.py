@@ -13,12 +13,12 @@ the file's fsync commits the journal transaction that also holds the new link
 (ext4 and XFS journal all metadata in order), so the directory's fsync that
 follows finds little left to do; flushing the file first and linking after
 would cost two full rounds for every instance.  Running the two flushes side
-by side in two threads saved no disk time and cost a thread hand-over per
-instance.  The price of linking first is that after a power loss (not a
-process crash: the page cache holds the whole file before it is linked) an
-unindexed name may hold a partial file; such a name was never acknowledged,
-and the listener replaces it when the instance is sent again (see
-``StoreHandler._store_over_existing_name``).
+by side in two threads was no faster in the ingest benchmark and cost a thread
+hand-over (and the GIL changing hands) per instance.  The price of linking
+first is that after a power loss (not a process crash: the page cache holds the
+whole file before it is linked) an unindexed name may hold a partial file; such
+a name was never acknowledged, and the listener replaces it when the instance
+is sent again (see ``StoreHandler._store_over_existing_name``).
 """
 
 from __future__ import annotations
