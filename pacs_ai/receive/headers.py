@@ -96,7 +96,21 @@ def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
 
 
 def _plain(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """The value of a UI, CS, DA, IS or DS element as text, leading and trailing padding removed.
+    """The value of a CS, DA, IS or DS element as text, leading and trailing padding removed."""
+    text = _raw_text(ds, keyword, strip_leading=True)
+    return None if text is None else text[:limit]
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID, never truncated: one longer than 64 characters is refused, not shortened into another.
+
+    Only trailing padding is removed: a leading space makes the UID invalid, as it is.
+    """
+    return _raw_text(ds, keyword, strip_leading=False)
+
+
+def _raw_text(ds: Dataset, keyword: str, *, strip_leading: bool) -> str | None:
+    """The value of a UI, CS, DA, IS or DS element read from its raw bytes, padding removed.
 
     These value representations allow only the default character repertoire,
     so the raw bytes are the text: reading them directly spares pydicom's
@@ -108,22 +122,10 @@ def _plain(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
         return None
     value = element.value
     if isinstance(value, bytes | bytearray):
-        text = value.decode("ascii", "replace").strip("\0 ")
+        decoded = value.decode("ascii", "replace")
+        text = decoded.strip("\0 ") if strip_leading else decoded.rstrip("\0 ")
     elif isinstance(value, MultiValue):
         text = "\\".join(str(item) for item in value)
-    else:
-        text = "" if value is None else str(value)
-    return text[:limit] or None
-
-
-def _uid(ds: Dataset, keyword: str) -> str | None:
-    """A UID, never truncated: one longer than 64 characters is refused, not shortened into another."""
-    element = ds.get_item(_TAGS[keyword])
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(value, bytes | bytearray):
-        text = value.decode("ascii", "replace").rstrip("\0 ")
     else:
         text = "" if value is None else str(value)
     return text or None
