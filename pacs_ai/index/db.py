@@ -135,8 +135,8 @@ def make_write_gate(url: str) -> WriteGate:
     flushes while holding the write lock, so commits from several listener
     processes are flushed strictly one after another.  Here a commit only
     writes its WAL frames, releases the locks, and then flushes the WAL file
-    (:func:`flush_wal`), so flushes of concurrent commits overlap and the disk
-    serves several with one cache flush.  The commit is on the disk before
+    (:func:`flush_wal`), so the flushes of concurrent commits overlap instead
+    of queueing behind the lock one by one.  The commit is on the disk before
     :meth:`WriteGate.begin` returns, as before; only the waiting moved.
     Checkpoints are unaffected: at ``synchronous=NORMAL`` SQLite still flushes
     the WAL before copying it into the database and the database after.
