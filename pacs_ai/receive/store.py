@@ -128,7 +128,6 @@ class StoreHandler:
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         #: Every index write of the listener goes through the gate (see :func:`make_write_gate`).
         self.gate = make_write_gate(settings.effective_database_url)
-        self.engine = self.gate.engine
         self.series_ids = SeriesIds()
         self.group_commit = GroupCommit(self.gate, self.series_ids)
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
