@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from pacs_ai.index.db import WriteGate, flush_wal, make_engine, make_write_gate
 
@@ -81,6 +81,22 @@ def test_a_failed_transaction_opens_the_gate_again(tmp_path: Path) -> None:
     thread.start()
     thread.join(5)
     assert entered.is_set()
+
+
+def test_connections_leave_and_return_to_the_pool_outside_the_lock(tmp_path: Path) -> None:
+    """Pool checkout and the reset on return are not part of the transaction: no one waits for them."""
+    gate = make_write_gate(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    lock_held_at: list[tuple[str, bool]] = []
+    for pool_event in ("checkout", "checkin"):
+        event.listen(
+            gate.engine,
+            pool_event,
+            lambda *_args, name=pool_event: lock_held_at.append((name, _gate_is_held(gate))),
+        )
+    with gate.begin() as connection:
+        assert _gate_is_held(gate)
+        connection.execute(text("CREATE TABLE events (name TEXT)"))
+    assert lock_held_at == [("checkout", False), ("checkin", False)]
 
 
 def test_other_databases_are_not_gated() -> None:
