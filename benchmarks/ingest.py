@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print()
     for associations in args.associations:
-        cell = {row.peer: row.median for row in rows if row.associations == associations}
+        cell = {row.peer: row for row in rows if row.associations == associations}
+        ours = cell["pacs-ai"]
         ratios = ", ".join(
-            f"vs {peer} {cell['pacs-ai'] / rate:.2f}x" for peer, rate in cell.items() if peer != "pacs-ai"
+            f"vs {peer} {ours.median / row.median:.2f}x rate, "
+            f"{ours.median_cpu_ms / row.median_cpu_ms:.2f}x CPU"
+            for peer, row in cell.items()
+            if peer != "pacs-ai"
         )
-        print(f"{associations} association(s): pacs-ai {cell['pacs-ai']:.0f} inst/s; {ratios}")
+        print(f"{associations} association(s): pacs-ai {ours.median:.0f} inst/s; {ratios}")
+    print("(rate ratio above 1: pacs-ai faster; CPU ratio below 1: pacs-ai needs less CPU per instance)")
     return 0
 
 

@@ -9,10 +9,16 @@ Every measurement uses a freshly started peer, because Orthanc answers a re-sent
 storing it again, which would inflate later runs.  Timing covers only the storescu runs (wall clock
 from first process start to last process exit); file scanning and profile generation happen before.
 
+Besides the rate, every run records the CPU time the whole machine spent per instance (all
+cores, from ``/proc/stat``: the peer, its storescu clients and the kernel's work for both), which
+spreads far less than the rate on a shared machine and shows how much work each peer needs for the
+same instances.
+
 Fairness on a shared, noisy machine (:func:`run_interleaved`): the peers take turns within every
-repeat (in a rotating order), so a slow spell of the machine hits them alike, and no peer's files are
-deleted until all runs are over.  Deleting between runs made whichever peer came next slower: on
-ext4 without a journal, as here, creating a file skips the inodes freed in the last minutes, reading
+repeat (in a rotating order), so a slow spell of the machine hits them alike; each run starts once
+the freshly started peer has finished starting up (:func:`wait_until_quiet`), so that start-up
+work is not counted as ingest; and no peer's files are deleted until all runs are over.
+Deleting between runs made whichever peer came next slower: on ext4 without a journal, as here, creating a file skips the inodes freed in the last minutes, reading
 each one to tell (seen in ``perf``: an eighth of the listener's CPU in ``recently_deleted``), and
 Orthanc's rate fell from about 570 to 390 instances/s over eight runs that way.
 """
@@ -20,6 +26,7 @@ Orthanc's rate fell from about 570 to 390 instances/s over eight runs that way.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -57,6 +64,39 @@ class Endpoint:
 PeerFactory = Callable[..., AbstractContextManager[Endpoint]]
 
 
+@dataclass(frozen=True)
+class Run:
+    """One measurement: instances per second and the whole machine's CPU milliseconds per instance."""
+
+    rate: float
+    cpu_ms_per_instance: float
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every core of this machine has spent busy since boot (``/proc/stat``, all but idle)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    # Not steal (time the hypervisor gave to other machines) nor guest (already counted in user).
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(*, busy_cores: float = 0.15, window: float = 0.25, timeout: float = 10.0) -> float:
+    """Wait until the machine is nearly idle (the peer just started has finished starting up).
+
+    A peer is ready as soon as it answers on its port, but may still be starting other parts
+    (pacs-ai's second listener process and its worklist server, say), which would take CPU from
+    the measured run.  Returns the busy cores of the last ``window``; gives up after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        start = machine_cpu_seconds()
+        time.sleep(window)
+        busy = (machine_cpu_seconds() - start) / window
+        if busy <= busy_cores or time.monotonic() > deadline:
+            return busy
+
+
 def measure_ingest(
     send_dir: Path,
     host: str,
@@ -65,8 +105,8 @@ def measure_ingest(
     associations: int,
     *,
     calling_aet: str = "BENCH",
-) -> float:
-    """Send every DICOM file under ``send_dir`` to ``aet@host:port``; return instances per second.
+) -> Run:
+    """Send every DICOM file under ``send_dir`` to ``aet@host:port``; return its rate and CPU cost.
 
     Files are split round-robin over ``associations`` concurrent storescu processes.  Raises
     :class:`tests.peers.PeerError` if any store fails, so a fast-but-failing SCP never scores.
@@ -76,14 +116,14 @@ def measure_ingest(
         raise PeerError(f"no DICOM files under {send_dir}")
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         profile = write_storescu_profile(files, Path(tmp) / "storescu.cfg")
-        start = time.perf_counter()
+        cpu_start, start = machine_cpu_seconds(), time.perf_counter()
         result = storescu(
             host, port, aet, files, calling_aet=calling_aet, associations=associations, profile=profile
         )
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, machine_cpu_seconds() - cpu_start
     if result.returncode != 0:
         raise PeerError(f"storescu to {aet}@{host}:{port} failed:\n{result.stderr[-2000:]}")
-    return len(files) / elapsed
+    return Run(rate=len(files) / elapsed, cpu_ms_per_instance=cpu * 1000 / len(files))
 
 
 @contextmanager
@@ -106,17 +146,27 @@ PEERS: dict[str, PeerFactory] = {"orthanc": orthanc_endpoint, "dcmtk-storescp": 
 
 @dataclass(frozen=True)
 class Row:
-    """Result of one (peer, associations) cell: per-run throughputs in instances/s."""
+    """Result of one (peer, associations) cell: its runs, in the order they were made."""
 
     peer: str
     associations: int
     instances: int
-    rates: tuple[float, ...]
+    runs: tuple[Run, ...]
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """Instances per second of each run."""
+        return tuple(run.rate for run in self.runs)
 
     @property
     def median(self) -> float:
         """Median throughput over the runs."""
         return statistics.median(self.rates)
+
+    @property
+    def median_cpu_ms(self) -> float:
+        """Median CPU milliseconds per instance (whole machine) over the runs."""
+        return statistics.median(run.cpu_ms_per_instance for run in self.runs)
 
 
 def run_interleaved(
@@ -127,7 +177,7 @@ def run_interleaved(
     Each run gets a fresh peer whose files stay on disk, under one temporary directory, until all
     runs are done (see the module docstring); rows come out by association count, then peer.
     """
-    rates: dict[tuple[int, str], list[float]] = {(n, name): [] for n in associations for name in peers}
+    runs: dict[tuple[int, str], list[Run]] = {(n, name): [] for n in associations for name in peers}
     names = list(peers)
     with tempfile.TemporaryDirectory(prefix="ingest-runs-") as runs_dir:
         previous_tempdir, tempfile.tempdir = tempfile.tempdir, runs_dir
@@ -137,21 +187,28 @@ def run_interleaved(
                 for count in associations:
                     for name in turn:
                         with peers[name](keep_files=True) as endpoint:
-                            rate = measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, count)
-                        rates[(count, name)].append(rate)
+                            wait_until_quiet()
+                            run = measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, count)
+                        runs[(count, name)].append(run)
         finally:
             tempfile.tempdir = previous_tempdir
     instances = len(dicom_files([send_dir]))
-    return [Row(name, n, instances, tuple(rates[(n, name)])) for n in associations for name in names]
+    return [Row(name, n, instances, tuple(runs[(n, name)])) for n in associations for name in names]
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """Render rows as a fixed-width text table."""
-    header = f"{'peer':<16} {'assoc':>5} {'files':>6} {'median inst/s':>14}  runs (inst/s)"
+    header = (
+        f"{'peer':<16} {'assoc':>5} {'files':>6} {'median inst/s':>14} {'CPU ms/inst':>11}  runs (inst/s)"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         runs = ", ".join(f"{r:.1f}" for r in row.rates)
-        lines.append(f"{row.peer:<16} {row.associations:>5} {row.instances:>6} {row.median:>14.1f}  {runs}")
+        lines.append(
+            f"{row.peer:<16} {row.associations:>5} {row.instances:>6} {row.median:>14.1f} "
+            f"{row.median_cpu_ms:>11.2f}  {runs}"
+        )
+    lines.append("(CPU ms/inst: median busy time of the whole machine, all cores, per instance sent)")
     return "\n".join(lines)
 
 
