@@ -18,9 +18,10 @@ Fairness on a shared, noisy machine (:func:`run_interleaved`): the peers take tu
 repeat (in a rotating order), so a slow spell of the machine hits them alike; each run starts once
 the freshly started peer has finished starting up (:func:`wait_until_quiet`), so that start-up
 work is not counted as ingest; and no peer's files are deleted until all runs are over.
-Deleting between runs made whichever peer came next slower: on ext4 without a journal, as here, creating a file skips the inodes freed in the last minutes, reading
-each one to tell (seen in ``perf``: an eighth of the listener's CPU in ``recently_deleted``), and
-Orthanc's rate fell from about 570 to 390 instances/s over eight runs that way.
+Deleting between runs made whichever peer came next slower: on ext4 without a journal, as here,
+creating a file skips the inodes freed in the last minutes, reading each one to tell (seen in
+``perf``: an eighth of the listener's CPU in ``recently_deleted``), and Orthanc's rate fell from
+about 570 to 390 instances/s over eight runs that way.
 """
 
 from __future__ import annotations

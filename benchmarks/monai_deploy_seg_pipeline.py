@@ -30,12 +30,14 @@ are timed by wrapping them (:func:`sdk_write_timed`), and ``seg_build`` is the r
 
 What bounds the ratio (measured 2026-11-24 on 2 shared cores): both sides build the SEG with the
 same highdicom call (source headers, label map, ``omit_empty_frames``) and write it with pydicom,
-about 0.26 s build and 0.19 s write for the 454 frames, equal on both sides.  pacs-ai's load takes
-under half the SDK's (0.27 vs 0.60 s), which gives 1.44-1.48x overall.  2x would need load, build
-and write together in half the SDK's 1.02-1.06 s, about 0.52 s, barely more than the SEG encoding
-alone takes in highdicom and pydicom.  Passing ``plane_positions`` makes highdicom's build slower
-(it then matches every plane against the sources and recomputes their positions), and a (frames,
-rows, columns, segments) boolean array instead of the label map takes over 1 s.
+about 0.26 s build and 0.19-0.22 s write for the 454 frames, equal on both sides.  pacs-ai's load
+takes 0.26-0.28 s, the SDK's 0.53-1.08 s depending on the run, which gave 1.29x-2.32x overall in
+two runs of the same day.  With the SDK's load at 0.53 s, 2x would need pacs-ai's load, build and
+write together in about 0.5 s, barely more than the SEG encoding alone takes in highdicom and
+pydicom.  Passing ``plane_positions`` makes highdicom's build slower (it then matches every plane
+against the sources and recomputes their positions), a (frames, rows, columns, segments) boolean
+array instead of the label map takes over 1 s, and reading the slices' pixels in two threads
+saved no wall time in a fresh process while it cost CPU.
 
 Before the measured run each process runs the same pipeline once on a small 8-slice phantom, so
 imports, decoder plugins and lazy initialisation are paid outside the measurement; the RSS
