@@ -74,7 +74,10 @@ class Run:
 
 
 def machine_cpu_seconds() -> float:
-    """CPU seconds every core of this machine has spent busy since boot (``/proc/stat``, all but idle)."""
+    """CPU seconds all cores of this machine have spent busy since boot (``/proc/stat``).
+
+    Busy is user, nice, system, irq and softirq time: not idle, not waiting for I/O, not steal.
+    """
     with open("/proc/stat") as stat:
         fields = [int(value) for value in stat.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
