@@ -14,7 +14,8 @@ SQLite index commits mostly unflushed), while pacs-ai flushes each file, the fol
 names it and its index commit (the WAL, after the write lock is released; see
 ``pacs_ai.index.db.make_write_gate``).  ``--no-fsync`` drops the first two, to show what they
 cost; it is a diagnostic, never a setting for patient data.  Single runs spread by 20% or more
-on a shared machine: compare medians of several runs, and the listener's CPU time per instance.
+on a shared machine: compare medians of several runs, and the CPU time per instance the table
+reports beside each rate.
 """
 
 from __future__ import annotations
