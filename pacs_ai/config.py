@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     #: Processes accepting associations on the same port (SO_REUSEPORT); one
     #: Python process is bound by the GIL to roughly one core of receive work.
     listener_processes: int = Field(default=2, ge=1, le=64)
+    #: Seconds an association may stay silent, between or inside PDUs, before it is aborted
+    #: (a peer that died or a network that dropped it).  A new connection has this long, at most
+    #: 30 s, to send its A-ASSOCIATE-RQ.
+    association_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     #: Calling AE titles allowed to store; empty means any.
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     #: What to do with a second copy of a known SOP Instance UID.

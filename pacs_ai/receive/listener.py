@@ -93,8 +93,10 @@ async def _serve(
             daemon=True,
         ).start()
 
+    idle = settings.association_idle_timeout_seconds
+    options = ServerOptions(acse_timeout=min(idle, ServerOptions.acse_timeout), idle_timeout=idle)
     server = AssociationServer(
-        StoreHandler(settings), acceptor_policy(settings), listening_socket, ServerOptions(), load
+        StoreHandler(settings), acceptor_policy(settings), listening_socket, options, load
     )
     log.info(
         "DICOM listener pid %d: AE %s on %s:%d, spool %s",

@@ -26,10 +26,12 @@ from pacs_ai.config import Settings
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import WriteGate, make_write_gate
 from pacs_ai.index.ingest import (
+    NewInstanceInsert,
     Sender,
     SeriesIds,
     find_instance,
     insert_instance_if_new,
+    instance_row,
     record_duplicate,
     record_new_instance,
 )
@@ -73,6 +75,10 @@ class GroupCommit:
         self._changed = threading.Condition()
         self._pending: list[_PendingRow] = []
         self._committing = False
+        #: The DBAPI path's statement, on SQLite only (see :meth:`WriteGate.begin_dbapi`).
+        self._insert = NewInstanceInsert(gate.engine.dialect) if gate.has_dbapi_path else None
+        #: What the DBAPI (sqlite3) raises: its errors reach here unwrapped on the DBAPI path.
+        self._dbapi_error: type[Exception] = gate.engine.dialect.loaded_dbapi.Error
 
     def insert(self, header: InstanceHeader, *, path: str, size: int, sender: Sender) -> bool:
         """Commit a new instance's row; False if it was not inserted (a duplicate, or any error).
@@ -100,24 +106,40 @@ class GroupCommit:
         return row.inserted
 
     def _commit(self, batch: list[_PendingRow]) -> None:
+        series_ids = [self._series_ids.get(row.header.series_instance_uid) for row in batch]
+        known_series_ids = [series_id for series_id in series_ids if series_id is not None]
         try:
-            with self._gate.begin() as connection:
-                inserted = [
-                    insert_instance_if_new(
-                        connection,
-                        row.header,
-                        path=row.path,
-                        size=row.size,
-                        sender=row.sender,
-                        series_ids=self._series_ids,
-                    )
-                    for row in batch
-                ]
-        except SQLAlchemyError as exc:  # every row of the batch is retried on its own
+            if self._insert is not None and len(known_series_ids) == len(batch):
+                inserted = self._insert_on_dbapi(self._insert, batch, known_series_ids)
+            else:
+                with self._gate.begin() as connection:
+                    inserted = [
+                        insert_instance_if_new(
+                            connection,
+                            row.header,
+                            path=row.path,
+                            size=row.size,
+                            sender=row.sender,
+                            series_ids=self._series_ids,
+                        )
+                        for row in batch
+                    ]
+        except (SQLAlchemyError, self._dbapi_error) as exc:  # every row of the batch is retried on its own
             log.debug("group commit of %d rows failed, retrying one by one: %s", len(batch), exc)
             return
         for row, was_inserted in zip(batch, inserted, strict=True):
             row.inserted = was_inserted
+
+    def _insert_on_dbapi(
+        self, statement: NewInstanceInsert, batch: list[_PendingRow], series_ids: list[int]
+    ) -> list[bool]:
+        """The rows of instances of known series, inserted without SQLAlchemy's per-statement work."""
+        rows = [
+            instance_row(row.header, path=row.path, size=row.size, sender=row.sender, series_id=series_id)
+            for row, series_id in zip(batch, series_ids, strict=True)
+        ]
+        with self._gate.begin_dbapi() as cursor:
+            return [statement.execute(cursor, row) for row in rows]
 
 
 class StoreHandler:

@@ -147,9 +147,7 @@ class Scheduler:
             ).all()
         pipeline = ReportPipeline(self.settings, self.sessions, self.profiles)
         return sorted(
-            study_id
-            for study_id, job_id in last_jobs
-            if pipeline.study_to_draft(job_id) is not None
+            study_id for study_id, job_id in last_jobs if pipeline.study_to_draft(job_id) is not None
         )
 
     def requeue_jobs_of(self, worker: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_ai.synthetic.phantom import PhantomTruth
 from tests.e2e.conftest import BACKENDS
@@ -145,3 +147,28 @@ def test_every_acknowledged_instance_survives_a_crash(
                 if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uid
             )
             assert stored.PixelData == pydicom.dcmread(original).PixelData
+
+
+def test_a_silent_association_is_aborted_and_the_listener_serves_on(service_factory: Any) -> None:
+    service = service_factory(
+        backend="embedded",
+        extra_env={
+            **NO_WORKERS,
+            "PACS_AI_ASSOCIATION_IDLE_TIMEOUT_SECONDS": "1",
+            "PACS_AI_LISTENER_PROCESSES": "1",
+        },
+    )
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
+    for _ in range(3):  # messages 0.6 s apart: each re-arms the 1 s timer
+        time.sleep(0.6)
+        assert assoc.send_c_echo().Status == 0x0000
+    started = time.monotonic()
+    while assoc.is_established and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    silent_for = time.monotonic() - started
+    assert assoc.is_aborted, "a silent association was never aborted"
+    assert 0.9 <= silent_for < 5, f"aborted after {silent_for:.1f} s of silence; the timeout is 1 s"
+    assert "silent too long" in service.logs()
+    assert echoscu("127.0.0.1", service.port, service.ae_title)
