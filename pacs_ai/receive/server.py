@@ -29,10 +29,8 @@ import logging
 import os
 import socket
 import struct
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
@@ -64,6 +62,7 @@ from pacs_ai.receive.headers import (
     STATUS_SUCCESS,
     InstanceRejected,
 )
+from pacs_ai.receive.spool import Spool
 from pacs_ai.receive.store import StoreHandler
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class AssociationServer:
         self.policy = policy
         self.listening_socket = listening_socket
         self.options = options or ServerOptions()
-        self.tmp_dir = handler.spool.tmp_dir
+        self.spool = handler.spool
         self.associations: set[asyncio.Task[None]] = set()
         self.load = load
         self._executor = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="store")
@@ -281,7 +280,7 @@ def _store_and_clean_up(
             prefix_is_whole=data_set.prefix_is_whole,
         )
     finally:
-        data_set.path.unlink(missing_ok=True)
+        data_set.discard()
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -346,20 +345,22 @@ class SilenceWatch:
 
 
 class _DataSetFile:
-    """A data set being received into a temporary Part 10 file in the spool.
+    """A data set being received into a new file in the spool (see :meth:`Spool.create_incoming`).
 
     The file's first :data:`HEADER_PREFIX_BYTES` are also kept in ``prefix``
-    (``prefix_is_whole`` once the whole file fitted in it).
+    (``prefix_is_whole`` once the whole file fitted in it).  The file stays
+    open until :meth:`discard`: an unnamed file exists only while it is open,
+    so it is discarded after it has been stored (linked) or refused.
     """
 
-    def __init__(self, tmp_dir: Path, command: Command, transfer_syntax: str) -> None:
+    def __init__(self, spool: Spool, command: Command, transfer_syntax: str) -> None:
         self.command = command
-        descriptor, name = tempfile.mkstemp(suffix=".dcm", dir=tmp_dir)
-        self.path = Path(name)
-        self.descriptor: int | None = descriptor
+        self.file = spool.create_incoming()
+        self.path = self.file.path
         self.error: OSError | None = None
         self.prefix = bytearray()
         self.prefix_is_whole = True
+        self._discarded = False
         meta = encode_file_meta(
             command.affected_sop_class_uid, command.affected_sop_instance_uid, transfer_syntax
         )
@@ -367,7 +368,7 @@ class _DataSetFile:
 
     def write(self, data: bytes | memoryview) -> None:
         """Append to the file; after a write error (disk full) the rest is read and dropped."""
-        if self.descriptor is None:
+        if self.error is not None:
             return
         view = memoryview(data)
         if self.prefix_is_whole:
@@ -376,20 +377,16 @@ class _DataSetFile:
             self.prefix_is_whole = len(view) <= room
         try:
             while view:
-                written = os.write(self.descriptor, view)
+                written = os.write(self.file.descriptor, view)
                 view = view[written:]
         except OSError as exc:
             self.error = exc
-            self.close()
-
-    def close(self) -> None:
-        if self.descriptor is not None:
-            os.close(self.descriptor)
-            self.descriptor = None
 
     def discard(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
+        """Close the file and drop its temporary name; a name the store gave it stays."""
+        if not self._discarded:
+            self._discarded = True
+            self.file.discard()
 
 
 class _Association:
@@ -573,9 +570,9 @@ class _Association:
             self.command = command
             if command.command_field == C_STORE_RQ:
                 try:
-                    self.data_set = _DataSetFile(self.server.tmp_dir, command, self.contexts[context_id][1])
+                    self.data_set = _DataSetFile(self.server.spool, command, self.contexts[context_id][1])
                 except OSError as exc:  # cannot even create the file: read and drop the data set
-                    log.error("cannot create a temporary file in %s: %s", self.server.tmp_dir, exc)
+                    log.error("cannot create a file in %s: %s", self.server.spool.tmp_dir, exc)
                     self.create_error = exc
             return
         if command.command_field == C_ECHO_RQ:
@@ -600,7 +597,6 @@ class _Association:
             await self.server.refuse(self.sender, command, reason)
             self._respond(context_id, command, STATUS_OUT_OF_RESOURCES, reason)
             return
-        data_set.close()
         self._arm(None)  # our own work, however slow the disk or index, is not the peer's silence
         status, comment = await self.server.store(data_set, self.sender)
         self._respond(context_id, command, status, comment)

@@ -171,9 +171,10 @@ class StoreHandler:
 
         ``prefix`` (the file's first bytes, ``prefix_is_whole`` if that is all
         of it) spares reading the header back from the file; see
-        :func:`~pacs_ai.receive.headers.read_header`.  On Success the temporary
-        name is gone or left for the caller to remove; the caller always
-        removes ``temp_path`` afterwards.
+        :func:`~pacs_ai.receive.headers.read_header`.  ``temp_path`` may be an
+        unnamed file's ``/proc/self/fd`` path (:meth:`Spool.create_incoming`),
+        open until this returns.  On Success the file has its final name; the
+        caller always discards the temporary file (or name) afterwards.
         """
         try:
             self._store(temp_path, sender, sop_class, sop_instance, prefix, prefix_is_whole)
