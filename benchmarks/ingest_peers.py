@@ -17,7 +17,10 @@ same instances.
 Fairness on a shared, noisy machine (:func:`run_interleaved`): the peers take turns within every
 repeat (in a rotating order), so a slow spell of the machine hits them alike; each run starts once
 the freshly started peer has finished starting up (:func:`wait_until_quiet`), so that start-up
-work is not counted as ingest; and no peer's files are deleted until all runs are over.
+work is not counted as ingest, and once everything earlier runs wrote is on the disk (``sync``):
+storescp never flushes its files, and their writeback fell into whichever run came next (with
+three peers rotating, pacs-ai followed storescp three times in five); and no peer's files are
+deleted until all runs are over.
 Deleting between runs made whichever peer came next slower: on ext4 without a journal, as here,
 creating a file skips the inodes freed in the last minutes, reading each one to tell (seen in
 ``perf``: an eighth of the listener's CPU in ``recently_deleted``), and Orthanc's rate fell from
@@ -190,6 +193,9 @@ def run_interleaved(
                 turn = names[repeat % len(names) :] + names[: repeat % len(names)]
                 for count in associations:
                     for name in turn:
+                        # The last run's unflushed files (storescp never flushes) would otherwise be
+                        # written back during this one, taking CPU and slowing this peer's flushes.
+                        os.sync()
                         with peers[name](keep_files=True) as endpoint:
                             wait_until_quiet()
                             run = measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, count)
