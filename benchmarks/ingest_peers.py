@@ -24,7 +24,14 @@ deleted until all runs are over.
 Deleting between runs made whichever peer came next slower: on ext4 without a journal, as here,
 creating a file skips the inodes freed in the last minutes, reading each one to tell (seen in
 ``perf``: an eighth of the listener's CPU in ``recently_deleted``), and Orthanc's rate fell from
-about 570 to 390 instances/s over eight runs that way.
+about 570 to 390 instances/s over eight runs that way.  For the same reason, start a measurement
+only some minutes after anything deleted many files on the same filesystem (a test run, the end
+of an earlier benchmark, which removes its runs' files): an inode counts as recently freed for 60
+seconds, or six minutes while its inode table block is not yet written back.  On 2026-11-25, two
+runs started within three minutes of such deletions had pacs-ai at 0.87x and 0.93x Orthanc's rate
+at 4 associations, with ``__ext4_new_inode`` at 14% of the listener's CPU; runs started after a
+quiet spell had it at 1.3-1.4x, with ``__ext4_new_inode`` at about 1%.  Orthanc, whose files go
+into many hashed folders, lost far less.
 """
 
 from __future__ import annotations
