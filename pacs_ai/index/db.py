@@ -115,15 +115,9 @@ class WriteGate:
         # out and resetting a connection are no part of the transaction, and every microsecond
         # under the lock is one that the other listener processes wait (a quarter of the time
         # held for a one-row insert).
-        with self.engine.connect() as connection:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            try:
-                with connection.begin():
-                    yield connection
-            finally:
-                fcntl.flock(descriptor, fcntl.LOCK_UN)
-        if self.wal_path is not None:
-            flush_wal(self.wal_path)
+        with self.engine.connect() as connection, _write_lock(descriptor), connection.begin():
+            yield connection
+        self._flush_commits()
 
     @property
     def has_dbapi_path(self) -> bool:
@@ -144,10 +138,9 @@ class WriteGate:
             raise RuntimeError("begin_dbapi needs a SQLite database file; use begin()")
         descriptor = self._descriptor()
         pooled = self.engine.raw_connection()
-        try:
+        with contextlib.closing(pooled):  # back to the pool, after the lock is released
             cursor = pooled.driver_connection.cursor()  # type: ignore[union-attr]
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            try:
+            with contextlib.closing(cursor), _write_lock(descriptor):
                 cursor.execute("BEGIN IMMEDIATE")
                 try:
                     yield cursor
@@ -156,11 +149,10 @@ class WriteGate:
                         cursor.execute("ROLLBACK")
                     raise
                 cursor.execute("COMMIT")
-            finally:
-                fcntl.flock(descriptor, fcntl.LOCK_UN)
-                cursor.close()
-        finally:
-            pooled.close()  # back to the pool
+        self._flush_commits()
+
+    def _flush_commits(self) -> None:
+        """Put what was committed on the disk, for an engine whose commits do not flush."""
         if self.wal_path is not None:
             flush_wal(self.wal_path)
 
@@ -171,6 +163,16 @@ class WriteGate:
             descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._local.descriptor = descriptor
         return descriptor
+
+
+@contextmanager
+def _write_lock(descriptor: int) -> Iterator[None]:
+    """Hold the ``flock`` on a gate's lock file (waiting for it as long as it takes)."""
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def make_write_gate(url: str) -> WriteGate:

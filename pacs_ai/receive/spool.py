@@ -27,6 +27,7 @@ is sent again (see ``StoreHandler._store_over_existing_name``).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -78,7 +79,12 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.fsync = fsync
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.unnamed_files = _unnamed_files_work(self.tmp_dir)
+
+    @functools.cached_property
+    def unnamed_files(self) -> bool:
+        """Whether :meth:`create_incoming` makes unnamed files; probed at its first call only,
+        so spools that never receive (the admin CLI's, say) leave the filesystem alone."""
+        return _unnamed_files_work(self.tmp_dir)
 
     def create_incoming(self) -> IncomingFile:
         """A new empty file on the spool's filesystem for a data set being received.
