@@ -111,6 +111,50 @@ def wait_until_quiet(*, busy_cores: float = 0.15, window: float = 0.25, timeout:
             return busy
 
 
+def file_creation_microseconds(directory: Path, files: int = 16) -> float:
+    """Median wall time, in microseconds, of creating a new empty file in ``directory``.
+
+    The files are kept (they go with ``directory``): deleting them would add to the very
+    recently freed inodes this probe looks for (see :func:`wait_until_inodes_settle`).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    times = []
+    for _ in range(files):
+        path = directory / f"probe-{time.monotonic_ns()}"
+        start = time.perf_counter()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def wait_until_inodes_settle(
+    directory: Path, *, slow_microseconds: float = 150.0, timeout: float = 420.0
+) -> float:
+    """Wait until creating a file in ``directory`` costs what it does on a settled filesystem.
+
+    On ext4 without a journal (as on this machine), creating a file skips every inode of its
+    block group freed in the last minutes, reading each one's inode table entry to tell: after a
+    mass deletion (a test run, an earlier benchmark's clean-up) each new file costs up to a
+    millisecond of CPU more, for one to six minutes.  Whichever peer runs in that spell is
+    slowed, so every run waits for it to pass.  Returns the seconds waited; warns on stderr and
+    returns after ``timeout`` if creation stays slow.
+    """
+    start = time.monotonic()
+    while True:
+        cost = file_creation_microseconds(directory)
+        waited = time.monotonic() - start
+        if cost < slow_microseconds:
+            return waited
+        if waited > timeout:
+            print(
+                f"warning: creating a file in {directory} still takes {cost:.0f} us after "
+                f"{waited:.0f} s; measuring anyway",
+                file=sys.stderr,
+            )
+            return waited
+        time.sleep(5.0)
+
+
 def measure_ingest(
     send_dir: Path,
     host: str,
@@ -193,6 +237,7 @@ def run_interleaved(
     """
     runs: dict[tuple[int, str], list[Run]] = {(n, name): [] for n in associations for name in peers}
     names = list(peers)
+    settling = 0.0
     with tempfile.TemporaryDirectory(prefix="ingest-runs-") as runs_dir:
         previous_tempdir, tempfile.tempdir = tempfile.tempdir, runs_dir
         try:
@@ -203,12 +248,15 @@ def run_interleaved(
                         # The last run's unflushed files (storescp never flushes) would otherwise be
                         # written back during this one, taking CPU and slowing this peer's flushes.
                         os.sync()
+                        settling += wait_until_inodes_settle(Path(runs_dir) / "creation-probes")
                         with peers[name](keep_files=True) as endpoint:
                             wait_until_quiet()
                             run = measure_ingest(send_dir, endpoint.host, endpoint.port, endpoint.aet, count)
                         runs[(count, name)].append(run)
         finally:
             tempfile.tempdir = previous_tempdir
+    if settling >= 1.0:
+        print(f"(waited {settling:.0f} s in all for file creation to settle)", file=sys.stderr)
     instances = len(dicom_files([send_dir]))
     return [Row(name, n, instances, tuple(runs[(n, name)])) for n in associations for name in names]
 

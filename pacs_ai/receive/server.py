@@ -7,7 +7,8 @@ about 1.5 ms of CPU per instance before storing anything.  Here one loop reads
 every association's PDUs itself: command sets are decoded with ``struct``,
 data set fragments go from the socket straight into a temporary file in the
 spool, and only the durable part of a store (fsync, link, index commit) is
-handed to a worker thread, so other associations keep being read meanwhile.
+handed to a worker thread, so other associations keep being read meanwhile
+(a process serving one association does it on the loop: nothing else waits).
 Association negotiation and PDU encoding are pynetdicom's
 (:mod:`pacs_ai.receive.acceptor`).
 
@@ -250,7 +251,18 @@ class AssociationServer:
                 await writer.wait_closed()
 
     async def store(self, data_set: _DataSetFile, sender: Sender) -> tuple[int, str | None]:
-        """File a complete data set in a worker thread; the temporary file is gone afterwards."""
+        """File a complete data set; the temporary file is gone afterwards.
+
+        With other associations open in this process, a worker thread does it so that
+        they keep being read meanwhile.  Alone, this process has nothing else to do
+        while its one sender waits for the response, so the loop files it itself:
+        handing every store to a thread and back cost two thread switches and a
+        tug of war for the GIL at each of the store's system calls.  A connection
+        arriving meanwhile waits in the backlog for that one store (or another
+        listener process takes it).
+        """
+        if len(self.associations) <= 1:
+            return _store_and_clean_up(self.handler, data_set, sender)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _store_and_clean_up, self.handler, data_set, sender)
 
