@@ -27,7 +27,9 @@ creating a file skips the inodes freed in the last minutes, reading each one to 
 about 570 to 390 instances/s over eight runs that way.  For the same reason, start a measurement
 only some minutes after anything deleted many files on the same filesystem (a test run, the end
 of an earlier benchmark, which removes its runs' files): an inode counts as recently freed for 60
-seconds, or six minutes while its inode table block is not yet written back.  On 2026-11-25, two
+seconds, or six minutes while its inode table block is not yet written back.  Every run now waits
+for that itself (:func:`wait_until_inodes_settle`: creating a file took about 850 us right after
+20,000 files were deleted, 15-80 us otherwise).  On 2026-11-25, two
 runs started within three minutes of such deletions had pacs-ai at 0.87x and 0.93x Orthanc's rate
 at 4 associations, with ``__ext4_new_inode`` at 14% of the listener's CPU; runs started after a
 quiet spell had it at 1.3-1.4x, with ``__ext4_new_inode`` at about 1%.  Orthanc, whose files go
@@ -136,8 +138,10 @@ def wait_until_inodes_settle(
     block group freed in the last minutes, reading each one's inode table entry to tell: after a
     mass deletion (a test run, an earlier benchmark's clean-up) each new file costs up to a
     millisecond of CPU more, for one to six minutes.  Whichever peer runs in that spell is
-    slowed, so every run waits for it to pass.  Returns the seconds waited; warns on stderr and
-    returns after ``timeout`` if creation stays slow.
+    slowed, so every run waits for it to pass.  A heuristic: it sees the block group new files in
+    ``directory`` come from, which need not be the one every peer's files will come from.
+    Returns the seconds waited; warns on stderr and returns after ``timeout`` if creation stays
+    slow.
     """
     start = time.monotonic()
     while True:
