@@ -8,7 +8,7 @@ every association's PDUs itself: command sets are decoded with ``struct``,
 data set fragments go from the socket straight into a temporary file in the
 spool, and only the durable part of a store (fsync, link, index commit) is
 handed to a worker thread, so other associations keep being read meanwhile
-(a process serving one association does it on the loop: nothing else waits).
+(a process serving just one association does it on the loop itself).
 Association negotiation and PDU encoding are pynetdicom's
 (:mod:`pacs_ai.receive.acceptor`).
 
