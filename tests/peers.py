@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -231,6 +232,20 @@ UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still valid on the wire)
 )
 MAX_PRESENTATION_CONTEXTS = 128
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The data set of a Part 10 file as a C-STORE carries it: the bytes after the file meta.
+
+    The file meta's group length, (0002,0000) right after the preamble and ``DICM``, says
+    where it ends.
+    """
+    encoded = path.read_bytes()
+    tag, vr, _ = struct.unpack_from("<I2sH", encoded, 132)
+    if encoded[128:132] != b"DICM" or tag != 0x00000002 or vr != b"UL":
+        raise PeerError(f"{path}: no file meta group length after the preamble")
+    (group_length,) = struct.unpack_from("<I", encoded, 140)
+    return encoded[144 + group_length :]
 
 
 def _sop_class_and_syntax(path: Path) -> tuple[str, str]:

@@ -8,10 +8,11 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 #: Storage statuses (PS3.4 B.2.3) the listener answers with.
@@ -28,6 +29,23 @@ class InstanceRejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class ReceivedBytes:
+    """The start of a received Part 10 file, as the listener kept it in memory.
+
+    ``data`` is the file's first bytes (``whole`` when that is all of it).  The
+    listener writes the file meta itself, so it also knows where the data set
+    starts (``data_set_offset``) and its transfer syntax (``transfer_syntax_uid``):
+    given both, the header is parsed without the preamble and file meta, about
+    half of pydicom's work for a CT header.
+    """
+
+    data: bytes | bytearray
+    whole: bool = False
+    data_set_offset: int | None = None
+    transfer_syntax_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,24 +172,50 @@ def _multi_valued(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
     return "\\".join(item.strip() for item in text.split("\\"))[:limit]
 
 
-def header_from_prefix(prefix: bytes | bytearray, *, whole: bool = False) -> Dataset | None:
+def header_from_prefix(received: ReceivedBytes) -> Dataset | None:
     """Parse a received file's attributes up to Pixel Data from its first bytes, if they hold them all.
 
-    ``prefix`` is the start of the Part 10 file (preamble, file meta, data
-    set), kept in memory as it was received, so most instances are parsed
-    without reading their file back; ``whole`` says the prefix is the whole
-    file.  Returns None when the attributes before Pixel Data may run past the
-    prefix (large private data, say) or the prefix cannot be parsed: the
+    Most instances are parsed this way, without reading their file back.
+    Returns None when the attributes before Pixel Data may run past the
+    received bytes (large private data, say) or they cannot be parsed: the
     caller then reads the file, whose errors are the ones worth reporting.
     """
-    stream = BytesIO(prefix)
+    stream = BytesIO(received.data)
     try:
-        ds = dcmread(stream, stop_before_pixels=True)
+        ds = _data_set_after_file_meta(stream, received)
+        if ds is None:
+            ds = dcmread(stream, stop_before_pixels=True)
     except Exception:  # truncated inside an element: decided on the whole file instead
         return None
     # pydicom stops (and steps back) at Pixel Data: the attributes before it are all here.
-    # Reaching the end instead means the prefix may have cut the data set short.
-    return ds if whole or stream.tell() < len(prefix) else None
+    # Reaching the end instead means the bytes may have cut the data set short.
+    return ds if received.whole or stream.tell() < len(received.data) else None
+
+
+#: Pixel Data, Float Pixel Data and Double Float Pixel Data: where a header ends.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_DATA_TAGS
+
+
+def _data_set_after_file_meta(stream: BytesIO, received: ReceivedBytes) -> Dataset | None:
+    """The data set read from ``received.data_set_offset``, or None if that cannot be done here.
+
+    Only for a known transfer syntax whose data set pydicom reads as it is
+    (a deflated one must be inflated first, which :func:`dcmread` does).
+    """
+    if received.data_set_offset is None or received.transfer_syntax_uid is None:
+        return None
+    syntax = UID(received.transfer_syntax_uid)
+    if not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    stream.seek(received.data_set_offset)
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
 
 
 def read_header(
@@ -179,20 +223,18 @@ def read_header(
     *,
     command_sop_class: str,
     command_sop_instance: str,
-    prefix: bytes | bytearray | None = None,
-    prefix_is_whole: bool = False,
+    received: ReceivedBytes | None = None,
 ) -> InstanceHeader:
     """Read and check the identifying attributes of a received file.
 
-    ``prefix``, the file's first bytes if the caller still has them, spares
-    reading the file back when it holds every attribute before Pixel Data
-    (:func:`header_from_prefix`; ``prefix_is_whole`` when it is the whole
-    file).  Raises :class:`InstanceRejected` with the status to answer when
-    the data set is unreadable, lacks a UID needed to file it, or disagrees
-    with the C-STORE command that carried it.
+    ``received``, the file's first bytes if the caller still has them, spares
+    reading the file back when they hold every attribute before Pixel Data
+    (:func:`header_from_prefix`).  Raises :class:`InstanceRejected` with the
+    status to answer when the data set is unreadable, lacks a UID needed to
+    file it, or disagrees with the C-STORE command that carried it.
     """
     try:
-        ds = header_from_prefix(prefix, whole=prefix_is_whole) if prefix is not None else None
+        ds = header_from_prefix(received) if received is not None else None
         if ds is None:
             ds = dcmread(path, stop_before_pixels=True)
         tsyntax = str(ds.file_meta.TransferSyntaxUID)

@@ -62,6 +62,7 @@ from pacs_ai.receive.headers import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     InstanceRejected,
+    ReceivedBytes,
 )
 from pacs_ai.receive.spool import Spool
 from pacs_ai.receive.store import StoreHandler
@@ -288,8 +289,7 @@ def _store_and_clean_up(
             sender=sender,
             sop_class=data_set.command.affected_sop_class_uid,
             sop_instance=data_set.command.affected_sop_instance_uid,
-            prefix=data_set.prefix,
-            prefix_is_whole=data_set.prefix_is_whole,
+            received=data_set.received(),
         )
     finally:
         data_set.discard()
@@ -373,10 +373,16 @@ class _DataSetFile:
         self.prefix = bytearray()
         self.prefix_is_whole = True
         self._discarded = False
+        self.transfer_syntax = transfer_syntax
         meta = encode_file_meta(
             command.affected_sop_class_uid, command.affected_sop_instance_uid, transfer_syntax
         )
+        self.data_set_offset = len(meta)
         self.write(meta)
+
+    def received(self) -> ReceivedBytes:
+        """What was kept of the file in memory, for the store to read the header from."""
+        return ReceivedBytes(self.prefix, self.prefix_is_whole, self.data_set_offset, self.transfer_syntax)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append to the file; after a write error (disk full) the rest is read and dropped."""

@@ -42,6 +42,7 @@ from pacs_ai.receive.headers import (
     STATUS_SUCCESS,
     InstanceHeader,
     InstanceRejected,
+    ReceivedBytes,
     read_header,
 )
 from pacs_ai.receive.spool import Spool, UnsafeIdentifier
@@ -164,20 +165,19 @@ class StoreHandler:
         sender: Sender,
         sop_class: str,
         sop_instance: str,
-        prefix: bytes | bytearray | None = None,
-        prefix_is_whole: bool = False,
+        received: ReceivedBytes | None = None,
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
 
-        ``prefix`` (the file's first bytes, ``prefix_is_whole`` if that is all
-        of it) spares reading the header back from the file; see
+        ``received`` (the file's first bytes, as the listener kept them) spares
+        reading the header back from the file; see
         :func:`~pacs_ai.receive.headers.read_header`.  ``temp_path`` may be an
         unnamed file's ``/proc/self/fd`` path (:meth:`Spool.create_incoming`),
         open until this returns.  On Success the file has its final name; the
         caller always discards the temporary file (or name) afterwards.
         """
         try:
-            self._store(temp_path, sender, sop_class, sop_instance, prefix, prefix_is_whole)
+            self._store(temp_path, sender, sop_class, sop_instance, received)
             return STATUS_SUCCESS, None
         except InstanceRejected as rejected:
             self.record_rejection(sender, sop_instance, rejected)
@@ -198,8 +198,7 @@ class StoreHandler:
         sender: Sender,
         sop_class: str,
         sop_instance: str,
-        prefix: bytes | bytearray | None,
-        prefix_is_whole: bool,
+        received: ReceivedBytes | None,
     ) -> None:
         if self.spool.free_bytes() < self.min_free_bytes:
             raise InstanceRejected(
@@ -210,8 +209,7 @@ class StoreHandler:
             temp_path,
             command_sop_class=sop_class,
             command_sop_instance=sop_instance,
-            prefix=prefix,
-            prefix_is_whole=prefix_is_whole,
+            received=received,
         )
         try:
             final_path = self.spool.path_for(

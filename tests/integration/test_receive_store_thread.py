@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import threading
 from pathlib import Path
 
@@ -26,16 +25,9 @@ from pacs_ai.receive.listener import acceptor_policy
 from pacs_ai.receive.server import AssociationServer, _DataSetFile
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.synthetic.phantom import write_chest_phantom
+from tests.peers import data_set_bytes
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
-
-
-def _data_set_body(path: Path) -> bytes:
-    """The data set of a Part 10 file, after its preamble and file meta (what C-STORE carries)."""
-    encoded = path.read_bytes()
-    # (0002,0000) UL 4 <group length>, right after the 128-byte preamble and "DICM".
-    (group_length,) = struct.unpack_from("<I", encoded, 132 + 8)
-    return encoded[132 + 12 + group_length :]
 
 
 @pytest.fixture
@@ -70,7 +62,7 @@ def _store_while_serving(handler: StoreHandler, source: Path, associations: int)
             server.associations.update(others)
             try:
                 data_set = _DataSetFile(handler.spool, command, str(header.file_meta.TransferSyntaxUID))
-                data_set.write(_data_set_body(source))
+                data_set.write(data_set_bytes(source))
                 status, _ = await server.store(data_set, Sender("STORESCU", "127.0.0.1"))
             finally:
                 for task in others:

@@ -8,15 +8,18 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
+from pacs_ai.receive.filemeta import encode_file_meta
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     InstanceRejected,
+    ReceivedBytes,
     header_from_prefix,
     read_header,
 )
-from tests.peers import require_shared_data
+from pacs_ai.receive.server import HEADER_PREFIX_BYTES
+from tests.peers import data_set_bytes, require_shared_data
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -51,7 +54,7 @@ def test_a_prefix_reaching_pixel_data_gives_the_same_header_as_the_file() -> Non
     data = path.read_bytes()
     prefix = data[: _pixel_data_offset(data) + 100]
 
-    from_prefix = header_from_prefix(prefix)
+    from_prefix = header_from_prefix(ReceivedBytes(prefix))
 
     assert from_prefix is not None
     from_file = dcmread(path, stop_before_pixels=True)
@@ -66,14 +69,14 @@ def test_a_prefix_ending_before_pixel_data_is_not_trusted(cut: int) -> None:
     data = (require_shared_data("ct-head-ge") / "01.dcm").read_bytes()
     end = cut if cut > 0 else _pixel_data_offset(data) + cut
 
-    assert header_from_prefix(data[:end]) is None
+    assert header_from_prefix(ReceivedBytes(data[:end])) is None
 
 
 def test_a_prefix_that_is_the_whole_file_is_enough_without_pixel_data(tmp_path: Path) -> None:
     path, data = _sr_file(tmp_path)
 
-    assert header_from_prefix(data) is None  # could have been cut at an element boundary
-    whole = header_from_prefix(data, whole=True)
+    assert header_from_prefix(ReceivedBytes(data)) is None  # could have been cut at an element boundary
+    whole = header_from_prefix(ReceivedBytes(data, whole=True))
     assert whole is not None and whole.Modality == "SR"
 
 
@@ -85,7 +88,7 @@ def test_read_header_falls_back_to_the_file_when_the_prefix_is_short() -> None:
         path,
         command_sop_class=expected.SOPClassUID,
         command_sop_instance=expected.SOPInstanceUID,
-        prefix=path.read_bytes()[:300],
+        received=ReceivedBytes(path.read_bytes()[:300]),
     )
 
     assert header.series_instance_uid == expected.SeriesInstanceUID
@@ -101,15 +104,14 @@ def test_read_header_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
             junk,
             command_sop_class=COMPREHENSIVE_SR,
             command_sop_instance="1.2.3",
-            prefix=junk.read_bytes(),
-            prefix_is_whole=True,
+            received=ReceivedBytes(junk.read_bytes(), whole=True),
         )
     assert refused.value.status == STATUS_CANNOT_UNDERSTAND
 
 
 def test_header_from_prefix_never_raises_on_garbage() -> None:
-    assert header_from_prefix(b"not dicom") is None
-    assert header_from_prefix(b"not dicom", whole=True) is None
+    assert header_from_prefix(ReceivedBytes(b"not dicom")) is None
+    assert header_from_prefix(ReceivedBytes(b"not dicom", whole=True)) is None
 
 
 def _converted_by_pydicom(ds: Dataset, keyword: str) -> object:
@@ -171,3 +173,59 @@ def test_numbers_that_are_not_one_number_are_not_recorded(tmp_path: Path) -> Non
     assert header.instance_number == 7
     assert header.slice_thickness is None
     assert header.image_type == "DERIVED\\SECONDARY"
+
+
+def _as_the_listener_keeps_it(path: Path, *, cut: int = HEADER_PREFIX_BYTES) -> ReceivedBytes:
+    """The file meta the listener writes for ``path``'s data set, then the data set, cut as it keeps it."""
+    ds = dcmread(path, stop_before_pixels=True)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
+    encoded = meta + data_set_bytes(path)
+    return ReceivedBytes(encoded[:cut], len(encoded) <= cut, len(meta), syntax)
+
+
+@pytest.mark.parametrize("folder", ["ct-head-ge", "ct-chest-slices", "cxr-cr"])
+def test_the_data_set_after_the_listeners_file_meta_gives_the_same_header(folder: str) -> None:
+    """Three vendors, explicit and implicit VR, a JPEG radiograph: read past the file meta or not, alike."""
+    files = [path for path in sorted(require_shared_data(folder).rglob("*")) if path.is_file()]
+    checked = 0
+    for path in files[:10]:
+        try:
+            reference = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue  # README and other non-DICOM files
+        commands = {
+            "command_sop_class": str(reference.SOPClassUID),
+            "command_sop_instance": str(reference.SOPInstanceUID),
+        }
+        received = _as_the_listener_keeps_it(path)
+        from_received = header_from_prefix(received)
+        assert from_received is not None, path
+        assert [e.tag for e in from_received] == [e.tag for e in reference]
+        assert read_header(path, received=received, **commands) == read_header(path, **commands)
+        checked += 1
+    assert checked
+
+
+def test_a_data_set_cut_short_after_the_listeners_file_meta_is_not_trusted() -> None:
+    path = require_shared_data("ct-head-ge") / "01.dcm"
+    received = _as_the_listener_keeps_it(path)
+    pixel_data = _pixel_data_offset(bytes(received.data))
+
+    for cut in (received.data_set_offset or 0) + 40, pixel_data - 3:
+        assert header_from_prefix(_as_the_listener_keeps_it(path, cut=cut)) is None
+
+
+def test_a_deflated_data_set_is_read_by_pydicom_in_full(tmp_path: Path) -> None:
+    """Deflated bytes cannot be read as they are: the whole-file reader inflates them."""
+    path, _ = _sr_file(tmp_path)
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    received = _as_the_listener_keeps_it(path)
+    assert received.whole
+
+    from_received = header_from_prefix(received)
+
+    assert from_received is not None and from_received.Modality == "SR"
+    assert from_received.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
