@@ -128,16 +128,23 @@ def _converted_by_pydicom(ds: Dataset, keyword: str) -> object:
     return str(value)
 
 
+def _dicom_headers(folder: str, *, files: int) -> list[tuple[Path, Dataset]]:
+    """The DICOM files among the first ``files`` of a shared-data folder, with pydicom's header of each."""
+    paths = [path for path in sorted(require_shared_data(folder).rglob("*")) if path.is_file()]
+    headers = []
+    for path in paths[:files]:
+        try:
+            headers.append((path, dcmread(path, stop_before_pixels=True)))
+        except Exception:
+            continue  # README and other non-DICOM files
+    return headers
+
+
 @pytest.mark.parametrize("folder", ["ct-head-ge", "ct-chest-slices", "cxr-cr"])
 def test_attributes_read_from_raw_bytes_equal_pydicom_conversions(folder: str) -> None:
     """Real files from three vendors: the UI, CS, DA, IS and DS values read without pydicom's conversion."""
-    files = [path for path in sorted(require_shared_data(folder).rglob("*")) if path.is_file()]
     checked = 0
-    for path in files[:20]:
-        try:
-            reference = dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue  # README and other non-DICOM files
+    for path, reference in _dicom_headers(folder, files=20):
         header = read_header(
             path, command_sop_class=reference.SOPClassUID, command_sop_instance=reference.SOPInstanceUID
         )
@@ -187,13 +194,8 @@ def _as_the_listener_keeps_it(path: Path, *, cut: int = HEADER_PREFIX_BYTES) -> 
 @pytest.mark.parametrize("folder", ["ct-head-ge", "ct-chest-slices", "cxr-cr"])
 def test_the_data_set_after_the_listeners_file_meta_gives_the_same_header(folder: str) -> None:
     """Three vendors, explicit and implicit VR, a JPEG radiograph: read past the file meta or not, alike."""
-    files = [path for path in sorted(require_shared_data(folder).rglob("*")) if path.is_file()]
     checked = 0
-    for path in files[:10]:
-        try:
-            reference = dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue  # README and other non-DICOM files
+    for path, reference in _dicom_headers(folder, files=10):
         commands = {
             "command_sop_class": str(reference.SOPClassUID),
             "command_sop_instance": str(reference.SOPInstanceUID),
