@@ -285,7 +285,7 @@ def _store_and_clean_up(
 ) -> tuple[int, str | None]:
     try:
         return handler.store(
-            data_set.path,
+            data_set.file.path,
             sender=sender,
             sop_class=data_set.command.affected_sop_class_uid,
             sop_instance=data_set.command.affected_sop_instance_uid,
@@ -368,7 +368,6 @@ class _DataSetFile:
     def __init__(self, spool: Spool, command: Command, transfer_syntax: str) -> None:
         self.command = command
         self.file = spool.create_incoming()
-        self.path = self.file.path
         self.error: OSError | None = None
         self.prefix = bytearray()
         self.prefix_is_whole = True

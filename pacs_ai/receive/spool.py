@@ -203,8 +203,8 @@ def _link_descriptor(descriptor: int, target: Path) -> None:
 def _unnamed_files_work(directory: Path) -> bool:
     """Whether an ``O_TMPFILE`` file made in ``directory`` can be written and then linked.
 
-    Tried once at start-up: the kernel, the filesystem and a mounted ``/proc``
-    have to allow it.
+    Tried once per spool, when it first receives (:attr:`Spool.unnamed_files`):
+    the kernel, the filesystem and a mounted ``/proc`` have to allow it.
     """
     try:
         descriptor = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
