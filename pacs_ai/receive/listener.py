@@ -5,14 +5,14 @@ spool and its row is committed in the index (:mod:`pacs_ai.receive.store`).
 
 Several listener processes accept from one listening socket opened by the
 supervisor: a Python process is held by the GIL to about one core, and a free
-process takes the next association.  Each process runs one asyncio loop for all
-its associations (:mod:`pacs_ai.receive.server`); data sets are streamed to a
-temporary file in the spool as they arrive, never held whole in memory.
+process takes the next association.  Each process serves each of its
+associations on a thread of its own (:mod:`pacs_ai.receive.server`); data sets
+are streamed to a temporary file in the spool as they arrive, never held whole
+in memory.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -72,26 +72,10 @@ def serve(
     """
     if listening_socket is None:
         listening_socket = open_listening_socket(settings.listen_host, settings.listen_port)
-    asyncio.run(_serve(settings, stop, listening_socket, load))
-
-
-async def _serve(
-    settings: Settings,
-    stop: threading.Event | None,
-    listening_socket: socket.socket,
-    load: ListenerLoad | None,
-) -> None:
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
     if stop is None:  # running as a process of its own: stop on SIGTERM/SIGINT
+        stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
-    else:
-        threading.Thread(
-            target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopping.set)),
-            name="listener-stop",
-            daemon=True,
-        ).start()
+            signal.signal(signum, lambda _signum, _frame: stop.set())
 
     idle = settings.association_idle_timeout_seconds
     options = ServerOptions(acse_timeout=min(idle, ServerOptions.acse_timeout), idle_timeout=idle)
@@ -108,5 +92,5 @@ async def _serve(
     )
     # Stop accepting when asked, then give associations in progress a moment to
     # finish: what they have not had acknowledged, their senders will send again.
-    await server.serve(stopping, SHUTDOWN_GRACE_SECONDS)
+    server.serve(stop, SHUTDOWN_GRACE_SECONDS)
     log.info("DICOM listener pid %d stopped", os.getpid())

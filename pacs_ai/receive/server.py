@@ -1,19 +1,25 @@
-"""The listener's network loop: one asyncio event loop per listener process.
+"""The listener's network side: one thread per association, blocking sockets.
 
 pynetdicom's own server runs three threads per association (DUL, ACSE/DIMSE,
 socket) talking through queues polled every millisecond, and rebuilds each
 message as Python objects; held to one core by the GIL, a process of it spent
-about 1.5 ms of CPU per instance before storing anything.  Here one loop reads
-every association's PDUs itself: command sets are decoded with ``struct``,
-data set fragments go from the socket straight into a temporary file in the
-spool, and only the durable part of a store (fsync, link, index commit) is
-handed to a worker thread, so other associations keep being read meanwhile
-(a process serving just one association does it on the loop itself).
+about 1.5 ms of CPU per instance before storing anything.  Here each
+association's thread reads its PDUs itself: command sets are decoded with
+``struct``, data set fragments are received into one reused buffer and written
+from it straight into a temporary file in the spool, and the same thread then
+stores the instance durably (fsync, link, index commit) before it answers.
+The thread spends nearly all its time in system calls, which release the GIL,
+so the associations of one process overlap; an event loop handing each store
+to a worker thread and back cost, per instance, two thread wake-ups, a GIL
+hand-over at each system call and the loop's own bookkeeping for every chunk
+read (together about as much CPU as the rest of the receive path).
 Association negotiation and PDU encoding are pynetdicom's
 (:mod:`pacs_ai.receive.acceptor`).
 
 Per association, messages are handled one at a time (no asynchronous
 operations window), so a response always follows its request's storage.
+An association silent for ``idle_timeout`` seconds while the listener waits
+for its next bytes (a socket timeout) is aborted.
 
 When less than ``refuse_associations_below_free_mb`` is free on the spool's
 disk, new associations are rejected (transient, local limit exceeded), logged
@@ -24,13 +30,15 @@ checked against ``min_free_disk_mb`` when it is stored).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pacs_ai.index.audit import record_audit
@@ -77,8 +85,9 @@ PDU_RELEASE_RQ = 0x05
 PDU_ABORT = 0x07
 #: An A-ASSOCIATE-RQ or command set larger than this is not a real one.
 MAX_CONTROL_BYTES = 1 << 20
-#: Bytes handed from the socket buffer to the file per read; data sets are never held whole.
-READ_CHUNK = 1 << 20
+#: Size of each association's receive buffer: the most read from the socket at once, and
+#: handed from there to the file; data sets are never held whole.
+READ_CHUNK = 512 * 1024
 #: The first bytes of each received file kept in memory, so that its header is parsed without
 #: reading the file back; enough for the attributes before Pixel Data of nearly every image.
 HEADER_PREFIX_BYTES = 64 * 1024
@@ -97,8 +106,8 @@ class ServerOptions:
     #: Longest a busier listener process leaves a new connection to a less busy one (see
     #: :mod:`pacs_ai.receive.balance`).
     maximum_accept_deferral: float = MAXIMUM_DEFERRAL
-    #: Threads doing the blocking part of stores (fsync, index commit) for this process.
-    store_threads: int = 8
+    #: How often, in seconds, the accepting thread looks whether the listener is stopping.
+    stop_poll_interval: float = 0.2
 
 
 class _AbortAssociation(Exception):
@@ -109,8 +118,8 @@ class _AbortAssociation(Exception):
         self.reason = reason
 
 
-class _Released(Exception):
-    """The association ended normally (A-RELEASE) or the peer aborted it."""
+class _PeerClosed(ConnectionError):
+    """The peer closed the connection (or the listener shut it down to stop)."""
 
 
 def low_disk_reason(free_bytes: int, refuse_below_free_mb: int) -> str | None:
@@ -144,10 +153,19 @@ class AssociationServer:
         self.listening_socket = listening_socket
         self.options = options or ServerOptions()
         self.spool = handler.spool
-        self.associations: set[asyncio.Task[None]] = set()
         self.load = load
-        self._executor = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="store")
         self.refuse_below_free_mb = handler.settings.refuse_associations_below_free_mb
+        #: Set once the grace period is over: associations still open are aborted.
+        self.stopping = threading.Event()
+        #: The open associations' connections, by the thread serving each.
+        self._connections: dict[threading.Thread, socket.socket] = {}
+        self._connections_lock = threading.Lock()
+
+    @property
+    def association_count(self) -> int:
+        """Associations this process is serving now."""
+        with self._connections_lock:
+            return len(self._connections)
 
     def low_disk(self) -> str | None:
         """Why new associations must be refused for lack of disk space, or None (one statvfs call)."""
@@ -159,12 +177,8 @@ class AssociationServer:
             return f"spool disk unreadable: {exc}"
         return low_disk_reason(free_bytes, self.refuse_below_free_mb)
 
-    async def record_refused_association(self, sender: Sender, peer: str, reason: str) -> None:
+    def record_refused_association(self, sender: Sender, peer: str, reason: str) -> None:
         """Audit an association refused because of the disk (``association.refused``)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._audit_refusal, sender, peer, reason)
-
-    def _audit_refusal(self, sender: Sender, peer: str, reason: str) -> None:
         try:
             with self.handler.gate.begin() as connection:
                 record_audit(
@@ -177,43 +191,69 @@ class AssociationServer:
         except Exception:  # the refusal itself already reached the sender
             log.exception("could not audit the refused association from %s", peer)
 
-    async def serve(self, stop: asyncio.Event, shutdown_grace: float) -> None:
-        """Serve until ``stop`` is set; then let associations finish for ``shutdown_grace`` seconds."""
-        accepting = asyncio.create_task(self._accept_loop())
-        await stop.wait()
-        accepting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await accepting
-        if self.associations:
-            await asyncio.wait(set(self.associations), timeout=shutdown_grace)
-        for task in set(self.associations):
-            task.cancel()  # each aborts its association on the way out
-        if self.associations:
-            await asyncio.wait(set(self.associations), timeout=5)
-        self._executor.shutdown(wait=True)
+    def serve(self, stop: threading.Event, shutdown_grace: float) -> None:
+        """Accept until ``stop`` is set; then let associations finish for ``shutdown_grace`` seconds.
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        listening = self.listening_socket
-        while True:
-            await _readable(loop, listening)
-            await self._defer_to_less_busy_process()
+        Associations still open after that are aborted (their senders keep
+        what was not acknowledged and send it again).
+        """
+        while not stop.is_set():
+            if not _readable(self.listening_socket, self.options.stop_poll_interval):
+                continue
+            self._defer_to_less_busy_process(stop)
             try:
-                connection, address = listening.accept()
+                connection, address = self.listening_socket.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another listener process took it
             except OSError as exc:  # out of file descriptors and the like: wait, do not spin
                 log.error("cannot accept a connection: %s", exc)
-                await asyncio.sleep(0.5)
+                stop.wait(0.5)
                 continue
-            connection.setblocking(False)
-            if self.load is not None:
-                self.load.started()
-            task = asyncio.create_task(self._serve_connection(connection, address))
-            self.associations.add(task)
-            task.add_done_callback(self._association_ended)
+            self._start_association(connection, address)
+        self._finish(shutdown_grace)
 
-    async def _defer_to_less_busy_process(self) -> None:
+    def _finish(self, shutdown_grace: float) -> None:
+        deadline = time.monotonic() + shutdown_grace
+        for thread in self._threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.stopping.set()
+        with self._connections_lock:
+            open_connections = list(self._connections.values())
+        for connection in open_connections:
+            # Ends the thread's wait for its peer; it then aborts the association itself.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RD)
+        for thread in self._threads():
+            thread.join(5.0)
+
+    def _threads(self) -> list[threading.Thread]:
+        with self._connections_lock:
+            return list(self._connections)
+
+    def _start_association(self, connection: socket.socket, address: object) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        peer_address = address[0] if isinstance(address, tuple) else None
+        connection.setblocking(True)
+        with contextlib.suppress(OSError):  # responses are small and must not wait for more
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(connection, peer, peer_address),
+            name=f"association-{peer}",
+            daemon=True,
+        )
+        with self._connections_lock:
+            self._connections[thread] = connection
+        if self.load is not None:
+            self.load.started()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # cannot start a thread: out of memory or a limit
+            log.error("cannot serve the connection from %s: %s", peer, exc)
+            self._association_ended(thread)
+            connection.close()
+
+    def _defer_to_less_busy_process(self, stop: threading.Event) -> None:
         """Give a less busy listener process the time to take the waiting connection first.
 
         Returns at once when this process is alone or among the least busy; else
@@ -225,135 +265,95 @@ class AssociationServer:
             return
         waited = 0.0
         while not self.load.is_least_busy() and waited < self.options.maximum_accept_deferral:
-            await asyncio.sleep(DEFERRAL_STEP)
+            if stop.wait(DEFERRAL_STEP):
+                return
             waited += DEFERRAL_STEP
 
-    def _association_ended(self, task: asyncio.Task[None]) -> None:
-        self.associations.discard(task)
+    def _association_ended(self, thread: threading.Thread) -> None:
+        with self._connections_lock:
+            self._connections.pop(thread, None)
         if self.load is not None:
             self.load.ended()
 
-    async def _serve_connection(self, connection: socket.socket, address: object) -> None:
-        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    def _serve_connection(self, connection: socket.socket, peer: str, peer_address: str | None) -> None:
         try:
-            reader, writer = await asyncio.open_connection(sock=connection, limit=READ_CHUNK)
-        except OSError as exc:
-            log.info("connection from %s lost before it started: %s", peer, exc)
-            connection.close()
-            return
-        association = _Association(
-            self, reader, writer, peer, address[0] if isinstance(address, tuple) else None
-        )
-        try:
-            await association.run()
+            _Association(self, connection, peer, peer_address).run()
+        except Exception:  # a bug must end this association only, never the listener
+            log.exception("association from %s failed", peer)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            connection.close()
+            self._association_ended(threading.current_thread())
 
-    async def store(self, data_set: _DataSetFile, sender: Sender) -> tuple[int, str | None]:
-        """File a complete data set; the temporary file is gone afterwards.
+    def store(self, data_set: _DataSetFile, sender: Sender) -> tuple[int, str | None]:
+        """File a complete data set; the temporary file is gone afterwards."""
+        try:
+            return self.handler.store(
+                data_set.file.path,
+                sender=sender,
+                sop_class=data_set.command.affected_sop_class_uid,
+                sop_instance=data_set.command.affected_sop_instance_uid,
+                received=data_set.received(),
+            )
+        finally:
+            data_set.discard()
 
-        With other associations open in this process, a worker thread does it so that
-        they keep being read meanwhile.  Alone, this process has nothing else to do
-        while its one sender waits for the response, so the loop files it itself:
-        handing every store to a thread and back cost two thread switches and a
-        tug of war for the GIL at each of the store's system calls.  A connection
-        arriving meanwhile waits in the backlog for that one store (or another
-        listener process takes it).
-        """
-        if len(self.associations) <= 1:
-            return _store_and_clean_up(self.handler, data_set, sender)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _store_and_clean_up, self.handler, data_set, sender)
-
-    async def refuse(self, sender: Sender, command: Command, reason: str) -> None:
+    def refuse(self, sender: Sender, command: Command, reason: str) -> None:
         """Record (audit) a data set refused because it could not even be written."""
-        loop = asyncio.get_running_loop()
         rejected = InstanceRejected(STATUS_OUT_OF_RESOURCES, reason)
-        await loop.run_in_executor(
-            self._executor,
-            self.handler.record_rejection,
-            sender,
-            command.affected_sop_instance_uid,
-            rejected,
-        )
+        self.handler.record_rejection(sender, command.affected_sop_instance_uid, rejected)
 
 
-def _store_and_clean_up(
-    handler: StoreHandler, data_set: _DataSetFile, sender: Sender
-) -> tuple[int, str | None]:
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read (a connection to accept) within ``timeout`` seconds."""
     try:
-        return handler.store(
-            data_set.file.path,
-            sender=sender,
-            sop_class=data_set.command.affected_sop_class_uid,
-            sop_instance=data_set.command.affected_sop_instance_uid,
-            received=data_set.received(),
-        )
-    finally:
-        data_set.discard()
+        readable, _, _ = select.select([sock], [], [], timeout)
+    except InterruptedError:
+        return False
+    return bool(readable)
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready = loop.create_future()
+class _SocketReader:
+    """Buffered reads from an association's blocking socket.
 
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-class SilenceWatch:
-    """Cancels an association's task once its peer has been silent past a deadline.
-
-    The deadline moves with every chunk read, several times per instance;
-    ``asyncio.timeout``'s ``reschedule`` replaced a timer in the event loop's
-    heap each time (about 6% of a listener's time holding the GIL under
-    load).  Here moving the deadline later stores a number, and the one
-    pending timer, when it fires early, waits again for the deadline as it
-    now is.  :attr:`expired` tells the cancellation it caused from others.
+    One buffer per association, reused: PDU headers and command sets are cut
+    from it, and data set fragments are handed from it to the file as they
+    arrive (:meth:`pass_through`), so a data set is never held whole and its
+    bytes are copied only from the kernel into the buffer and from the buffer
+    into the file.  The buffer is filled only once it is empty, so nothing in
+    it ever has to move.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-        self.loop = loop
-        self.task = task
-        #: Loop time after which the peer has been silent too long; None: not watching.
-        self.deadline: float | None = None
-        self.expired = False
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self, connection: socket.socket, size: int = READ_CHUNK) -> None:
+        self._connection = connection
+        self._buffer = memoryview(bytearray(size))
+        self._start = 0
+        self._end = 0
 
-    def arm(self, seconds: float | None) -> None:
-        """Expire ``seconds`` from now unless armed again before; None stops watching."""
-        if seconds is None:
-            self.deadline = None
-            return
-        self.deadline = self.loop.time() + seconds
-        if self._timer is not None and self._timer.when() > self.deadline:
-            self._timer.cancel()  # an earlier deadline than the timer's: rare (after negotiation)
-            self._timer = None
-        if self._timer is None:
-            self._timer = self.loop.call_at(self.deadline, self._check)
+    def read_exactly(self, size: int) -> bytes:
+        """The next ``size`` bytes; :class:`_PeerClosed` if the connection ends before."""
+        if self._end - self._start >= size:
+            data = bytes(self._buffer[self._start : self._start + size])
+            self._start += size
+            return data
+        collected = bytearray()
+        self.pass_through(size, collected.extend)
+        return bytes(collected)
 
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def pass_through(self, size: int, sink: Callable[[memoryview], object]) -> None:
+        """Hand the next ``size`` bytes to ``sink`` in pieces as they arrive.
 
-    def _check(self) -> None:
-        self._timer = None
-        if self.deadline is None:
-            return
-        if self.loop.time() >= self.deadline:
-            self.expired = True
-            self.task.cancel()
-        else:
-            self._timer = self.loop.call_at(self.deadline, self._check)
+        A piece is a view of the buffer, valid only during the call.
+        """
+        while size:
+            if self._start == self._end:
+                received = self._connection.recv_into(self._buffer)
+                if not received:
+                    raise _PeerClosed("the peer closed the connection")
+                self._start, self._end = 0, received
+            piece = min(size, self._end - self._start)
+            sink(self._buffer[self._start : self._start + piece])
+            self._start += piece
+            size -= piece
 
 
 class _DataSetFile:
@@ -407,22 +407,16 @@ class _DataSetFile:
 
 
 class _Association:
-    """One association, from A-ASSOCIATE-RQ to release or abort."""
+    """One association, from A-ASSOCIATE-RQ to release or abort, served by its own thread."""
 
     def __init__(
-        self,
-        server: AssociationServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: str,
-        peer_address: str | None,
+        self, server: AssociationServer, connection: socket.socket, peer: str, peer_address: str | None
     ) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.connection = connection
+        self.reader = _SocketReader(connection)
         self.peer = peer
         self.peer_address = peer_address
-        self.loop = asyncio.get_running_loop()
         self.calling_ae = "?"
         self.sender = Sender(self.calling_ae, peer_address)
         self.contexts: dict[int, tuple[str, str]] = {}
@@ -432,37 +426,30 @@ class _Association:
         self.data_set: _DataSetFile | None = None
         #: Why no temporary file could be created for the data set now arriving (it is dropped).
         self.create_error: OSError | None = None
-        self.silence: SilenceWatch | None = None
 
-    async def run(self) -> None:
+    def run(self) -> None:
         outcome = "aborted"
-        task = asyncio.current_task()
-        assert task is not None
-        self.silence = SilenceWatch(self.loop, task)
         try:
-            try:
-                self._arm(self.server.options.acse_timeout)
-                if not await self._negotiate():
-                    return
-                self._log("established")
-                outcome = await self._serve_messages()
-            except asyncio.CancelledError:
-                if self.silence.expired and task.uncancel() == 0:
-                    raise TimeoutError from None
-                raise
-            finally:
-                self.silence.stop()
+            self.connection.settimeout(self.server.options.acse_timeout)
+            if not self._negotiate():
+                return
+            self._log("established")
+            self.connection.settimeout(self.server.options.idle_timeout)
+            outcome = self._serve_messages()
         except _AbortAssociation as abort:
             log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, abort)
             self._send_abort(abort.reason)
         except TimeoutError:
             log.warning("aborting association from %s (%s): silent too long", self.calling_ae, self.peer)
             self._send_abort(0x00)
-        except asyncio.CancelledError:
-            self._send_abort(0x00)  # the listener is stopping
-            raise
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
-            log.info("association from %s (%s) lost: %s", self.calling_ae, self.peer, exc)
+        except OSError as exc:  # ConnectionError and _PeerClosed included
+            if self.server.stopping.is_set():
+                log.info(
+                    "aborting association from %s (%s): the listener is stopping", self.calling_ae, self.peer
+                )
+                self._send_abort(0x00)
+            else:
+                log.info("association from %s (%s) lost: %s", self.calling_ae, self.peer, exc)
         finally:
             if self.data_set is not None:
                 self.data_set.discard()  # never acknowledged: the sender will send it again
@@ -472,24 +459,24 @@ class _Association:
     def _log(self, what: str) -> None:
         log.info("association %s from %s (%s)", what, self.calling_ae, self.peer)
 
-    def _arm(self, seconds: float | None) -> None:
-        assert self.silence is not None
-        self.silence.arm(seconds)
+    def _send(self, data: bytes) -> None:
+        self.connection.sendall(data)
 
     def _send_abort(self, reason: int) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.write(abort_pdu(reason))
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(1.0)  # a courtesy: never wait long on a peer that went wrong
+            self._send(abort_pdu(reason))
 
-    async def _read_pdu_header(self) -> tuple[int, int]:
-        pdu_type, _, length = _PDU_HEADER.unpack(await self.reader.readexactly(6))
+    def _read_pdu_header(self) -> tuple[int, int]:
+        pdu_type, _, length = _PDU_HEADER.unpack(self.reader.read_exactly(6))
         return pdu_type, length
 
-    async def _negotiate(self) -> bool:
-        pdu_type, length = await self._read_pdu_header()
+    def _negotiate(self) -> bool:
+        pdu_type, length = self._read_pdu_header()
         if pdu_type != PDU_ASSOCIATE_RQ or length > MAX_CONTROL_BYTES:
             raise _AbortAssociation(ABORT_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
-        body = await self.reader.readexactly(length)
-        over_limit = len(self.server.associations) > self.server.options.maximum_associations
+        body = self.reader.read_exactly(length)
+        over_limit = self.server.association_count > self.server.options.maximum_associations
         low_disk = self.server.low_disk()
         try:
             negotiation = negotiate(
@@ -502,7 +489,7 @@ class _Association:
             raise _AbortAssociation(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = negotiation.calling_ae_title
         self.sender = Sender(self.calling_ae, self.peer_address)
-        self.writer.write(negotiation.reply)
+        self._send(negotiation.reply)
         if not negotiation.accepted:
             refused_for_disk = low_disk is not None and negotiation.reason == low_disk
             log.log(
@@ -512,42 +499,37 @@ class _Association:
                 self.peer,
                 negotiation.reason,
             )
-            await self.writer.drain()
             if refused_for_disk:
-                await self.server.record_refused_association(self.sender, self.peer, negotiation.reason)
+                self.server.record_refused_association(self.sender, self.peer, negotiation.reason)
             return False
         self.contexts = negotiation.contexts
         self.peer_maximum_pdu_length = negotiation.peer_maximum_pdu_length
         return True
 
-    async def _serve_messages(self) -> str:
-        idle = self.server.options.idle_timeout
+    def _serve_messages(self) -> str:
         while True:
-            self._arm(idle)
-            pdu_type, length = await self._read_pdu_header()
+            pdu_type, length = self._read_pdu_header()
             if pdu_type == PDU_P_DATA_TF:
-                await self._p_data(length)
+                self._p_data(length)
             elif pdu_type == PDU_RELEASE_RQ:
-                await self.reader.readexactly(length)
+                self.reader.read_exactly(length)
                 if self.data_set is not None or self.command_bytes:
                     raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "A-RELEASE-RQ in the middle of a message")
-                self.writer.write(release_response_pdu())
-                await self.writer.drain()
+                self._send(release_response_pdu())
                 return "released"
             elif pdu_type == PDU_ABORT:
-                await self.reader.readexactly(length)
+                self.reader.read_exactly(length)
                 return "aborted"
             else:
                 raise _AbortAssociation(ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
 
-    async def _p_data(self, length: int) -> None:
+    def _p_data(self, length: int) -> None:
         remaining = length
-        read = self.reader.readexactly
-        idle = self.server.options.idle_timeout
+        read = self.reader.read_exactly
         while remaining:
             if remaining < 6:
                 raise _AbortAssociation(ABORT_INVALID_PARAMETER, "P-DATA-TF ends inside a PDV item header")
-            item_length, context_id, control = _PDV_HEADER.unpack(await read(6))
+            item_length, context_id, control = _PDV_HEADER.unpack(read(6))
             remaining -= 4 + item_length
             if item_length < 2 or remaining < 0:
                 raise _AbortAssociation(ABORT_INVALID_PARAMETER, f"PDV item length {item_length} is invalid")
@@ -560,24 +542,18 @@ class _Association:
             if control & 0x01:  # command set fragment
                 if self.command is not None or len(self.command_bytes) + size > MAX_CONTROL_BYTES:
                     raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "command set fragment out of place")
-                self.command_bytes += await read(size)
+                self.command_bytes += read(size)
                 if last:
-                    await self._command_complete(context_id)
+                    self._command_complete(context_id)
                 continue
             if self.command is None:
                 raise _AbortAssociation(ABORT_UNEXPECTED_PDU, "data set fragment without a command")
-            while size:  # data set fragment: straight to the file, a chunk at a time
-                chunk = await self.reader.read(min(size, READ_CHUNK))
-                if not chunk:
-                    raise asyncio.IncompleteReadError(b"", size)
-                size -= len(chunk)
-                if self.data_set is not None:
-                    self.data_set.write(chunk)
-                self._arm(idle)
+            # Data set fragment: straight to the file as it arrives (or dropped, if no file).
+            self.reader.pass_through(size, self.data_set.write if self.data_set is not None else _drop)
             if last:
-                await self._data_set_complete(context_id)
+                self._data_set_complete(context_id)
 
-    async def _command_complete(self, context_id: int) -> None:
+    def _command_complete(self, context_id: int) -> None:
         try:
             command = decode_command(self.command_bytes)
         except CommandSetError as exc:
@@ -599,7 +575,7 @@ class _Association:
         elif command.command_field != C_CANCEL_RQ:  # a cancel has no response
             self._respond(context_id, command, STATUS_UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE")
 
-    async def _data_set_complete(self, context_id: int) -> None:
+    def _data_set_complete(self, context_id: int) -> None:
         command, data_set = self.command, self.data_set
         assert command is not None
         self.command, self.data_set = None, None
@@ -611,11 +587,10 @@ class _Association:
             self.create_error = None
             if data_set is not None:
                 data_set.discard()
-            await self.server.refuse(self.sender, command, reason)
+            self.server.refuse(self.sender, command, reason)
             self._respond(context_id, command, STATUS_OUT_OF_RESOURCES, reason)
             return
-        self._arm(None)  # our own work, however slow the disk or index, is not the peer's silence
-        status, comment = await self.server.store(data_set, self.sender)
+        status, comment = self.server.store(data_set, self.sender)
         self._respond(context_id, command, status, comment)
 
     def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:
@@ -625,4 +600,8 @@ class _Association:
             include_instance=command.command_field != C_ECHO_RQ,
             error_comment=comment if status != STATUS_SUCCESS else None,
         )
-        self.writer.write(command_pdus(context_id, response, self.peer_maximum_pdu_length))
+        self._send(command_pdus(context_id, response, self.peer_maximum_pdu_length))
+
+
+def _drop(_piece: memoryview) -> None:
+    """The sink of a data set that has no file to go to (it could not be created)."""
