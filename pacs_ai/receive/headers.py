@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID, UID
 
 #: Storage statuses (PS3.4 B.2.3) the listener answers with.
 STATUS_SUCCESS = 0x0000
@@ -101,11 +102,32 @@ _TAGS = {
 }
 
 
-def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
-    """The value as text, decoded by pydicom (character set aware), cut to the index column's width.
+#: The tags read from a data set: pydicom skips the others' values (and Specific Character Set
+#: is always read with them).
+HEADER_TAGS: list[BaseTag] = sorted(_TAGS.values())
 
-    ``limit`` None keeps it whole.
+_VALID_UID = re.compile(RE_VALID_UID)
+
+
+def is_valid_uid(value: str) -> bool:
+    """Whether ``value`` is a valid UID (PS3.5 9.1): pydicom's rule, without a trailing newline."""
+    return len(value) <= 64 and _VALID_UID.fullmatch(value) is not None
+
+
+def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
+    """The value as text, as pydicom decodes it, cut to the index column's width.
+
+    ``limit`` None keeps it whole.  Every DICOM character set encodes the
+    printable ASCII characters as ASCII does (ISO 2022 switches sets only
+    with ESC), so a single value in plain ASCII is decoded here directly,
+    trailing padding removed as pydicom does; about 10 microseconds per
+    element and instance in the listener.  Anything else goes through
+    pydicom's character-set-aware conversion.
     """
+    element = ds.get_item(_TAGS[keyword])
+    raw = None if element is None else element.value
+    if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw and b"\\" not in raw:
+        return raw.decode("ascii").rstrip("\0 ")[:limit] or None
     element = ds.get(_TAGS[keyword])  # by tag, pydicom returns the element, not its value
     value = None if element is None else element.value
     if value is None or value == "":
@@ -184,7 +206,7 @@ def header_from_prefix(received: ReceivedBytes) -> Dataset | None:
     try:
         ds = _data_set_after_file_meta(stream, received)
         if ds is None:
-            ds = dcmread(stream, stop_before_pixels=True)
+            ds = dcmread(stream, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except Exception:  # truncated inside an element: decided on the whole file instead
         return None
     # pydicom stops (and steps back) at Pixel Data: the attributes before it are all here.
@@ -212,7 +234,13 @@ def _data_set_after_file_meta(stream: BytesIO, received: ReceivedBytes) -> Datas
     if not syntax.is_transfer_syntax or syntax.is_deflated:
         return None
     stream.seek(received.data_set_offset)
-    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
+    ds = read_dataset(
+        stream,
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+        stop_when=_at_pixel_data,
+        specific_tags=list(HEADER_TAGS),
+    )
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     return ds
@@ -236,7 +264,7 @@ def read_header(
     try:
         ds = header_from_prefix(received) if received is not None else None
         if ds is None:
-            ds = dcmread(path, stop_before_pixels=True)
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
         # Never truncated: a UID longer than 64 characters is refused, not shortened into another UID.
         uids = {
@@ -249,7 +277,7 @@ def read_header(
     for keyword, value in uids.items():
         if not value:
             raise InstanceRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} (Type 1) is missing")
-        if not UID(value).is_valid:
+        if not is_valid_uid(value):
             raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, f"{keyword} {value!r} is not a valid UID")
     if uids["SOPInstanceUID"] != command_sop_instance:
         raise InstanceRejected(

@@ -35,9 +35,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import UID
-
 from pacs_ai.durable import fsync_directory, fsync_file
+from pacs_ai.receive.headers import is_valid_uid
 
 
 class UnsafeIdentifier(ValueError):
@@ -45,7 +44,7 @@ class UnsafeIdentifier(ValueError):
 
 
 def _check_uid(uid: str, what: str) -> str:
-    if not UID(uid).is_valid:
+    if not is_valid_uid(uid):
         raise UnsafeIdentifier(f"{what} {uid!r} is not a valid DICOM UID")
     return uid
 
