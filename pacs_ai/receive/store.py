@@ -6,8 +6,8 @@ status that says why (0xA700 out of resources, 0xA900 data set does not match
 SOP class, 0xC000 cannot understand) and leaves nothing half-written; the
 rejection is recorded in the audit table, so it is visible, not silent.
 
-This runs in a listener's worker threads: it blocks on fsync and on the index,
-and the network loop goes on serving other associations meanwhile.
+This runs on the thread of the association that received the data set: it
+blocks on fsync and on the index while the other associations' threads go on.
 """
 
 from __future__ import annotations
