@@ -103,8 +103,9 @@ _TAGS = {
 
 
 #: The tags read from a data set: pydicom skips the others' values (and Specific Character Set
-#: is always read with them).
-HEADER_TAGS: list[BaseTag] = sorted(_TAGS.values())
+#: is always read with them).  Plain integers: pydicom's ``BaseTag`` compares in Python code,
+#: and pydicom looks up every element's tag among these.
+HEADER_TAGS: list[int] = sorted(int(tag) for tag in _TAGS.values())
 
 _VALID_UID = re.compile(RE_VALID_UID)
 
@@ -195,31 +196,33 @@ def _multi_valued(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
 
 
 def header_from_prefix(received: ReceivedBytes) -> Dataset | None:
-    """Parse a received file's attributes up to Pixel Data from its first bytes, if they hold them all.
+    """Parse a received file's :data:`HEADER_TAGS` from its first bytes, if they hold them all.
 
     Most instances are parsed this way, without reading their file back.
-    Returns None when the attributes before Pixel Data may run past the
-    received bytes (large private data, say) or they cannot be parsed: the
-    caller then reads the file, whose errors are the ones worth reporting.
+    Returns None when those attributes may run past the received bytes
+    (large private data before Pixel Data, say) or they cannot be parsed:
+    the caller then reads the file, whose errors are the ones worth reporting.
     """
     stream = BytesIO(received.data)
     try:
         ds = _data_set_after_file_meta(stream, received)
         if ds is None:
-            ds = dcmread(stream, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            ds = dcmread(stream, stop_before_pixels=True, specific_tags=HEADER_TAGS)
     except Exception:  # truncated inside an element: decided on the whole file instead
         return None
-    # pydicom stops (and steps back) at Pixel Data: the attributes before it are all here.
-    # Reaching the end instead means the bytes may have cut the data set short.
+    # pydicom stops (and steps back) at Pixel Data, or at the first tag past the header's after
+    # the listener's file meta: the attributes before it are all here.  Reaching the end
+    # instead means the bytes may have cut the data set short.
     return ds if received.whole or stream.tell() < len(received.data) else None
 
 
-#: Pixel Data, Float Pixel Data and Double Float Pixel Data: where a header ends.
-_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+#: The last tag :data:`HEADER_TAGS` holds: data sets are in ascending tag order, so reading
+#: the data set after the listener's file meta stops at the first tag past it.
+_LAST_HEADER_TAG = max(HEADER_TAGS)
 
 
-def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag in _PIXEL_DATA_TAGS
+def _past_header_tags(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int.__gt__(tag, _LAST_HEADER_TAG)  # not BaseTag's comparison, in Python code
 
 
 def _data_set_after_file_meta(stream: BytesIO, received: ReceivedBytes) -> Dataset | None:
@@ -238,12 +241,16 @@ def _data_set_after_file_meta(stream: BytesIO, received: ReceivedBytes) -> Datas
         stream,
         syntax.is_implicit_VR,
         syntax.is_little_endian,
-        stop_when=_at_pixel_data,
-        specific_tags=list(HEADER_TAGS),
+        stop_when=_past_header_tags,
+        specific_tags=HEADER_TAGS,
     )
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     return ds
+
+
+#: The UIDs an instance is filed by (Type 1).
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def read_header(
@@ -263,14 +270,13 @@ def read_header(
     """
     try:
         ds = header_from_prefix(received) if received is not None else None
-        if ds is None:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        if ds is None or any(_TAGS[keyword] not in ds for keyword in _REQUIRED_UIDS):
+            # A UID missing from the received bytes' header may only have been out of tag
+            # order, past where the early read stopped: the whole file decides.
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
         # Never truncated: a UID longer than 64 characters is refused, not shortened into another UID.
-        uids = {
-            keyword: _uid(ds, keyword)
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
+        uids = {keyword: _uid(ds, keyword) for keyword in _REQUIRED_UIDS}
     except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError) as exc:
         raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
@@ -219,13 +221,52 @@ def test_the_data_set_after_the_listeners_file_meta_gives_the_same_header(folder
     assert checked
 
 
-def test_a_data_set_cut_short_after_the_listeners_file_meta_is_not_trusted() -> None:
+def _first_element_past_the_header(received: ReceivedBytes) -> int:
+    """Where the first element after the last of :data:`HEADER_TAGS` starts, in the received bytes."""
+    stream = BytesIO(bytes(received.data))
+    stream.seek(received.data_set_offset or 0)
+    read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag > max(HEADER_TAGS))
+    return stream.tell()
+
+
+def test_a_data_set_cut_short_after_the_listeners_file_meta_is_trusted_only_past_the_header() -> None:
     path = require_shared_data("ct-head-ge") / "01.dcm"
     received = _as_the_listener_keeps_it(path)
-    pixel_data = _pixel_data_offset(bytes(received.data))
+    boundary = _first_element_past_the_header(received)
+    assert boundary < _pixel_data_offset(bytes(received.data))
 
-    for cut in (received.data_set_offset or 0) + 40, pixel_data - 3:
-        assert header_from_prefix(_as_the_listener_keeps_it(path, cut=cut)) is None
+    for cut in (received.data_set_offset or 0) + 40, boundary - 1, boundary + 4:
+        assert header_from_prefix(_as_the_listener_keeps_it(path, cut=cut)) is None, cut
+    # Once the next element's tag can be read, every attribute the index needs is there.
+    enough = header_from_prefix(_as_the_listener_keeps_it(path, cut=boundary + 8))
+    assert enough is not None
+    assert enough.InstanceNumber == dcmread(path, stop_before_pixels=True).InstanceNumber
+
+
+def test_a_header_with_tags_out_of_order_is_read_from_the_whole_file(tmp_path: Path) -> None:
+    """The early read stops at the first tag past the header's; a UID written after it is not lost."""
+    path, _ = _sr_file(tmp_path)
+    ds = dcmread(path)
+    ds.add_new(0x00280010, "US", 1)  # Rows, a tag past the header's
+    ds.save_as(path, enforce_file_format=True)
+    data_set = bytearray(data_set_bytes(path))
+    # Move the SeriesInstanceUID element (0020,000E) to the end, after Rows.
+    start = data_set.index(b"\x20\x00\x0e\x00UI")
+    length = int.from_bytes(data_set[start + 6 : start + 8], "little")
+    element = bytes(data_set[start : start + 8 + length])
+    del data_set[start : start + 8 + length]
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
+    path.write_bytes(meta + bytes(data_set) + element)
+    received = ReceivedBytes(path.read_bytes(), True, len(meta), syntax)
+    early = header_from_prefix(received)
+    assert early is not None and "SeriesInstanceUID" not in early
+
+    header = read_header(
+        path, command_sop_class=ds.SOPClassUID, command_sop_instance=ds.SOPInstanceUID, received=received
+    )
+
+    assert header.series_instance_uid == ds.SeriesInstanceUID
 
 
 def test_a_deflated_data_set_is_read_by_pydicom_in_full(tmp_path: Path) -> None:
