@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +47,19 @@ class RunningServer:
     handler: StoreHandler
     #: Log records of the store ("stored ..." at DEBUG), with the thread that wrote each.
     store_records: list[logging.LogRecord]
+    #: Set to stop the server; ``serving`` is the thread running it.
+    stop: threading.Event
+    serving: threading.Thread
+
+
+ServerFactory = Callable[..., RunningServer]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Starts AssociationServers on free loopback ports (``ServerOptions`` fields as keywords)."""
     settings = Settings(data_dir=tmp_path / "data", fsync=False, uid_prefix=UID_PREFIX, min_free_disk_mb=0)
     upgrade_schema(settings.effective_database_url)
-    handler = StoreHandler(settings)
-    listening = open_listening_socket("127.0.0.1", 0)
-    options = ServerOptions(acse_timeout=IDLE_TIMEOUT, idle_timeout=IDLE_TIMEOUT)
-    association_server = AssociationServer(handler, acceptor_policy(settings), listening, options)
     records: list[logging.LogRecord] = []
 
     class Collect(logging.Handler):
@@ -67,18 +70,37 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
     collect, level = Collect(), store_log.level
     store_log.addHandler(collect)
     store_log.setLevel(logging.DEBUG)
-    stop = threading.Event()
-    serving = threading.Thread(target=association_server.serve, args=(stop, 2.0), daemon=True)
-    serving.start()
+    started: list[tuple[RunningServer, socket.socket]] = []
+
+    def start(shutdown_grace: float = 2.0, **options: float) -> RunningServer:
+        handler = StoreHandler(settings)
+        listening = open_listening_socket("127.0.0.1", 0)
+        server_options = ServerOptions(
+            **{"acse_timeout": IDLE_TIMEOUT, "idle_timeout": IDLE_TIMEOUT, **options}
+        )
+        association_server = AssociationServer(handler, acceptor_policy(settings), listening, server_options)
+        stop = threading.Event()
+        serving = threading.Thread(target=association_server.serve, args=(stop, shutdown_grace), daemon=True)
+        serving.start()
+        running = RunningServer(listening.getsockname()[1], settings, handler, records, stop, serving)
+        started.append((running, listening))
+        return running
+
     try:
-        yield RunningServer(listening.getsockname()[1], settings, handler, records)
+        yield start
     finally:
-        stop.set()
-        serving.join(15)
+        for running, listening in started:
+            running.stop.set()
+            running.serving.join(15)
+            listening.close()
         store_log.removeHandler(collect)
         store_log.setLevel(level)
-        listening.close()
-    assert not serving.is_alive(), "the server did not stop"
+    assert not any(running.serving.is_alive() for running, _ in started), "a server did not stop"
+
+
+@pytest.fixture
+def server(server_factory: ServerFactory) -> RunningServer:
+    return server_factory()
 
 
 @pytest.fixture
@@ -199,3 +221,55 @@ def test_a_peer_sending_slowly_is_served_and_a_silent_one_aborted(
         assert pdu_type == 0x07, "expected an A-ABORT after the peer fell silent"
         assert 0.9 * IDLE_TIMEOUT <= silent_for < 5 * IDLE_TIMEOUT
     assert _indexed_instance_uids(server.settings) == {str(pydicom.dcmread(source).SOPInstanceUID)}
+
+
+def _storage_ae(sop_class: str) -> AE:
+    ae = AE(ae_title="TEST_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    return ae
+
+
+def test_associations_over_the_limit_are_rejected_until_one_ends(
+    server_factory: ServerFactory, ct_files: list[Path]
+) -> None:
+    server = server_factory(maximum_associations=1)
+    ae = _storage_ae(pydicom.dcmread(ct_files[0]).SOPClassUID)
+    first = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
+    assert first.is_established
+    second = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
+    assert second.is_rejected
+    first.release()
+
+    deadline = time.monotonic() + 5
+    while True:  # the first association's thread ends just after it answered the release
+        third = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
+        if third.is_established or time.monotonic() > deadline:
+            break
+    assert third.is_established
+    assert third.send_c_store(pydicom.dcmread(ct_files[0])).Status == 0x0000
+    third.release()
+
+
+def test_a_stopping_server_lets_associations_finish_then_aborts_them(
+    server_factory: ServerFactory, ct_files: list[Path]
+) -> None:
+    grace = 1.5
+    server = server_factory(shutdown_grace=grace, idle_timeout=30.0)
+    ae = _storage_ae(pydicom.dcmread(ct_files[0]).SOPClassUID)
+    association = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
+    assert association.is_established
+
+    stopping_since = time.monotonic()
+    server.stop.set()
+    time.sleep(grace / 2)  # within the grace period the association is still served
+    assert association.send_c_store(pydicom.dcmread(ct_files[0])).Status == 0x0000
+    server.serving.join(10)
+    stopped_after = time.monotonic() - stopping_since
+
+    assert not server.serving.is_alive()
+    assert grace <= stopped_after < grace + 5
+    deadline = time.monotonic() + 5
+    while association.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert association.is_aborted
