@@ -134,7 +134,7 @@ class Spool:
             return False
         try:
             if self.fsync:
-                fsync_file(final_path)
+                self._flush_linked(temp_path, final_path)
                 self._sync_entries(final_path, created)
         except BaseException:
             final_path.unlink(missing_ok=True)
@@ -156,6 +156,17 @@ class Spool:
             temp_path = staged
         os.replace(temp_path, final_path)
         self._sync_entries(final_path, created)
+
+    def _flush_linked(self, temp_path: Path, final_path: Path) -> None:
+        """Force the file just linked as ``final_path`` to the disk.
+
+        An unnamed file is still open (its ``/proc/self/fd`` path says as
+        what): it is flushed through that descriptor rather than opened again.
+        """
+        if temp_path.parent == _PROC_FDS:
+            os.fsync(int(temp_path.name))
+        else:
+            fsync_file(final_path)
 
     def _link(self, source: Path, target: Path) -> None:
         """A new name ``target`` for ``source``; FileExistsError if it is taken."""

@@ -59,3 +59,29 @@ def test_a_refused_file_leaves_nothing(spool: Spool) -> None:
     incoming.discard()
     assert list(spool.tmp_dir.iterdir()) == []
     assert not list(spool.root.rglob("*.dcm"))
+
+
+def test_a_placed_file_and_the_folders_naming_it_are_flushed(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync reaches the file itself (through its open descriptor when unnamed) and each new folder."""
+    flushed: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        status = os.fstat(descriptor)
+        flushed.append((status.st_dev, status.st_ino))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)  # records, then flushes for real
+    final = spool.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    incoming = _receive(spool, b"instance")
+    assert spool.place_new(incoming.path, final)
+    incoming.discard()
+
+    def identity(path: Path) -> tuple[int, int]:
+        return path.stat().st_dev, path.stat().st_ino
+
+    # The file first, then the series folder holding its name and the folders naming the new ones.
+    assert flushed[0] == identity(final)
+    assert sorted(flushed[1:]) == sorted(identity(folder) for folder in final.parents[:3])
