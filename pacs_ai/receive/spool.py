@@ -104,11 +104,10 @@ class Spool:
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; raises :class:`UnsafeIdentifier` for bad UIDs."""
-        return (
-            self.root
-            / _check_uid(study_uid, "StudyInstanceUID")
-            / _check_uid(series_uid, "SeriesInstanceUID")
-            / f"{_check_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        return self.root.joinpath(  # one path parse, not three (once per received instance)
+            _check_uid(study_uid, "StudyInstanceUID"),
+            _check_uid(series_uid, "SeriesInstanceUID"),
+            f"{_check_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm",
         )
 
     def free_bytes(self) -> int:
