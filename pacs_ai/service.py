@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -22,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from pacs_ai.broker import EmbeddedRedis
@@ -30,9 +28,8 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
 from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import die_with_parent
-from pacs_ai.receive.balance import AssociationLoads, ListenerLoad
+from pacs_ai.receive.balance import AssociationLoads
 from pacs_ai.receive.listener import open_listening_socket
-from pacs_ai.receive.listener import serve as serve_dicom
 from pacs_ai.route.assembly import JobTicket, Notification
 from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
@@ -134,14 +131,6 @@ def worker_specs(settings: Settings) -> list[WorkerSpec]:
     return plan_workers(settings.worker_processes, settings.worker_concurrency, devices)
 
 
-def _listener_main(
-    settings: Settings, parent_pid: int, listening_socket: socket.socket, load: ListenerLoad
-) -> None:
-    die_with_parent(parent_pid)
-    configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
-    serve_dicom(settings, listening_socket=listening_socket, load=load)
-
-
 #: A worklist process that dies is started again no sooner than this after its previous start,
 #: so one that cannot run (a broken installation) does not spin.
 WORKLIST_RESTART_SECONDS = 5.0
@@ -158,7 +147,7 @@ class Supervisor:
     def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
         self.settings = settings
         self.scheduler = scheduler
-        self.listeners: list[BaseProcess] = []
+        self.listeners: list[subprocess.Popen[bytes]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.listening_socket: socket.socket | None = None
         #: Associations each listener process serves, so new ones go to the least busy.
@@ -220,16 +209,31 @@ class Supervisor:
         )
         return process
 
-    def _start_listener(self, index: int) -> BaseProcess:
-        context = multiprocessing.get_context("spawn")
-        process = context.Process(
-            target=_listener_main,
-            args=(self.settings, os.getpid(), self.listening_socket, self.association_loads.slot(index)),
-            name=f"listener-{index}",
-            daemon=True,
+    def _start_listener(self, index: int) -> subprocess.Popen[bytes]:
+        """Listener process ``index`` on the shared socket (see :func:`pacs_ai.receive.listener.main`)."""
+        assert self.listening_socket is not None
+        self.association_loads.slot(index)  # a fresh process starts with no associations
+        sockets = self.listening_socket.fileno()
+        loads = self.association_loads.descriptor
+        command = [
+            sys.executable,
+            "-m",
+            "pacs_ai.receive.listener",
+            "--socket-fd",
+            str(sockets),
+            "--loads-fd",
+            str(loads),
+            "--slot",
+            str(index),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        return subprocess.Popen(
+            command,
+            env=self.settings.child_environment(),
+            stdin=subprocess.DEVNULL,
+            pass_fds=(sockets, loads),
         )
-        process.start()
-        return process
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
         spec = self.worker_specs[index]
@@ -283,9 +287,12 @@ class Supervisor:
         """Restart dead children; hand a dead worker's jobs to the others."""
         changed = False
         for index, process in enumerate(self.listeners):
-            if not process.is_alive():
+            if process.poll() is not None:
                 log.error(
-                    "listener-%d (pid %s) exited with %s; restarting it", index, process.pid, process.exitcode
+                    "listener-%d (pid %s) exited with %s; restarting it",
+                    index,
+                    process.pid,
+                    process.returncode,
                 )
                 self.listeners[index] = self._start_listener(index)
                 changed = True
@@ -341,7 +348,7 @@ class Supervisor:
 
     def stop(self) -> None:
         for process in self.listeners:
-            if process.is_alive():
+            if process.poll() is None:
                 process.terminate()
         for worker in self.workers:
             if worker.poll() is None:
@@ -349,7 +356,11 @@ class Supervisor:
         if self.worklist is not None and self.worklist.poll() is None:
             self.worklist.terminate()  # uvicorn finishes the requests in flight
         for process in self.listeners:
-            process.join(timeout=10)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         if self.listening_socket is not None:
             self.listening_socket.close()
         for worker in self.workers:

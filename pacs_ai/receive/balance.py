@@ -12,7 +12,8 @@ a process is held to one core by the GIL.
 
 So the processes publish how many associations each is serving, in a small
 array of shared memory (:class:`AssociationLoads`, created by the
-supervisor), and a process only takes a new connection when no other is less
+supervisor, an anonymous memory file whose descriptor each listener process
+inherits), and a process only takes a new connection when no other is less
 busy; otherwise it lets the connection wait for the less busy one, up to
 :data:`MAXIMUM_DEFERRAL` seconds, after which it takes it itself (the other
 one may be stuck or gone).
@@ -20,9 +21,8 @@ one may be stuck or gone).
 
 from __future__ import annotations
 
-import multiprocessing
-from ctypes import c_int
-from typing import Any
+import mmap
+import os
 
 __all__ = ["DEFERRAL_STEP", "MAXIMUM_DEFERRAL", "AssociationLoads", "ListenerLoad"]
 
@@ -30,18 +30,21 @@ __all__ = ["DEFERRAL_STEP", "MAXIMUM_DEFERRAL", "AssociationLoads", "ListenerLoa
 MAXIMUM_DEFERRAL = 0.2
 #: How often a deferring process looks again whether the connection is still waiting, in seconds.
 DEFERRAL_STEP = 0.002
+_COUNT_BYTES = 4  # one C int per process
 
 
 class ListenerLoad:
-    """One listener process's view of the shared counts: its own slot, written only by itself.
+    """One listener process's view of the shared counts: its own slot, written only by itself."""
 
-    Handed to a listener process as an argument when it is spawned (shared
-    memory cannot be pickled at other times); the counts stay shared.
-    """
-
-    def __init__(self, counts: Any, index: int) -> None:
+    def __init__(self, counts: memoryview, index: int) -> None:
         self._counts = counts
         self.index = index
+
+    @classmethod
+    def attach(cls, descriptor: int, index: int) -> ListenerLoad:
+        """The view of a listener process that inherited :attr:`AssociationLoads.descriptor`."""
+        size = os.fstat(descriptor).st_size
+        return cls(memoryview(mmap.mmap(descriptor, size)).cast("i"), index)
 
     def started(self) -> None:
         """Count an association this process has just accepted."""
@@ -63,15 +66,22 @@ class ListenerLoad:
 
 
 class AssociationLoads:
-    """Associations in progress per listener process, in shared memory (one int per process)."""
+    """Associations in progress per listener process, in shared memory (one int per process).
+
+    The memory is an anonymous file (``memfd_create``): a listener process
+    inherits :attr:`descriptor` and maps the same pages (:meth:`ListenerLoad.attach`);
+    nothing is left behind on a disk or in ``/dev/shm`` when the service ends.
+    """
 
     def __init__(self, processes: int) -> None:
         if processes < 1:
             raise ValueError(f"need at least one listener process, not {processes}")
-        self._counts = multiprocessing.get_context("spawn").RawArray(c_int, processes)
+        self.descriptor = os.memfd_create("pacs-ai-listener-loads", os.MFD_CLOEXEC)
+        os.ftruncate(self.descriptor, processes * _COUNT_BYTES)
+        self._counts = memoryview(mmap.mmap(self.descriptor, processes * _COUNT_BYTES)).cast("i")
 
     def slot(self, index: int) -> ListenerLoad:
-        """The view handed to listener process ``index``, its count reset to 0 (a fresh process)."""
+        """The supervisor's view of process ``index``'s slot, its count reset to 0 (a fresh process)."""
         self._counts[index] = 0
         return ListenerLoad(self._counts, index)
 

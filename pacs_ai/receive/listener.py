@@ -13,13 +13,16 @@ in memory.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import socket
 import threading
 
-from pacs_ai.config import Settings
+from pacs_ai.config import Settings, load_settings
+from pacs_ai.logging_setup import configure_logging
+from pacs_ai.process import die_with_parent
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.balance import ListenerLoad
 from pacs_ai.receive.server import AssociationServer, ServerOptions
@@ -94,3 +97,32 @@ def serve(
     # finish: what they have not had acknowledged, their senders will send again.
     server.serve(stop, SHUTDOWN_GRACE_SECONDS)
     log.info("DICOM listener pid %d stopped", os.getpid())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a listener process of ``pacs-ai serve``.
+
+    ``python -m pacs_ai.receive.listener`` is a fresh interpreter that imports
+    the listener's modules only; a multiprocessing child would first import
+    the ``pacs-ai`` command's main module, and with it Celery, highdicom and
+    FastAPI (about 110 MB more in every listener process).  The settings come
+    from the supervisor's environment (``PACS_AI_SETTINGS_JSON``).
+    """
+    parser = argparse.ArgumentParser(description="pacs-ai DICOM listener process (started by pacs-ai serve)")
+    parser.add_argument("--socket-fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument("--loads-fd", type=int, required=True, help="inherited association counts")
+    parser.add_argument("--slot", type=int, required=True, help="this process's index among the listeners")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
+    arguments = parser.parse_args(argv)
+    die_with_parent(arguments.parent_pid)
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
+    serve(
+        settings,
+        listening_socket=socket.socket(fileno=arguments.socket_fd),
+        load=ListenerLoad.attach(arguments.loads_fd, arguments.slot),
+    )
+
+
+if __name__ == "__main__":
+    main()

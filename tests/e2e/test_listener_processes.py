@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,11 +72,59 @@ def test_associations_held_open_are_spread_evenly(service_factory: Any) -> None:
         for assoc in [a for a in held if process_of[_local_port(a)] == emptied]:
             assoc.release()
             held.remove(assoc)
-        time.sleep(0.5)  # the listener counts an association as over once its task has ended
+        time.sleep(0.5)  # the listener counts an association as over once its thread has ended
         for _ in range(3):
             held.append(_associate(service, "AGAIN"))
         again = _process_of_each_port(service, "AGAIN", 3)
         assert list(again.values()) == [emptied] * 3, again
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
+def _resident_megabytes(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def _loaded_files(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_killed_listener_process_is_replaced_and_listeners_stay_light(service_factory: Any) -> None:
+    service = service_factory(extra_env=TWO_LISTENERS)
+    state = service.run_state()
+    assert state is not None
+    first_pids = state["listener_pids"]
+    assert len(first_pids) == 2
+    for pid in first_pids:
+        # A listener imports the receive path only: no worker libraries (Celery, torch), no web
+        # app; with them it was about 165 MB.
+        assert _resident_megabytes(pid) < 140, f"listener {pid}: {_resident_megabytes(pid):.0f} MB"
+        assert "torch" not in _loaded_files(pid)
+
+    os.kill(first_pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = service.run_state() or {}
+        pids = state.get("listener_pids", first_pids)
+        if pids[0] != first_pids[0]:
+            break
+        time.sleep(0.2)
+    assert pids[0] != first_pids[0] and pids[1] == first_pids[1], pids
+    assert "listener-0" in service.logs() and "restarting it" in service.logs()
+    ready = f"DICOM listener pid {pids[0]}: AE"
+    while ready not in service.logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready in service.logs(), "the new listener process never became ready"
+
+    # Both processes take associations again (the new one, being the least busy, the next one).
+    held = [_associate(service, "AFTER") for _ in range(2)]
+    try:
+        process_of = _process_of_each_port(service, "AFTER", 2)
+        assert sorted(process_of.values()) == sorted(str(pid) for pid in pids), process_of
     finally:
         for assoc in held:
             assoc.release()

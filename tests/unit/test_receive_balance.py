@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 
 import pytest
 
-from pacs_ai.receive.balance import AssociationLoads, ListenerLoad
+from pacs_ai.receive.balance import AssociationLoads
 
 
 def test_a_process_is_least_busy_only_when_no_other_serves_fewer() -> None:
@@ -37,17 +38,26 @@ def test_a_restarted_process_gets_its_count_reset() -> None:
     assert loads.counts() == [0, 0, 0]
 
 
-def _open_two_associations(slot: ListenerLoad) -> None:
-    slot.started()
-    slot.started()
+_OPEN_TWO_ASSOCIATIONS = """
+import sys
+from pacs_ai.receive.balance import ListenerLoad
+slot = ListenerLoad.attach(int(sys.argv[1]), 1)
+slot.started()
+slot.started()
+"""
 
 
 def test_a_listener_process_counts_in_memory_shared_with_the_supervisor() -> None:
+    """A separate process that inherited the counts' descriptor writes where the supervisor reads."""
     loads = AssociationLoads(2)
-    child = multiprocessing.get_context("spawn").Process(target=_open_two_associations, args=(loads.slot(1),))
-    child.start()
-    child.join(60)
-    assert child.exitcode == 0
+    child = subprocess.run(
+        [sys.executable, "-c", _OPEN_TWO_ASSOCIATIONS, str(loads.descriptor)],
+        pass_fds=(loads.descriptor,),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
     assert loads.counts() == [0, 2]
 
 
