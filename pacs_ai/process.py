@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
 import signal
 import sys
+
+from pacs_ai.config import Settings, load_settings
+from pacs_ai.logging_setup import configure_logging
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,3 +31,21 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGTERM) ->
     if parent_pid is not None and os.getppid() != parent_pid:
         # The parent died before the request took effect.
         os.kill(os.getpid(), sig)
+
+
+def start_child_of_serve(
+    parser: argparse.ArgumentParser, argv: list[str] | None, log_name: str
+) -> tuple[argparse.Namespace, Settings]:
+    """What every child process of ``pacs-ai serve`` does first; returns its arguments and settings.
+
+    Adds ``--parent-pid`` to ``parser`` and parses ``argv``, stops with the
+    supervisor (:func:`die_with_parent`), takes the supervisor's settings from
+    the environment (``PACS_AI_SETTINGS_JSON``) and logs to ``log_name`` in
+    the log folder.
+    """
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
+    arguments = parser.parse_args(argv)
+    die_with_parent(arguments.parent_pid)
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_dir / log_name)
+    return arguments, settings

@@ -20,9 +20,8 @@ import signal
 import socket
 import threading
 
-from pacs_ai.config import Settings, load_settings
-from pacs_ai.logging_setup import configure_logging
-from pacs_ai.process import die_with_parent
+from pacs_ai.config import Settings
+from pacs_ai.process import start_child_of_serve
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.balance import ListenerLoad
 from pacs_ai.receive.server import AssociationServer, ServerOptions
@@ -112,11 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket-fd", type=int, required=True, help="inherited listening socket")
     parser.add_argument("--loads-fd", type=int, required=True, help="inherited association counts")
     parser.add_argument("--slot", type=int, required=True, help="this process's index among the listeners")
-    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
-    arguments = parser.parse_args(argv)
-    die_with_parent(arguments.parent_pid)
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
+    arguments, settings = start_child_of_serve(parser, argv, "pacs-ai.log")
     serve(
         settings,
         listening_socket=socket.socket(fileno=arguments.socket_fd),

@@ -19,9 +19,8 @@ import argparse
 import logging
 import socket
 
-from pacs_ai.config import Settings, load_settings
-from pacs_ai.logging_setup import configure_logging
-from pacs_ai.process import die_with_parent
+from pacs_ai.config import Settings
+from pacs_ai.process import start_child_of_serve
 from pacs_ai.sockets import bind_listening_socket
 from pacs_ai.worklist.app import WorklistOptions, create_app
 
@@ -85,11 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the worklist child process of ``pacs-ai serve``."""
     parser = argparse.ArgumentParser(description="pacs-ai worklist process (started by pacs-ai serve)")
     parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
-    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
-    arguments = parser.parse_args(argv)
-    die_with_parent(arguments.parent_pid)
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_dir / "worklist.log")
+    arguments, settings = start_child_of_serve(parser, argv, "worklist.log")
     listening = socket.socket(fileno=arguments.fd)
     run_worklist(settings, worklist_options(settings), listening=listening)
 
