@@ -212,17 +212,17 @@ class Supervisor:
     def _start_listener(self, index: int) -> subprocess.Popen[bytes]:
         """Listener process ``index`` on the shared socket (see :func:`pacs_ai.receive.listener.main`)."""
         assert self.listening_socket is not None
-        self.association_loads.slot(index)  # a fresh process starts with no associations
-        sockets = self.listening_socket.fileno()
-        loads = self.association_loads.descriptor
+        self.association_loads.reset(index)  # a fresh process serves no associations yet
+        socket_fd = self.listening_socket.fileno()
+        loads_fd = self.association_loads.descriptor
         command = [
             sys.executable,
             "-m",
             "pacs_ai.receive.listener",
             "--socket-fd",
-            str(sockets),
+            str(socket_fd),
             "--loads-fd",
-            str(loads),
+            str(loads_fd),
             "--slot",
             str(index),
             "--parent-pid",
@@ -232,7 +232,7 @@ class Supervisor:
             command,
             env=self.settings.child_environment(),
             stdin=subprocess.DEVNULL,
-            pass_fds=(sockets, loads),
+            pass_fds=(socket_fd, loads_fd),
         )
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:

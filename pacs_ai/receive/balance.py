@@ -80,9 +80,13 @@ class AssociationLoads:
         os.ftruncate(self.descriptor, processes * _COUNT_BYTES)
         self._counts = memoryview(mmap.mmap(self.descriptor, processes * _COUNT_BYTES)).cast("i")
 
-    def slot(self, index: int) -> ListenerLoad:
-        """The supervisor's view of process ``index``'s slot, its count reset to 0 (a fresh process)."""
+    def reset(self, index: int) -> None:
+        """Set process ``index``'s count to 0, for a listener process being (re)started."""
         self._counts[index] = 0
+
+    def slot(self, index: int) -> ListenerLoad:
+        """A view of process ``index``'s slot, its count reset to 0 (a fresh process), in this process."""
+        self.reset(index)
         return ListenerLoad(self._counts, index)
 
     def counts(self) -> list[int]:

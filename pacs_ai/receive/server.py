@@ -197,9 +197,11 @@ class AssociationServer:
         Associations still open after that are aborted (their senders keep
         what was not acknowledged and send it again).
         """
+        waiting = select.poll()
+        waiting.register(self.listening_socket, select.POLLIN)
         while not stop.is_set():
-            if not _readable(self.listening_socket, self.options.stop_poll_interval):
-                continue
+            if not waiting.poll(self.options.stop_poll_interval * 1000):
+                continue  # nothing to accept yet: look again whether to stop
             self._defer_to_less_busy_process(stop)
             try:
                 connection, address = self.listening_socket.accept()
@@ -317,15 +319,6 @@ def _set_timeouts(connection: socket.socket, seconds: float) -> None:
     timeval = _TIMEVAL.pack(whole_seconds, int((seconds - whole_seconds) * 1_000_000))
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-def _readable(sock: socket.socket, timeout: float) -> bool:
-    """Whether ``sock`` has something to read (a connection to accept) within ``timeout`` seconds."""
-    try:
-        readable, _, _ = select.select([sock], [], [], timeout)
-    except InterruptedError:
-        return False
-    return bool(readable)
 
 
 class _SocketReader:

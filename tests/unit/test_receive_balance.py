@@ -34,7 +34,7 @@ def test_a_restarted_process_gets_its_count_reset() -> None:
     crashed.started()
     crashed.started()
     assert loads.counts() == [0, 0, 2]
-    loads.slot(2)  # what the supervisor does when it starts the process again
+    loads.reset(2)  # what the supervisor does when it starts the process again
     assert loads.counts() == [0, 0, 0]
 
 
