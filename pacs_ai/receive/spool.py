@@ -159,8 +159,8 @@ class Spool:
     def _flush_linked(self, temp_path: Path, final_path: Path) -> None:
         """Force the file just linked as ``final_path`` to the disk.
 
-        An unnamed file is still open (its ``/proc/self/fd`` path says as
-        what): it is flushed through that descriptor rather than opened again.
+        An unnamed file is still open, and its ``/proc/self/fd`` path names the
+        descriptor: it is flushed through that rather than opened again.
         """
         if temp_path.parent == _PROC_FDS:
             os.fsync(int(temp_path.name))
