@@ -91,6 +91,9 @@ READ_CHUNK = 512 * 1024
 #: The first bytes of each received file kept in memory, so that its header is parsed without
 #: reading the file back; enough for the attributes before Pixel Data of nearly every image.
 HEADER_PREFIX_BYTES = 64 * 1024
+#: Longest the listener waits for a requestor to close the connection after a rejection,
+#: release or abort (the ARTIM timer of PS3.8 9.1.5), in seconds.
+ARTIM_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -441,10 +444,13 @@ class _Association:
         try:
             _set_timeouts(self.connection, self.server.options.acse_timeout)
             if not self._negotiate():
+                self._await_close()
                 return
             self._log("established")
             _set_timeouts(self.connection, self.server.options.idle_timeout)
             outcome = self._serve_messages()
+            if outcome == "released":
+                self._await_close()
         except _AbortAssociation as abort:
             log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, abort)
             self._send_abort(abort.reason)
@@ -475,6 +481,22 @@ class _Association:
         with contextlib.suppress(OSError):
             _set_timeouts(self.connection, 1.0)  # a courtesy: never wait long on a peer that went wrong
             self._send(abort_pdu(reason))
+        self._await_close()
+
+    def _await_close(self) -> None:
+        """Give the peer up to :data:`ARTIM_SECONDS` to close the connection first (PS3.8 Sta13).
+
+        After an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT it is the requestor
+        that closes the connection.  Closing it here at once can make the
+        requestor lose the PDU just sent: pynetdicom's, finding the connection
+        gone before it looks for the answer, aborts instead of reading the
+        rejection (seen in CI under load).  Anything arriving meanwhile is dropped.
+        """
+        deadline = time.monotonic() + ARTIM_SECONDS
+        with contextlib.suppress(OSError):
+            _set_timeouts(self.connection, ARTIM_SECONDS)
+            while time.monotonic() < deadline and self.connection.recv(65536):
+                pass
 
     def _read_pdu_header(self) -> tuple[int, int]:
         pdu_type, _, length = _PDU_HEADER.unpack(self.reader.read_exactly(6))

@@ -273,3 +273,28 @@ def test_a_stopping_server_lets_associations_finish_then_aborts_them(
     while association.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert association.is_aborted
+
+
+def test_the_listener_leaves_closing_to_the_requestor_after_a_rejection_or_a_release(
+    server: RunningServer, ct_files: list[Path]
+) -> None:
+    """PS3.8 Sta13: after an A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the connection.
+
+    A listener closing first can make the requestor lose that PDU (pynetdicom's did, under load).
+    """
+    sop_class = pydicom.dcmread(ct_files[0]).SOPClassUID
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(_associate_request("SOMEONE_ELSE", sop_class))
+        assert _read_pdu(connection)[0] == 0x03  # A-ASSOCIATE-RJ: the called AE title is not ours
+        connection.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            connection.recv(1)  # still open: b"" would mean the listener closed it
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(_associate_request(server.settings.ae_title, sop_class))
+        assert _read_pdu(connection)[0] == 0x02
+        connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+        assert _read_pdu(connection)[0] == 0x06  # A-RELEASE-RP
+        connection.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            connection.recv(1)
