@@ -149,7 +149,7 @@ class Spool:
         """
         self.flush(temp_path)  # before the rename: the name already holds a good file
         created = self._make_dirs(final_path.parent)
-        if temp_path.parent == _PROC_FDS:
+        if _open_descriptor(temp_path) is not None:
             staged = self.tmp_dir / f"{uuid.uuid4().hex}.dcm"
             self._link(temp_path, staged)
             temp_path = staged
@@ -162,15 +162,17 @@ class Spool:
         An unnamed file is still open, and its ``/proc/self/fd`` path names the
         descriptor: it is flushed through that rather than opened again.
         """
-        if temp_path.parent == _PROC_FDS:
-            os.fsync(int(temp_path.name))
+        descriptor = _open_descriptor(temp_path)
+        if descriptor is not None:
+            os.fsync(descriptor)
         else:
             fsync_file(final_path)
 
     def _link(self, source: Path, target: Path) -> None:
         """A new name ``target`` for ``source``; FileExistsError if it is taken."""
-        if source.parent == _PROC_FDS:
-            _link_descriptor(int(source.name), target)
+        descriptor = _open_descriptor(source)
+        if descriptor is not None:
+            _link_descriptor(descriptor, target)
         else:
             os.link(source, target)
 
@@ -193,6 +195,11 @@ class Spool:
 
 
 _PROC_FDS = Path("/proc/self/fd")
+
+
+def _open_descriptor(path: Path) -> int | None:
+    """The descriptor an unnamed file's ``/proc/self/fd`` path names; None for a named file."""
+    return int(path.name) if path.parent == _PROC_FDS else None
 
 
 def _link_descriptor(descriptor: int, target: Path) -> None:
