@@ -15,26 +15,29 @@ without pixel data.
 
 Reading: each file is parsed once.  Its header is read with pydicom's
 ``defer_size``, so that an uncompressed Pixel Data value stays on disk until its
-slice goes into the voxel array; pydicom then reads just that value, and
-:func:`native_pixels` takes its bytes as they are (``np.frombuffer``).  Before,
-the headers were parsed without Pixel Data and every file was parsed a second
-time by pydicom's pixel decoder, which cost more than the first parse.
-Compressed (encapsulated) Pixel Data has no length up front, so pydicom reads it
-with the header, and pydicom's decoders (pylibjpeg, openjpeg, rle plugins)
-decode it from memory.
+slice goes into the voxel array; :func:`native_pixels` then reads just that
+value into one buffer reused for every slice and takes its bytes as they are
+(``np.frombuffer``).  Before, the headers were parsed without Pixel Data and
+every file was parsed a second time by pydicom's pixel decoder, which cost more
+than the first parse.  Compressed (encapsulated) Pixel Data has no length up
+front, so pydicom reads it with the header, and pydicom's decoders (pylibjpeg,
+openjpeg, rle plugins) decode it from memory.
 
-Memory: the voxel array is preallocated once the geometry is checked and
-filled one file at a time; each slice's Pixel Data is dropped from its header
-as soon as it is in the volume, so the peak is about one volume plus one
-slice for uncompressed series, and one volume plus the series' compressed
-Pixel Data for compressed ones.  The headers kept in the :class:`Volume` are
-what ``stop_before_pixels`` would give and need no file afterwards.
+Memory: the voxel array is preallocated once the geometry is checked (mapped by
+the kernel in one call, :func:`_empty_volume`) and filled one file at a time;
+each slice's Pixel Data is dropped from its header as soon as it is in the
+volume, so the peak is about one volume plus one slice for uncompressed series,
+and one volume plus the series' compressed Pixel Data for compressed ones.  The
+headers kept in the :class:`Volume` are what ``stop_before_pixels`` would give
+and need no file afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,7 +427,7 @@ def decode_pixels(path: Path) -> np.ndarray:
         ) from exc
 
 
-def native_pixels(header: Dataset) -> np.ndarray | None:
+def native_pixels(header: Dataset, into: bytearray | None = None) -> np.ndarray | None:
     """Stored values of uncompressed little-endian Pixel Data as an array, or None for other data.
 
     The bytes of such Pixel Data are the pixels, so they are taken as they are
@@ -433,6 +436,12 @@ def native_pixels(header: Dataset) -> np.ndarray | None:
     pydicom's own native decoder does.  None means "not this simple case"
     (compressed, big-endian, 1-bit, multi-sample, short or missing Pixel Data)
     and the caller lets pydicom decode it.
+
+    ``into``: a buffer for a Pixel Data value that the header read left on disk
+    (``defer_size``).  The value is then read straight into it and the array
+    returned is a view of it, valid until the buffer is used again.  Reusing
+    one buffer for every slice of a series spares a fresh allocation per slice,
+    whose memory the kernel would have to map page by page.
     """
     file_meta = getattr(header, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
@@ -449,16 +458,53 @@ def native_pixels(header: Dataset) -> np.ndarray | None:
         return None
     rows, columns = int(header.Rows), int(header.Columns)
     dtype = np.dtype(f"<{'i' if representation else 'u'}{allocated // 8}")
-    data = header.PixelData  # a deferred value is read from the file here
-    if len(data) < rows * columns * dtype.itemsize:
+    needed = rows * columns * dtype.itemsize
+    data = _read_deferred_value(header, _PIXEL_DATA_TAG, into, needed) if into is not None else None
+    if data is None:
+        data = header.PixelData  # a deferred value is read from the file here
+    if len(data) < needed:
         return None  # pydicom's decoder reports the truncation
     pixels = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
     stored = int(header.get("BitsStored") or allocated)
     if 0 < stored < allocated:
         shift = allocated - stored
-        pixels = np.left_shift(pixels, shift)  # a writable copy; the right shift then works in place
+        if data is into:  # our own buffer: cleared in place
+            np.left_shift(pixels, shift, out=pixels)
+        else:
+            pixels = np.left_shift(pixels, shift)  # a writable copy; the right shift then works in place
         np.right_shift(pixels, shift, out=pixels)
     return pixels
+
+
+def _read_deferred_value(header: Dataset, tag: int, into: bytearray, needed: int) -> bytearray | None:
+    """Read the first ``needed`` bytes of a value still on disk into ``into``; None if not deferred.
+
+    None also when the value is in memory already, when ``into`` is too small or
+    when the file holds fewer bytes than ``needed``: the caller then reads it
+    through pydicom, which reports a truncation with its reason.
+    """
+    element = header.get_item(tag, keep_deferred=True)
+    filename = getattr(header, "filename", None)
+    if (
+        not isinstance(element, RawDataElement)
+        or element.value is not None
+        or not isinstance(filename, str)
+        or element.length < needed
+        or len(into) < needed
+    ):
+        return None
+    view = memoryview(into)[:needed]
+    with open(filename, "rb", buffering=0) as file:
+        read = os.preadv(file.fileno(), [view], element.value_tell)
+    return into if read == needed else None
+
+
+def _native_slice(header: Dataset, path: Path, into: bytearray) -> np.ndarray | None:
+    """:func:`native_pixels` of one slice read into ``into``, with a read error as a refusal."""
+    try:
+        return native_pixels(header, into=into)
+    except OSError as exc:
+        raise AnalysisRefused(f"pixel data of {path.name} cannot be read: {exc}") from exc
 
 
 def _decode_header_pixels(header: Dataset, path: Path) -> np.ndarray:
@@ -475,22 +521,40 @@ def _decode_header_pixels(header: Dataset, path: Path) -> np.ndarray:
         ) from exc
 
 
-def _store_slice(voxels: np.ndarray, k: int, stored: np.ndarray, header: Dataset) -> np.ndarray:
+def _stored_bounds(header: Dataset) -> tuple[int, int]:
+    """The lowest and highest stored value that Bits Stored and Pixel Representation allow."""
+    allocated = int(header.BitsAllocated)
+    bits = int(header.get("BitsStored") or allocated)
+    bits = bits if 0 < bits <= allocated else allocated  # as native_pixels reads a malformed Bits Stored
+    if header.get("PixelRepresentation") == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _store_slice(
+    voxels: np.ndarray,
+    k: int,
+    stored: np.ndarray,
+    header: Dataset,
+    bounds: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Write slice ``k`` in modality units into ``voxels``; return ``voxels``, widened if it had to be.
 
     The common CT case (int16 volume, slope 1, integral intercept, stored
-    values of at most 16 bits) is written straight into the volume: the range
-    check uses the slice's extreme stored values, and NumPy adds in int32 and
-    casts to int16 block by block, so no rescaled copy of the slice is made
-    (allocating one per slice cost more than the addition).  Everything else
-    goes through :func:`_modality_values`.
+    values of at most 16 bits) is written straight into the volume: NumPy adds
+    in int32 and casts to int16 block by block, so no rescaled copy of the
+    slice is made (allocating one per slice cost more than the addition).
+    Whether the result fits int16 is judged on ``bounds``, the range the stored
+    values are known to lie in (:func:`native_pixels` clears the bits above
+    Bits Stored), or else on the slice's extreme values.  Everything else goes
+    through :func:`_modality_values`.
     """
     if voxels.dtype == np.int16 and "ModalityLUTSequence" not in header:
         slope = float(header.get("RescaleSlope", 1) or 1)
         intercept = float(header.get("RescaleIntercept", 0) or 0)
         if slope == 1 and intercept.is_integer() and stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
-            low, high = int(stored.min()) + int(intercept), int(stored.max()) + int(intercept)
-            if _INT16.min <= low and high <= _INT16.max:
+            low, high = bounds if bounds is not None else (int(stored.min()), int(stored.max()))
+            if _INT16.min <= low + int(intercept) and high + int(intercept) <= _INT16.max:
                 np.add(stored, np.int32(intercept), out=voxels[k], casting="unsafe")
                 return voxels
     values = _modality_values(stored, header)
@@ -499,6 +563,23 @@ def _store_slice(voxels: np.ndarray, k: int, stored: np.ndarray, header: Dataset
         voxels = voxels.astype(np.float32)
     voxels[k] = values
     return voxels
+
+
+def _empty_volume(shape: tuple[int, int, int], dtype: type[np.generic]) -> np.ndarray:
+    """An uninitialised array for a volume, its memory mapped by the kernel in one call where it can.
+
+    A fresh array of a few hundred MB is otherwise mapped one 4 KiB page at a
+    time, on the first write to each page: on a 300-slice 512x512 CT that cost
+    0.15-0.35 s, against about 0.05 s for an anonymous mapping made with
+    ``MAP_POPULATE`` (Linux).  Elsewhere this is ``np.empty``.  The mapping is
+    released, like any array's memory, when the last view of it goes.
+    """
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if populate is None or size == 0:
+        return np.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(mapping, dtype=dtype).reshape(shape)
 
 
 def load_series(
@@ -537,14 +618,18 @@ def load_series(
     headers = [headers[i] for i in geometry.order]
     paths = [paths[i] for i in geometry.order]
     integral = all(_rescale_is_integral(h) for h in headers)
-    voxels = np.empty((len(paths), rows, columns), dtype=np.int16 if integral else np.float32)
+    voxels = _empty_volume((len(paths), rows, columns), np.int16 if integral else np.float32)
+    slice_buffer = bytearray(rows * columns * 4)  # the widest native sample: 32 bits
     for k, (path, header) in enumerate(zip(paths, headers, strict=True)):
-        stored = _decode_header_pixels(header, path)
+        native = _native_slice(header, path, slice_buffer)
+        stored = native if native is not None else _decode_header_pixels(header, path)
         if stored.shape != (rows, columns):
             raise AnalysisRefused(
                 f"{path.name} decodes to shape {stored.shape}, not the {rows}x{columns} its header declares"
             )
-        voxels = _store_slice(voxels, k, stored, header)
+        voxels = _store_slice(
+            voxels, k, stored, header, _stored_bounds(header) if native is not None else None
+        )
         _detach_header(header)
     dy, dx = geometry.pixel_spacing_mm
     return Volume(

@@ -327,6 +327,14 @@ def test_native_pixels_equal_pydicoms_decoder(
     expected = pydicom.dcmread(paths[0]).pixel_array
     header = pydicom.dcmread(paths[0], defer_size=1024)
     assert header.get_item("PixelData", keep_deferred=True).value is None  # deferred: read by native_pixels
+    # Read into a reused buffer (as load_series does), which holds noise from an earlier slice.
+    buffer = bytearray(np.random.default_rng(1).integers(0, 256, 96 * 64 * 4 + 7, dtype=np.uint8).tobytes())
+    into_buffer = native_pixels(header, into=buffer)
+    assert into_buffer is not None
+    assert np.shares_memory(into_buffer, np.frombuffer(buffer, dtype=np.uint8))
+    np.testing.assert_array_equal(into_buffer, expected)
+    assert into_buffer.dtype == expected.dtype
+
     pixels = native_pixels(header)
     assert pixels is not None
     assert pixels.dtype == dtype == expected.dtype
@@ -363,3 +371,30 @@ def test_loaded_headers_hold_no_pixel_data_and_need_no_file(tmp_path: Path) -> N
         for element in header.iterall():  # every value is in memory: no file is needed any more
             assert element.value is not None or element.is_empty
         np.testing.assert_array_equal(volume.voxels[k], stored[float(k)].astype(np.int32) - 1024)
+
+
+def test_pixel_data_cut_short_on_disk_is_refused_naming_the_file(tmp_path: Path) -> None:
+    # The header promises 128x128 16-bit pixels, the file ends half-way through them: the direct
+    # read into the slice buffer must not take the short read (or the buffer's stale bytes) as pixels.
+    paths, _ = write_ct_series(tmp_path, [0.0, 1.0, 2.0], rows=128, columns=128)
+    whole = paths[1].read_bytes()
+    paths[1].write_bytes(whole[: len(whole) - 128 * 128])
+
+    with pytest.raises(AnalysisRefused, match=paths[1].name):
+        load_series(paths)
+
+
+def test_stored_values_beyond_int16_after_rescale_widen_the_volume(tmp_path: Path) -> None:
+    # 16-bit unsigned stored values with intercept -1024 reach 64511 HU-units: the int16 volume
+    # must be widened, not wrapped, even though the native read knows only the Bits Stored range.
+    paths, stored = write_ct_series(tmp_path, [0.0, 1.0, 2.0], rows=16, columns=16)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] = 65535
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+
+    volume = load_series(paths)
+    assert volume.voxels.dtype == np.float32
+    assert volume.voxels[:, 0, 0].tolist() == [65535 - 1024] * 3
