@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,8 @@ def test_chest_ct_from_modality_comes_back_as_seg_and_sr(
     )
     audit = {action for (action,) in service.query("SELECT action FROM audit_events")}
     assert {"job.created", "job.succeeded", "result.sent"} <= audit
+    # The pool process that ran the job had warmed up itself before, not only the worker's parent.
+    assert re.search(r"ForkPoolWorker-\d+\] worker warmed up", service.logs()), service.logs()[-3000:]
 
     status = service.cli("status", "--json")
     assert status.returncode == 0, status.stderr
