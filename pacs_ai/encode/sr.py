@@ -56,6 +56,7 @@ from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
 from pacs_ai.encode.copied import drop_invalid_optional_attributes
 from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
+from pacs_ai.encode.iod_tables import answer_iod_lookups_once
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
@@ -600,6 +601,7 @@ def build_measurement_report(
         or threshold is outside 0..1.
     """
     _check_inputs(volume, result, segmentation)
+    answer_iod_lookups_once()  # highdicom asks the same questions of every evidence image
     algorithm_id = _algorithm_id(result.algorithm)
     source_series_uid = volume.headers[0].SeriesInstanceUID
 
