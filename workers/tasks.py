@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 
 ANALYZE_TASK = "pacs_ai.analyze_series"
 DELIVER_TASK = "pacs_ai.deliver_result"
+DELIVER_MANY_TASK = "pacs_ai.deliver_results"
 NOTIFY_TASK = "pacs_ai.notify"
 DRAFT_TASK = "pacs_ai.draft_report"
+DRAFT_IF_DUE_TASK = "pacs_ai.draft_report_if_due"
 
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
@@ -53,33 +56,38 @@ def analysis_time_limits(soft_seconds: float) -> dict[str, float]:
     **analysis_time_limits(DEFAULT_SOFT_TIME_LIMIT),
 )
 def analyze_series(self: Task, job_id: int) -> None:
-    """Run one analysis job, then queue the deliveries of its results.
+    """Run one analysis job, then queue the deliveries of its results and the draft decision.
 
     The time limit comes with the message (``analysis_time_limits`` of the
-    profile step's ``timeout_seconds`` or the installation default).
+    profile step's ``timeout_seconds`` or the installation default).  The
+    deliveries go out in one message, sent at the same time
+    (:func:`deliver_results`); whether the study's report is now due is decided
+    by a task of its own (:func:`draft_report_if_due`), on the ``cpu`` queue,
+    which a worker takes after the ``dispatch`` queue: the results are not held
+    back by that decision.
     """
     app = self.app
     try:
         deliveries = run_job(app.settings, app.sessions, job_id, worker=self.request.hostname or "")
     except JobNotRunnable as exc:
         log.info("analysis message for job %d ignored: %s", job_id, exc)
-        _queue_draft_if_due(app, job_id)
+        _queue_draft_decision(app, job_id)
         return
     except SoftTimeLimitExceeded:
         _give_up(app, job_id, f"error: analysis exceeded its time limit of {_soft_limit(self):g} s")
-        _queue_draft_if_due(app, job_id)
+        _queue_draft_decision(app, job_id)
         return
     except Exception as exc:
         if self.request.retries >= ANALYZE_MAX_RETRIES:
             _give_up(
                 app, job_id, f"error: {type(exc).__name__}: {exc} (after {self.request.retries} retries)"
             )
-            _queue_draft_if_due(app, job_id)
+            _queue_draft_decision(app, job_id)
             return
         raise self.retry(exc=exc, countdown=5 * 2**self.request.retries) from exc
-    for delivery_id in deliveries:
-        app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
-    _queue_draft_if_due(app, job_id)
+    if deliveries:
+        app.send_task(DELIVER_MANY_TASK, args=[deliveries], queue="dispatch")
+    _queue_draft_decision(app, job_id)
 
 
 def _soft_limit(task: Task) -> float:
@@ -108,6 +116,28 @@ def deliver_result(self: Task, delivery_id: int) -> None:
     (where a long countdown would collide with the visibility timeout).
     """
     attempt_delivery(self.app.settings, self.app.sessions, delivery_id)
+
+
+#: Deliveries of one message sent at the same time, each on a thread (and association) of its own.
+DELIVERIES_AT_ONCE = 4
+
+
+@shared_task(name=DELIVER_MANY_TASK, bind=True, acks_late=True)
+def deliver_results(self: Task, delivery_ids: list[int]) -> None:
+    """Send several deliveries (a job's results) once each, at the same time.
+
+    Each is attempted and recorded exactly as :func:`deliver_result` does it,
+    independently of the others: one refused by its destination leaves the rest
+    sent.  Sending them together rather than one after another lets the PACS
+    store the SR while it is still receiving the SEG (loopback Orthanc: SEG then
+    SR 0.26-0.40 s, both at once 0.21-0.26 s).
+    """
+    settings, sessions = self.app.settings, self.app.sessions
+    workers = max(1, min(DELIVERIES_AT_ONCE, len(delivery_ids)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delivery") as senders:
+        attempts = [senders.submit(attempt_delivery, settings, sessions, i) for i in delivery_ids]
+    for attempt in attempts:
+        attempt.result()  # an error that is not the destination's (the index, say) fails the task
 
 
 #: Attempts of a webhook call before it is given up (and audited as failed).
@@ -155,12 +185,23 @@ def report_pipeline(app: Celery) -> ReportPipeline:
     return pipeline
 
 
-def _queue_draft_if_due(app: Celery, job_id: int) -> None:
+def _queue_draft_decision(app: Celery, job_id: int) -> None:
+    """Queue :func:`draft_report_if_due` for the job; never raises (the analysis is recorded already)."""
+    try:
+        app.send_task(DRAFT_IF_DUE_TASK, args=[job_id], queue="cpu")
+    except Exception:
+        log.exception("could not queue the report draft decision of job %d", job_id)
+
+
+@shared_task(name=DRAFT_IF_DUE_TASK, bind=True, acks_late=True)
+def draft_report_if_due(self: Task, job_id: int) -> None:
     """Queue the draft of the job's study when this job was the study's last unfinished one.
 
-    Never raises: the analysis is done and recorded whatever happens here, and
-    a duplicate draft message is harmless (the draft task is idempotent).
+    Never raises: a duplicate draft message is harmless (the draft task is
+    idempotent), and start-up recovery (``Scheduler.recover``) queues drafts that are due
+    and were never queued.
     """
+    app = self.app
     try:
         study_id = report_pipeline(app).study_to_draft(job_id)
         if study_id is not None:
