@@ -3,16 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
+import socket
 import sys
+from types import FrameType
+from typing import Protocol
 
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.logging_setup import configure_logging
 
 _PR_SET_PDEATHSIG = 1
+
+
+class StopRequest(Protocol):
+    """What a loop that runs until asked to stop needs: :class:`threading.Event` has it."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class SignalledStop:
+    """A stop request made by SIGTERM or SIGINT, waited for like a :class:`threading.Event`.
+
+    A Python signal handler runs in the main thread between two bytecodes, also
+    in the middle of another handler.  A handler that sets a ``threading.Event``
+    takes the Event's lock; a second signal arriving while the first handler
+    holds it makes the second handler wait for that lock forever, in the same
+    thread.  ``pacs-ai serve`` hung that way, given SIGINT and SIGTERM at about
+    the same time.  Here the handler only records the signal, which takes no
+    lock; a wait ends as soon as a signal arrives, through the interpreter's
+    wakeup descriptor (:func:`signal.set_wakeup_fd`).
+
+    Create it in the main thread (signal handlers can only be set there); it
+    replaces any wakeup descriptor set before.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signal: int | None = None
+        self._wakeup, wakeup_write = socket.socketpair()
+        for end in (self._wakeup, wakeup_write):
+            end.setblocking(False)
+        self._wakeup_write = wakeup_write  # kept open for as long as this object lives
+        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        for signum in signals:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal = signum
+
+    def is_set(self) -> bool:
+        """Whether a stop signal has arrived."""
+        return self.signal is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: for ever) for a signal; whether a stop signal has arrived.
+
+        Any signal with a Python handler ends the wait early, so callers wait in a loop.
+        """
+        if self.signal is None:
+            select.select([self._wakeup], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                while self._wakeup.recv(512):
+                    pass
+        # Python runs a pending handler before the next bytecode after the select returns.
+        return self.signal is not None
 
 
 def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGTERM) -> None:

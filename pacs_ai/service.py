@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
 from pacs_ai.logging_setup import configure_logging
-from pacs_ai.process import die_with_parent
+from pacs_ai.process import SignalledStop, die_with_parent
 from pacs_ai.receive.balance import AssociationLoads
 from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.route.assembly import JobTicket, Notification
@@ -401,9 +400,7 @@ def serve(settings: Settings) -> None:
         "pacs-ai starting: data directory %s, log %s", settings.data_dir, settings.log_dir / "pacs-ai.log"
     )
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = SignalledStop()
 
     url = settings.effective_database_url
     upgrade_schema(url)

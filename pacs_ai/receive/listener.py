@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
-import threading
 
 from pacs_ai.config import Settings
-from pacs_ai.process import start_child_of_serve
+from pacs_ai.process import SignalledStop, StopRequest, start_child_of_serve
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.balance import ListenerLoad
 from pacs_ai.receive.server import AssociationServer, ServerOptions
@@ -62,7 +60,7 @@ def acceptor_policy(settings: Settings) -> AcceptorPolicy:
 
 def serve(
     settings: Settings,
-    stop: threading.Event | None = None,
+    stop: StopRequest | None = None,
     listening_socket: socket.socket | None = None,
     load: ListenerLoad | None = None,
 ) -> None:
@@ -75,9 +73,7 @@ def serve(
     if listening_socket is None:
         listening_socket = open_listening_socket(settings.listen_host, settings.listen_port)
     if stop is None:  # running as a process of its own: stop on SIGTERM/SIGINT
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda _signum, _frame: stop.set())
+        stop = SignalledStop()
 
     idle = settings.association_idle_timeout_seconds
     options = ServerOptions(acse_timeout=min(idle, ServerOptions.acse_timeout), idle_timeout=idle)

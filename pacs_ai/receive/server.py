@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
+from pacs_ai.process import StopRequest
 from pacs_ai.receive.acceptor import (
     ABORT_INVALID_PARAMETER,
     ABORT_UNEXPECTED_PDU,
@@ -194,7 +195,7 @@ class AssociationServer:
         except Exception:  # the refusal itself already reached the sender
             log.exception("could not audit the refused association from %s", peer)
 
-    def serve(self, stop: threading.Event, shutdown_grace: float) -> None:
+    def serve(self, stop: StopRequest, shutdown_grace: float) -> None:
         """Accept until ``stop`` is set; then let associations finish for ``shutdown_grace`` seconds.
 
         Associations still open after that are aborted (their senders keep
@@ -258,7 +259,7 @@ class AssociationServer:
             self._association_ended(thread)
             connection.close()
 
-    def _defer_to_less_busy_process(self, stop: threading.Event) -> None:
+    def _defer_to_less_busy_process(self, stop: StopRequest) -> None:
         """Give a less busy listener process the time to take the waiting connection first.
 
         Returns at once when this process is alone or among the least busy; else
