@@ -37,6 +37,9 @@ from pacs_ai.logging_setup import quiet_noisy_libraries
 
 log = logging.getLogger(__name__)
 
+#: How long a new pool process may take to warm up before Celery counts it as failed to start.
+WARM_UP_TIMEOUT_SECONDS = 60.0
+
 #: In the order a worker serves them (see the module docstring).
 QUEUES = ("dispatch", "cpu", "gpu")
 
@@ -65,6 +68,9 @@ class PacsAiCelery(Celery):
             task_default_queue="cpu",
             task_create_missing_queues=True,
             worker_send_task_events=False,
+            # A pool process reports for work only after its warm-up (_warm_up_pool_process);
+            # Celery's default of 4 s would kill a process still warming up on a busy machine.
+            worker_proc_alive_timeout=WARM_UP_TIMEOUT_SECONDS,
         )
 
     @cached_property
