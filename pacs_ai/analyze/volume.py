@@ -465,8 +465,8 @@ def native_pixels(header: Dataset, into: bytearray | None = None) -> np.ndarray 
     if len(data) < needed:
         return None  # pydicom's decoder reports the truncation
     pixels = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
-    stored = int(header.get("BitsStored") or allocated)
-    if 0 < stored < allocated:
+    stored = _bits_stored(header, allocated)
+    if stored < allocated:
         shift = allocated - stored
         if data is into:  # our own buffer: cleared in place
             np.left_shift(pixels, shift, out=pixels)
@@ -521,11 +521,15 @@ def _decode_header_pixels(header: Dataset, path: Path) -> np.ndarray:
         ) from exc
 
 
+def _bits_stored(header: Dataset, allocated: int) -> int:
+    """Bits Stored as the pixels are read: Bits Allocated when it is missing or out of range."""
+    stored = int(header.get("BitsStored") or allocated)
+    return stored if 0 < stored <= allocated else allocated
+
+
 def _stored_bounds(header: Dataset) -> tuple[int, int]:
     """The lowest and highest stored value that Bits Stored and Pixel Representation allow."""
-    allocated = int(header.BitsAllocated)
-    bits = int(header.get("BitsStored") or allocated)
-    bits = bits if 0 < bits <= allocated else allocated  # as native_pixels reads a malformed Bits Stored
+    bits = _bits_stored(header, int(header.BitsAllocated))
     if header.get("PixelRepresentation") == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1

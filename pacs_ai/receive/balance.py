@@ -84,11 +84,6 @@ class AssociationLoads:
         """Set process ``index``'s count to 0, for a listener process being (re)started."""
         self._counts[index] = 0
 
-    def slot(self, index: int) -> ListenerLoad:
-        """A view of process ``index``'s slot, its count reset to 0 (a fresh process), in this process."""
-        self.reset(index)
-        return ListenerLoad(self._counts, index)
-
     def counts(self) -> list[int]:
         """A snapshot of every process's count, for status and tests."""
         return list(self._counts)

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from pacs_ai.receive.balance import AssociationLoads
+from pacs_ai.receive.balance import AssociationLoads, ListenerLoad
 
 
 def test_a_process_is_least_busy_only_when_no_other_serves_fewer() -> None:
     loads = AssociationLoads(2)
-    first, second = loads.slot(0), loads.slot(1)
+    first, second = (ListenerLoad.attach(loads.descriptor, i) for i in (0, 1))
     assert first.is_least_busy() and second.is_least_busy()  # a tie: both may take it
 
     first.started()
@@ -30,7 +30,7 @@ def test_a_process_is_least_busy_only_when_no_other_serves_fewer() -> None:
 
 def test_a_restarted_process_gets_its_count_reset() -> None:
     loads = AssociationLoads(3)
-    crashed = loads.slot(2)
+    crashed = ListenerLoad.attach(loads.descriptor, 2)
     crashed.started()
     crashed.started()
     assert loads.counts() == [0, 0, 2]
