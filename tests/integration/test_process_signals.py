@@ -15,12 +15,18 @@ from pacs_ai.process import SignalledStop
 
 CHILD = textwrap.dedent(
     """
+    import signal
+
     from pacs_ai.process import SignalledStop
 
     stop = SignalledStop()
     print("ready", flush=True)
     while not stop.wait(0.5):
         pass
+    # Signals of a burst still arriving while the interpreter shuts down (when it has put the
+    # default handlers back) would end it with that signal instead of exit code 0.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("stopped by", stop.signal, flush=True)
     """
 )
