@@ -5,6 +5,10 @@ SEG sent to a PACS is worse than none.  So each file is written to a temporary
 name in the same directory, flushed and fsynced, then renamed over the final
 name (atomic on POSIX), and the directory is fsynced so the rename survives a
 power loss.
+
+The bytes are pydicom's ``save_as(..., enforce_file_format=True)``; for the
+Explicit VR Little Endian objects pacs-ai builds they are produced by
+:mod:`pacs_ai.encode.explicit_le`, several times faster and identical.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from pydicom import Dataset
 
 from pacs_ai.durable import fsync_directory
+from pacs_ai.encode.explicit_le import encode_file
 
 __all__ = ["write_dataset"]
 
@@ -55,7 +60,11 @@ def write_dataset(ds: Dataset, path: Path | str, *, fsync: bool = True) -> Path:
     tmp_path = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
+            parts = encode_file(ds)
+            if parts is None:
+                ds.save_as(handle, enforce_file_format=True)
+            else:
+                handle.writelines(parts)
             handle.flush()
             if fsync:
                 os.fsync(handle.fileno())
