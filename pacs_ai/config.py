@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     #: (workers run elsewhere, e.g. on GPU machines).
     worker_processes: int = Field(default=1, ge=0)
     worker_concurrency: int = Field(default=2, ge=1)
+    #: Memory each pool process maps for voxel arrays when it starts, and keeps from one study to
+    #: the next, so that loading a study needs no fresh pages (see :mod:`pacs_ai.analyze.volume_memory`):
+    #: 256 MB holds a 512x512 CT of up to 500 slices.  It stays allocated while the process idles;
+    #: 0 maps memory per study instead.
+    volume_memory_reserve_mb: int = Field(default=256, ge=0)
     #: Time limit of one analysis where the profile step sets no ``timeout_seconds`` (Celery's soft
     #: limit; the hard limit follows a minute later).  Keep it below broker_visibility_timeout_seconds.
     analysis_timeout_seconds: float = Field(default=1800, gt=0)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_ai.analyze.base import AnalysisFailed, AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume
+from pacs_ai.analyze.volume_memory import process_volume_memory
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import lease_expiry
 from pacs_ai.encode import EquipmentInfo
@@ -98,7 +99,11 @@ def run_job(
         ]
     log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(paths), series_uid)
 
-    timings: dict[str, float] = {"rss_start_mb": _current_rss_mb()}
+    timings: dict[str, float] = {
+        "rss_start_mb": _current_rss_mb(),
+        # Held from one study to the next: part of the process's memory at the start of this job.
+        "volume_memory_mb": process_volume_memory().reserved_bytes / 2**20,
+    }
     try:
         try:
             rules = parse_rules(stored_rules)
