@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import mmap
 import sys
+import threading
 
 import numpy as np
 
@@ -47,6 +48,9 @@ class VolumeMemory:
 
     def __init__(self) -> None:
         self._mapping: mmap.mmap | None = None
+        # Between the check that the mapping is free and the array that takes it, no other
+        # thread may take it too.
+        self._lock = threading.Lock()
 
     @property
     def reserved_bytes(self) -> int:
@@ -62,23 +66,26 @@ class VolumeMemory:
 
     def reserve(self, nbytes: int) -> None:
         """Map and touch ``nbytes`` now, unless a free mapping at least that large is kept already."""
-        if nbytes <= 0 or _POPULATE is None or self._free_mapping(nbytes) is not None:
+        if nbytes <= 0 or _POPULATE is None:
             return
-        self._mapping = _populated_mapping(nbytes)
+        with self._lock:
+            if self._free_mapping(nbytes) is None:
+                self._mapping = _populated_mapping(nbytes)
 
     def empty(self, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
         """An uninitialised C-contiguous array: in the kept mapping when it is free and fits."""
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         if _POPULATE is None or nbytes == 0:
             return np.empty(shape, dtype=dtype)
-        mapping = self._free_mapping(nbytes)
-        if mapping is None:
-            # The kernel maps it all in one call (MAP_POPULATE): a few hundred MB otherwise fault
-            # in one 4 KiB page at a time on first write, which cost 0.15-0.35 s per CT.
-            mapping = self._mapping = _populated_mapping(nbytes)
-        else:
-            _release_beyond(mapping, nbytes)
-        return np.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).reshape(shape)
+        with self._lock:
+            mapping = self._free_mapping(nbytes)
+            if mapping is None:
+                # The kernel maps it all in one call (MAP_POPULATE): a few hundred MB otherwise
+                # fault in one 4 KiB page at a time on first write, which cost 0.15-0.35 s per CT.
+                mapping = self._mapping = _populated_mapping(nbytes)
+            else:
+                _release_beyond(mapping, nbytes)
+            return np.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).reshape(shape)
 
 
 def _release_beyond(mapping: mmap.mmap, nbytes: int) -> None:
