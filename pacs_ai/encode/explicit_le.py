@@ -18,13 +18,12 @@ second DICOM writer: anything outside that narrow case is handed to pydicom,
   for a 16-bit length), and
 * wholesale (``None`` from :func:`encode_file`, and the caller uses
   ``Dataset.save_as``) for another transfer syntax, an ambiguous VR pydicom
-  could not resolve, or a sequence item of undefined length,
+  could not resolve, or a sequence item of undefined length.
 
-while ambiguous VRs ("OB or OW" Pixel Data, "US or SS") are resolved by
-pydicom's own ``correct_ambiguous_vr``, where and as its writer does,
-
-and the tests compare its output with pydicom's, byte for byte, for every kind
-of object pacs-ai writes.
+Ambiguous VRs ("OB or OW" Pixel Data, "US or SS") are resolved by pydicom's
+own ``correct_ambiguous_vr``, where and as its writer does.  The tests compare
+the output with pydicom's, byte for byte, for every kind of object pacs-ai
+writes.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-__all__ = ["encode_file"]
+__all__ = ["encode_file", "joined"]
 
 _SHORT_HEADER = Struct("<HH2sH")  # tag, VR, 16-bit length
 _LONG_HEADER = Struct("<HH2sHL")  # tag, VR, reserved, 32-bit length
