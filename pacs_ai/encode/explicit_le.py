@@ -29,7 +29,7 @@ writes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, MutableSequence
+from collections.abc import MutableSequence
 from copy import deepcopy
 from struct import Struct, pack
 from struct import error as StructError
@@ -44,7 +44,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-__all__ = ["encode_file", "joined"]
+__all__ = ["encode_file"]
 
 _SHORT_HEADER = Struct("<HH2sH")  # tag, VR, 16-bit length
 _LONG_HEADER = Struct("<HH2sHL")  # tag, VR, reserved, 32-bit length
@@ -216,11 +216,16 @@ class _Encoder:
             buffer[start + 8 : start + 12] = _LENGTH.pack(len(buffer) - start - 12)
 
 
+def _explicit_le_buffer() -> DicomBytesIO:
+    """A buffer that pydicom's writing functions encode into as Explicit VR Little Endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
+
+
 def _pydicom_element(element: DataElement | RawDataElement, encodings: str | MutableSequence[str]) -> bytes:
     """One element as pydicom encodes it in Explicit VR Little Endian."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
+    fp = _explicit_le_buffer()
     write_data_element(fp, element, encodings)  # type: ignore[arg-type]
     return fp.getvalue()
 
@@ -264,8 +269,7 @@ def encode_file(dataset: Dataset) -> list[bytes | bytearray] | None:
     preamble = getattr(dataset, "preamble", None)
     if preamble is not None and len(preamble) not in (0, 128):
         return None  # pydicom's error
-    meta_bytes = DicomBytesIO()
-    meta_bytes.is_little_endian, meta_bytes.is_implicit_VR = True, False
+    meta_bytes = _explicit_le_buffer()
     write_file_meta_info(meta_bytes, _file_meta(dataset), enforce_standard=True)
     if "PixelData" in dataset:
         dataset["PixelData"].is_undefined_length = False
@@ -274,8 +278,3 @@ def encode_file(dataset: Dataset) -> list[bytes | bytearray] | None:
     except _UsePydicom:
         return None
     return [preamble or _PREAMBLE, b"DICM", meta_bytes.getvalue(), *body]
-
-
-def joined(parts: Iterable[bytes | bytearray]) -> bytes:
-    """The pieces from :func:`encode_file` as one byte string (tests and small objects)."""
-    return b"".join(parts)

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pydicom.valuerep import DA
 
 from pacs_ai.encode import EquipmentInfo, write_dataset
-from pacs_ai.encode.explicit_le import encode_file, joined
+from pacs_ai.encode.explicit_le import encode_file
 from pacs_ai.encode.report_sr import (
     DraftingModel,
     ReportText,
@@ -56,7 +56,7 @@ def assert_same_as_pydicom(dataset: Dataset) -> None:
     theirs = pydicom_bytes(copy.deepcopy(dataset))
     parts = encode_file(dataset)
     assert parts is not None, "the encoder left a data set to pydicom that it should encode"
-    ours = joined(parts)
+    ours = b"".join(parts)
     if ours != theirs:
         at = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
         pytest.fail(
@@ -132,7 +132,7 @@ def test_large_values_are_passed_on_not_copied(analysis_objects: dict[str, Datas
     parts = encode_file(seg_copy)
     assert parts is not None
     assert any(part is seg_copy.PixelData for part in parts)
-    assert joined(parts) == pydicom_bytes(seg_copy)
+    assert b"".join(parts) == pydicom_bytes(seg_copy)
 
 
 def awkward_dataset() -> Dataset:
@@ -211,7 +211,7 @@ def test_values_too_long_for_a_16_bit_length_are_left_to_pydicom() -> None:
         ds.StudyDescription = "x" * 70_000  # pydicom writes it as UN, with a warning
         parts = encode_file(ds)
         assert parts is not None
-        assert joined(parts) == pydicom_bytes(ds)
+        assert b"".join(parts) == pydicom_bytes(ds)
 
 
 @pytest.mark.parametrize(
