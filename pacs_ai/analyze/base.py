@@ -85,6 +85,36 @@ class FindingSpec:
 
 
 @dataclass(frozen=True)
+class DetectionSpec:
+    """A finding a detection model located with a box (e.g. a lung nodule).
+
+    The box is in patient coordinates (DICOM LPS, millimetres), so it does not
+    depend on how the model resampled or reoriented its input; the encoders
+    place it on the source images from the volume's geometry.  Encoded in the
+    measurement SR as one TID 1500 measurement group per detection, with its
+    own tracking UID, its location, its size and the model's score.
+    """
+
+    finding: Code
+    #: Model confidence for this box, 0..1.
+    score: float
+    #: Opposite corners of the box, (x, y, z) in mm, LPS; each min <= max.
+    box_min_mm: tuple[float, float, float]
+    box_max_mm: tuple[float, float, float]
+    finding_site: Code | None = None
+
+    @property
+    def center_mm(self) -> tuple[float, float, float]:
+        lo, hi = self.box_min_mm, self.box_max_mm
+        return ((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, (lo[2] + hi[2]) / 2)
+
+    @property
+    def size_mm(self) -> tuple[float, float, float]:
+        lo, hi = self.box_min_mm, self.box_max_mm
+        return (hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2])
+
+
+@dataclass(frozen=True)
 class AlgorithmInfo:
     """Algorithm Identification (name, version, family) for SEG, SR and logs."""
 
@@ -109,6 +139,8 @@ class AnalysisResult:
     segments: list[SegmentSpec]
     measurements: list[MeasurementSpec]
     findings: list[FindingSpec] = field(default_factory=list)
+    #: Boxes from detection models, in patient coordinates.
+    detections: list[DetectionSpec] = field(default_factory=list)
     #: Free-text notes for the job record (not for the DICOM objects).
     notes: list[str] = field(default_factory=list)
 
