@@ -1,15 +1,20 @@
 """Evidence: the structured record of what is known about a study, which every draft must stay within.
 
-It is built from what the pipeline already has: the headers of the study
-(modality, body part, descriptions, patient age and sex) and the findings JSON
+It is built from what the pipeline already has: an allow-list of header facts
+of the study (:data:`HEADER_FIELDS`: modality, body part, procedure code, age
+band, sex; the ``report_header_fields`` setting may shorten it) and the findings JSON
 the job runner stores on each succeeded job
 (:func:`pacs_ai.analyze.run._findings`: algorithm, segments, measurements with
 UCUM units, classification findings with probability, threshold and present),
 plus a prior report's text where one is supplied.
 
-No direct identifier (name, patient ID, birth date, accession number) enters
-the evidence: drafters, and the prompts built from the evidence, need none,
-and what is not there cannot leak into a draft.
+No identifier (name, patient ID, birth date or any date, accession number) and
+no free text of the headers (StudyDescription, SeriesDescription, a code's
+meaning: sites put names and IDs there) enters the evidence: drafters, and the
+prompts built from it, whatever the backend, need none, and what is not there
+cannot leak into a prompt, a draft or a log line.  Each allowed value must
+also look like what DICOM defines for it (a code string, a code value), or it
+is left out.
 
 :func:`evidence_from_findings_text` builds evidence from a findings section
 instead (the findings-to-impression task): its finding terms, negations, sides
@@ -34,18 +39,50 @@ class EvidenceError(ValueError):
     """The job findings cannot be read as evidence (wrong shape, missing values)."""
 
 
+#: The header facts a drafter may see, in the order they are written (``report_header_fields``).
+HEADER_FIELDS = ("modality", "body_part", "procedure_code", "age_band", "sex")
+
+#: A DICOM code string (CS: upper-case letters, digits, space, underscore; 16 at most).
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+#: A code value and its coding scheme designator (SH), restricted to what codes use.
+_CODE_PART = re.compile(r"[A-Za-z0-9._:-]{1,16}")
+#: (upper age limit in whole years, band) in ascending order; from 90 up one band (HIPAA's limit).
+_AGE_BANDS = (
+    (1, "infant"),
+    (12, "child"),
+    (18, "adolescent"),
+    (30, "young adult"),
+    (40, "thirties"),
+    (50, "forties"),
+    (60, "fifties"),
+    (70, "sixties"),
+    (80, "seventies"),
+    (90, "eighties"),
+)
+_OLDEST_BAND = "ninety or older"
+
+
 @dataclass(frozen=True)
 class StudyContext:
-    """DICOM context of the study: what kind of examination, of whom (age and sex only)."""
+    """DICOM context of the study a drafter may see: what kind of examination, and age band and sex.
+
+    Only the allow-listed facts of :data:`HEADER_FIELDS`, never free text:
+    the bands are words, so no age, date or number of the patient reaches a draft.
+    """
 
     modality: str | None = None
     body_part: str | None = None
-    study_description: str | None = None
-    series_description: str | None = None
-    #: Whole years at the study date, from PatientAge or PatientBirthDate and StudyDate.
-    patient_age_years: int | None = None
+    #: "CODEVALUE (SCHEME)" of the study's procedure code, e.g. "24627-2 (LN)"; never its meaning.
+    procedure_code: str | None = None
+    #: Age band in words (:func:`age_band`), e.g. "sixties".
+    age_band: str | None = None
     #: "M", "F" or "O" as in DICOM.
     patient_sex: str | None = None
+
+    @property
+    def patient_age_years(self) -> int | None:
+        """Always None: the exact age is withheld, only :attr:`age_band` is known (read by the guardrails)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -153,16 +190,52 @@ def patient_age_years(header: Dataset | None) -> int | None:
     return None
 
 
-def study_context(header: Dataset | None) -> StudyContext:
-    """The :class:`StudyContext` of a study from one of its datasets (any instance; headers suffice)."""
+def age_band(years: int | None) -> str | None:
+    """The band of an age in whole years, in words ("infant", "child", ..., "sixties", "ninety or older")."""
+    if years is None or years < 0:
+        return None
+    for limit, band in _AGE_BANDS:
+        if years < limit:
+            return band
+    return _OLDEST_BAND
+
+
+def _code_string(header: Dataset | None, keyword: str) -> str | None:
+    text = _text(header, keyword)
+    return text if text and _CODE_STRING.fullmatch(text) else None
+
+
+def procedure_code(header: Dataset | None) -> str | None:
+    """ "VALUE (SCHEME)" of the first Procedure Code Sequence item, else of the Requested Procedure Code's.
+
+    The code meaning is left out: it is free text a site may write anything into.
+    """
+    for keyword in ("ProcedureCodeSequence", "RequestedProcedureCodeSequence"):
+        items = header.get(keyword) if header is not None else None
+        if not items:
+            continue
+        value, scheme = _text(items[0], "CodeValue"), _text(items[0], "CodingSchemeDesignator")
+        if value and scheme and _CODE_PART.fullmatch(value) and _CODE_PART.fullmatch(scheme):
+            return f"{value} ({scheme})"
+    return None
+
+
+def study_context(header: Dataset | None, fields: Sequence[str] = HEADER_FIELDS) -> StudyContext:
+    """The :class:`StudyContext` of a study from one of its datasets: only the header ``fields`` allowed.
+
+    ``fields``: names of :data:`HEADER_FIELDS` (the ``report_header_fields``
+    setting); any other name is an error, so a typo does not pass silently.
+    """
+    unknown = sorted(set(fields) - set(HEADER_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown report header field(s) {unknown}; allowed: {', '.join(HEADER_FIELDS)}")
     sex = _text(header, "PatientSex")
     return StudyContext(
-        modality=_text(header, "Modality"),
-        body_part=_text(header, "BodyPartExamined"),
-        study_description=_text(header, "StudyDescription"),
-        series_description=_text(header, "SeriesDescription"),
-        patient_age_years=patient_age_years(header),
-        patient_sex=sex.upper() if sex and sex.upper() in ("M", "F", "O") else None,
+        modality=_code_string(header, "Modality") if "modality" in fields else None,
+        body_part=_code_string(header, "BodyPartExamined") if "body_part" in fields else None,
+        procedure_code=procedure_code(header) if "procedure_code" in fields else None,
+        age_band=age_band(patient_age_years(header)) if "age_band" in fields else None,
+        patient_sex=sex.upper() if "sex" in fields and sex and sex.upper() in ("M", "F", "O") else None,
     )
 
 
@@ -192,11 +265,13 @@ def evidence_from_findings(
     job_findings: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     *,
     prior_report: str | None = None,
+    header_fields: Sequence[str] = HEADER_FIELDS,
 ) -> Evidence:
     """Evidence of a study from its headers and the findings JSON of its succeeded jobs.
 
     ``header``: any dataset of the study (read without pixel data is fine), or
-    None when only results are known.  ``job_findings``: the ``Job.findings``
+    None when only results are known; only its ``header_fields`` are read
+    (:func:`study_context`).  ``job_findings``: the ``Job.findings``
     value of one job, or a sequence of them (one per analyzer that ran on the
     study).  Raises :class:`EvidenceError` naming the malformed entry.
     """
@@ -268,7 +343,7 @@ def evidence_from_findings(
             )
     prior = prior_report.strip() if prior_report and prior_report.strip() else None
     return Evidence(
-        context=study_context(header),
+        context=study_context(header, header_fields),
         measurements=tuple(measurements),
         findings=tuple(findings),
         segments=tuple(segments),

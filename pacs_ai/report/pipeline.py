@@ -240,7 +240,9 @@ class ReportPipeline:
             return work
         config = self.report_config(work.profiles) or DrafterConfig()
         header = pydicom.dcmread(work.header_path, stop_before_pixels=True) if work.header_path else None
-        evidence = evidence_from_findings(header, work.findings)
+        evidence = evidence_from_findings(
+            header, work.findings, header_fields=self.settings.report_header_fields
+        )
         draft = self._draft(evidence, config, work)
         return self._record(work, draft, evidence)
 

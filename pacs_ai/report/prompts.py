@@ -40,6 +40,8 @@ def evidence_facts(evidence: Evidence) -> str:
     context = context_sentence(evidence.context)
     if context:
         lines.append(f"- {context}")
+    if evidence.context.procedure_code:
+        lines.append(f"- Procedure code: {evidence.context.procedure_code} (for context; do not copy it)")
     for m in evidence.measurements:
         site = f"{m.site}: " if m.site else ""
         lines.append(f"- {site}{measurement_label(m)} {format_value(m.value, m.unit)}")

@@ -28,7 +28,14 @@ from pacs_ai.analyze.lung import (
     UCUM_PERCENT,
 )
 from pacs_ai.analyze.run import _findings
-from pacs_ai.report.evidence import EvidenceError, evidence_from_findings, evidence_from_findings_text
+from pacs_ai.report.evidence import (
+    EvidenceError,
+    age_band,
+    evidence_from_findings,
+    evidence_from_findings_text,
+    patient_age_years,
+    study_context,
+)
 from pacs_ai.report.text import find_mentions, find_numbers
 from pacs_ai.report.vocabulary import term_for_name, term_patterns
 
@@ -83,7 +90,7 @@ def chest_ct_header() -> Dataset:
 
 def test_evidence_from_the_runners_findings_json():
     evidence = evidence_from_findings(chest_ct_header(), chest_ct_job(), prior_report="Prior: clear lungs.")
-    assert evidence.context.modality == "CT" and evidence.context.patient_age_years == 67
+    assert evidence.context.modality == "CT" and evidence.context.age_band == "sixties"
     assert evidence.context.patient_sex == "F"
     assert len(evidence.measurements) == 12 and len(evidence.segments) == 2
     right_volume = evidence.measurements[0]
@@ -105,9 +112,61 @@ def test_age_from_birth_date_when_patient_age_is_missing():
     ds = Dataset()
     ds.PatientBirthDate = "19580310"
     ds.StudyDate = "20250309"
-    assert evidence_from_findings(ds, []).context.patient_age_years == 66
+    assert patient_age_years(ds) == 66
     ds.StudyDate = "20250310"
-    assert evidence_from_findings(ds, []).context.patient_age_years == 67
+    assert patient_age_years(ds) == 67
+    assert evidence_from_findings(ds, []).context.age_band == "sixties"
+
+
+def _identifying_header() -> Dataset:
+    ds = chest_ct_header()
+    ds.StudyDescription = "CT CHEST for Doe^Jane MRN-12345 born 19580310"
+    ds.SeriesDescription = "Jane Doe 1958-03-10"
+    ds.PatientBirthDate = "19580310"
+    ds.AccessionNumber = "ACC-998877"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "24627-2", "LN", "CT chest of Jane Doe"
+    ds.ProcedureCodeSequence = [code]
+    return ds
+
+
+def test_only_the_allow_listed_header_facts_are_kept():
+    context = study_context(_identifying_header())
+    assert (context.modality, context.body_part, context.procedure_code) == ("CT", "CHEST", "24627-2 (LN)")
+    assert (context.age_band, context.patient_sex, context.patient_age_years) == ("sixties", "F", None)
+    text = repr(evidence_from_findings(_identifying_header(), chest_ct_job()).to_dict())
+    for identifier in ("Doe", "Jane", "MRN-12345", "1958", "ACC-998877", "CT CHEST", "067"):
+        assert identifier not in text
+
+
+def test_the_allow_list_setting_shortens_the_context_and_refuses_unknown_fields():
+    context = study_context(_identifying_header(), ["modality"])
+    assert context == type(context)(modality="CT")
+    with pytest.raises(ValueError, match="study_description"):
+        study_context(_identifying_header(), ["modality", "study_description"])
+
+
+def test_values_that_are_not_code_strings_are_left_out():
+    ds = _identifying_header()
+    ds.BodyPartExamined = "chest of Mrs Doe"
+    ds.ProcedureCodeSequence[0].CodeValue = "Doe, Jane"
+    context = study_context(ds)
+    assert context.body_part is None and context.procedure_code is None
+
+
+@pytest.mark.parametrize(
+    ("years", "band"),
+    [
+        (0, "infant"),
+        (11, "child"),
+        (17, "adolescent"),
+        (29, "young adult"),
+        (67, "sixties"),
+        (95, "ninety or older"),
+    ],
+)
+def test_age_bands_are_words(years, band):
+    assert age_band(years) == band
 
 
 def test_malformed_findings_are_refused_with_the_entry_named():

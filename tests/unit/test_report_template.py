@@ -47,7 +47,7 @@ def test_report_wording():
     assert draft.backend == "template" and draft.guardrails.passed and draft.fallback_reason is None
     assert draft.text.splitlines()[0] == UNVERIFIED_HEADER
     findings = draft.findings.splitlines()
-    assert findings[0] == "Examination: CT CHEST WO (CT, CHEST). Patient: 67-year-old female."
+    assert findings[0] == "Examination: CT, CHEST. Patient: female, age band sixties."
     assert (
         findings[1] == "Right lung: volume 2512 mL, mean lung density -862 HU, %LAA-950 8.2%, Perc15 -934 HU."
     )

@@ -119,19 +119,23 @@ def _site_key(m: Measurement) -> tuple[int, str]:
 
 
 def context_sentence(context: StudyContext) -> str | None:
-    """ "Examination: CT CHEST (CT, CHEST). Patient: 67-year-old female." or None when nothing is known."""
+    """ "Examination: CT, CHEST. Patient: female, age band sixties." or None when nothing is known.
+
+    Only the allow-listed facts of the context (:class:`StudyContext`); the
+    procedure code is left to the prompt (:func:`pacs_ai.report.prompts.evidence_facts`):
+    its digits are no value a draft may state.
+    """
     parts = []
-    described = context.study_description or context.series_description
     kind = ", ".join(p for p in (context.modality, context.body_part) if p)
-    if described or kind:
-        parts.append(f"Examination: {described or kind}{f' ({kind})' if described and kind else ''}.")
+    if kind:
+        parts.append(f"Examination: {kind}.")
     who = []
-    if context.patient_age_years is not None:
-        who.append(f"{context.patient_age_years}-year-old")
     if context.patient_sex:
         who.append(_SEX_WORDS[context.patient_sex])
+    if context.age_band:
+        who.append(f"age band {context.age_band}")
     if who:
-        parts.append(f"Patient: {' '.join(who)}.")
+        parts.append(f"Patient: {', '.join(who)}.")
     return " ".join(parts) or None
 
 
