@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.receive.retrieve import QueryRetrievePeer
+from pacs_ai.receive.security import KnownPeer, ListenerTls
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 
@@ -73,6 +74,26 @@ class Settings(BaseSettings):
     #: throwaway data may turn this off.
     fsync: bool = True
 
+    # DICOM listener security and limits (see the README's "Listener security and limits")
+    #: Senders the listener accepts; once any is named, every other caller is refused at association.
+    known_peers: list[KnownPeer] = Field(default_factory=list)
+    #: DICOM TLS (server certificate, optional client CA for mutual TLS, own port or the one port).
+    listener_tls: ListenerTls | None = None
+    #: Largest PDU the listener accepts (its Maximum Length Received); a longer one aborts.
+    maximum_pdu_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: Largest instance (data set) stored; a longer one is dropped while it streams, answered 0xA700.
+    maximum_instance_mb: int = Field(default=4096, ge=1)
+    #: Associations served at once by all listener processes together.
+    maximum_associations: int = Field(default=128, ge=1)
+    #: Associations one listener process serves at once from one peer address.
+    maximum_associations_per_address: int = Field(default=32, ge=1)
+    #: Connections one listener process lets negotiate at once (they hold no association slot).
+    maximum_negotiating_connections: int = Field(default=256, ge=1)
+    #: Seconds from connecting to the end of association negotiation, TLS handshake included.
+    association_negotiation_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Voxels a worker allocates for one volume at most (2**30: 4 GiB as float32).
+    maximum_volume_voxels: int = Field(default=2**30, ge=1)
+
     # Index database and broker
     #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.
     database_url: str | None = None
@@ -95,11 +116,44 @@ class Settings(BaseSettings):
     #: order; each must know pacs-ai's listener as a move destination (see :mod:`pacs_ai.receive.retrieve`).
     query_retrieve: dict[str, QueryRetrievePeer] = Field(default_factory=dict)
 
+    # Storage of studies and results (pacs_ai.storage)
+    #: Where received instances and results live: None is the local folder (``spool`` and
+    #: ``results`` under data_dir, the embedded default); ``file:///abs/path`` another local folder
+    #: (a mount every host shares); ``s3://bucket/optional/prefix`` an S3-compatible object store.
+    storage_url: str | None = None
+    #: The S3 endpoint, e.g. http://127.0.0.1:8333 for SeaweedFS; None is AWS.
+    storage_s3_endpoint_url: str | None = None
+    storage_s3_region: str | None = None
+    #: Credentials; when unset, boto3's own chain (AWS_* variables, the shared credentials file).
+    storage_s3_access_key_id: str | None = None
+    storage_s3_secret_access_key: SecretStr | None = None
+    #: An AWS shared-credentials file to read the credentials from (its ``default`` profile).
+    storage_s3_credentials_file: Path | None = None
+    #: CA bundle to verify the endpoint's TLS certificate with (a hospital's own CA).
+    storage_s3_ca_bundle: Path | None = None
+    #: Seconds to connect to and to wait for an answer from the object store before an attempt fails.
+    storage_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Instances acknowledged but not yet in the object store, above which the listener answers
+    #: C-STORE with 0xA700 (the store unreachable or slower than ingest); 0 never refuses.
+    storage_upload_backlog_max: int = Field(default=20000, ge=0)
+    #: A worker's local copies of series it fetched from the store (None: data_dir/cache), at most
+    #: ``worker_cache_max_mb``, least recently used evicted first; safe to delete at any time.
+    worker_cache_dir: Path | None = None
+    worker_cache_max_mb: int = Field(default=10240, ge=0)
+
     # Workers
     #: Celery worker processes started by ``pacs-ai serve``; 0 starts none
     #: (workers run elsewhere, e.g. on GPU machines).
     worker_processes: int = Field(default=1, ge=0)
     worker_concurrency: int = Field(default=2, ge=1)
+    #: Queues the workers ``pacs-ai serve`` starts serve; None: all of them (cpu, gpu, dispatch where no
+    #: GPU).  A receiver whose analyses run on other hosts sets ``[dispatch]``: it sends the results.
+    worker_queues: list[Literal["dispatch", "cpu", "gpu"]] | None = None
+    #: Seconds between a worker's heartbeats in the index (``pacs-ai status`` shows every host's workers).
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    #: A worker silent this long is marked lost and its running jobs are queued again for another
+    #: worker (the broker would hand them over only after broker_visibility_timeout_seconds).
+    worker_stale_after_seconds: float = Field(default=60.0, gt=0)
     #: Memory each pool process maps for voxel arrays when it starts, and keeps from one study to
     #: the next, so that loading a study needs no fresh pages (see :mod:`pacs_ai.analyze.volume_memory`):
     #: 256 MB holds a 512x512 CT of up to 500 slices.  It stays allocated while the process idles;
@@ -172,6 +226,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _heartbeats_come_before_staleness(self) -> Settings:
+        if self.worker_stale_after_seconds <= 2 * self.worker_heartbeat_seconds:
+            raise ValueError(
+                f"worker_stale_after_seconds ({self.worker_stale_after_seconds:g}) must be more than twice "
+                f"worker_heartbeat_seconds ({self.worker_heartbeat_seconds:g}), or live workers would be "
+                "declared lost"
+            )
+        return self
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title_is_printable(cls, value: str) -> str:
@@ -215,6 +279,11 @@ class Settings(BaseSettings):
         return self.models_dir or self.data_dir / "models"
 
     @property
+    def effective_worker_cache_dir(self) -> Path:
+        """The worker's cache of fetched series; ``worker_cache_dir`` or ``data_dir/cache``."""
+        return self.worker_cache_dir or self.data_dir / "cache"
+
+    @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
 
@@ -237,8 +306,35 @@ class Settings(BaseSettings):
     def child_environment(self) -> dict[str, str]:
         """Environment for child processes (workers) so they build identical settings."""
         env = dict(os.environ)
-        env["PACS_AI_SETTINGS_JSON"] = self.model_dump_json()
+        # Secrets stay out of the environment (pydantic would mask them anyway): a child reads them
+        # again from where this process did (the environment or the settings file).
+        env["PACS_AI_SETTINGS_JSON"] = self.model_dump_json(exclude=_SECRET_FIELDS)
         return env
+
+
+#: Settings that are secrets: never passed to child processes in ``PACS_AI_SETTINGS_JSON``.
+_SECRET_FIELDS = {"storage_s3_secret_access_key"}
+
+
+class _Secrets(BaseSettings):
+    """The secret settings alone, read again by a child process from the environment or the YAML file."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_AI_", extra="ignore")
+
+    storage_s3_secret_access_key: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return Settings.settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -250,7 +346,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """
     inherited = os.environ.get("PACS_AI_SETTINGS_JSON")
     if inherited and config_file is None and not overrides:
-        return Settings.model_validate_json(inherited)
+        settings = Settings.model_validate_json(inherited)
+        return settings.model_copy(update=_Secrets().model_dump(exclude_none=True))
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     return Settings(**overrides)

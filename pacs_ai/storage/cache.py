@@ -1,0 +1,100 @@
+"""A worker's bounded local copies of objects it fetched from a remote storage.
+
+A series is fetched once per host: a second analysis of the same study (another
+model, a retry, a reprocess) reads the copies already here.  The cache holds
+at most ``worker_cache_max_mb``; when a fetch takes it past that, the least
+recently used files go first (a file's modification time is set each time it
+is used).  It is safe to delete at any time, wholly or in part: every copy is
+written under a temporary name and renamed, and a missing copy is fetched
+again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pacs_ai.storage.base import Storage, check_key
+
+__all__ = ["LocalCache"]
+
+log = logging.getLogger(__name__)
+
+#: Objects fetched at the same time: a series is hundreds of small objects, each one request.
+FETCHES_AT_ONCE = 8
+
+
+class LocalCache:
+    """Copies of ``storage``'s objects in ``directory``, at most ``max_bytes`` of them."""
+
+    def __init__(self, storage: Storage, directory: Path, max_bytes: int) -> None:
+        self.storage = storage
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._evicting = threading.Lock()
+
+    def path_of(self, key: str) -> Path:
+        """Where the copy of ``key`` is (or would be) kept."""
+        return self.directory / check_key(key)
+
+    def fetch(self, keys: Sequence[str]) -> list[Path]:
+        """Local files holding the objects of ``keys``, in order, fetching those not here yet.
+
+        Raises the storage's :class:`~pacs_ai.storage.base.StorageError` when one cannot be fetched.
+        """
+        paths = [self.path_of(key) for key in keys]
+        missing = [(key, path) for key, path in zip(keys, paths, strict=True) if not _touch(path)]
+        if missing:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=min(FETCHES_AT_ONCE, len(missing))) as fetchers:
+                for fetched in [fetchers.submit(self._fetch_one, key, path) for key, path in missing]:
+                    fetched.result()
+            log.info(
+                "fetched %d object(s) into the cache in %.2f s", len(missing), time.perf_counter() - started
+            )
+            self.evict(keep=set(paths))
+        return paths
+
+    def _fetch_one(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.storage.get_file(key, path)
+
+    def evict(self, keep: Collection[Path] = ()) -> int:
+        """Delete the least recently used copies until the cache fits; returns the bytes freed."""
+        with self._evicting:
+            files = []
+            total = 0
+            for directory, _, names in os.walk(self.directory):
+                for name in names:
+                    path = Path(directory, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        status = path.stat()
+                        files.append((status.st_mtime, status.st_size, path))
+                        total += status.st_size
+            freed = 0
+            for _, size, path in sorted(files):
+                if total - freed <= self.max_bytes:
+                    break
+                if path in keep:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    freed += size
+            if freed:
+                log.info("cache %s: evicted %d MB of least recently used copies", self.directory, freed >> 20)
+            return freed
+
+
+def _touch(path: Path) -> bool:
+    """Mark ``path`` as just used; False if it is not there."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,0 +1,87 @@
+"""Which backend serves which ``storage_url`` scheme: the one place to register a new backend.
+
+``open_storage(settings)`` builds the storage the settings name; the
+embedded default (no ``storage_url``) is the data directory's spool and
+results folders.  :func:`storage_for` keeps one storage per process and
+settings, because an S3 client holds a connection pool worth reusing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from pacs_ai.config import Settings
+from pacs_ai.storage.base import Storage
+from pacs_ai.storage.keys import INSTANCES, RESULTS
+from pacs_ai.storage.local import LocalFolderStorage
+from pacs_ai.storage.s3 import S3Storage
+
+__all__ = ["open_storage", "storage_for", "is_embedded", "BACKENDS"]
+
+
+def _file_storage(settings: Settings) -> Storage:
+    path = Path(unquote(urlsplit(settings.storage_url or "").path))
+    if not path.is_absolute():
+        raise ValueError(f"storage_url {settings.storage_url!r} must name an absolute folder: file:///path")
+    return LocalFolderStorage(path, fsync=settings.fsync)
+
+
+#: URL scheme -> backend factory.
+BACKENDS: dict[str, Callable[[Settings], Storage]] = {"file": _file_storage, "s3": S3Storage}
+
+
+def is_embedded(settings: Settings) -> bool:
+    """Whether the storage is the receiver's own spool (no ``storage_url``): nothing to upload."""
+    return not settings.storage_url
+
+
+def open_storage(settings: Settings) -> Storage:
+    """A new storage as ``settings.storage_url`` says; ValueError for an unknown scheme."""
+    if is_embedded(settings):
+        return LocalFolderStorage(
+            settings.data_dir,
+            folders={INSTANCES: settings.spool_dir, RESULTS: settings.results_dir},
+            fsync=settings.fsync,
+        )
+    scheme = urlsplit(settings.storage_url or "").scheme
+    if scheme not in BACKENDS:
+        raise ValueError(
+            f"storage_url {settings.storage_url!r}: unknown scheme {scheme!r} (known: {', '.join(BACKENDS)})"
+        )
+    return BACKENDS[scheme](settings)
+
+
+_opened: dict[tuple[int, str, int | None], Storage] = {}
+_opening = threading.Lock()
+
+
+def storage_for(settings: Settings) -> Storage:
+    """This process's storage for ``settings`` (one per process: a forked child opens its own)."""
+    secret = settings.storage_s3_secret_access_key
+    identity = (
+        os.getpid(),
+        settings.model_dump_json(include=_STORAGE_FIELDS),
+        hash(secret.get_secret_value()) if secret is not None else None,
+    )
+    with _opening:
+        storage = _opened.get(identity)
+        if storage is None:
+            storage = _opened[identity] = open_storage(settings)
+        return storage
+
+
+_STORAGE_FIELDS = {
+    "data_dir",
+    "fsync",
+    "storage_url",
+    "storage_s3_endpoint_url",
+    "storage_s3_region",
+    "storage_s3_access_key_id",
+    "storage_s3_credentials_file",
+    "storage_s3_ca_bundle",
+    "storage_timeout_seconds",
+}

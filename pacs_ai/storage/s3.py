@@ -1,0 +1,175 @@
+"""An S3-compatible object store as the storage (SeaweedFS, MinIO, Ceph RGW, AWS S3), through boto3.
+
+``storage_url`` is ``s3://bucket/optional/prefix``; every key is stored under
+the prefix.  Endpoint, region, credentials and a CA bundle come from the
+settings; credentials left unset come from boto3's own chain (``AWS_*``
+variables, the shared credentials file, an instance role), and
+``storage_s3_credentials_file`` points that chain at a file of its own.
+
+A PUT that returned is durable in the store (that is S3's contract).  boto3's
+errors are turned into :class:`~pacs_ai.storage.base.StorageError` subclasses
+whose messages say what to check; the secret never appears in them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+from pacs_ai.config import Settings
+from pacs_ai.storage.base import (
+    StorageBucketMissing,
+    StorageCredentialsRefused,
+    StorageError,
+    StorageKeyMissing,
+    StorageUnavailable,
+    check_key,
+)
+from pacs_ai.storage.local import write_atomically
+
+__all__ = ["S3Storage"]
+
+#: Error codes of S3 (and its imitations) meaning the credentials were refused.
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "403",
+    "Forbidden",
+}
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Storage:
+    """Objects in one bucket under one prefix of an S3-compatible store."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = urlsplit(settings.storage_url or "")
+        if url.scheme != "s3" or not url.netloc:
+            raise ValueError(f"storage_url {settings.storage_url!r} is not s3://bucket[/prefix]")
+        self.bucket = url.netloc
+        self.prefix = url.path.strip("/")
+        endpoint = settings.storage_s3_endpoint_url
+        self.description = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint}" if endpoint else "")
+        core = botocore.session.Session()
+        if settings.storage_s3_credentials_file is not None:
+            core.set_config_variable("credentials_file", str(settings.storage_s3_credentials_file))
+        secret = settings.storage_s3_secret_access_key
+        session = boto3.Session(
+            botocore_session=core,
+            aws_access_key_id=settings.storage_s3_access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret is not None else None,
+            region_name=settings.storage_s3_region,
+        )
+        timeout = settings.storage_timeout_seconds
+        self.client: Any = session.client(
+            "s3",
+            endpoint_url=endpoint,
+            verify=str(settings.storage_s3_ca_bundle) if settings.storage_s3_ca_bundle else None,
+            config=Config(
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                retries={"max_attempts": 3, "mode": "standard"},
+                # Path-style addressing: what SeaweedFS, MinIO and Ceph expect of a bucket in an endpoint URL.
+                s3={"addressing_style": "path"} if endpoint else None,
+                max_pool_connections=32,
+            ),
+        )
+
+    def _object(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def local_path(self, key: str) -> None:
+        return None
+
+    def put_file(self, key: str, path: Path) -> None:
+        with open(path, "rb") as body:
+            self._call(
+                "store", key, self.client.put_object, Bucket=self.bucket, Key=self._object(key), Body=body
+            )
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("store", key, self.client.put_object, Bucket=self.bucket, Key=self._object(key), Body=data)
+
+    def get_file(self, key: str, destination: Path) -> None:
+        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._object(key))
+        body = response["Body"]
+        try:
+            write_atomically(
+                destination, lambda handle: shutil.copyfileobj(body, handle, 1 << 20), fsync=False
+            )
+        except (BotoCoreError, OSError) as exc:
+            raise StorageUnavailable(f"reading {key} from {self.description} failed: {exc}") from exc
+        finally:
+            body.close()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("look up", key, self.client.head_object, Bucket=self.bucket, Key=self._object(key))
+        except StorageKeyMissing:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._object(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start + prefix
+        )
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(start) :]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, "list", prefix) from exc
+
+    def check(self) -> None:
+        self._call("reach the bucket of", "", self.client.head_bucket, Bucket=self.bucket)
+        probe = f"check/{uuid.uuid4().hex}"
+        self.put_bytes(probe, b"pacs-ai storage check")
+        self.delete(probe)
+
+    def _call(self, action: str, key: str, method: Any, **arguments: Any) -> Any:
+        try:
+            return method(**arguments)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, action, key) from exc
+
+    def _translate(self, exc: Exception, action: str, key: str) -> StorageError:
+        """The StorageError saying what went wrong, in words an operator can act on."""
+        what = f"cannot {action} {key or self.bucket} in {self.description}"
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return StorageCredentialsRefused(
+                f"{what}: no credentials (set storage_s3_access_key_id and storage_s3_secret_access_key, "
+                f"storage_s3_credentials_file, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket" or (code in _MISSING_KEY_CODES and not key):
+                return StorageBucketMissing(f"{what}: the bucket {self.bucket!r} does not exist")
+            if code in _MISSING_KEY_CODES:
+                return StorageKeyMissing(f"{what}: no such object")
+            if code in _CREDENTIAL_CODES or status == 403:
+                return StorageCredentialsRefused(
+                    f"{what}: the store refused the credentials ({code}); check the access key id and secret"
+                )
+            if status is not None and status >= 500:
+                return StorageUnavailable(f"{what}: the store answered {status} {code}")
+            return StorageError(f"{what}: {code or status} {error.get('Message', '')}".rstrip())
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
