@@ -26,7 +26,6 @@ from pydantic_settings import (
 
 from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.receive.retrieve import QueryRetrievePeer
-from pacs_ai.receive.security import KnownPeer, ListenerTls
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 
@@ -73,26 +72,6 @@ class Settings(BaseSettings):
     #: fsync files and directories before acknowledging; only tests of
     #: throwaway data may turn this off.
     fsync: bool = True
-
-    # DICOM listener security and limits (see the README's "Listener security and limits")
-    #: Senders the listener accepts; once any is named, every other caller is refused at association.
-    known_peers: list[KnownPeer] = Field(default_factory=list)
-    #: DICOM TLS (server certificate, optional client CA for mutual TLS, own port or the one port).
-    listener_tls: ListenerTls | None = None
-    #: Largest PDU the listener accepts (its Maximum Length Received); a longer one aborts.
-    maximum_pdu_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
-    #: Largest instance (data set) stored; a longer one is dropped while it streams, answered 0xA700.
-    maximum_instance_mb: int = Field(default=4096, ge=1)
-    #: Associations served at once by all listener processes together.
-    maximum_associations: int = Field(default=128, ge=1)
-    #: Associations one listener process serves at once from one peer address.
-    maximum_associations_per_address: int = Field(default=32, ge=1)
-    #: Connections one listener process lets negotiate at once (they hold no association slot).
-    maximum_negotiating_connections: int = Field(default=256, ge=1)
-    #: Seconds from connecting to the end of association negotiation, TLS handshake included.
-    association_negotiation_timeout_seconds: float = Field(default=10.0, gt=0)
-    #: Voxels a worker allocates for one volume at most (2**30: 4 GiB as float32).
-    maximum_volume_voxels: int = Field(default=2**30, ge=1)
 
     # Index database and broker
     #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.
@@ -146,14 +125,6 @@ class Settings(BaseSettings):
     #: (workers run elsewhere, e.g. on GPU machines).
     worker_processes: int = Field(default=1, ge=0)
     worker_concurrency: int = Field(default=2, ge=1)
-    #: Queues the workers ``pacs-ai serve`` starts serve; None: all of them (cpu, gpu, dispatch where no
-    #: GPU).  A receiver whose analyses run on other hosts sets ``[dispatch]``: it sends the results.
-    worker_queues: list[Literal["dispatch", "cpu", "gpu"]] | None = None
-    #: Seconds between a worker's heartbeats in the index (``pacs-ai status`` shows every host's workers).
-    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
-    #: A worker silent this long is marked lost and its running jobs are queued again for another
-    #: worker (the broker would hand them over only after broker_visibility_timeout_seconds).
-    worker_stale_after_seconds: float = Field(default=60.0, gt=0)
     #: Memory each pool process maps for voxel arrays when it starts, and keeps from one study to
     #: the next, so that loading a study needs no fresh pages (see :mod:`pacs_ai.analyze.volume_memory`):
     #: 256 MB holds a 512x512 CT of up to 500 slices.  It stays allocated while the process idles;
@@ -223,16 +194,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"retention_low_watermark_percent ({low}) needs a retention_high_watermark_percent "
                 f"at or above it (got {high})"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _heartbeats_come_before_staleness(self) -> Settings:
-        if self.worker_stale_after_seconds <= 2 * self.worker_heartbeat_seconds:
-            raise ValueError(
-                f"worker_stale_after_seconds ({self.worker_stale_after_seconds:g}) must be more than twice "
-                f"worker_heartbeat_seconds ({self.worker_heartbeat_seconds:g}), or live workers would be "
-                "declared lost"
             )
         return self
 
