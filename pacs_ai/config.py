@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.receive.retrieve import QueryRetrievePeer
+from pacs_ai.receive.security import KnownPeer, ListenerTls
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 
@@ -72,6 +73,26 @@ class Settings(BaseSettings):
     #: fsync files and directories before acknowledging; only tests of
     #: throwaway data may turn this off.
     fsync: bool = True
+
+    # DICOM listener security and limits (see the README's "Listener security and limits")
+    #: Senders the listener accepts; once any is named, every other caller is refused at association.
+    known_peers: list[KnownPeer] = Field(default_factory=list)
+    #: DICOM TLS (server certificate, optional client CA for mutual TLS, own port or the one port).
+    listener_tls: ListenerTls | None = None
+    #: Largest PDU the listener accepts (its Maximum Length Received); a longer one aborts.
+    maximum_pdu_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: Largest instance (data set) stored; a longer one is dropped while it streams, answered 0xA700.
+    maximum_instance_mb: int = Field(default=4096, ge=1)
+    #: Associations served at once by all listener processes together.
+    maximum_associations: int = Field(default=128, ge=1)
+    #: Associations one listener process serves at once from one peer address.
+    maximum_associations_per_address: int = Field(default=32, ge=1)
+    #: Connections one listener process lets negotiate at once (they hold no association slot).
+    maximum_negotiating_connections: int = Field(default=256, ge=1)
+    #: Seconds from connecting to the end of association negotiation, TLS handshake included.
+    association_negotiation_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Voxels a worker allocates for one volume at most (2**30: 4 GiB as float32).
+    maximum_volume_voxels: int = Field(default=2**30, ge=1)
 
     # Index database and broker
     #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.

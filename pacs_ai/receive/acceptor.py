@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -25,10 +24,14 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import VerificationPresentationContexts, negotiate_unrestricted
 
+from pacs_ai.receive.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacs_ai.receive.security import KnownPeer, check_known_peer
+
 #: The DICOM application context (PS3.7 A.2.1); the only one there is.
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -53,6 +56,8 @@ class AcceptorPolicy:
     allowed_calling_ae_titles: tuple[str, ...] = ()
     #: Largest P-DATA-TF PDU the listener accepts; 0 is unlimited (PS3.8 D.1).
     maximum_pdu_length: int = 0
+    #: Once any is named, only these callers are accepted (see :mod:`pacs_ai.receive.security`).
+    known_peers: tuple[KnownPeer, ...] = ()
 
 
 @dataclass
@@ -71,14 +76,23 @@ class Negotiation:
 
 
 def negotiate(
-    request_pdu: bytes, policy: AcceptorPolicy, *, over_limit: bool = False, low_disk: str | None = None
+    request_pdu: bytes,
+    policy: AcceptorPolicy,
+    *,
+    over_limit: bool | str = False,
+    low_disk: str | None = None,
+    peer_address: str | None = None,
+    certificate_subject: str | None = None,
 ) -> Negotiation:
     """Answer a whole A-ASSOCIATE-RQ PDU (header included).
 
-    ``over_limit`` rejects it (transient, local limit exceeded) because the
-    listener already serves as many associations as it may; ``low_disk``
-    (why, in words) rejects it the same way because the spool's disk is
-    nearly full: the sender keeps its data and tries again later.
+    A caller that is not one of ``policy.known_peers`` (when any are named),
+    judged by its AE title, ``peer_address`` and TLS ``certificate_subject``,
+    is rejected permanently.  ``over_limit`` (True, or why in words) rejects
+    it (transient, local limit exceeded) because the listener already serves
+    as many associations as it may; ``low_disk`` (why, in words) rejects it
+    the same way because the spool's disk is nearly full: the sender keeps
+    its data and tries again later.
     """
     pdu = A_ASSOCIATE_RQ()
     try:
@@ -98,8 +112,10 @@ def negotiate(
         rejection = REJECT_CALLED_AE, f"called AE title {called!r} is not {policy.ae_title!r}"
     elif policy.allowed_calling_ae_titles and calling not in policy.allowed_calling_ae_titles:
         rejection = REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed"
+    elif refusal := check_known_peer(policy.known_peers, calling, peer_address, certificate_subject):
+        rejection = (REJECT_CALLING_AE if refusal.unknown_ae else REJECT_NO_REASON), refusal.reason
     elif over_limit:
-        rejection = REJECT_LOCAL_LIMIT, "too many associations"
+        rejection = REJECT_LOCAL_LIMIT, over_limit if isinstance(over_limit, str) else "too many associations"
     elif low_disk:
         rejection = REJECT_LOCAL_LIMIT, low_disk
     if rejection is not None:
@@ -162,9 +178,9 @@ def _maximum_length(length: int) -> MaximumLengthNotification:
 
 def _implementation_items() -> list[object]:
     uid = ImplementationClassUIDNotification()
-    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     return [uid, version]
 
 

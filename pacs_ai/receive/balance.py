@@ -59,6 +59,10 @@ class ListenerLoad:
         """Associations this process is serving now."""
         return int(self._counts[self.index])
 
+    def total(self) -> int:
+        """Associations all listener processes are serving now."""
+        return int(sum(self._counts))
+
     def is_least_busy(self) -> bool:
         """True if no other listener process serves fewer associations than this one."""
         mine = self._counts[self.index]

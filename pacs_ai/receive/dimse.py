@@ -89,7 +89,9 @@ def _element(tag: int, value: bytes) -> bytes:
 
 
 def _uid_value(uid: str) -> bytes:
-    value = uid.encode("ascii")
+    # A request's UID may be anything a sender wrote (non-ASCII, 65,536 bytes): the response
+    # echoes it as the 64 ASCII characters a UI value can hold, never failing to encode.
+    value = uid.encode("ascii", "replace")[:64]
     return value + b"\x00" if len(value) % 2 else value
 
 

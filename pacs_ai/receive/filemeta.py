@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pacs_ai.receive.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -39,8 +39,8 @@ def _short_string(value: str) -> bytes:
 
 #: Elements that are the same in every file: version 00\01, implementation class UID and version name.
 _VERSION = _LONG_ELEMENT.pack(0x0002, 0x0001, b"OB", 2) + b"\x00\x01"
-_IMPLEMENTATION = _short(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)) + _short(
-    0x0013, b"SH", _short_string(PYNETDICOM_IMPLEMENTATION_VERSION)
+_IMPLEMENTATION = _short(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)) + _short(
+    0x0013, b"SH", _short_string(IMPLEMENTATION_VERSION_NAME)
 )
 
 

@@ -278,7 +278,11 @@ def read_header(
         # Never truncated: a UID longer than 64 characters is refused, not shortened into another UID.
         uids = {keyword: _uid(ds, keyword) for keyword in _REQUIRED_UIDS}
     except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError, EOFError) as exc:
-        raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc
+        raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"[:200]) from exc
+    except Exception as exc:  # whatever else a decoder raises on hostile input: zlib.error, RecursionError
+        raise InstanceRejected(
+            STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}"[:200]
+        ) from exc
 
     for keyword, value in uids.items():
         if not value:

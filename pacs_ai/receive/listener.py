@@ -22,6 +22,7 @@ from pacs_ai.config import Settings
 from pacs_ai.process import SignalledStop, StopRequest, start_child_of_serve
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.balance import ListenerLoad
+from pacs_ai.receive.security import open_listener_warning, server_tls_context
 from pacs_ai.receive.server import AssociationServer, ServerOptions
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.sockets import bind_listening_socket
@@ -50,12 +51,48 @@ def open_listening_socket(host: str, port: int, backlog: int = 128) -> socket.so
 
 
 def acceptor_policy(settings: Settings) -> AcceptorPolicy:
-    """Who may associate: the called AE title must be ours, the calling one allowed (if restricted)."""
+    """Who may associate: the called AE title must be ours, the calling one a known peer (if named)."""
     return AcceptorPolicy(
         ae_title=settings.ae_title,
         allowed_calling_ae_titles=tuple(settings.allowed_calling_ae_titles),
-        maximum_pdu_length=0,  # no limit: fewer, larger PDUs; data is streamed to disk anyway
+        maximum_pdu_length=settings.maximum_pdu_bytes,
+        known_peers=tuple(settings.known_peers),
     )
+
+
+def server_options(settings: Settings) -> ServerOptions:
+    """The listener's limits and timers, from the settings."""
+    return ServerOptions(
+        acse_timeout=settings.association_negotiation_timeout_seconds,
+        idle_timeout=settings.association_idle_timeout_seconds,
+        maximum_associations=settings.maximum_associations,
+        maximum_associations_per_address=settings.maximum_associations_per_address,
+        maximum_negotiating=settings.maximum_negotiating_connections,
+        maximum_instance_bytes=settings.maximum_instance_mb * 1024 * 1024,
+    )
+
+
+def open_tls_socket(settings: Settings) -> socket.socket | None:
+    """The DICOM TLS port's own listening socket, when it is set apart from the plain port.
+
+    Every listener process binds it with SO_REUSEPORT (the kernel spreads TLS
+    connections over them); None when TLS is off or shares ``listen_port``.
+    """
+    tls = settings.listener_tls
+    if tls is None or tls.port is None or tls.port == settings.listen_port:
+        return None
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        listening.bind((settings.listen_host, tls.port))
+    except OSError as exc:
+        listening.close()
+        raise OSError(f"cannot listen for DICOM TLS on {settings.listen_host}:{tls.port}: {exc}") from exc
+    listening.listen(128)
+    listening.setblocking(False)
+    return listening
 
 
 def serve(
@@ -75,23 +112,47 @@ def serve(
     if stop is None:  # running as a process of its own: stop on SIGTERM/SIGINT
         stop = SignalledStop()
 
-    idle = settings.association_idle_timeout_seconds
-    options = ServerOptions(acse_timeout=min(idle, ServerOptions.acse_timeout), idle_timeout=idle)
+    tls_context = server_tls_context(settings.listener_tls) if settings.listener_tls else None
+    tls_socket = open_tls_socket(settings)
     server = AssociationServer(
-        StoreHandler(settings), acceptor_policy(settings), listening_socket, options, load
+        StoreHandler(settings),
+        acceptor_policy(settings),
+        listening_socket,
+        server_options(settings),
+        load,
+        tls_context=tls_context,
+        tls_socket=tls_socket,
     )
+    warning = open_listener_warning(settings.listen_host, settings.known_peers)
+    if warning:
+        log.warning("SECURITY: %s", warning)
     log.info(
-        "DICOM listener pid %d: AE %s on %s:%d, spool %s",
+        "DICOM listener pid %d: AE %s on %s:%d%s, spool %s",
         os.getpid(),
         settings.ae_title,
         settings.listen_host,
         settings.listen_port,
+        _tls_description(settings),
         settings.spool_dir,
     )
     # Stop accepting when asked, then give associations in progress a moment to
     # finish: what they have not had acknowledged, their senders will send again.
-    server.serve(stop, SHUTDOWN_GRACE_SECONDS)
+    try:
+        server.serve(stop, SHUTDOWN_GRACE_SECONDS)
+    finally:
+        if tls_socket is not None:
+            tls_socket.close()
     log.info("DICOM listener pid %d stopped", os.getpid())
+
+
+def _tls_description(settings: Settings) -> str:
+    tls = settings.listener_tls
+    if tls is None:
+        return ""
+    mutual = ", client certificates required" if tls.ca_file else ""
+    if tls.port is None or tls.port == settings.listen_port:
+        return f" (TLS only{mutual})"
+    return f" and TLS on {tls.port}{mutual}"
 
 
 def main(argv: list[str] | None = None) -> None:

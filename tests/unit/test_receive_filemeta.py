@@ -11,6 +11,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom.dsutils import create_file_meta
 
 from pacs_ai.receive.filemeta import encode_file_meta
+from pacs_ai.receive.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 
 def _pydicom_encoding(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -22,6 +23,8 @@ def _pydicom_encoding(sop_class: str, sop_instance: str, transfer_syntax: str) -
             sop_class_uid=sop_class,  # type: ignore[arg-type]
             sop_instance_uid=sop_instance,  # type: ignore[arg-type]
             transfer_syntax=transfer_syntax,  # type: ignore[arg-type]
+            implementation_uid=IMPLEMENTATION_CLASS_UID,  # type: ignore[arg-type]
+            implementation_version=IMPLEMENTATION_VERSION_NAME,
         ),
     )
     return out.getvalue()
