@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
+from pacs_ai.analyze.volume import VoxelLimit
 from pacs_ai.analyze.volume_memory import process_volume_memory
 from pacs_ai.analyze.warmup import warm_up
 from pacs_ai.config import Settings
@@ -135,6 +136,7 @@ def _warm_up_pool_process(**_kwargs: Any) -> None:
         warm_up()
         app.open_index()
         process_volume_memory().reserve(app.settings.volume_memory_reserve_mb * 2**20)
+        VoxelLimit.set(app.settings.maximum_volume_voxels)
 
 
 def create_app(settings: Settings) -> PacsAiCelery:

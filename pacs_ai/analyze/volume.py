@@ -68,6 +68,24 @@ _PIXEL_DATA_TAG = 0x7FE00010
 #: Uncompressed little-endian transfer syntaxes whose Pixel Data :func:`native_pixels` reads directly.
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _INT16 = np.iinfo(np.int16)
+#: Most a compressed slice may decode to, as a multiple of its file's size (lossless CT is about
+#: 2-3x, lossy JPEG about 10-50x, a blank RLE image at most 64x); beyond it, the header's Rows
+#: and Columns are not believed.
+MAX_EXPANSION = 256
+
+
+class VoxelLimit:
+    """The most voxels one volume may have in this process (``maximum_volume_voxels``).
+
+    A worker process sets it once from its settings (:meth:`set`); the check
+    is made against the bytes actually received, before anything is allocated.
+    """
+
+    voxels: int = 2**30
+
+    @classmethod
+    def set(cls, voxels: int) -> None:
+        cls.voxels = voxels
 
 
 @dataclass
@@ -303,6 +321,44 @@ def check_geometry(
             f"{geometry.max_spacing_deviation:.1%} > {max_spacing_deviation:.1%}); missing slices or mixed "
             "reconstructions are not resampled"
         )
+
+
+def _check_received_pixels(
+    headers: Sequence[Dataset], paths: Sequence[Path], rows: int, columns: int
+) -> None:
+    """Refuse a volume too large to allocate, or whose files hold other amounts of pixels than declared.
+
+    Rows and Columns come from the sender: 24 small files declaring 4096x4096
+    would otherwise have the worker allocate 800 MB.  Uncompressed Pixel Data
+    must be exactly what Rows x Columns x Bits Allocated declare (a longer
+    value is not silently cut, a shorter one not padded); compressed Pixel Data
+    may decode to at most :data:`MAX_EXPANSION` times its file's size.
+    """
+    voxels = len(headers) * rows * columns
+    if voxels > VoxelLimit.voxels:
+        raise AnalysisRefused(
+            f"{len(headers)} slices of {rows}x{columns} are {voxels} voxels, more than "
+            f"maximum_volume_voxels={VoxelLimit.voxels}"
+        )
+    for header, path in zip(headers, paths, strict=True):
+        element = header.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+        if element is None:
+            raise AnalysisRefused(f"{path.name} has no Pixel Data")
+        length = element.length if isinstance(element, RawDataElement) else len(element.value or b"")
+        allocated = int(header.get("BitsAllocated") or 0)
+        syntax = getattr(getattr(header, "file_meta", None), "get", lambda _: None)("TransferSyntaxUID")
+        if syntax in _NATIVE_LITTLE_ENDIAN and allocated in (8, 16, 32):
+            needed = rows * columns * allocated // 8
+            if length not in (needed, needed + 1):  # an odd length is padded to even
+                raise AnalysisRefused(
+                    f"pixel data of {path.name} is {length} bytes; its Rows, Columns and Bits Allocated "
+                    f"declare {needed}"
+                )
+        elif rows * columns * max(allocated, 8) // 8 > MAX_EXPANSION * path.stat().st_size:
+            raise AnalysisRefused(
+                f"{path.name} ({path.stat().st_size} bytes) declares {rows}x{columns} pixels, more than "
+                f"{MAX_EXPANSION} times its size; its header is not believed"
+            )
 
 
 def _check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> tuple[int, int]:
@@ -605,6 +661,7 @@ def load_series(
 
     headers = [headers[i] for i in geometry.order]
     paths = [paths[i] for i in geometry.order]
+    _check_received_pixels(headers, paths, rows, columns)
     integral = all(_rescale_is_integral(h) for h in headers)
     voxels = empty_volume((len(paths), rows, columns), np.int16 if integral else np.float32)
     slice_buffer = bytearray(rows * columns * 4)  # the widest native sample: 32 bits
