@@ -51,6 +51,10 @@ class EmbeddedRedis:
         return f"redis+socket://{self.socket_path}"
 
     @property
+    def process_id(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
     def pidfile(self) -> Path:
         return self.directory / "redis.pid"
 
@@ -120,6 +124,21 @@ class EmbeddedRedis:
             self.socket_path,
             self.directory,
         )
+
+    def exit_status(self) -> int | None:
+        """None while the server runs; its exit status once it has died (killed, crashed)."""
+        return None if self.process is None else self.process.poll()
+
+    def restart(self) -> None:
+        """Start the server again after it died, on the same socket and append-only file.
+
+        Messages written to the AOF before it died are there again (at most
+        the last second's are lost with ``appendfsync everysec``; the index
+        re-enqueues what the broker lost).  Celery's workers and producers
+        reconnect by themselves.
+        """
+        self.stop()
+        self.start()
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

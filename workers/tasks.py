@@ -14,9 +14,11 @@ from sqlalchemy.exc import DBAPIError
 
 from pacs_ai.analyze.run import JobNotRunnable, run_job
 from pacs_ai.dispatch.delivery import attempt_delivery
+from pacs_ai.dispatch.webhook import post_webhook, webhook_key
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Job, JobState, Study, utcnow
+from pacs_ai.redact import redact_text, redact_url
 from pacs_ai.report.pipeline import ReportPipeline
 
 log = logging.getLogger(__name__)
@@ -144,16 +146,25 @@ def deliver_results(self: Task, delivery_ids: list[int]) -> None:
 NOTIFY_MAX_RETRIES = 5
 
 
+class WebhookFailed(Exception):
+    """A webhook call failed and is retried; the message names the URL without its query values."""
+
+
 @shared_task(name=NOTIFY_TASK, bind=True, acks_late=True, max_retries=NOTIFY_MAX_RETRIES)
 def notify(self: Task, url: str, payload: dict[str, Any]) -> None:
-    """POST a routing decision (identifiers only) to a webhook; retried with backoff, outcome audited."""
+    """POST a routing decision (identifiers only) to a webhook, signed; retried with backoff, outcome audited.
+
+    The signature is :mod:`pacs_ai.dispatch.webhook`'s; the audit record and
+    the log show the URL without its query values (a token there stays secret).
+    """
     detail: dict[str, Any]
     try:
-        response = requests.post(url, json=payload, timeout=10)
-        response.raise_for_status()
+        response = post_webhook(url, payload, webhook_key(self.app.settings))
     except requests.RequestException as exc:
         if self.request.retries < NOTIFY_MAX_RETRIES:
-            raise self.retry(exc=exc, countdown=2 * 2**self.request.retries) from exc
+            # Celery logs the retry's exception: the URL in its text goes without its query values.
+            failure = WebhookFailed(f"webhook {redact_url(url)} failed: {redact_text(str(exc))}")
+            raise self.retry(exc=failure, countdown=2 * 2**self.request.retries) from None
         outcome, detail = "notify.failed", {"url": url, "error": str(exc)}
     else:
         outcome, detail = "notify.sent", {"url": url, "status": response.status_code}

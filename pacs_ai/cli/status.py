@@ -37,6 +37,8 @@ from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, Instance, Job, Series, Study
 from pacs_ai.index.purge import spool_disk_usage
 from pacs_ai.index.retention import DiskUsage
+from pacs_ai.receive.health import listener_capacity_problems
+from pacs_ai.receive.security import open_listener_warning
 from pacs_ai.receive.server import low_disk_reason
 
 MIB = 1024 * 1024
@@ -92,6 +94,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     listener_running = bool(service) and bool(listener_pids) and not dead
     if service and not listener_running:
         problems.append(f"listener process(es) not running: {dead or 'none started'}")
+    problems.extend(listener_capacity_problems(settings, listener_pids if listener_running else []))
     listener = {
         "running": listener_running,
         "pids": listener_pids,
@@ -99,6 +102,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "listen": service.get("listen") if service else f"{settings.listen_host}:{settings.listen_port}",
         "accepting": listener_running and refusing is None,
         "refusing_reason": refusing,
+        "open_to_anyone": open_listener_warning(settings.listen_host, settings.known_peers),
     }
 
     ready_dir = settings.data_dir / "run" / "worker-ready"
@@ -213,6 +217,8 @@ def _print_text(report: dict[str, Any]) -> None:
         console.print(f"listener: AE {listener['ae_title']} on {listener['listen']}, {accepting}")
     else:
         console.print(f"listener: not running (AE {listener['ae_title']} on {listener['listen']})")
+    if listener.get("open_to_anyone"):
+        console.print(f"[bold red]WARNING[/bold red]: {listener['open_to_anyone']}")
     workers = report["workers"]
     console.print(f"workers: {len(workers['ready'])}/{len(workers['expected'])} ready {workers['ready']}")
     broker = report["broker"]

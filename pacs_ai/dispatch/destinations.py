@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, model_validator
 
 
 class RetryPolicy(BaseModel):
@@ -73,9 +73,9 @@ class DicomWebDestination(RetryPolicy):
     #: The DICOMweb service root, e.g. ``https://pacs.example.org/dicom-web``.
     url: str = Field(pattern=r"^https?://")
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None
     #: Sent as ``Authorization: Bearer ...``; not combined with username/password.
-    bearer_token: str | None = None
+    bearer_token: SecretStr | None = None
     #: CA bundle for an https URL; None uses the system's trust store.
     ca_file: Path | None = None
 

@@ -20,9 +20,9 @@ def http_session(destination: DicomWebDestination) -> requests.Session:
     """A requests session with the destination's credentials and CA bundle."""
     session = requests.Session()
     if destination.username is not None and destination.password is not None:
-        session.auth = (destination.username, destination.password)
+        session.auth = (destination.username, destination.password.get_secret_value())
     if destination.bearer_token:
-        session.headers["Authorization"] = f"Bearer {destination.bearer_token}"
+        session.headers["Authorization"] = f"Bearer {destination.bearer_token.get_secret_value()}"
     if destination.ca_file is not None:
         session.verify = str(destination.ca_file)
     return session

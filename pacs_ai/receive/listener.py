@@ -22,6 +22,7 @@ from pacs_ai.config import Settings
 from pacs_ai.process import SignalledStop, StopRequest, start_child_of_serve
 from pacs_ai.receive.acceptor import AcceptorPolicy
 from pacs_ai.receive.balance import ListenerLoad
+from pacs_ai.receive.health import listener_state_file
 from pacs_ai.receive.security import open_listener_warning, server_tls_context
 from pacs_ai.receive.server import AssociationServer, ServerOptions
 from pacs_ai.receive.store import StoreHandler
@@ -63,6 +64,7 @@ def acceptor_policy(settings: Settings) -> AcceptorPolicy:
 def server_options(settings: Settings) -> ServerOptions:
     """The listener's limits and timers, from the settings."""
     return ServerOptions(
+        state_file=listener_state_file(settings, os.getpid()),
         acse_timeout=settings.association_negotiation_timeout_seconds,
         idle_timeout=settings.association_idle_timeout_seconds,
         maximum_associations=settings.maximum_associations,

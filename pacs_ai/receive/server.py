@@ -53,6 +53,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
@@ -88,6 +89,7 @@ from pacs_ai.receive.headers import (
     ReceivedBytes,
     is_valid_uid,
 )
+from pacs_ai.receive.health import PUBLISH_SECONDS, publish_listener_state
 from pacs_ai.receive.security import certificate_subject
 from pacs_ai.receive.spool import Spool
 from pacs_ai.receive.store import StoreHandler
@@ -142,6 +144,8 @@ class ServerOptions:
     maximum_accept_deferral: float = MAXIMUM_DEFERRAL
     #: How often, in seconds, the accepting thread looks whether the listener is stopping.
     stop_poll_interval: float = 0.2
+    #: Where this process publishes its counts for ``pacs-ai status`` (None: nowhere).
+    state_file: Path | None = None
 
 
 class _AbortAssociation(Exception):
@@ -301,7 +305,11 @@ class AssociationServer:
         for listening, context in self.listening:
             waiting.register(listening, select.POLLIN)
             by_descriptor[listening.fileno()] = (listening, context)
+        published = 0.0
         while not stop.is_set():
+            if self.options.state_file is not None and time.monotonic() - published >= PUBLISH_SECONDS:
+                published = time.monotonic()
+                self.publish_state(self.options.state_file)
             ready = waiting.poll(self.options.stop_poll_interval * 1000)
             if not ready:
                 continue  # nothing to accept yet: look again whether to stop
@@ -318,6 +326,15 @@ class AssociationServer:
                     continue
                 self._start_connection(connection, address, context)
         self._finish(shutdown_grace)
+
+    def publish_state(self, path: Path) -> None:
+        """Write this process's counts for ``pacs-ai status`` (see :mod:`pacs_ai.receive.health`)."""
+        with self._connections_lock:
+            state = {
+                "associations": sum(self._associations_by_address.values()),
+                "negotiating": self._negotiating,
+            }
+        publish_listener_state(path, state)
 
     def _finish(self, shutdown_grace: float) -> None:
         deadline = time.monotonic() + shutdown_grace

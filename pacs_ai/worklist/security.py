@@ -15,13 +15,13 @@ preflight (``application/json``), which this app never grants.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from starlette.requests import Request
 
 from pacs_ai.index.reports import Role, User
+from pacs_ai.keyfile import load_or_create_key
 
 __all__ = [
     "CSRF_FIELD",
@@ -49,17 +49,7 @@ class Forbidden(Exception):
 
 def load_secret_key(data_dir: Path) -> str:
     """The session signing key kept in ``data_dir``; created (random, 0600) on first use."""
-    path = data_dir / _SECRET_FILE
-    if path.is_file():
-        key = path.read_text(encoding="ascii").strip()
-        if len(key) >= 32:
-            return key
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(key + "\n")
-    return key
+    return load_or_create_key(data_dir / _SECRET_FILE)
 
 
 def csrf_token(request: Request) -> str:
