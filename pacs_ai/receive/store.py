@@ -12,12 +12,15 @@ blocks on fsync and on the index while the other associations' threads go on.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
@@ -35,7 +38,7 @@ from pacs_ai.index.ingest import (
     record_duplicate,
     record_new_instance,
 )
-from pacs_ai.index.models import Instance
+from pacs_ai.index.models import Instance, Series, Study
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -218,6 +221,13 @@ class StoreHandler:
         except UnsafeIdentifier as exc:
             raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
 
+        if self.series_ids.get(header.series_instance_uid) is None:
+            # The first instance of a series this process has not seen: checked before its series
+            # row is created, so a UID held in another study leaves no empty series behind.
+            with self.gate.begin() as connection:
+                elsewhere = held_elsewhere(connection, header)
+            if elsewhere is not None:
+                raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, elsewhere)
         if self.spool.place_new(temp_path, final_path):
             try:
                 self._index_new(header, final_path, sender)
@@ -256,11 +266,11 @@ class StoreHandler:
                             # retention), which is why this copy's name was free: it takes its place.
                             _record_restored(connection, existing[0], header, final_path, size, sender)
                             return
-                        # Indexed meanwhile by another association: this copy is a duplicate.
-                        record_duplicate(
-                            connection, existing[0], header, replaced=False, size=size, sender=sender
-                        )
-                        return
+                        # The SOP Instance UID is filed under another series or study: refused, and
+                        # this copy's file removed by the caller, so nothing is left unindexed.
+                        raise InstanceRejected(
+                            STATUS_CANNOT_UNDERSTAND, held_elsewhere(connection, header) or "held elsewhere"
+                        ) from None
                 # Not a duplicate: the remembered series row is gone (purged); look it up again.
                 self.series_ids.forget(header.series_instance_uid)
                 if attempt:
@@ -270,6 +280,9 @@ class StoreHandler:
         self, header: InstanceHeader, temp_path: Path, final_path: Path, sender: Sender
     ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
+        # The first copy's association holds a lock on its file until it is indexed (or its name
+        # taken back): waiting for it makes keep-first hold when two copies arrive at once.
+        wait_for_first_copy(final_path)
         with self.gate.begin() as connection:
             existing = find_instance(connection, header.sop_instance_uid)
             if existing is not None:
@@ -311,6 +324,53 @@ class StoreHandler:
                 )
         except Exception:  # the refusal itself must still reach the sender
             log.exception("could not record the refusal of %s", sop_instance)
+
+
+def held_elsewhere(connection: Connection, header: InstanceHeader) -> str | None:
+    """Why ``header``'s SOP Instance UID cannot be filed: it is indexed under another series; or None."""
+    row = connection.execute(
+        select(Series.series_instance_uid, Study.study_instance_uid)
+        .join(Instance, Instance.series_fk == Series.id)
+        .join(Study, Study.id == Series.study_fk)
+        .where(Instance.sop_instance_uid == header.sop_instance_uid)
+    ).first()
+    if row is None or row.series_instance_uid == header.series_instance_uid:
+        return None
+    return (
+        f"SOP Instance UID {header.sop_instance_uid} is already held in series {row.series_instance_uid} "
+        f"of study {row.study_instance_uid}; a UID names one instance only"
+    )
+
+
+#: Longest a second copy of an instance waits for the first copy's store to finish, in seconds.
+FIRST_COPY_WAIT_SECONDS = 30.0
+
+
+def wait_for_first_copy(final_path: Path) -> None:
+    """Wait until no association holds the lock on the file at ``final_path``.
+
+    The listener locks each incoming file (``flock``) from its creation until
+    it is stored or refused; a second copy finding the name taken waits here,
+    so it never mistakes a copy being indexed for a leftover of a crash.
+    """
+    deadline = time.monotonic() + FIRST_COPY_WAIT_SECONDS
+    try:
+        descriptor = os.open(final_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InstanceRejected(
+                        STATUS_OUT_OF_RESOURCES, "another copy of this instance is still being stored"
+                    ) from None
+                time.sleep(0.01)
+    finally:
+        os.close(descriptor)
 
 
 def _record_restored(

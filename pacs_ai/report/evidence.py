@@ -154,6 +154,8 @@ class Evidence:
     prior_report: str | None = None
     #: Where the evidence came from: "analyzers" or "findings text".
     source: str = "analyzers"
+    #: The findings section itself when the evidence was read from one (the guardrails compare with it).
+    text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, stored with a draft so a reader can see what it was checked against."""

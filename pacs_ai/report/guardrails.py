@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
+from pacs_ai.report.consistency import check_against_findings
 from pacs_ai.report.evidence import Evidence
 from pacs_ai.report.quantitative import is_laa950, laa950_band
 from pacs_ai.report.text import (
@@ -40,36 +40,10 @@ from pacs_ai.report.text import (
     find_mentions,
     find_numbers,
 )
+from pacs_ai.report.violations import GuardrailResult, Violation
 from pacs_ai.report.vocabulary import CHEST_TERMS, term_for_name, term_patterns
 
-Check = Literal["format", "numbers", "laterality", "negation", "unsupported"]
-
-
-@dataclass(frozen=True)
-class Violation:
-    check: Check
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.check}: {self.message}"
-
-
-@dataclass(frozen=True)
-class GuardrailResult:
-    violations: tuple[Violation, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return not self.violations
-
-    @property
-    def reason(self) -> str | None:
-        """All violations in one line, or None when the draft passed."""
-        return "; ".join(str(v) for v in self.violations) or None
-
-    def checks_failed(self) -> set[str]:
-        return {v.check for v in self.violations}
-
+__all__ = ["GuardrailResult", "Violation", "check_draft", "check_text"]
 
 @dataclass(frozen=True)
 class Reference:
@@ -291,7 +265,16 @@ def check_unsupported(text: str, evidence: Evidence) -> list[Violation]:
 
 
 def check_text(text: str, evidence: Evidence) -> GuardrailResult:
-    """All content checks on one text (numbers, laterality, negation, unsupported findings)."""
+    """All content checks on one text against the evidence.
+
+    Evidence read from a findings section (:attr:`Evidence.text`) is compared
+    claim by claim (:func:`pacs_ai.report.consistency.check_against_findings`:
+    presence and negation, laterality, location, severity, certainty, time,
+    numbers); analyzer evidence by its values and findings (numbers,
+    laterality, negation, unsupported findings).
+    """
+    if evidence.text is not None:
+        return GuardrailResult(tuple(check_against_findings(text, evidence.text)))
     violations = (
         check_numbers(text, evidence)
         + check_laterality(text, evidence)

@@ -33,7 +33,7 @@ import yaml
 
 #: The package file the vocabulary is read from.
 VOCABULARY_FILE = "radiology_vocabulary.yaml"
-#: The summary concept a negated "no acute ..." statement stands for; every ``acute: true`` concept is under it.
+#: What a negated "no acute ..." statement stands for; every ``acute: true`` concept is under it.
 ACUTE_SUMMARY = "acute cardiopulmonary abnormality"
 #: The broadest summary concept ("normal chest", "no abnormality").
 ABNORMALITY = "abnormality"
@@ -66,7 +66,7 @@ class Vocabulary:
     phrases: dict[str, str] = field(default_factory=dict)
 
     def ancestors(self, name: str) -> frozenset[str]:
-        """Every concept above ``name`` (parents, their parents, ...); acute concepts are under the acute summary."""
+        """Every concept above ``name`` (parents, theirs, ...); acute concepts are under the acute summary."""
         return _ancestors(self, name)
 
     def descendants(self, name: str) -> frozenset[str]:

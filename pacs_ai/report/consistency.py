@@ -1,0 +1,322 @@
+"""Comparing a draft with the report text it must stay within (findings -> impression).
+
+Both texts are read into claims (:func:`pacs_ai.report.clinical_nlp.read_text`);
+each claim of the draft must be supported by the evidence, which a careful
+radiologist would check the same way:
+
+* **presence and negation**: a concept the draft asserts must be asserted by
+  the evidence, as itself or as a more specific concept (the draft may say
+  "airspace opacity" for "consolidation", never "consolidation" for
+  "opacity"); one the draft rules out must not be present in the evidence on
+  that side, and must be ruled out there (itself or a broader concept: "the
+  lungs are clear" rules out consolidation).  Umbrella statements ("no acute
+  cardiopulmonary abnormality") may be negated unless the evidence has one of
+  their concepts present and not stable or chronic;
+* **diagnoses**: a diagnosis the vocabulary lets follow from a finding
+  (pneumonia from consolidation or airspace opacity) is accepted only hedged
+  ("may represent pneumonia") and on the finding's side;
+* **laterality**: a side (left, right, bilateral) must be a side the evidence
+  gives that concept; a bilateral finding must not become one-sided;
+* **location**: a lung zone (upper, middle, lower; lobes, bases, apices) must be
+  one the evidence gives;
+* **severity**: a size or severity word must match the evidence's (trace and
+  small are one step apart and both fine; small -> moderate or large is not);
+* **certainty**: a definite statement needs a definite one in the evidence
+  (possible -> definite is not allowed; the reverse is);
+* **time**: new, worse, better, stable, chronic and acute must be what the
+  evidence says (stable and chronic are compatible);
+* **numbers**: a value with a unit must be one of the evidence's values at the
+  printed precision, bound to the same concept (or a related one) and side.
+
+What the draft states and the evidence does not is reported as unsupported:
+an impression adds nothing the findings lack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pacs_ai.report.clinical_nlp import Claim, TextReading, read_text
+from pacs_ai.report.text import DISPLAY_UNITS, NumberMention
+from pacs_ai.report.violations import Violation
+from pacs_ai.report.vocabulary import ABNORMALITY, ACUTE_SUMMARY, Vocabulary, vocabulary
+
+#: Severity levels that may stand for each other (trace ~ small).
+SEVERITY_NEIGHBOURS = {1: {1, 2}, 2: {1, 2}, 3: {3}, 4: {4}}
+#: Time words that may stand for each other.
+TIME_COMPATIBLE = {
+    "new": {"new", "acute"},
+    "acute": {"acute", "new"},
+    "worse": {"worse"},
+    "better": {"better"},
+    "stable": {"stable", "chronic"},
+    "chronic": {"chronic", "stable"},
+}
+#: Time words that make an evidence finding not acute for "no acute ..." statements.
+NOT_ACUTE_TIMES = frozenset({"stable", "chronic", "better"})
+
+
+def _where(claim: Claim) -> str:
+    return repr(claim.sentence)
+
+
+def _describe(claims: Iterable[Claim]) -> str:
+    parts = []
+    for claim in claims:
+        words = [claim.text]
+        if claim.sides:
+            words.insert(0, "/".join(sorted(claim.sides)))
+        parts.append(" ".join(words) + (" (hedged)" if claim.uncertain else ""))
+    return "; ".join(dict.fromkeys(parts)) or "nothing"
+
+
+def _sides_compatible(draft: Claim, support: list[Claim]) -> bool:
+    stated = {side for claim in support for side in claim.sides}
+    if not draft.sides:
+        return True
+    if "both" in draft.sides:
+        return "both" in stated or {"left", "right"} <= stated
+    # One side: the evidence must have it on that side, and not only as a bilateral finding.
+    return bool(draft.sides <= stated)
+
+
+def _numbers_match(number: NumberMention, reference: NumberMention) -> bool:
+    slack = 1e-9 * max(1.0, abs(number.value))
+    tolerance = max(number.tolerance, reference.tolerance)
+    return number.unit == reference.unit and abs(number.value - reference.value) <= tolerance + slack
+
+
+def _fmt(number: NumberMention) -> str:
+    return (
+        f"{number.text}"
+        if number.unit is None
+        else f"{number.text} ({DISPLAY_UNITS.get(number.unit, number.unit)})"
+    )
+
+
+class Comparison:
+    """The evidence's claims, indexed for checking the claims of drafts against them."""
+
+    def __init__(self, evidence: TextReading, vocab: Vocabulary | None = None) -> None:
+        self.vocab = vocab or vocabulary()
+        self.evidence = evidence
+        self.asserted = [c for c in evidence.claims if c.asserted]
+        self.negated = [c for c in evidence.claims if not c.present and not c.hypothetical]
+
+    # -- what the evidence says about a concept -----------------------------------------------------------
+    def _summary(self, name: str) -> bool:
+        concept = self.vocab.concepts.get(name)
+        return bool(concept and concept.summary)
+
+    def _below(self, concept: str) -> frozenset[str]:
+        return self.vocab.descendants(concept) | {concept}
+
+    def support(self, draft: Claim) -> tuple[list[Claim], bool]:
+        """Evidence asserting the draft's concept or a narrower one; True when only via a diagnosis rule."""
+        below = self._below(draft.concept)
+        direct = [c for c in self.asserted if c.concept in below]
+        if direct:
+            return direct, False
+        concept = self.vocab.concepts.get(draft.concept)
+        sources: set[str] = set()
+        for source in concept.may_follow_from if concept else ():
+            sources |= self._below(source)
+        return [c for c in self.asserted if c.concept in sources], True
+
+    def ruled_out(self, draft: Claim) -> list[Claim]:
+        """Evidence claims ruling out the draft's concept or a broader one, on the draft's side."""
+        above = self.vocab.ancestors(draft.concept) | {draft.concept}
+        return [
+            c
+            for c in self.negated
+            if c.concept in above and (not c.side_set or not draft.side_set or draft.side_set <= c.side_set)
+        ]
+
+    def conflicting(self, draft: Claim) -> list[Claim]:
+        """Evidence asserting (even hedged) what a draft rules out, or something narrower, on its side."""
+        below = self._below(draft.concept)
+        if draft.concept == ACUTE_SUMMARY or self._summary(draft.concept):
+            found = [c for c in self.asserted if c.concept in below and not (c.time & NOT_ACUTE_TIMES)]
+            if draft.concept == ABNORMALITY:
+                found = [c for c in found if (self.vocab.concepts[c.concept].kind != "device")]
+            return found
+        return [
+            c
+            for c in self.asserted
+            if c.concept in below and (not draft.side_set or not c.side_set or draft.side_set & c.side_set)
+        ]
+
+    # -- the checks ---------------------------------------------------------------------------------------
+    def check_claim(self, draft: Claim) -> list[Violation]:
+        if draft.hypothetical or draft.historical:
+            return []
+        if not draft.present:
+            return self._check_negated(draft)
+        return self._check_asserted(draft)
+
+    def _check_negated(self, draft: Claim) -> list[Violation]:
+        conflict = self.conflicting(draft)
+        if conflict:
+            return [
+                Violation(
+                    "negation",
+                    f"{_where(draft)} rules out {draft.concept}; the findings have {_describe(conflict)}",
+                )
+            ]
+        if self._summary(draft.concept) or self.ruled_out(draft):
+            return []
+        return [
+            Violation(
+                "unsupported", f"{_where(draft)} rules out {draft.concept}, which the findings do not mention"
+            )
+        ]
+
+    def _check_asserted(self, draft: Claim) -> list[Violation]:
+        support, by_rule = self.support(draft)
+        if self._summary(draft.concept) and not support:
+            # "Abnormal chest" with nothing abnormal in the findings.
+            return [
+                Violation("unsupported", f"{_where(draft)} states {draft.concept}; the findings have none")
+            ]
+        if not support:
+            against = self.ruled_out(draft)
+            if against:
+                return [
+                    Violation(
+                        "negation",
+                        f"{_where(draft)} asserts {draft.concept}; the findings rule it out "
+                        f"({'; '.join(dict.fromkeys(c.sentence for c in against))!r})",
+                    )
+                ]
+            return [
+                Violation(
+                    "unsupported", f"{_where(draft)} asserts {draft.concept}, which the findings do not state"
+                )
+            ]
+        violations: list[Violation] = []
+        if by_rule and not draft.uncertain:
+            violations.append(
+                Violation(
+                    "certainty",
+                    f"{_where(draft)} states {draft.concept} as certain; the findings have "
+                    f"{_describe(support)}, from which {draft.concept} may only be suggested (hedged)",
+                )
+            )
+        if not _sides_compatible(draft, support):
+            violations.append(
+                Violation(
+                    "laterality",
+                    f"{draft.text!r} is placed on the {'/'.join(sorted(draft.sides))} in {_where(draft)}; "
+                    f"the findings have {_describe(support)}",
+                )
+            )
+        violations += self._check_qualifiers(draft, support)
+        violations += self._check_numbers(draft, support)
+        return violations
+
+    def _check_qualifiers(self, draft: Claim, support: list[Claim]) -> list[Violation]:
+        violations = []
+        zones = {z for c in support for z in c.zones}
+        if draft.zones and not draft.zones <= zones:
+            violations.append(
+                Violation(
+                    "location",
+                    f"{_where(draft)} places {draft.concept} in the {'/'.join(sorted(draft.zones))} zone; "
+                    f"the findings say {'/'.join(sorted(zones)) or 'no zone'}",
+                )
+            )
+        levels = {level for c in support for level in c.severity}
+        allowed = {n for level in levels for n in SEVERITY_NEIGHBOURS[level]}
+        if draft.severity and not draft.severity <= allowed:
+            violations.append(
+                Violation(
+                    "severity",
+                    f"{_where(draft)} grades {draft.concept} {_levels(draft.severity)}; "
+                    f"the findings say {_levels(frozenset(levels)) if levels else 'no size or severity'}",
+                )
+            )
+        if not draft.uncertain and all(c.uncertain for c in support):
+            violations.append(
+                Violation(
+                    "certainty",
+                    f"{_where(draft)} states {draft.concept} as certain; the findings hedge it "
+                    f"({_describe(support)})",
+                )
+            )
+        times = {t for c in support for t in c.time}
+        allowed_times = {n for t in times for n in TIME_COMPATIBLE[t]}
+        if draft.time and not self._summary(draft.concept) and not draft.time <= allowed_times:
+            violations.append(
+                Violation(
+                    "time",
+                    f"{_where(draft)} calls {draft.concept} {'/'.join(sorted(draft.time))}; "
+                    f"the findings say {'/'.join(sorted(times)) or 'nothing about its course'}",
+                )
+            )
+        return violations
+
+    def _check_numbers(self, draft: Claim, support: list[Claim]) -> list[Violation]:
+        violations = []
+        for number in draft.numbers:
+            same_value = [
+                (c, n) for c in self.evidence.claims for n in c.numbers if _numbers_match(number, n)
+            ] + [(None, n) for n in self.evidence.loose_numbers if _numbers_match(number, n)]
+            if not same_value:
+                violations.append(
+                    Violation(
+                        "numbers", f"{number.text!r} in {_where(draft)} matches no value in the findings"
+                    )
+                )
+                continue
+            owned = [
+                (c, n) for c, n in same_value if c is None or self.vocab.related(c.concept, draft.concept)
+            ]
+            if not owned:
+                owners = ", ".join(sorted({c.concept for c, _ in same_value if c is not None}))
+                violations.append(
+                    Violation(
+                        "numbers",
+                        f"{number.text!r} is given for {draft.concept} in {_where(draft)}; "
+                        f"in the findings it is the value of {owners}",
+                    )
+                )
+                continue
+            sides = draft.side_set
+            if sides and not any(c is None or not c.side_set or c.side_set == sides for c, _ in owned):
+                where = "; ".join(
+                    f"{'/'.join(sorted(c.sides))} {c.concept}" for c, _ in owned if c is not None
+                )
+                violations.append(
+                    Violation(
+                        "laterality",
+                        f"{number.text!r} is stated for the {'/'.join(sorted(draft.sides))} "
+                        f"in {_where(draft)}; "
+                        f"in the findings it is the value of the {where}",
+                    )
+                )
+        return violations
+
+    def check_loose_number(self, number: NumberMention) -> list[Violation]:
+        references = [n for c in self.evidence.claims for n in c.numbers] + list(self.evidence.loose_numbers)
+        if any(_numbers_match(number, n) for n in references):
+            return []
+        return [
+            Violation("numbers", f"{number.text!r} in {number.sentence!r} matches no value in the findings")
+        ]
+
+
+def _levels(levels: frozenset[int]) -> str:
+    names = {1: "trace", 2: "small/mild", 3: "moderate", 4: "large/severe"}
+    return "/".join(names[level] for level in sorted(levels))
+
+
+def check_against_findings(draft_text: str, findings_text: str) -> list[Violation]:
+    """Every way ``draft_text`` goes beyond or against ``findings_text`` (see the module docstring)."""
+    comparison = Comparison(read_text(findings_text))
+    draft = read_text(draft_text)
+    violations: list[Violation] = []
+    for claim in draft.claims:
+        violations += comparison.check_claim(claim)
+    for number in draft.loose_numbers:
+        violations += comparison.check_loose_number(number)
+    return list(dict.fromkeys(violations))
