@@ -384,4 +384,5 @@ def evidence_from_findings_text(findings_text: str, context: StudyContext | None
         measurements=tuple(measurements),
         findings=tuple(findings),
         source="findings text",
+        text=findings_text,
     )
