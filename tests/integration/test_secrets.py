@@ -61,19 +61,20 @@ def test_a_child_gets_identical_settings_without_secrets_in_its_environment(tmp_
     assert settings_file.stat().st_mode & 0o777 == 0o600
     assert "PACS_AI_DATABASE_URL" not in env and "PACS_AI_SETTINGS_JSON" not in env
     assert not [secret for secret in SECRETS if secret in json.dumps(env)]
-    # A real child: it waits until the parent has read its /proc/PID/environ, then prints its settings.
+    # A real child: once it has its settings it waits until the parent has read its /proc/PID/environ.
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys; from pacs_ai.config import load_settings; "
-            "s = load_settings(); sys.stdin.readline(); print(s.effective_database_url)",
+            "import sys; from pacs_ai.config import load_settings; s = load_settings(); "
+            "print('ready', flush=True); sys.stdin.readline(); print(s.effective_database_url)",
         ],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
     environ = Path(f"/proc/{child.pid}/environ").read_bytes().decode("utf-8", "replace")
     output, _ = child.communicate("go\n", timeout=60)
     assert child.returncode == 0
