@@ -42,6 +42,7 @@ checked against ``min_free_disk_mb`` when it is stored).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -587,6 +588,9 @@ class _DataSetFile:
         )
         self.data_set_offset = len(meta)
         self.file = spool.create_incoming()
+        # Held until the file is stored or refused (closing it releases the lock): a second copy of
+        # the instance arriving meanwhile waits for it (see store.wait_for_first_copy).
+        fcntl.flock(self.file.descriptor, fcntl.LOCK_EX)
         self.write(meta, counted=False)
 
     def received(self) -> ReceivedBytes:
