@@ -23,6 +23,7 @@ boundary (a comma, "and", "or", "with", another concept) to the next one, so
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -42,6 +43,10 @@ from spacy.tokens import Doc, Span
 from pacs_ai.report.text import NumberMention, find_numbers
 from pacs_ai.report.vocabulary import plural_forms, vocabulary
 
+# medspaCy's matchers each hold a spaCy Matcher that warns on every call while it has no token patterns
+# (the sectionizer's and ConText's literal rules use the phrase matcher): nothing is wrong.
+warnings.filterwarnings("ignore", message=r"\[W036\] The component 'matcher'", category=UserWarning)
+
 CONTEXT_FILE = "radiology_context.yaml"
 #: Label prefix of the target rules for normal statements ("NORMAL:3" is the fourth statement).
 NORMAL_LABEL = "NORMAL:"
@@ -49,6 +54,8 @@ NORMAL_LABEL = "NORMAL:"
 WINDOW_BOUNDARIES = frozenset(
     {",", ";", ":", "and", "or", "with", "but", "which", "without", "while", "whereas", "nor", "."}
 )
+#: A comma-separated tail this short and naming no concept still qualifies the concept before it.
+TRAILING_QUALIFIER_TOKENS = 3
 #: Report sections the sectionizer recognises (title words -> section).
 SECTION_TITLES = {
     "findings": ("findings", "finding", "report", "description"),
@@ -80,6 +87,8 @@ class Claim:
     #: "new", "worse", "better", "stable", "chronic", "acute".
     time: frozenset[str] = frozenset()
     numbers: tuple[NumberMention, ...] = ()
+    #: Side words anywhere in the sentence ("left", "right", "both").
+    sentence_sides: frozenset[str] = frozenset()
     #: Read from a normal statement ("the lungs are clear"), not from the concept's own name.
     normal: bool = False
     #: Offset in the text.
@@ -176,6 +185,13 @@ def _window(doc: Doc, ent: Span, ents: list[Span]) -> tuple[int, int]:
     end = ent.end
     while end < sentence.end and doc[end].lower_ not in WINDOW_BOUNDARIES:
         end += 1
+    # "..., unchanged." / "..., chronic": a short tail after a comma with no other concept qualifies this one.
+    if end < sentence.end and doc[end].text == ",":
+        tail = end + 1
+        while tail < sentence.end and doc[tail].lower_ not in WINDOW_BOUNDARIES:
+            tail += 1
+        if tail - end - 1 <= TRAILING_QUALIFIER_TOKENS and not any(end < o.start < tail for o in ents):
+            end = tail
     for other in ents:
         if other is ent or other.sent != sentence:
             continue
@@ -228,7 +244,9 @@ def read_text(text: str) -> TextReading:
         char_start, char_end = doc[start:end].start_char, doc[start:end].end_char
         mine = [n for n in numbers if char_start <= n.start < char_end]
         bound |= {id(n) for n in mine}
+        in_sentence = _qualify(matches, ent.sent.start, ent.sent.end)["sides"]
         common: dict[str, Any] = {
+            "sentence_sides": frozenset(in_sentence),
             "text": ent.text,
             "sentence": ent.sent.text.strip(),
             "uncertain": bool(ent._.is_uncertain),

@@ -34,7 +34,9 @@ an impression adds nothing the findings lack.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import replace
 
 from pacs_ai.report.clinical_nlp import Claim, TextReading, read_text
 from pacs_ai.report.text import DISPLAY_UNITS, NumberMention
@@ -100,7 +102,7 @@ class Comparison:
     def __init__(self, evidence: TextReading, vocab: Vocabulary | None = None) -> None:
         self.vocab = vocab or vocabulary()
         self.evidence = evidence
-        self.asserted = [c for c in evidence.claims if c.asserted]
+        self.asserted = [_inherit_sentence_side(c) for c in evidence.claims if c.asserted]
         self.negated = [c for c in evidence.claims if not c.present and not c.hypothetical]
 
     # -- what the evidence says about a concept -----------------------------------------------------------
@@ -117,6 +119,16 @@ class Comparison:
         direct = [c for c in self.asserted if c.concept in below]
         if direct:
             return direct, False
+        # "fracture of the left clavicle" supports "left clavicle fracture": a broader concept whose
+        # sentence has the words that make the draft's concept narrower.
+        above = self.vocab.ancestors(draft.concept)
+        spelled = [
+            c
+            for c in self.asserted
+            if c.concept in above and _names_words(draft.concept, c.concept, c.sentence)
+        ]
+        if spelled:
+            return spelled, False
         concept = self.vocab.concepts.get(draft.concept)
         sources: set[str] = set()
         for source in concept.may_follow_from if concept else ():
@@ -303,6 +315,27 @@ class Comparison:
         return [
             Violation("numbers", f"{number.text!r} in {number.sentence!r} matches no value in the findings")
         ]
+
+
+def _inherit_sentence_side(claim: Claim) -> Claim:
+    """An unsided evidence claim takes the one side its sentence names.
+
+    "Blunting of the right costophrenic angle, possibly a small effusion": the effusion is on the right.
+    """
+    if claim.sides or len(claim.sentence_sides) != 1:
+        return claim
+    return replace(claim, sides=claim.sentence_sides)
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 4 and word.endswith("s") else word
+
+
+def _names_words(narrow: str, broad: str, sentence: str) -> bool:
+    """Whether ``sentence`` has every word of ``narrow``'s name that ``broad``'s name lacks."""
+    extra = {_stem(w) for w in narrow.split()} - {_stem(w) for w in broad.split()}
+    words = {_stem(w) for w in re.findall(r"[a-z]+", sentence.lower())}
+    return bool(extra) and all(any(w.startswith(e[:5]) for w in words) for e in extra)
 
 
 def _levels(levels: frozenset[int]) -> str:
