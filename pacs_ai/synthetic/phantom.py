@@ -13,7 +13,17 @@ posterior, slices are written inferior to superior):
   the airway connects the lungs as it does in real CT;
 * a fraction ``laa_fraction`` of lung voxels set to -980 HU in small square
   clusters (emphysema-like);
+* with ``abdominal_gas``: gas below the diaphragm, as on real chest CTs, where
+  the scan reaches the upper abdomen: a stomach gas bubble under the left
+  lung base (fundus, with a flat air-fluid level behind it) and a gas-filled
+  colon segment (hepatic flexure) under the right lung base.  Both follow the
+  dome of the lung base at a distance of ``DIAPHRAGM_MM`` (diaphragm plus
+  organ wall), so on thick slices the gas lies in the slice directly below
+  lung and touches it, as partial volume makes it do on real scans;
 * Gaussian noise on every voxel.
+
+The trachea runs from the top slice, above both lung apices, so the top
+slices hold trachea and no lung (``PhantomTruth.airway_only_slices``).
 
 Sizes scale with the field of view (``size * pixel_spacing_mm``) and the
 scanned length, except the airway diameters, which are physical.  The truth
@@ -65,6 +75,17 @@ RIGHT_BRONCHUS_TARGET = (-0.25, -0.04, 0.20)
 LEFT_BRONCHUS_TARGET = (0.24, -0.04, 0.20)
 #: Emphysema clusters are squares of about this edge length.
 CLUSTER_MM = 4.5
+#: Abdominal gas keeps this distance (diaphragm and organ wall) from the lung ellipsoids.
+DIAPHRAGM_MM = 5.0
+#: Stomach (under the left lung base): centre (u, v, w) and semi-axes; gas fills it in front of
+#: the air-fluid level ``STOMACH_FLUID_V`` (v grows posteriorly; the patient lies supine).
+STOMACH = ((0.33, -0.02, -0.95), (0.20, 0.25, 0.30))
+STOMACH_WALL_MM = 4.0
+STOMACH_FLUID_V = 0.08
+#: Colon segment (hepatic flexure, under the right lung base): a gas tube along x from u0 to u1 at
+#: (v, w), with this diameter.
+COLON = ((-0.55, -0.20), (-0.15, -0.92))
+COLON_DIAMETER_MM = 24.0
 
 STUDY_DATETIME = datetime.datetime(2024, 1, 2, 9, 30, 0)
 
@@ -90,6 +111,10 @@ class PhantomTruth:
     voxel_volume_ml: float
     #: (slice, row, column) spacing in mm.
     spacing_mm: tuple[float, float, float]
+    #: Slices that hold airway (trachea) and no lung: above the apices.
+    airway_only_slices: tuple[int, ...] = ()
+    #: Gas below the diaphragm (stomach, colon) written, mL; 0 without ``abdominal_gas``.
+    abdominal_gas_ml: float = 0.0
 
     @property
     def total_lung_ml(self) -> float:
@@ -205,12 +230,14 @@ def write_chest_phantom(
     series_uid: str | None = None,
     laa_fraction: float = 0.05,
     noise_hu: float = 15.0,
+    abdominal_gas: bool = False,
 ) -> PhantomTruth:
     """Write one CT Image Storage file per slice into ``out_dir`` and return the ground truth.
 
     Files are ``CT0001.dcm`` ... in ascending z (inferior to superior),
     explicit VR little endian, 12-bit unsigned stored values with
-    RescaleIntercept -1024.  See the module docstring for the anatomy.
+    RescaleIntercept -1024.  See the module docstring for the anatomy;
+    ``abdominal_gas`` adds stomach and colon gas under the lung bases.
     """
     if slices < 3:
         raise ValueError(f"a phantom needs at least 3 slices, got {slices}")
@@ -234,7 +261,7 @@ def write_chest_phantom(
         accession_number,
         laa_fraction,
         noise_hu,
-    )
+    ) + (("abdominal gas",) if abdominal_gas else ())
     study_uid = study_uid or _uid("study", *arguments)
     series_uid = series_uid or _uid("series", study_uid, *arguments)
     frame_uid = _uid("frame", series_uid)
@@ -269,6 +296,8 @@ def write_chest_phantom(
     bronchus_radius_sq = (BRONCHUS_DIAMETER_MM / 2) ** 2
     bronchus_z = (min(t[2] for t in targets) - BRONCHUS_DIAMETER_MM, carina[2] + BRONCHUS_DIAMETER_MM)
     cell = max(1, round(CLUSTER_MM / pixel_spacing_mm))
+    gas_voxels = 0
+    airway_only: list[int] = []
     cells = math.ceil(size / cell)
 
     labels = np.zeros((slices, size, size), dtype=np.uint8)
@@ -285,6 +314,10 @@ def write_chest_phantom(
         if bronchus_z[0] <= z <= bronchus_z[1]:
             for target in targets:
                 hu[_segment_distance_sq(x, y, z, carina, target) < bronchus_radius_sq] = AIR_HU
+        if abdominal_gas:
+            gas = _abdominal_gas(x, y, z, half, half_length) & inner
+            hu[gas] = AIR_HU
+            gas_voxels += int(np.count_nonzero(gas))
         # Drawn every slice, hit or not, so the random stream does not depend on the anatomy.
         clusters = rng.random((cells, cells)) < laa_fraction
         emphysema = np.repeat(np.repeat(clusters, cell, axis=0), cell, axis=1)[:size, :size]
@@ -304,6 +337,8 @@ def write_chest_phantom(
             lung = labels[k] == label
             lung_voxels[label - 1] += int(np.count_nonzero(lung))
             laa_voxels[label - 1] += int(np.count_nonzero(written_hu[lung] < -950))
+        if w >= CARINA_W and not labels[k].any():
+            airway_only.append(k)
 
         ds = ct_slice_dataset(
             index=k,
@@ -337,4 +372,28 @@ def write_chest_phantom(
         labels=labels,
         voxel_volume_ml=voxel_ml,
         spacing_mm=(slice_spacing_mm, pixel_spacing_mm, pixel_spacing_mm),
+        airway_only_slices=tuple(airway_only),
+        abdominal_gas_ml=gas_voxels * voxel_ml,
     )
+
+
+def _outside_lungs(x: np.ndarray, y: np.ndarray, z: float, half: float, half_length: float) -> np.ndarray:
+    """In-plane mask of points farther than ``DIAPHRAGM_MM`` (about) from both lung ellipsoids."""
+    outside = np.ones((y.size, x.size), dtype=bool)
+    for (cu, cv, cw), (au, av, aw) in (RIGHT_LUNG, LEFT_LUNG):
+        grown = ((au * half + DIAPHRAGM_MM), (av * half + DIAPHRAGM_MM), (aw * half_length + DIAPHRAGM_MM))
+        distance = ((x - cu * half) / grown[0]) ** 2 + ((y - cv * half) / grown[1]) ** 2
+        outside &= distance + ((z - cw * half_length) / grown[2]) ** 2 >= 1.0
+    return outside
+
+
+def _abdominal_gas(x: np.ndarray, y: np.ndarray, z: float, half: float, half_length: float) -> np.ndarray:
+    """In-plane mask of stomach and colon gas at height ``z`` (see the module docstring)."""
+    (cu, cv, cw), (au, av, aw) = STOMACH
+    lumen = [a - STOMACH_WALL_MM for a in (au * half, av * half, aw * half_length)]
+    stomach = ((x - cu * half) / lumen[0]) ** 2 + ((y - cv * half) / lumen[1]) ** 2
+    gas = (stomach + ((z - cw * half_length) / lumen[2]) ** 2 < 1.0) & (y < STOMACH_FLUID_V * half)
+    (u0, u1), (v, w) = COLON
+    tube = (y - v * half) ** 2 + np.float32((z - w * half_length) ** 2) < (COLON_DIAMETER_MM / 2) ** 2
+    gas |= tube & (x >= u0 * half) & (x <= u1 * half)
+    return gas & _outside_lungs(x, y, z, half, half_length)

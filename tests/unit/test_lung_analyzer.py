@@ -1,4 +1,10 @@
-"""The ct-chest-lung analyzer against the chest phantom's ground truth, plus refusals and the registry."""
+"""The ct-chest-lung analyzer against the chest phantom's ground truth, plus refusals and the registry.
+
+Two phantoms: the default one (trachea above the apices, main bronchi joining
+the lungs), and one with gas below the diaphragm (stomach bubble under the left
+lung base, colon gas under the right) on 8 mm slices, where the gas lies in
+the slice directly below lung and so touches it in 3D.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import Dataset
+from scipy import ndimage
 
 from pacs_ai.analyze.base import AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.lung import CtChestLungAnalyzer, LungParams
@@ -43,9 +50,77 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_lung_volumes_match_the_truth(phantom: PhantomTruth, result: AnalysisResult) -> None:
-    assert value(result, VOLUME, 1) == pytest.approx(phantom.right_lung_ml, rel=0.03)
-    assert value(result, VOLUME, 2) == pytest.approx(phantom.left_lung_ml, rel=0.03)
-    assert value(result, VOLUME, None) == pytest.approx(phantom.total_lung_ml, rel=0.03)
+    assert value(result, VOLUME, 1) == pytest.approx(phantom.right_lung_ml, rel=0.01)
+    assert value(result, VOLUME, 2) == pytest.approx(phantom.left_lung_ml, rel=0.01)
+    assert value(result, VOLUME, None) == pytest.approx(phantom.total_lung_ml, rel=0.01)
+
+
+def test_no_lung_on_slices_with_trachea_only(
+    phantom: PhantomTruth, volume: Volume, result: AnalysisResult
+) -> None:
+    assert len(phantom.airway_only_slices) >= 3
+    for k in phantom.airway_only_slices:
+        assert np.count_nonzero(volume.voxels[k] < -950) > 0  # the trachea is there (and air outside)
+        assert np.count_nonzero(result.labels[k]) == 0, k
+
+
+@pytest.fixture(scope="module")
+def gas_phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomTruth:
+    return write_chest_phantom(
+        tmp_path_factory.mktemp("gas-phantom"),
+        slices=30,
+        size=192,
+        pixel_spacing_mm=1.5,
+        slice_spacing_mm=8.0,
+        seed=7,
+        abdominal_gas=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def gas_volume(gas_phantom: PhantomTruth) -> Volume:
+    return load_series(gas_phantom.paths)
+
+
+@pytest.fixture(scope="module")
+def gas_result(gas_volume: Volume) -> AnalysisResult:
+    return CtChestLungAnalyzer().analyze(gas_volume, {})
+
+
+def test_abdominal_gas_touches_the_lungs_in_the_phantom(
+    gas_phantom: PhantomTruth, gas_volume: Volume
+) -> None:
+    """The case the analyzer must handle: gas below the diaphragm joins lung in 3D (below -400 HU)."""
+    assert gas_phantom.abdominal_gas_ml > 30
+    low = gas_volume.voxels < -400
+    components, _ = ndimage.label(low)
+    for label in (1, 2):
+        lung = components[gas_phantom.labels == label]
+        lung_component = np.bincount(lung).argmax()
+        below = np.flatnonzero(gas_phantom.labels.any(axis=(1, 2)))[0]
+        assert np.any(components[below - 1][low[below - 1]] == lung_component), label
+
+
+def test_gas_below_the_diaphragm_is_not_lung(gas_phantom: PhantomTruth, gas_result: AnalysisResult) -> None:
+    assert value(gas_result, VOLUME, 1) == pytest.approx(gas_phantom.right_lung_ml, rel=0.01)
+    assert value(gas_result, VOLUME, 2) == pytest.approx(gas_phantom.left_lung_ml, rel=0.01)
+    assert value(gas_result, VOLUME, None) == pytest.approx(gas_phantom.total_lung_ml, rel=0.01)
+    outside = (gas_result.labels > 0) & (gas_phantom.labels == 0)
+    assert np.count_nonzero(outside) * gas_phantom.voxel_volume_ml < 0.5  # mL
+    below_the_lungs = np.flatnonzero(gas_phantom.labels.any(axis=(1, 2)))[0]
+    assert np.count_nonzero(gas_result.labels[:below_the_lungs]) == 0
+    assert any(note.startswith("gas: ") and "removed" in note for note in gas_result.notes)
+
+
+def test_gas_phantom_keeps_trachea_out_and_densities_right(
+    gas_phantom: PhantomTruth, gas_result: AnalysisResult
+) -> None:
+    assert gas_phantom.airway_only_slices
+    for k in gas_phantom.airway_only_slices:
+        assert np.count_nonzero(gas_result.labels[k]) == 0, k
+    for label in (1, 2):
+        assert dice(gas_result.labels == label, gas_phantom.labels == label) >= 0.97
+        assert -880 < value(gas_result, MEAN_ATTENUATION, label) < -840
 
 
 def test_segmentation_overlaps_the_truth(phantom: PhantomTruth, result: AnalysisResult) -> None:
@@ -91,7 +166,7 @@ def test_result_is_described_with_the_agreed_codes(result: AnalysisResult) -> No
     assert mean.derivation is not None and mean.derivation.value == "373098007"
     local = {m.name.scheme for m in result.measurements if m.name.value in ("LAA950", "PERC15")}
     assert local == {"99PACSAI"}
-    assert result.algorithm.name == "pacs-ai CT chest lung" and result.algorithm.version == "1.0.0"
+    assert result.algorithm.name == "pacs-ai CT chest lung" and result.algorithm.version == "1.1.0"
     assert result.algorithm.family.value == "123104"
     assert result.algorithm.parameters["lung_threshold_hu"] == "-400"
     assert any(note.startswith("airway: trachea seed") for note in result.notes)
@@ -192,7 +267,7 @@ def test_parameters_are_validated() -> None:
 def test_registry_knows_the_lung_analyzer() -> None:
     assert "ct-chest-lung" in available_analyzers()
     analyzer = get_analyzer("ct-chest-lung")
-    assert (analyzer.name, analyzer.version) == ("ct-chest-lung", "1.0.0")
+    assert (analyzer.name, analyzer.version) == ("ct-chest-lung", "1.1.0")
 
 
 def test_registry_names_known_analyzers_for_an_unknown_name() -> None:
