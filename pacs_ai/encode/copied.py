@@ -19,7 +19,12 @@ from pydicom.config import RAISE
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-__all__ = ["OPTIONAL_COPIED_KEYWORDS", "drop_invalid_optional_attributes"]
+__all__ = [
+    "OPTIONAL_COPIED_KEYWORDS",
+    "REFERENCE_SEQUENCES",
+    "drop_incomplete_references",
+    "drop_invalid_optional_attributes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +80,11 @@ def _is_valid(vr: str, value: object) -> bool:
 def drop_invalid_optional_attributes(dataset: Dataset) -> list[str]:
     """Delete the attributes of :data:`OPTIONAL_COPIED_KEYWORDS` whose value is invalid for their VR.
 
-    Returns the deleted keywords (logged too; values are not, they may identify the patient).
+    Incomplete items of the copied reference sequences go too
+    (:func:`drop_incomplete_references`).  Returns the deleted keywords
+    (logged too; values are not, they may identify the patient).
     """
+    drop_incomplete_references(dataset)
     dropped = [
         keyword
         for keyword in OPTIONAL_COPIED_KEYWORDS
@@ -91,3 +99,42 @@ def drop_invalid_optional_attributes(dataset: Dataset) -> list[str]:
             ", ".join(dropped),
         )
     return dropped
+
+
+#: Type 3 reference sequences of the Patient and General Study modules that highdicom copies from
+#: the source; each item needs a Referenced SOP Class UID and Instance UID (Type 1 within the item).
+REFERENCE_SEQUENCES: tuple[str, ...] = ("ReferencedStudySequence", "ReferencedPatientSequence")
+
+
+def _is_complete_reference(item: Dataset) -> bool:
+    return all(
+        keyword in item and item[keyword].value and _is_valid("UI", item[keyword].value)
+        for keyword in ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
+    )
+
+
+def drop_incomplete_references(dataset: Dataset) -> list[str]:
+    """Remove items of :data:`REFERENCE_SEQUENCES` missing a Type 1 UID (and a sequence left empty).
+
+    A scanner's header with a Referenced Study Sequence item without its
+    Referenced SOP Class UID would otherwise make every result fail
+    validation; the reference cannot be repaired (the class is unknown), and
+    the sequence is optional, so the incomplete item is left out.
+    Returns the keywords of the sequences changed.
+    """
+    changed = []
+    for keyword in REFERENCE_SEQUENCES:
+        if keyword not in dataset:
+            continue
+        items = list(dataset[keyword].value or [])
+        kept = [item for item in items if _is_complete_reference(item)]
+        if len(kept) == len(items):
+            continue
+        changed.append(keyword)
+        if kept:
+            dataset[keyword].value = kept
+        else:
+            del dataset[keyword]
+    if changed:
+        log.warning("left out of the result: incomplete item(s) of source %s", ", ".join(changed))
+    return changed

@@ -19,6 +19,7 @@ Content tree (TID 2000, with the sections of TID 2002 "Report Narrative")::
       HAS CONCEPT MOD  CODE  Language of Content = en            TID 1204
       HAS OBS CONTEXT  (person and/or device observer)           TID 1001-1004
       CONTAINS CONTAINER (LN 59776-5 "Findings")                 CID 7001
+        CONTAINS TEXT (DCM 121106 "Comment") = draft status      draft only
         CONTAINS TEXT (DCM 121071 "Finding") = one paragraph     CID 7002
       CONTAINS CONTAINER (LN 19005-8 "Impressions")
         CONTAINS TEXT (DCM 121073 "Impression") = one paragraph
@@ -26,7 +27,11 @@ Content tree (TID 2000, with the sections of TID 2002 "Report Narrative")::
 The section headings are the current CID 7001 codes (LOINC); the DCM
 121070/121072 headings of older editions are retired.  Each blank-line
 separated paragraph of the text is one TEXT item, so a receiver that renders
-item by item keeps the paragraphs.
+item by item keeps the paragraphs.  Containers are SEPARATE (not CONTINUOUS):
+OHIF, for one, then shows each item on its own line with its concept name, so
+the observer context reads as labelled fields.  A draft's Findings start with
+a Comment saying "AI draft, not verified" (:data:`DRAFT_STATUS`), so the status
+is in the text a radiologist reads, not only in the flags and series label.
 
 Enhanced SR (not Comprehensive) because the tree uses only by-value
 relationships and no spatial coordinates: the most widely supported SR class
@@ -57,6 +62,7 @@ __all__ = [
     "DIAGNOSTIC_IMAGING_REPORT",
     "DRAFT_SR_DESCRIPTION",
     "DRAFT_SR_SERIES_NUMBER",
+    "DRAFT_STATUS",
     "SIGNED_SR_DESCRIPTION",
     "SIGNED_SR_SERIES_NUMBER",
     "DraftingModel",
@@ -85,6 +91,12 @@ DRAFT_SR_DESCRIPTION = "AI draft report (unverified)"
 SIGNED_SR_DESCRIPTION = "Radiology report (verified)"
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+#: DCM 121106 "Comment" (CID 7002): the draft's status, first in its Findings section, so a viewer
+#: that shows only the text still shows that nobody has verified it.
+_COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
+#: The status words of a draft, in its text.
+DRAFT_STATUS = "AI draft, not verified"
 
 
 @dataclass(frozen=True)
@@ -198,12 +210,26 @@ def _character_set(source: Dataset, texts: Sequence[str]) -> str | list[str] | N
     return (values[0] if len(values) == 1 else values) if all(t.isascii() for t in texts) else "ISO_IR 192"
 
 
-def _section(heading: PydicomCode, entry: PydicomCode, text: str) -> hd.sr.ContainerContentItem:
+def _section(
+    heading: PydicomCode, entry: PydicomCode, text: str, status: str | None = None
+) -> hd.sr.ContainerContentItem:
     section = hd.sr.ContainerContentItem(
-        name=heading, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=heading,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,  # SEPARATE: each paragraph and the status stand on their own
+    )
+    notes = (
+        [
+            hd.sr.TextContentItem(
+                name=_COMMENT, value=status, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        ]
+        if status
+        else []
     )
     section.ContentSequence = hd.sr.ContentSequence(
-        [
+        notes
+        + [
             # TEXT is UT; DICOM text uses CR LF line ends.
             hd.sr.TextContentItem(
                 name=entry,
@@ -250,13 +276,19 @@ def _person_observer(verifier: Verifier) -> hd.sr.ObserverContext:
     )
 
 
-def _document(text: ReportText, context: hd.sr.ObservationContext) -> hd.sr.ContainerContentItem:
-    root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+def _document(
+    text: ReportText, context: hd.sr.ObservationContext, status: str | None = None
+) -> hd.sr.ContainerContentItem:
+    # SEPARATE: viewers show each item with its concept name ("Device Observer Name: ...") on
+    # its own line; CONTINUOUS would run the observer context's values together as one sentence.
+    root = hd.sr.ContainerContentItem(
+        name=DIAGNOSTIC_IMAGING_REPORT, template_id="2000", is_content_continuous=False
+    )
     root.ContentSequence = hd.sr.ContentSequence(
         [
             hd.sr.LanguageOfContentItemAndDescendants(language=_ENGLISH)[0],  # type: ignore[list-item]
             *context,
-            _section(_FINDINGS_SECTION, _FINDING, text.findings),
+            _section(_FINDINGS_SECTION, _FINDING, text.findings, status),
             _section(_IMPRESSIONS_SECTION, _IMPRESSION, text.impression),
         ]
     )
@@ -315,9 +347,10 @@ def build_draft_sr(
         observer_device_context=_device_observer(equipment, drafter, uid_prefix)
     )
     character_set = _character_set(evidence[0], [text.findings, text.impression, drafter.label])
+    status = f"{DRAFT_STATUS}: drafted by {drafter.label}; a radiologist must review and sign it."
     sr = hd.sr.EnhancedSR(
         evidence=list(evidence),
-        content=_document(text, context),
+        content=_document(text, context, status),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -468,7 +501,7 @@ def read_report_text(sr: Dataset) -> ReportText:
         texts = [
             str(child.TextValue).replace("\r\n", "\n")
             for child in item.get("ContentSequence", [])
-            if child.ValueType == "TEXT"
+            if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeValue != _COMMENT.value
         ]
         sections[(concept.CodingSchemeDesignator, concept.CodeValue)] = texts
 

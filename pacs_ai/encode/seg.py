@@ -19,7 +19,6 @@ from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
 from pacs_ai.encode.copied import drop_invalid_optional_attributes
 from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
-from pacs_ai.encode.iod_tables import answer_iod_lookups_once
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = ["build_segmentation"]
@@ -151,7 +150,6 @@ def build_segmentation(
         If the label map does not fit the volume or the segment descriptions.
     """
     labels = _check_inputs(volume, result)
-    answer_iod_lookups_once()  # highdicom asks the same question of every source image
     algorithm_identification = _algorithm_identification(result.algorithm)
     descriptions = [_segment_description(spec, algorithm_identification) for spec in result.segments]
 

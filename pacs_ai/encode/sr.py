@@ -36,9 +36,11 @@ until a radiologist signs it off in their own system.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
@@ -48,6 +50,7 @@ from pacs_ai.analyze.base import (
     AlgorithmInfo,
     AnalysisResult,
     Code,
+    DetectionSpec,
     FindingSpec,
     MeasurementSpec,
     SegmentSpec,
@@ -56,7 +59,6 @@ from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
 from pacs_ai.encode.copied import drop_invalid_optional_attributes
 from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
-from pacs_ai.encode.iod_tables import answer_iod_lookups_once
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
@@ -147,16 +149,6 @@ def _observation_context(
     )
 
 
-def _measurement(spec: MeasurementSpec, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=to_pydicom_code(spec.name),
-        value=spec.value,
-        unit=to_pydicom_code(spec.unit),
-        derivation=to_pydicom_code(spec.derivation) if spec.derivation is not None else None,
-        algorithm_id=algorithm_id,
-    )
-
-
 def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] | None:
     """Distinct finding sites of ``specs`` in first-seen order (None if there are none)."""
     sites: list[Code] = []
@@ -166,42 +158,126 @@ def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] 
     return [hd.sr.FindingSite(to_pydicom_code(site)) for site in sites] or None
 
 
+#: Where a region's label sits: a source image and a (column, row) pixel position on it.
+_Anchor = tuple[Dataset, np.ndarray]
+
+
+def _anchor(volume: Volume, labels: np.ndarray | None, numbers: Sequence[int]) -> _Anchor:
+    """A point inside segments ``numbers``: nearest their centre on the slice where they are largest.
+
+    Viewers put a group's label there and open that image when the group is
+    selected.  For an empty region (or no label map) the centre of the middle slice.
+    """
+    if labels is not None:
+        in_region = np.zeros(labels.shape[0], dtype=np.int64)
+        for number in numbers:
+            in_region += np.count_nonzero(labels == number, axis=(1, 2))
+        k = int(np.argmax(in_region))
+        if in_region[k] > 0:
+            rows, columns = np.nonzero(np.isin(labels[k], numbers))
+            nearest = int(np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2))
+            return volume.headers[k], np.array([[columns[nearest], rows[nearest]]], dtype=float)
+    middle = volume.headers[len(volume.headers) // 2]
+    return middle, np.array([[(int(middle.Columns) - 1) / 2, (int(middle.Rows) - 1) / 2]])
+
+
+def _coordinates(
+    header: Dataset, graphic_type: hd.sr.GraphicTypeValues, pixels: np.ndarray
+) -> hd.sr.CoordinatesForMeasurement:
+    """TID 320 "INFERRED FROM" SCOORD on a source image; ``pixels`` are (column, row) pairs."""
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=graphic_type,
+        # SCOORD pixel coordinates: (0.5, 0.5) is the centre of the top left pixel.
+        graphic_data=pixels + 0.5,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(header),
+    )
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """What a TID 300 measurement is "INFERRED FROM": SEG segments and a location on a source image."""
+
+    coordinates: list[hd.sr.CoordinatesForMeasurement]
+    images: list[hd.sr.SourceImageForMeasurement] | None = None
+
+
+def _sources(segmentation: Dataset | None, numbers: Sequence[int], anchor: _Anchor) -> _Sources:
+    """TID 300 "INFERRED FROM" items of a region's measurement: the SEG segment(s) and a point inside them.
+
+    The SEG reference is an IMAGE item with Referenced Segment Number
+    (highdicom's SourceImageForMeasurement has no argument for it, so it is
+    set on the item it builds).  The point is an SCOORD on a source image,
+    which is what OHIF (3.13) needs to place and open a measurement.
+    """
+    header, pixel = anchor
+    coordinates = [_coordinates(header, hd.sr.GraphicTypeValues.POINT, pixel)]
+    if segmentation is None or not numbers:
+        return _Sources(coordinates)
+    image = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=segmentation.SOPClassUID,
+        referenced_sop_instance_uid=segmentation.SOPInstanceUID,
+    )
+    reference = image.ReferencedSOPSequence[0]
+    reference.ReferencedSegmentNumber = list(numbers) if len(numbers) > 1 else numbers[0]
+    return _Sources(coordinates, [image])
+
+
+def _located_measurement(
+    name: Code,
+    value: float,
+    unit: Code,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    sources: _Sources,
+    derivation: Code | None = None,
+) -> hd.sr.Measurement:
+    """TID 300 inferred from ``sources`` (see :func:`_sources`)."""
+    return hd.sr.Measurement(
+        name=to_pydicom_code(name),
+        value=value,
+        unit=to_pydicom_code(unit),
+        derivation=to_pydicom_code(derivation) if derivation is not None else None,
+        algorithm_id=algorithm_id,
+        referenced_images=sources.images,
+        referenced_coordinates=list(sources.coordinates),
+    )
+
+
+def _measurements(
+    specs: Sequence[MeasurementSpec], algorithm_id: hd.sr.AlgorithmIdentification, sources: _Sources
+) -> list[hd.sr.Measurement]:
+    return [
+        _located_measurement(spec.name, spec.value, spec.unit, algorithm_id, sources, spec.derivation)
+        for spec in specs
+    ]
+
+
 def _segment_group(
     segment: SegmentSpec,
     measurements: Sequence[MeasurementSpec],
-    segmentation: Dataset,
-    source_series_uid: str,
+    sources: _Sources,
     algorithm_id: hd.sr.AlgorithmIdentification,
     sop_instance_uid: str,
     uid_prefix: str | None,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group for one SEG segment; each measurement names the segment and a point in it."""
     tracking = hd.sr.TrackingIdentifier(
         uid=derived_uid(sop_instance_uid, "tracking", "segment", str(segment.number), prefix=uid_prefix),
         identifier=f"{segment.label} (segment {segment.number})",
     )
-    # The source *series* rather than every source image: the SEG already
-    # records per-frame sources, and listing hundreds of slices per group
-    # would multiply the SR size for no extra information.
-    referenced_segment = hd.sr.ReferencedSegment(
-        sop_class_uid=segmentation.SOPClassUID,
-        sop_instance_uid=segmentation.SOPInstanceUID,
-        segment_number=segment.number,
-        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
-    )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        referenced_segment=referenced_segment,
         finding_type=to_pydicom_code(segment.type),
         finding_category=to_pydicom_code(segment.category),
         finding_sites=_finding_sites(measurements),
         algorithm_id=algorithm_id,
-        measurements=[_measurement(spec, algorithm_id) for spec in measurements],
+        measurements=_measurements(measurements, algorithm_id, sources),
     )
 
 
 def _region_group(
     site: Code,
     measurements: Sequence[MeasurementSpec],
+    sources: _Sources,
     algorithm_id: hd.sr.AlgorithmIdentification,
     sop_instance_uid: str,
     uid_prefix: str | None,
@@ -214,7 +290,7 @@ def _region_group(
         tracking_identifier=tracking,
         finding_sites=[hd.sr.FindingSite(to_pydicom_code(site))],
         algorithm_id=algorithm_id,
-        measurements=[_measurement(spec, algorithm_id) for spec in measurements],
+        measurements=_measurements(measurements, algorithm_id, sources),
     )
 
 
@@ -252,6 +328,94 @@ def _finding_group(
         measurements=[probability],
         qualitative_evaluations=[evaluation],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+    )
+
+
+#: Box extents of a detection (CID 7470 Linear Measurements), along the image rows, columns and normal.
+_BOX_EXTENTS = (
+    Code("103355008", "SCT", "Width"),
+    Code("121207", "DCM", "Height"),
+    Code("131197000", "SCT", "Depth"),
+)
+_MILLIMETRE = Code("mm", "UCUM", "millimeter")
+
+
+def _detection_plane(volume: Volume, detection: DetectionSpec) -> Dataset:
+    """The source image whose plane is nearest the box centre (the box is drawn on it)."""
+    centre = np.array(detection.center_mm)
+
+    def distance(header: Dataset) -> float:
+        cosines = [float(v) for v in header.ImageOrientationPatient]
+        normal = np.cross(cosines[:3], cosines[3:])
+        return abs(float(np.dot(centre - np.array([float(v) for v in header.ImagePositionPatient]), normal)))
+
+    return min(volume.headers, key=distance)
+
+
+def _box_outline(header: Dataset, detection: DetectionSpec) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The box as a closed rectangle in ``header``'s pixels ((column, row) pairs) and its extents in mm.
+
+    Extents are along the image rows, columns and the plane normal.
+    """
+    cosines = [float(v) for v in header.ImageOrientationPatient]
+    axes = np.array([cosines[:3], cosines[3:], np.cross(cosines[:3], cosines[3:])])
+    origin = np.array([float(v) for v in header.ImagePositionPatient])
+    lo, hi = detection.box_min_mm, detection.box_max_mm
+    corners = np.array([(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    projected = (corners - origin) @ axes.T  # mm along rows, along columns, along the normal
+    low, high = projected.min(axis=0), projected.max(axis=0)
+    row_spacing, column_spacing = (float(v) for v in header.PixelSpacing)
+    c0, c1 = low[0] / column_spacing, high[0] / column_spacing
+    r0, r1 = low[1] / row_spacing, high[1] / row_spacing
+    outline = np.array([(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)])
+    extents = high - low
+    return outline, (float(extents[0]), float(extents[1]), float(extents[2]))
+
+
+def _detection_group(
+    index: int,
+    detection: DetectionSpec,
+    volume: Volume,
+    algorithm: AlgorithmInfo,
+    sop_instance_uid: str,
+    uid_prefix: str | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group for one detected box: its size and score, each inferred from its outline.
+
+    The outline is the box's rectangle on the source image nearest its centre
+    (a closed POLYLINE SCOORD); the extents are the box's, in mm.
+    """
+    header = _detection_plane(volume, detection)
+    outline, extents = _box_outline(header, detection)
+    location = _Sources([_coordinates(header, hd.sr.GraphicTypeValues.POLYLINE, outline)])
+    code = detection.finding
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid(
+            sop_instance_uid,
+            "tracking",
+            "detection",
+            str(index),
+            *(f"{v:.3f}" for v in detection.center_mm),
+            prefix=uid_prefix,
+        ),
+        identifier=f"{code.meaning} {index} (AI detection)",
+    )
+    algorithm_id = _algorithm_id(algorithm)
+    measurements = [
+        _located_measurement(name, round(extent, 2), _MILLIMETRE, algorithm_id, location)
+        for name, extent in zip(_BOX_EXTENTS, extents, strict=True)
+    ]
+    measurements.append(
+        _located_measurement(CERTAINTY_OF_FINDING, detection.score, PROBABILITY_UNIT, algorithm_id, location)
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=to_pydicom_code(code),
+        algorithm_id=algorithm_id,
+        finding_sites=(
+            [hd.sr.FindingSite(to_pydicom_code(detection.finding_site))] if detection.finding_site else None
+        ),
+        measurements=measurements,
     )
 
 
@@ -504,6 +668,13 @@ def _check_inputs(volume: Volume, result: AnalysisResult, segmentation: Dataset 
         raise ValueError("Volume has no source headers; the SR must reference its source images")
     for finding in result.findings:
         _check_finding(finding)
+    for detection in result.detections:
+        if not 0.0 <= detection.score <= 1.0:
+            raise ValueError(
+                f"Detection {detection.finding.meaning!r} has score {detection.score}; must be 0..1"
+            )
+        if any(lo > hi for lo, hi in zip(detection.box_min_mm, detection.box_max_mm, strict=True)):
+            raise ValueError(f"Detection box {detection.box_min_mm}..{detection.box_max_mm} has min > max")
     if segmentation is None:
         if result.labels is not None or result.segments:
             raise ValueError(
@@ -601,34 +772,35 @@ def build_measurement_report(
         or threshold is outside 0..1.
     """
     _check_inputs(volume, result, segmentation)
-    answer_iod_lookups_once()  # highdicom asks the same questions of every evidence image
     algorithm_id = _algorithm_id(result.algorithm)
-    source_series_uid = volume.headers[0].SeriesInstanceUID
 
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
+    def sources(numbers: Sequence[int]) -> _Sources:
+        return _sources(segmentation, numbers, _anchor(volume, result.labels, numbers))
+
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     if segmentation is not None:  # without one, _check_inputs made sure there are no segments
         for segment in result.segments:
             specs = [m for m in result.measurements if m.segment_number == segment.number]
             groups.append(
                 _segment_group(
-                    segment,
-                    specs,
-                    segmentation,
-                    source_series_uid,
-                    algorithm_id,
-                    sop_instance_uid,
-                    uid_prefix,
+                    segment, specs, sources([segment.number]), algorithm_id, sop_instance_uid, uid_prefix
                 )
             )
-    # Whole-region measurements, one group per finding site, in first-seen order.
+    # Whole-region measurements, one group per finding site, in first-seen order; they are
+    # inferred from all segments together (e.g. "Lung" = right and left lung).
     regions: dict[Code, list[MeasurementSpec]] = {}
     for spec in result.measurements:
         if spec.segment_number is None:
             regions.setdefault(spec.finding_site, []).append(spec)
+    every_segment = [segment.number for segment in result.segments]
     for site, specs in regions.items():
-        groups.append(_region_group(site, specs, algorithm_id, sop_instance_uid, uid_prefix))
+        groups.append(
+            _region_group(site, specs, sources(every_segment), algorithm_id, sop_instance_uid, uid_prefix)
+        )
+    for index, detection in enumerate(result.detections, start=1):
+        groups.append(
+            _detection_group(index, detection, volume, result.algorithm, sop_instance_uid, uid_prefix)
+        )
     for finding in result.findings:
         groups.append(_finding_group(finding, volume.headers, result.algorithm, sop_instance_uid, uid_prefix))
 
@@ -645,6 +817,8 @@ def build_measurement_report(
         used_codes += [segment.category, segment.type]
     for finding in result.findings:
         used_codes += [finding.finding, finding.finding_site]
+    for detection in result.detections:
+        used_codes += [detection.finding, detection.finding_site]
 
     sr = hd.sr.Comprehensive3DSR(
         # Source images first: highdicom records the acquisition equipment of

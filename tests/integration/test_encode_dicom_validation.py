@@ -131,6 +131,17 @@ def _concept(item: Dataset) -> str:
     return item.ConceptNameCodeSequence[0].CodeMeaning
 
 
+def _child(item: Dataset, meaning: str) -> Dataset:
+    """The one child content item of ``item`` named ``meaning``."""
+    found = [child for child in item.get("ContentSequence", []) if _concept(child) == meaning]
+    assert len(found) == 1, f"{len(found)} items {meaning!r} under {_concept(item)!r}"
+    return found[0]
+
+
+def _measurement_groups(sr: Dataset) -> list[Dataset]:
+    return [item for item in _content_items(sr) if _concept(item) == "Measurement Group"]
+
+
 # --- the validators -------------------------------------------------------------------------
 
 
@@ -218,19 +229,31 @@ def test_sr_flags_are_partial_unverified_preliminary(encoded: Encoded) -> None:
 
 
 def test_sr_references_each_seg_segment(encoded: Encoded) -> None:
-    groups = _report(encoded.sr_path).get_volumetric_roi_measurement_groups()
-    referenced = {}
-    for group in groups:
-        segment = group.referenced_segment
-        assert segment is not None
-        assert segment.referenced_sop_instance_uid == encoded.seg.SOPInstanceUID
-        assert segment.referenced_sop_class_uid == encoded.seg.SOPClassUID
-        source_series = segment.source_series_for_segmentation
-        assert source_series is not None
-        assert source_series.value == encoded.volume.headers[0].SeriesInstanceUID
-        numbers = segment.referenced_segment_numbers
-        assert numbers is not None and len(numbers) == 1
-        referenced[int(numbers[0])] = group
+    # One TID 1501 group per segment (OHIF 3.13 needs a location in every group, which TID 1411's
+    # Referenced Segment excludes): each measurement is inferred from the SEG segment (IMAGE with
+    # Referenced Segment Number) and from a point inside that segment (SCOORD POINT on a source image).
+    sr = pydicom.dcmread(encoded.sr_path)
+    labels = encoded.result.labels
+    assert labels is not None
+    slice_of = {h.SOPInstanceUID: k for k, h in enumerate(encoded.volume.headers)}
+    referenced: dict[int, int] = {}
+    for group in _measurement_groups(sr):
+        if "(segment " not in _child(group, "Tracking Identifier").TextValue:
+            continue
+        numbers = [item for item in group.ContentSequence if item.ValueType == "NUM"]
+        assert numbers
+        for num in numbers:
+            image = _child(num, "Source of Measurement")
+            reference = image.ReferencedSOPSequence[0]
+            assert reference.ReferencedSOPInstanceUID == encoded.seg.SOPInstanceUID
+            assert reference.ReferencedSOPClassUID == encoded.seg.SOPClassUID
+            segment = int(reference.ReferencedSegmentNumber)
+            point = _child(num, "Source")
+            assert point.ValueType == "SCOORD" and point.GraphicType == "POINT"
+            column, row = (int(float(v) - 0.5) for v in point.GraphicData)
+            k = slice_of[point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+            assert labels[k, row, column] == segment  # the label sits inside its segment
+            referenced[segment] = referenced.get(segment, 0) + 1
     assert sorted(referenced) == [1, 2]
     # The SEG is listed as evidence, so a PACS can fetch it together with the SR.
     sr = pydicom.dcmread(encoded.sr_path)
@@ -265,10 +288,12 @@ def test_sr_measurements_use_ucum_and_carry_algorithm(encoded: Encoded) -> None:
 
 
 def test_sr_whole_lung_group_has_finding_site(encoded: Encoded) -> None:
-    groups = _report(encoded.sr_path).get_image_measurement_groups()
+    groups = [
+        group
+        for group in _report(encoded.sr_path).get_image_measurement_groups()
+        if group.finding_sites and group.finding_sites[0].value.value == "39607008"
+    ]
     assert len(groups) == 1
-    sites = [site.value for site in groups[0].finding_sites]
-    assert sites[0].value == "39607008"
     names = [m.name.meaning for m in groups[0].get_measurements()]
     assert names == ["Volume", "Attenuation Coefficient", "Low attenuation area below -950 HU"]
 
@@ -343,7 +368,7 @@ def _identities(ds: Dataset) -> dict[str, object]:
                 item.ReferencedSOPSequence[0].ReferencedSegmentNumber,
             )
             for item in _content_items(ds)
-            if item.ValueType == "IMAGE" and _concept(item) == "Referenced Segment"
+            if item.ValueType == "IMAGE" and _concept(item) == "Source of Measurement"
         ]
     return ids
 

@@ -85,8 +85,14 @@ def test_dsrdump_reads_the_draft(report_files: tuple[Path, Path]) -> None:
     assert "Completion Flag     : PARTIAL" in out
     assert "Verification Flag   : UNVERIFIED" in out
     assert "Preliminary Flag    : PRELIMINARY" in out
-    assert '<CONTAINER:(,,"Diagnostic Imaging Report")=CONTINUOUS>' in out
+    # SEPARATE: viewers show each observer context item on its own line, with its name.
+    assert '<CONTAINER:(,,"Diagnostic Imaging Report")=SEPARATE>' in out
     assert '(121007,DCM,"Device")' in out and '(121006,DCM,"Person")' not in out
+    # The status is in the text itself, first in the findings.
+    findings = out.index('<contains CONTAINER:(,,"Findings")')
+    assert out.index('<contains TEXT:(,,"Comment")="AI draft, not verified', findings) < out.index(
+        '(,,"Finding")=', findings
+    )
     assert '<contains CONTAINER:(,,"Findings")' in out and '<contains CONTAINER:(,,"Impressions")' in out
 
 

@@ -1,0 +1,249 @@
+"""pacs-ai's results in the OHIF viewer 3.13.2, as a radiologist opens them.
+
+The ``@ohif/app`` 3.13.2 production build (``npm pack`` from the npm registry
+into the gitignored ``.cache/npm``) is served by :class:`~tests.e2e.ohif.ViewerServer`
+with our own ``app-config.js`` and a same-origin proxy to Orthanc's DICOMweb
+plugin; headless Chromium (selenium) opens the study, the SEG (answering the
+"open this Segmentation?" prompt), the measurement SR and the draft report.
+Chromium resolves no host but loopback, so nothing can come from a CDN.
+Screenshots of every step are kept in ``.cache/ohif-screenshots/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+
+from pacs_ai.analyze.base import Code, DetectionSpec
+from pacs_ai.encode import EquipmentInfo
+from pacs_ai.encode.report_sr import DraftingModel, ReportText, build_draft_sr, draft_sr_uids
+from pacs_ai.encode.results import build_results
+from tests.e2e.ohif import OHIF_PACKAGE, REPO, ViewerServer, npm_package
+from tests.integration.synthetic_ct import lung_labels, lung_result, make_ct_series, volume_from_headers
+from tests.peers import OrthancServer, orthanc_dicomweb_config
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOTS = REPO / ".cache" / "ohif-screenshots"
+TIMEOUT = 40.0
+
+
+def _part10(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ohif_dist() -> Path:
+    try:
+        return npm_package(OHIF_PACKAGE) / "dist"
+    except RuntimeError as exc:
+        pytest.fail(f"cannot get {OHIF_PACKAGE} from the npm registry: {exc}")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not Path(binary).exists():
+            pytest.fail(f"{binary} missing; install Debian chromium and chromium-driver (scripts/test does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1600,1000",
+        # Only loopback resolves: a request to a CDN fails instead of leaving the machine.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(what: str, condition: Callable[[], object], timeout: float = TIMEOUT) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"OHIF: timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+class Viewer:
+    """The few OHIF interactions the test needs, with a screenshot after each step."""
+
+    def __init__(self, driver: webdriver.Chrome, shots: Path) -> None:
+        self.driver = driver
+        self.shots = shots
+        self.console: list[dict[str, object]] = []
+
+    def shot(self, name: str) -> None:
+        self.driver.save_screenshot(str(self.shots / f"{name}.png"))
+        self.console += self.driver.get_log("browser")
+
+    def wait(self, what: str, condition: Callable[[], object]) -> None:
+        """Wait for ``condition``; on a timeout keep a screenshot named after ``what``."""
+        try:
+            _wait(what, condition)
+        except AssertionError:
+            self.shot("failed " + what.replace(" ", "-"))
+            raise
+
+    def text(self) -> str:
+        return self.driver.find_element(By.TAG_NAME, "body").get_attribute("innerHTML") or ""
+
+    def thumbnail(self, description: str) -> WebElement:
+        def find() -> WebElement | None:
+            for element in self.driver.find_elements(By.CSS_SELECTOR, '[data-cy^="study-browser-thumbnail"]'):
+                if description in element.text:
+                    return element
+            return None
+
+        return _wait(f"the thumbnail of {description!r}", find)  # type: ignore[return-value]
+
+    def open(self, description: str) -> None:
+        """Double-click a series thumbnail (again if React re-rendered it meanwhile)."""
+        for _ in range(5):
+            try:
+                ActionChains(self.driver).double_click(self.thumbnail(description)).perform()
+                return
+            except StaleElementReferenceException:
+                time.sleep(0.5)
+        raise AssertionError(f"OHIF: the thumbnail of {description!r} kept changing")
+
+    def click(self, label: str) -> None:
+        """Click the visible button labelled ``label`` once it appears."""
+
+        def clicked() -> bool:
+            try:
+                for element in self.driver.find_elements(By.TAG_NAME, "button"):
+                    if element.is_displayed() and element.text.strip() == label:
+                        element.click()
+                        return True
+            except StaleElementReferenceException:
+                pass
+            return False
+
+        _wait(f"a {label!r} button", clicked)
+
+    def panel(self, data_cy: str) -> None:
+        self.driver.find_element(By.CSS_SELECTOR, f'[data-cy="{data_cy}"]').click()
+
+    def assert_no_error(self, step: str) -> None:
+        page = self.text()
+        for sign in ("Something went wrong", "Error boundary", 'data-type="error"'):
+            assert sign not in page, f"OHIF shows an error after {step}: {sign!r}"
+        self.console += self.driver.get_log("browser")
+        about_results = [
+            entry["message"]
+            for entry in self.console
+            if entry["level"] == "SEVERE"
+            and any(
+                word in str(entry["message"]) for word in ("SEG", "SR", "egmentation", "TypeError", "eport")
+            )
+        ]
+        assert not about_results, f"console errors after {step}: {about_results}"
+
+
+def test_ohif_shows_seg_measurements_and_draft(
+    ohif_dist: Path, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    series = make_ct_series(n_slices=24, rows=128, columns=128)
+    headers = [pydicom.dcmread(DicomBytesIO(_part10(ds)), stop_before_pixels=True) for ds in series]
+    volume = volume_from_headers(headers)
+    result = lung_result(volume, lung_labels(volume.voxels.shape))
+    middle = volume.headers[len(volume.headers) // 2]
+    z = float(middle.ImagePositionPatient[2])
+    result.detections = [
+        DetectionSpec(Code("27925004", "SCT", "Nodule"), 0.87, (-30.0, -10.0, z - 3), (-18.0, 2.0, z + 3))
+    ]
+    equipment = EquipmentInfo()
+    (_, seg), (_, sr) = build_results(volume, result, key="ohif-test", equipment=equipment)
+    draft_series, draft_instance = draft_sr_uids("ohif-test", 1)
+    draft = build_draft_sr(
+        evidence=[*volume.headers, seg, sr],
+        text=ReportText("Both lungs are aerated.", "No acute cardiopulmonary finding."),
+        drafter=DraftingModel("template", "lung-v1"),
+        equipment=equipment,
+        series_instance_uid=draft_series,
+        sop_instance_uid=draft_instance,
+    )
+    right_volume = next(
+        m.value for m in result.measurements if m.segment_number == 1 and m.name.value == "118565006"
+    )
+
+    shots = SCREENSHOTS / "test_ohif_shows_seg_measurements_and_draft"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    with OrthancServer(extra_config=orthanc_dicomweb_config()) as orthanc:
+        for ds in (*series, seg, sr, draft):
+            requests.post(f"{orthanc.url}/instances", data=_part10(ds), timeout=30).raise_for_status()
+        with ViewerServer(ohif_dist, orthanc.host, orthanc.http_port) as server:
+            viewer = Viewer(browser, shots)
+            browser.get(f"{server.origin}/viewer?StudyInstanceUIDs={series[0].StudyInstanceUID}")
+            viewer.thumbnail("AI lung segmentation")
+            time.sleep(1)
+            for skip in browser.find_elements(By.XPATH, '//*[text()="Skip all"]'):  # the first-use tour
+                skip.click()
+            viewer.shot("1-study")
+            viewer.assert_no_error("opening the study")
+
+            viewer.open("AI lung segmentation")
+            viewer.click("Yes")  # "Do you want to open this Segmentation?"
+            viewer.panel("panelSegmentation-btn")
+            viewer.wait(
+                "both segment labels", lambda: "Right lung" in viewer.text() and "Left lung" in viewer.text()
+            )
+            viewer.shot("2-segmentation")
+            viewer.assert_no_error("opening the SEG")
+
+            viewer.open("AI lung measurements")
+            viewer.wait("the right lung volume", lambda: f"{right_volume:.2f} mL" in viewer.text())
+            viewer.shot("3-measurements")
+            viewer.assert_no_error("opening the measurement SR")
+            assert "Attenuation Coefficient" in viewer.text()
+
+            viewer.open("CHEST CT")
+            viewer.wait(
+                "the segment labels after the SR",
+                lambda: "Right lung" in viewer.text() and "Left lung" in viewer.text(),
+            )
+            viewer.shot("4-segmentation-after-sr")
+            viewer.assert_no_error("going back to the images")
+
+            viewer.open("AI draft report")
+            viewer.wait("the draft's status", lambda: "AI draft, not verified" in viewer.text())
+            viewer.shot("5-draft")
+            viewer.assert_no_error("opening the draft")
+            assert "No acute cardiopulmonary finding." in viewer.text()
+            dicomweb_errors = [(path, status) for path, status in server.requests if status >= 400]
+            assert not dicomweb_errors, dicomweb_errors
