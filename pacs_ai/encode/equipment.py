@@ -25,11 +25,13 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pacs_ai.analyze.base import AlgorithmInfo
+from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
     "EquipmentInfo",
     "GeneralEquipment",
     "add_contributing_equipment",
+    "algorithm_device_uid",
     "contributing_equipment",
     "processing_equipment",
 ]
@@ -94,6 +96,26 @@ class EquipmentInfo:
         )
 
 
+def algorithm_device_uid(
+    equipment: EquipmentInfo, algorithm: AlgorithmInfo, prefix: str | None = None
+) -> str:
+    """The Device UID of "this algorithm version on this pacs-ai installation".
+
+    Stable across results, so a receiver can group every result of one
+    algorithm version (IHE AI Results asks for it in Contributing Equipment);
+    the measurement SR's device observer (TID 1004) carries the same UID.
+    """
+    return derived_uid(
+        "device-observer",
+        equipment.manufacturer,
+        equipment.model_name,
+        equipment.device_serial_number,
+        algorithm.name,
+        algorithm.version,
+        prefix=prefix,
+    )
+
+
 def contributing_equipment(
     equipment: EquipmentInfo, *, software: str, description: str
 ) -> hd.ContributingEquipment:
@@ -115,13 +137,17 @@ def contributing_equipment(
     )
 
 
-def processing_equipment(equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
+def processing_equipment(
+    equipment: EquipmentInfo, algorithm: AlgorithmInfo, uid_prefix: str | None = None
+) -> hd.ContributingEquipment:
     """Build the Contributing Equipment item naming pacs-ai and the algorithm.
 
     Software Versions holds two values, ``"pacs-ai <version>"`` and
     ``"<algorithm> <version>"``, so both are recoverable without parsing the
-    SR content tree.  No Contribution DateTime is written: it would differ on
-    every re-run while the result itself does not.
+    SR content tree; Device UID is :func:`algorithm_device_uid` (highdicom's
+    class has no argument for it, so it is set on the item).  No Contribution
+    DateTime is written: it would differ on every re-run while the result
+    itself does not.
     """
     algorithm_version = f"{algorithm.name} {algorithm.version}"
     if len(algorithm_version) > 64:
@@ -129,13 +155,15 @@ def processing_equipment(equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> 
             f"Algorithm name and version {algorithm_version!r} exceed 64 characters "
             "(Software Versions is LO); shorten AlgorithmInfo.name or .version"
         )
-    return contributing_equipment(
+    item = contributing_equipment(
         equipment,
         software=algorithm_version,
         description=(
             f"AI analysis by {algorithm.name} {algorithm.version}; result not verified by a physician"
         ),
     )
+    item.DeviceUID = algorithm_device_uid(equipment, algorithm, uid_prefix)
+    return item
 
 
 def add_contributing_equipment(ds: Dataset, equipment: EquipmentInfo, algorithm: AlgorithmInfo) -> None:

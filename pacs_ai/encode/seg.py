@@ -169,7 +169,7 @@ def build_segmentation(
         content_label=content_label,
         omit_empty_frames=True,
         series_description=series_description,
-        contributing_equipment=[processing_equipment(equipment, result.algorithm)],
+        contributing_equipment=[processing_equipment(equipment, result.algorithm, uid_prefix)],
         coding_schemes=local_coding_schemes(
             [result.algorithm.family, *(c for s in result.segments for c in (s.category, s.type))],
             equipment.manufacturer,

@@ -58,7 +58,7 @@ from pacs_ai.analyze.base import (
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode.coding import local_coding_schemes, to_pydicom_code
 from pacs_ai.encode.copied import drop_invalid_optional_attributes
-from pacs_ai.encode.equipment import EquipmentInfo, processing_equipment
+from pacs_ai.encode.equipment import EquipmentInfo, algorithm_device_uid, processing_equipment
 from pacs_ai.encode.uids import derived_uid
 
 __all__ = [
@@ -123,17 +123,9 @@ def procedure_reported_for(header: Dataset) -> Code:
 def _observation_context(
     equipment: EquipmentInfo, algorithm: AlgorithmInfo, uid_prefix: str | None
 ) -> hd.sr.ObservationContext:
-    # The device UID identifies "this algorithm version on this installation",
-    # stable across reports so observations can be grouped by observer.
-    device_uid = derived_uid(
-        "device-observer",
-        equipment.manufacturer,
-        equipment.model_name,
-        equipment.device_serial_number,
-        algorithm.name,
-        algorithm.version,
-        prefix=uid_prefix,
-    )
+    # The device UID identifies "this algorithm version on this installation", stable across
+    # reports so observations can be grouped by observer; Contributing Equipment has the same.
+    device_uid = algorithm_device_uid(equipment, algorithm, uid_prefix)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid,
         name=f"{algorithm.name} {algorithm.version}",
@@ -834,7 +826,7 @@ def build_measurement_report(
         is_complete=False,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[processing_equipment(equipment, result.algorithm)],
+        contributing_equipment=[processing_equipment(equipment, result.algorithm, uid_prefix)],
         coding_schemes=local_coding_schemes(used_codes, equipment.manufacturer) or None,
         previous_versions=previous_versions,
     )
