@@ -1,4 +1,4 @@
-"""Index tables of the reporting workflow: worklist users and report drafts.
+"""Index tables of the reporting workflow: worklist users, report drafts and the site's signed reports.
 
 A :class:`ReportDraft` is one AI-written report of one study and what became
 of it: drafted (``draft``), signed by a radiologist (``accepted``), turned
@@ -6,6 +6,12 @@ down with a reason (``rejected``), or replaced by a newer draft of the same
 study before anyone decided (``superseded``).  The text the drafter wrote is
 kept unchanged next to the text that was signed, so an audit can show what
 the radiologist changed.
+
+A :class:`SignedReport` is one report a radiologist signed, as findings and
+impression text: every draft signed in the worklist (copied by
+:func:`pacs_ai.report.signed_reports.index_signed_drafts`) and past reports
+loaded with ``pacs-ai reports import``.  The retrieval drafter suggests
+impressions from them (:mod:`pacs_ai.report.drafters.retrieval`).
 
 The tables share :class:`~pacs_ai.index.models.Base` with the rest of the
 index, so Alembic (``migrations/env.py`` imports this module) sees them.
@@ -22,7 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from pacs_ai.index.models import Base, Job, Study, utcnow
 
-__all__ = ["ReportDraft", "ReportStatus", "Role", "User"]
+__all__ = ["ReportDraft", "ReportStatus", "Role", "SignedReport", "User"]
 
 
 class Role(enum.StrEnum):
@@ -103,3 +109,23 @@ class ReportDraft(Base):
     study: Mapped[Study] = relationship()
     job: Mapped[Job] = relationship()
     decided_by: Mapped[User | None] = relationship()
+
+
+class SignedReport(Base):
+    """A signed report's findings and impression, for impression suggestions from similar findings."""
+
+    __tablename__ = "signed_reports"
+    __table_args__ = (UniqueConstraint("source", "external_id", name="uq_signed_report_source_external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: "worklist" (signed here) or "import" (``pacs-ai reports import``).
+    source: Mapped[str] = mapped_column(String(16))
+    #: The imported report's own identifier, or "draft:<id>" for worklist reports; repeats are skipped.
+    external_id: Mapped[str] = mapped_column(String(128))
+    report_draft_fk: Mapped[int | None] = mapped_column(ForeignKey("report_drafts.id"), unique=True)
+    findings_text: Mapped[str] = mapped_column(Text)
+    impression_text: Mapped[str] = mapped_column(Text)
+    #: DICOM Modality of the study where known ("CR", "CT"), to prefer reports of the same kind.
+    modality: Mapped[str | None] = mapped_column(String(16))
+    signed_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -136,8 +136,11 @@ class Comparison:
         return [c for c in self.asserted if c.concept in sources], True
 
     def ruled_out(self, draft: Claim) -> list[Claim]:
-        """Evidence claims ruling out the draft's concept or a broader one, on the draft's side."""
-        above = self.vocab.ancestors(draft.concept) | {draft.concept}
+        """Evidence ruling out the draft's concept, a broader or a narrower one, on the draft's side.
+
+        A narrower one counts: "no displaced rib fractures" lets an impression say "no displaced fractures".
+        """
+        above = self.vocab.ancestors(draft.concept) | self._below(draft.concept)
         return [
             c
             for c in self.negated
@@ -148,7 +151,12 @@ class Comparison:
         """Evidence asserting (even hedged) what a draft rules out, or something narrower, on its side."""
         below = self._below(draft.concept)
         if draft.concept == ACUTE_SUMMARY or self._summary(draft.concept):
-            found = [c for c in self.asserted if c.concept in below and not (c.time & NOT_ACUTE_TIMES)]
+            # Hedged findings ("possible small effusions") are not held against "no acute abnormality".
+            found = [
+                c
+                for c in self.asserted
+                if c.concept in below and not (c.time & NOT_ACUTE_TIMES) and not c.uncertain
+            ]
             if draft.concept == ABNORMALITY:
                 found = [c for c in found if (self.vocab.concepts[c.concept].kind != "device")]
             return found
@@ -175,7 +183,8 @@ class Comparison:
                     f"{_where(draft)} rules out {draft.concept}; the findings have {_describe(conflict)}",
                 )
             ]
-        if self._summary(draft.concept) or self.ruled_out(draft):
+        # A normal statement ("clear lungs") restates absences; only a contradiction counts against it.
+        if draft.normal or self._summary(draft.concept) or self.ruled_out(draft):
             return []
         return [
             Violation(
@@ -308,6 +317,16 @@ class Comparison:
                 )
         return violations
 
+    def check(self, draft_text: str) -> list[Violation]:
+        """Every way ``draft_text`` goes beyond or against the evidence."""
+        draft = read_text(draft_text)
+        violations: list[Violation] = []
+        for claim in draft.claims:
+            violations += self.check_claim(claim)
+        for number in draft.loose_numbers:
+            violations += self.check_loose_number(number)
+        return list(dict.fromkeys(violations))
+
     def check_loose_number(self, number: NumberMention) -> list[Violation]:
         references = [n for c in self.evidence.claims for n in c.numbers] + list(self.evidence.loose_numbers)
         if any(_numbers_match(number, n) for n in references):
@@ -345,11 +364,4 @@ def _levels(levels: frozenset[int]) -> str:
 
 def check_against_findings(draft_text: str, findings_text: str) -> list[Violation]:
     """Every way ``draft_text`` goes beyond or against ``findings_text`` (see the module docstring)."""
-    comparison = Comparison(read_text(findings_text))
-    draft = read_text(draft_text)
-    violations: list[Violation] = []
-    for claim in draft.claims:
-        violations += comparison.check_claim(claim)
-    for number in draft.loose_numbers:
-        violations += comparison.check_loose_number(number)
-    return list(dict.fromkeys(violations))
+    return Comparison(read_text(findings_text)).check(draft_text)

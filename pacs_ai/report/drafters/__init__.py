@@ -9,7 +9,7 @@ write and falls back to the template draft.
 A profile chooses the backend and its parameters (:class:`DrafterConfig`)::
 
     report:
-      backend: openai              # template (default) | transformers | openai
+      backend: openai              # template (default) | transformers | openai | retrieval
       params: {base_url: "http://llm.hospital.local:8000/v1", model: "medgemma-27b-text"}
 
 A new backend is one module plus one entry in :data:`_FACTORIES` (or a call of
@@ -115,10 +115,17 @@ def _openai(params: Mapping[str, Any]) -> Drafter:
     return OpenAIDrafter.from_params(params)
 
 
+def _retrieval(params: Mapping[str, Any]) -> Drafter:
+    from pacs_ai.report.drafters.retrieval import RetrievalDrafter
+
+    return RetrievalDrafter.from_params(params)
+
+
 _FACTORIES: dict[str, DrafterFactory] = {
     "template": _template,
     "transformers": _transformers,
     "openai": _openai,
+    "retrieval": _retrieval,
 }
 
 
