@@ -25,7 +25,6 @@ import logging
 import resource
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, cast
 
 import psutil
@@ -58,6 +57,8 @@ from pacs_ai.index.models import (
 )
 from pacs_ai.index.results import record_result
 from pacs_ai.route.priority import PriorityDecision, decide_priority, less_urgent_than, parse_rules
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.keys import result_key
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,9 @@ def run_job(
         assert series is not None
         series_uid, study_fk = series.series_instance_uid, series.study_fk
         version, previous = job.version, _previous_results(session, job)
-        paths = [
-            Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))
-        ]
-    log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(paths), series_uid)
+        keys = list(session.scalars(select(Instance.path).where(Instance.series_fk == series.id)))
+    log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(keys), series_uid)
+    files = HostFiles(settings)
 
     timings: dict[str, float] = {
         "rss_start_mb": _current_rss_mb(),
@@ -110,6 +110,11 @@ def run_job(
         except ValidationError as exc:
             raise InvalidParameters(f"priority rules cannot be read: {exc}") from exc
         analyzer = get_analyzer(analyzer_name)
+        # The series from the storage into this host's cache (nothing to fetch where the spool or a
+        # local storage folder has it); a storage that cannot be reached raises StorageError, retried.
+        started = time.perf_counter()
+        paths = files.local_paths(keys)
+        timings["fetch_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         volume = analyzer.load(paths, params)
         timings["load_seconds"] = time.perf_counter() - started
@@ -120,8 +125,11 @@ def run_job(
         timings["analyze_seconds"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        written = _encode_and_write(settings, volume, result, job_key, version, previous)
+        written = _encode_and_write(settings, files, volume, result, job_key, version, previous)
         timings["encode_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stored = _store_results(files, str(volume.headers[0].StudyInstanceUID), written)
+        timings["store_seconds"] = time.perf_counter() - started
         # Peak resident memory of this worker process so far (Linux reports KiB).
         timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except AnalysisRefused as refused:
@@ -140,7 +148,7 @@ def run_job(
     with session_scope(sessions) as session:
         job = session.get(Job, job_id)
         assert job is not None
-        for item in written:
+        for item, key in zip(written, stored, strict=True):
             # The worker enqueues the deliveries right away; the lease lets the scheduler
             # re-enqueue one should that message be lost.
             record_result(
@@ -150,7 +158,7 @@ def run_job(
                 sop_class_uid=item.sop_class_uid,
                 sop_instance_uid=item.sop_instance_uid,
                 series_instance_uid=item.series_instance_uid,
-                path=item.path,
+                path=key,
                 destinations=destinations,
                 next_attempt_at=lease_expiry(),
             )
@@ -249,15 +257,30 @@ def _record_replacements(
             )
 
 
+def _store_results(files: HostFiles, study_uid: str, written: list[WrittenResult]) -> list[str]:
+    """Put the written result files into the storage; their keys, in order.
+
+    The results are in the storage before the index records them, so the
+    receiver's dispatch (on any host) finds every result the index names.
+    """
+    keys = []
+    for item in written:
+        key = result_key(study_uid, item.sop_instance_uid)
+        files.put_result(key, item.path)
+        keys.append(key)
+    return keys
+
+
 def _encode_and_write(
     settings: Settings,
+    files: HostFiles,
     volume: Volume,
     result: AnalysisResult,
     job_key: str,
     version: int = 1,
     previous: list[PreviousResult] | None = None,
 ) -> list[WrittenResult]:
-    """SEG and SR of the job written (fsynced) under the study's results folder."""
+    """SEG and SR of the job written (fsynced) into the study's staging folder (see ``HostFiles``)."""
     equipment = EquipmentInfo(
         institution_name=settings.institution_name,
         station_name=settings.station_name,
@@ -266,7 +289,7 @@ def _encode_and_write(
     return write_results(
         volume,
         result,
-        settings.results_dir / str(volume.headers[0].StudyInstanceUID),
+        files.staging_dir(str(volume.headers[0].StudyInstanceUID)),
         key=job_key,
         equipment=equipment,
         uid_prefix=settings.uid_prefix,

@@ -53,6 +53,7 @@ from pacs_ai.route.reprocess import (
     reopen_series,
     reprocess_progress,
 )
+from pacs_ai.storage.files import HostFiles
 
 
 @dataclass
@@ -143,6 +144,7 @@ def _from_pacs(
 def _resolve(
     sessions: sessionmaker[Session],
     clients: dict[str, QueryRetrieveClient],
+    files: HostFiles,
     *,
     study_uids: list[str],
     accessions: list[str],
@@ -158,6 +160,7 @@ def _resolve(
             accession_numbers=accessions,
             study_dates=study_dates,
             modality=modality,
+            files=files,
         )
     plans = {study.study_instance_uid: _from_index(study) for study in indexed}
     known_accessions = {study.accession_number for study in indexed}
@@ -258,13 +261,17 @@ def _retrieve(
                 )
 
 
-def _reopen(sessions: sessionmaker[Session], plans: list[StudyPlan], actor: str) -> list[int]:
+def _reopen(
+    sessions: sessionmaker[Session], plans: list[StudyPlan], actor: str, files: HostFiles
+) -> list[int]:
     """Reopen every complete series; returns the ids of the series the service will now work on."""
     series_ids: list[int] = []
     with session_scope(sessions) as session:
         for plan in plans:
             known = [s for s in plan.series if s.series_id is not None and s.problem is None]
-            still_missing = missing_files(session, [s.series_id for s in known if s.series_id is not None])
+            still_missing = missing_files(
+                session, [s.series_id for s in known if s.series_id is not None], files
+            )
             for series in known:
                 lost = still_missing.get(series.series_id or 0, 0)
                 if lost:
@@ -412,9 +419,11 @@ def reprocess(
     sessions = index_sessions(settings)
     clients = _clients(settings, pacs)
     problems: list[str] = []
+    files = HostFiles(settings)
     plans = _resolve(
         sessions,
         clients,
+        files,
         study_uids=study_uids,
         accessions=accessions,
         study_dates=study_dates,
@@ -428,7 +437,7 @@ def reprocess(
         with session_scope(sessions) as session:
             after_job_id = last_job_id(session)  # jobs the router opens from now on are this reprocess's
         _retrieve(settings, clients, plans, show=show, plain=not as_json and not show)
-        series_ids = _reopen(sessions, plans, cli_actor())
+        series_ids = _reopen(sessions, plans, cli_actor(), files)
         report["retrieved_instances"] = sum(s.retrieved for p in plans for s in p.series)
         problems += [
             f"series {s.series_instance_uid}: {s.problem}" for p in plans for s in p.series if s.problem
