@@ -7,12 +7,13 @@ between runs (handy while developing; CI trains them afresh).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import modelzoo
+from tests.object_store import SeaweedS3
 
 
 def _model_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
@@ -25,6 +26,13 @@ def _model_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             (target / ".complete").write_text("")
         return target
     return build(tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS) on loopback for the session; each test takes a prefix of its own."""
+    with SeaweedS3() as store:
+        yield store
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Job, JobState, Study, utcnow
 from pacs_ai.redact import redact_text, redact_url
 from pacs_ai.report.pipeline import ReportPipeline
+from pacs_ai.storage.base import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,17 @@ DRAFT_IF_DUE_TASK = "pacs_ai.draft_report_if_due"
 
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
+#: Retries of an analysis whose series or results the storage could not read or take (unreachable,
+#: slow): the store's outage, not the job, is the problem, so it is waited out for longer.
+STORAGE_MAX_RETRIES = 10
+#: The longest wait between two of those retries; well below the broker's visibility timeout.
+STORAGE_RETRY_MAX_SECONDS = 300
+
+
+def storage_retry_countdown(retries: int) -> float:
+    """Seconds before retry ``retries + 1`` of a job the storage failed: 5, 10, 20 ... at most 300."""
+    return float(min(STORAGE_RETRY_MAX_SECONDS, 5 * 2**retries))
+
 
 #: Time limit of an analysis message that carries none (sent by an older scheduler).
 DEFAULT_SOFT_TIME_LIMIT = 1800.0
@@ -79,6 +91,17 @@ def analyze_series(self: Task, job_id: int) -> None:
         _give_up(app, job_id, f"error: analysis exceeded its time limit of {_soft_limit(self):g} s")
         _queue_draft_decision(app, job_id)
         return
+    except StorageError as exc:
+        retries = self.request.retries
+        if retries >= STORAGE_MAX_RETRIES:
+            _give_up(app, job_id, f"storage: {exc} (after {retries} retries)")
+            _queue_draft_decision(app, job_id)
+            return
+        countdown = storage_retry_countdown(retries)
+        _wait_for_storage(
+            app, job_id, f"storage: {exc} (retry {retries + 1} of {STORAGE_MAX_RETRIES} in {countdown:g} s)"
+        )
+        raise self.retry(exc=exc, countdown=countdown, max_retries=STORAGE_MAX_RETRIES) from exc
     except Exception as exc:
         if self.request.retries >= ANALYZE_MAX_RETRIES:
             _give_up(
@@ -97,6 +120,17 @@ def _soft_limit(task: Task) -> float:
     limits = task.request.timelimit or (None, None)
     soft = limits[1] if len(limits) > 1 else None
     return float(soft if soft is not None else task.soft_time_limit or DEFAULT_SOFT_TIME_LIMIT)
+
+
+def _wait_for_storage(app, job_id: int, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """Put a job the storage failed back to QUEUED with the reason, as ``pacs-ai jobs list`` shows it."""
+    with session_scope(app.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.state == JobState.RUNNING:
+            job.state = JobState.QUEUED
+            job.claimed_by = None
+            job.error = reason
+    log.warning("job %d waits for the storage: %s", job_id, reason)
 
 
 def _give_up(app, job_id: int, reason: str) -> None:  # type: ignore[no-untyped-def]

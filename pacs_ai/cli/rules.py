@@ -28,6 +28,7 @@ from pacs_ai.route.rules import (
     find_rules_file,
     load_rules,
 )
+from pacs_ai.storage.files import HostFiles
 
 rules_app = typer.Typer(help="Routing rules (rules.yaml next to the profiles).", no_args_is_help=True)
 
@@ -123,6 +124,7 @@ def _samples_from_files(target: Path, calling_ae: str | None, peer: str | None) 
 
 def _samples_from_index(ctx: typer.Context, study_uid: str, peer: str | None) -> list[SeriesSample]:
     samples: list[SeriesSample] = []
+    files = HostFiles(settings_of(ctx))
     with session_scope(index_sessions(settings_of(ctx))) as session:
         study = session.scalar(
             select(Study).where(
@@ -132,10 +134,10 @@ def _samples_from_index(ctx: typer.Context, study_uid: str, peer: str | None) ->
         if study is None:
             return []
         for series in session.scalars(select(Series).where(Series.study_fk == study.id).order_by(Series.id)):
-            path = session.scalar(select(Instance.path).where(Instance.series_fk == series.id).limit(1))
-            if path is None:
+            key = session.scalar(select(Instance.path).where(Instance.series_fk == series.id).limit(1))
+            if key is None:
                 continue
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(files.local_path(key), stop_before_pixels=True)
             samples.append(
                 SeriesSample(
                     series.series_instance_uid,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +21,8 @@ from pacs_ai.dispatch.senders import send
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Result, utcnow
+from pacs_ai.storage.base import StorageError
+from pacs_ai.storage.files import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             return True
         result = session.get(Result, delivery.result_fk)
         assert result is not None
-        destination_name, path, sop_uid = delivery.destination, Path(result.path), result.sop_instance_uid
+        destination_name, key, sop_uid = delivery.destination, result.path, result.sop_instance_uid
 
     destination = settings.destinations.get(destination_name)
     error: DeliveryError | None
@@ -52,8 +53,12 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
         error = DeliveryError(f"destination {destination_name!r} is not configured")
     else:
         try:
+            # From the storage (the worker that made it may be on another host), via this host's cache.
+            path = HostFiles(settings).local_path(key)
             send(destination, [path], calling_ae_title=settings.ae_title)
             error = None
+        except StorageError as exc:
+            error = DeliveryError(f"the result cannot be read from the storage: {exc}")
         except DeliveryError as exc:
             error = exc
         except (OSError, RuntimeError, ValueError) as exc:

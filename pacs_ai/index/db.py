@@ -235,6 +235,9 @@ def alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade_schema(url: str) -> None:
-    """Bring the database to the newest schema (idempotent)."""
-    command.upgrade(alembic_config(url), "head")
+    """Bring the database to the newest schema (idempotent).
+
+    ``heads``: every branch, should two migrations written at the same time name the same parent.
+    """
+    command.upgrade(alembic_config(url), "heads")
     log.info("index database schema is up to date")

@@ -259,7 +259,7 @@ class NewInstanceInsert:
 
 
 def find_instance(connection: Connection, sop_instance_uid: str) -> tuple[int, str] | None:
-    """(id, spool path) of an indexed instance, or None."""
+    """(id, storage key) of an indexed instance, or None."""
     row = connection.execute(
         select(Instance.id, Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
     ).first()
@@ -287,6 +287,7 @@ def record_duplicate(
             transfer_syntax_uid=header.transfer_syntax_uid,
             received_at=utcnow(),
             routed=False,
+            uploaded_at=None,  # the new copy goes to the object store again
         )
     copies = connection.execute(
         update(Instance)

@@ -153,7 +153,11 @@ class Series(Base):
 
 
 class Instance(Base):
-    """One accepted SOP instance; ``path`` is its file in the spool, as received."""
+    """One accepted SOP instance; ``path`` is its storage key (``instances/<study>/<series>/<sop>.dcm``).
+
+    The key names the instance in the storage (:mod:`pacs_ai.storage`) and, on
+    the receiver, its file in the spool; no host path is recorded.
+    """
 
     __tablename__ = "instances"
     __table_args__ = (Index("ix_instances_unrouted", "routed", "series_fk"),)
@@ -176,6 +180,10 @@ class Instance(Base):
     #: When retention deleted the spool file (``path`` is kept for the record); None while it is there.
     #: Such a row may be received again: the listener restores the file (see ``pacs_ai.index.purge``).
     purged_at: Mapped[datetime | None] = mapped_column()
+    #: When the uploader put the spool file into a remote object store (``storage_url``); None while
+    #: only the receiver's spool has it.  Always None with the embedded storage, which is the spool.
+    #: A series is routed only once every instance is uploaded (see ``pacs_ai.storage.uploader``).
+    uploaded_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -258,6 +266,7 @@ class Result(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
+    #: Storage key of the object (``results/<study>/<sop>.dcm``; a forwarded original's instance key).
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: When retention deleted the file after every delivery succeeded (``retention_purge_results``).

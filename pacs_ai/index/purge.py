@@ -57,6 +57,7 @@ from pacs_ai.index.retention import (
     StudyFacts,
     plan_retention,
 )
+from pacs_ai.storage.keys import RESULTS, spool_path
 
 __all__ = [
     "PurgeOutcome",
@@ -256,22 +257,26 @@ def purge_study(
         .tuples()
         .all()
     )
+    rows = [(row_id, str(spool_path(settings.spool_dir, key)), size) for row_id, key, size in rows]
     deleted = _delete_files(session, Instance, rows, settings.spool_dir, outcome, now)
     outcome.instances = len(deleted)
 
     if settings.retention_purge_results:
         results = [
-            (result_id, path, _size(Path(path)))
-            for result_id, path in session.execute(
-                select(Result.id, Result.path)
-                .join(Job, Job.id == Result.job_fk)
-                .join(Series, Series.id == Job.series_fk)
-                .where(
-                    Series.study_fk == study.study_id,
-                    Result.kind != _SPOOL_RESULT_KIND,
-                    Result.purged_at.is_(None),
-                )
-            ).tuples()
+            (result_id, str(path), _size(path))
+            for result_id, path in (
+                (result_id, _result_file(settings, key))
+                for result_id, key in session.execute(
+                    select(Result.id, Result.path)
+                    .join(Job, Job.id == Result.job_fk)
+                    .join(Series, Series.id == Job.series_fk)
+                    .where(
+                        Series.study_fk == study.study_id,
+                        Result.kind != _SPOOL_RESULT_KIND,
+                        Result.purged_at.is_(None),
+                    )
+                ).tuples()
+            )
         ]
         outcome.results = len(_delete_files(session, Result, results, settings.results_dir, outcome, now))
 
@@ -293,6 +298,17 @@ def purge_study(
     )
     _remove_empty_directories({Path(path).parent for path in deleted}, settings.spool_dir)
     return outcome
+
+
+def _result_file(settings: Settings, key: str) -> Path:
+    """The local file of a result key: under ``results_dir`` (a host path recorded before keys as is).
+
+    With a remote store the file is not here (the worker put it in the store); retention leaves
+    the store's copy to the store's own lifecycle rules.
+    """
+    if key.startswith("/"):
+        return Path(key)
+    return settings.results_dir / key.removeprefix(RESULTS + "/")
 
 
 def _delete_files(

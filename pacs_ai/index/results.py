@@ -30,11 +30,14 @@ def record_result(
     sop_class_uid: str,
     sop_instance_uid: str,
     series_instance_uid: str,
-    path: Path,
+    path: str | Path,
     destinations: Sequence[str],
     next_attempt_at: datetime,
 ) -> Result:
     """The result row of ``sop_instance_uid`` (added if new) with a delivery to each destination.
+
+    ``path`` is the object's storage key (``results/<study>/<sop>.dcm``, see
+    :mod:`pacs_ai.storage.keys`); it is in the storage before this is called.
 
     ``next_attempt_at`` is when the scheduler may send a new delivery: now for
     work nobody queues, or a lease (:func:`pacs_ai.dispatch.delivery.lease_expiry`)

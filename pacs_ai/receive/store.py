@@ -49,6 +49,8 @@ from pacs_ai.receive.headers import (
     read_header,
 )
 from pacs_ai.receive.spool import Spool, UnsafeIdentifier
+from pacs_ai.storage.keys import spool_key, spool_path
+from pacs_ai.storage.uploader import UploadBacklog
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,8 @@ class StoreHandler:
         self.series_ids = SeriesIds()
         self.group_commit = GroupCommit(self.gate, self.series_ids)
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
+        #: Refuses instances while too many acknowledged ones are not yet in the object store.
+        self.upload_backlog = UploadBacklog(settings, self.gate.engine)
         # Set up the ORM's mappers now (about 20 ms of CPU) rather than while the first
         # instance's sender waits for its response.
         configure_mappers()
@@ -208,6 +212,9 @@ class StoreHandler:
                 STATUS_OUT_OF_RESOURCES,
                 f"less than {self.settings.min_free_disk_mb} MB free in {self.spool.root}",
             )
+        backlog = self.upload_backlog.refusal()
+        if backlog is not None:
+            raise InstanceRejected(STATUS_OUT_OF_RESOURCES, backlog)
         header = read_header(
             temp_path,
             command_sop_class=sop_class,
@@ -243,7 +250,8 @@ class StoreHandler:
 
     def _index_new(self, header: InstanceHeader, final_path: Path, sender: Sender) -> None:
         size = final_path.stat().st_size
-        if self.group_commit.insert(header, path=str(final_path), size=size, sender=sender):
+        key = spool_key(self.spool.root, final_path)  # the index records storage keys, not paths
+        if self.group_commit.insert(header, path=key, size=size, sender=sender):
             return
         for attempt in range(2):
             try:
@@ -251,7 +259,7 @@ class StoreHandler:
                     record_new_instance(
                         connection,
                         header,
-                        path=str(final_path),
+                        path=key,
                         size=size,
                         sender=sender,
                         series_ids=self.series_ids,
@@ -261,10 +269,10 @@ class StoreHandler:
                 with self.gate.begin() as connection:
                     existing = find_instance(connection, header.sop_instance_uid)
                     if existing is not None:
-                        if existing[1] == str(final_path) or not Path(existing[1]).exists():
+                        if existing[1] == key or not spool_path(self.spool.root, existing[1]).exists():
                             # The indexed copy's file is gone (deleted by an administrator or by
                             # retention), which is why this copy's name was free: it takes its place.
-                            _record_restored(connection, existing[0], header, final_path, size, sender)
+                            _record_restored(connection, existing[0], header, key, size, sender)
                             return
                         # The SOP Instance UID is filed under another series or study: refused, and
                         # this copy's file removed by the caller, so nothing is left unindexed.
@@ -286,16 +294,16 @@ class StoreHandler:
         with self.gate.begin() as connection:
             existing = find_instance(connection, header.sop_instance_uid)
             if existing is not None:
-                instance_id, existing_path = existing
+                instance_id, existing_path = existing[0], spool_path(self.spool.root, existing[1])
                 replace = self.settings.duplicate_policy == "replace"
                 if replace:
-                    self.spool.replace(temp_path, Path(existing_path))
+                    self.spool.replace(temp_path, existing_path)
                 outcome = record_duplicate(
                     connection,
                     instance_id,
                     header,
                     replaced=replace,
-                    size=Path(existing_path).stat().st_size,
+                    size=existing_path.stat().st_size,
                     sender=sender,
                 )
                 log.info("duplicate %s from %s: %s", header.sop_instance_uid, sender, outcome.value)
@@ -374,7 +382,7 @@ def wait_for_first_copy(final_path: Path) -> None:
 
 
 def _record_restored(
-    connection: Connection, instance_id: int, header: InstanceHeader, path: Path, size: int, sender: Sender
+    connection: Connection, instance_id: int, header: InstanceHeader, key: str, size: int, sender: Sender
 ) -> None:
     """Point an indexed instance whose file was missing at the copy just received, and audit it.
 
@@ -386,7 +394,11 @@ def _record_restored(
         update(Instance)
         .where(Instance.id == instance_id)
         .values(
-            path=str(path), size_bytes=size, transfer_syntax_uid=header.transfer_syntax_uid, purged_at=None
+            path=key,
+            size_bytes=size,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            purged_at=None,
+            uploaded_at=None,  # this copy goes to the object store again
         )
     )
     record_audit(
@@ -395,6 +407,6 @@ def _record_restored(
         action="instance.restored",
         object_type="instance",
         object_uid=header.sop_instance_uid,
-        detail={"path": str(path)},
+        detail={"path": key},
     )
     log.info("restored the missing file of %s from %s", header.sop_instance_uid, sender)

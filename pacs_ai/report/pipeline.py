@@ -53,6 +53,7 @@ from pacs_ai.report.draft import Draft, draft_report
 from pacs_ai.report.drafters import Drafter, DrafterConfig, DrafterConfigError, get_drafter
 from pacs_ai.report.evidence import Evidence, evidence_from_findings
 from pacs_ai.route.profiles import Profile, ProfileError
+from pacs_ai.storage.files import HostFiles
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -256,14 +257,15 @@ class ReportPipeline:
                 return DraftOutcome("skipped", study.study_instance_uid, reason)
             jobs = report_jobs(session, study_id)
             first = jobs[0]
-            paths = [
-                Path(p)
-                for p in session.scalars(
+            keys = list(
+                session.scalars(
                     select(Instance.path)
                     .where(Instance.series_fk == first.series_fk)
                     .order_by(Instance.instance_number, Instance.id)
                 )
-            ]
+            )
+            # The series as local files: this worker's cache already has it when it analysed it.
+            paths = HostFiles(self.settings).local_paths(keys)
             return _StudyWork(
                 study_id=study_id,
                 study_uid=study.study_instance_uid,

@@ -40,6 +40,7 @@ from pacs_ai.index.models import (
 from pacs_ai.route.plan import SeriesPlan, plan_series
 from pacs_ai.route.profiles import AnalyzerStep, MatchDecision, Profile, SeriesFacts, match_profiles
 from pacs_ai.route.rules import RuleSet, evaluate_rules, facts_from_dataset
+from pacs_ai.storage.files import HostFiles
 
 #: Jobs of routing priority "off-peak" are opened HELD and released by the scheduler in the window.
 OFF_PEAK = "off-peak"
@@ -111,8 +112,16 @@ def route_ready_series(
     now: datetime,
     default_quiet_seconds: float,
     rules: RuleSet | None = None,
+    files: HostFiles | None = None,
+    require_uploaded: bool = False,
 ) -> RoutingPass:
     """Route every series with unrouted instances whose quiet period is over.
+
+    ``files`` reads an instance's header for the rules (instance keys as local
+    files: the receiver's spool).  With ``require_uploaded`` (a remote object
+    store) a series waits until every one of its instances is in the store
+    (``Instance.uploaded_at``, set by :class:`pacs_ai.storage.uploader.Uploader`),
+    so no worker looks for an object the store does not have yet.
 
     Without ``rules`` each profile's own ``match`` criteria decide.  With
     rules (``rules.yaml`` next to the profiles) the rules decide what happens
@@ -130,11 +139,14 @@ def route_ready_series(
         ]
     )
     # Series with instances the router has not decided on yet, and when the latest arrived.
+    ready = func.max(Instance.received_at) <= now - timedelta(seconds=shortest_quiet)
+    if require_uploaded:
+        ready = ready & (func.count(Instance.uploaded_at) == func.count(Instance.id))
     activity = session.execute(
         select(Instance.series_fk, func.max(Instance.received_at))
         .where(Instance.routed.is_(False))
         .group_by(Instance.series_fk)
-        .having(func.max(Instance.received_at) <= now - timedelta(seconds=shortest_quiet))
+        .having(ready)
     ).all()
 
     new_jobs: list[Job] = []
@@ -151,7 +163,7 @@ def route_ready_series(
                 rule.trigger == "study" and rule.enabled for rule in rules.rules
             ):
                 continue  # study-triggered rules decide once the whole study is quiet
-            routed = _route_by_rules(session, series, profiles, rules, now, last_received)
+            routed = _route_by_rules(session, series, profiles, rules, now, last_received, files)
             new_jobs.extend(routed.jobs)
             new_deliveries.extend(routed.deliveries)
             notifications.extend(routed.notifications)
@@ -264,6 +276,7 @@ def _route_by_rules(
     rules: RuleSet,
     now: datetime,
     last_received: datetime,
+    files: HostFiles | None,
 ) -> _Routed:
     """Decide one ready series by the rules and carry the plan out."""
     newly_routed = list(
@@ -277,7 +290,10 @@ def _route_by_rules(
             .order_by(Instance.id)
         )
     )
-    header = pydicom.dcmread(newly_routed[0].path, stop_before_pixels=True)
+    key = newly_routed[0].path
+    if files is None and not key.startswith("/"):
+        raise ValueError(f"routing by rules reads {key}: route_ready_series needs files= to find it")
+    header = pydicom.dcmread(files.local_path(key) if files else key, stop_before_pixels=True)
     facts = facts_from_dataset(
         header, calling_ae_title=series.calling_ae_title, peer_address=series.peer_address
     )

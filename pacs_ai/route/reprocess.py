@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -34,6 +33,7 @@ from pacs_ai.index.models import (
     Series,
     Study,
 )
+from pacs_ai.storage.files import HostFiles
 
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
@@ -65,11 +65,13 @@ def find_indexed_studies(
     accession_numbers: Sequence[str] = (),
     study_dates: tuple[str | None, str | None] | None = None,
     modality: str | None = None,
+    files: HostFiles,
 ) -> list[IndexedStudy]:
     """Studies matching any of the UIDs or accession numbers, or the date range (DA, inclusive).
 
     ``modality`` keeps only series of that modality (and studies that have
-    one).  Each series says how many of its instance files are missing.
+    one).  Each series says how many of its instances are missing: neither in
+    this host's spool nor in the storage (``files``).
     """
     conditions: list[Any] = []
     if study_uids:
@@ -100,7 +102,7 @@ def find_indexed_studies(
                     series_instance_uid=series.series_instance_uid,
                     modality=series.modality,
                     instances=len(paths),
-                    missing_files=sum(1 for path in paths if not Path(path).is_file()),
+                    missing_files=sum(1 for key in paths if not files.has(key)),
                 )
             )
         if found.series or not modality:
@@ -108,13 +110,13 @@ def find_indexed_studies(
     return studies
 
 
-def missing_files(session: Session, series_ids: Collection[int]) -> dict[int, int]:
-    """Series id -> number of its instance rows whose spool file is gone (series without any omitted)."""
+def missing_files(session: Session, series_ids: Collection[int], files: HostFiles) -> dict[int, int]:
+    """Series id -> number of its instances neither in the spool nor in the storage (none: omitted)."""
     missing: dict[int, int] = {}
-    for series_id, path in session.execute(
+    for series_id, key in session.execute(
         select(Instance.series_fk, Instance.path).where(Instance.series_fk.in_(list(series_ids)))
     ):
-        if not Path(path).is_file():
+        if not files.has(key):
             missing[series_id] = missing.get(series_id, 0) + 1
     return missing
 

@@ -11,6 +11,7 @@ runs retention (:mod:`pacs_ai.index.purge`) where a retention limit is set.
 from __future__ import annotations
 
 import logging
+import threading
 import time as monotonic_clock
 from datetime import datetime, time, timedelta
 from pathlib import Path
@@ -27,6 +28,8 @@ from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
 from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
 from pacs_ai.route.rules import RulesError, RuleSet, find_rules_file, load_rules
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,10 @@ class Scheduler:
         self.profiles = ProfileSet(settings.profiles_dir)
         #: Monotonic time of the next retention pass; the first comes with the first scheduler pass.
         self._next_retention = 0.0
+        self.files = HostFiles(settings)
+        #: Puts acknowledged instances into a remote object store (nothing to do with the embedded one).
+        self.uploader = Uploader(settings, sessions)
+        self._upload_thread: threading.Thread | None = None
 
     def recover(self) -> int:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""
@@ -167,6 +174,7 @@ class Scheduler:
         return [ticket.job_id for ticket in handed]
 
     def run_once(self) -> None:
+        self._start_uploads()
         profiles = self.profiles.refresh()
         rules = self.profiles.rules
         now = utcnow()
@@ -177,6 +185,8 @@ class Scheduler:
                 now=now,
                 default_quiet_seconds=self.settings.quiet_period_seconds,
                 rules=rules,
+                files=self.files,
+                require_uploaded=self.uploader.enabled,
             )
         for ticket in routing.new_jobs:
             self.queue.enqueue_analysis(ticket)
@@ -200,6 +210,27 @@ class Scheduler:
         for delivery_id in due_ids:
             self.queue.enqueue_delivery(delivery_id)
         self.retain_if_due()
+
+    def _start_uploads(self) -> None:
+        """Run the uploader on a thread of its own, so uploads never hold up routing and deliveries.
+
+        Started with the first pass, so after a restart what was left to upload goes first:
+        nothing of it is routed before it is in the store.
+        """
+        if not self.uploader.enabled or (self._upload_thread is not None and self._upload_thread.is_alive()):
+            return
+        self._upload_thread = threading.Thread(target=self._upload_forever, name="uploader", daemon=True)
+        self._upload_thread.start()
+
+    def _upload_forever(self) -> None:
+        while True:
+            try:
+                outcome = self.uploader.run_once()
+            except Exception:  # the index unreachable, say: try again next interval
+                log.exception("upload pass failed")
+                outcome = None
+            if outcome is None or outcome.error is not None or not outcome.uploaded:
+                monotonic_clock.sleep(self.settings.scheduler_interval_seconds)
 
     def retain_if_due(self) -> RetentionRun | None:
         """Run retention when its interval has passed and a retention limit is configured."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pacs_ai.config import Settings
-from pacs_ai.storage.base import Storage
+from pacs_ai.storage.base import Storage, StorageError
 from pacs_ai.storage.cache import LocalCache
 from pacs_ai.storage.keys import INSTANCES, RESULTS, spool_path
 from pacs_ai.storage.registry import is_embedded, storage_for
@@ -53,6 +53,16 @@ class HostFiles:
     def local_path(self, key: str) -> Path:
         """A readable local file of one key (see :meth:`local_paths`)."""
         return self.local_paths([key])[0]
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` can be read: a file on this host, or an object in the storage."""
+        here = self._here(key)
+        if here is not None:
+            return here.is_file()
+        try:
+            return self.storage.exists(key)
+        except StorageError:
+            return False
 
     def _here(self, key: str) -> Path | None:
         """The file of ``key`` already on this host, if any."""

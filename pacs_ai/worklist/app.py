@@ -41,6 +41,7 @@ from pacs_ai.index.reports import ReportDraft, Role, User
 from pacs_ai.report.draft import Draft, draft_impression
 from pacs_ai.report.drafters import DrafterConfig
 from pacs_ai.report.pipeline import ReportPipeline, report_jobs
+from pacs_ai.storage.files import HostFiles
 from pacs_ai.worklist import drafts as report_drafts
 from pacs_ai.worklist.key_images import render_segment_image, render_series_image
 from pacs_ai.worklist.security import (
@@ -133,6 +134,7 @@ def create_app(
     sessions = sessions or make_session_factory(make_engine(settings.effective_database_url))
     organization = options.organization or settings.institution_name or "pacs-ai"
     cache_dir = settings.data_dir / "worklist-cache"
+    files = HostFiles(settings)  # key images read the series and SEGs from the storage
     templates = Jinja2Templates(directory=str(_PACKAGE_DIR / "templates"))
 
     app = FastAPI(title="pacs-ai worklist", docs_url=None, redoc_url=None, openapi_url=None)
@@ -496,7 +498,7 @@ def create_app(
         with session_scope(sessions) as db:
             current_user(request, db)
             try:
-                data = render_segment_image(db, result_id, segment_number, cache_dir)
+                data = render_segment_image(db, result_id, segment_number, cache_dir, files)
             except LookupError as exc:
                 raise report_drafts.ReportNotFound(str(exc)) from exc
         return Response(data, media_type="image/png")
@@ -506,7 +508,7 @@ def create_app(
         with session_scope(sessions) as db:
             current_user(request, db)
             try:
-                data = render_series_image(db, series_id, cache_dir)
+                data = render_series_image(db, series_id, cache_dir, files)
             except LookupError as exc:
                 raise report_drafts.ReportNotFound(str(exc)) from exc
         return Response(data, media_type="image/png")

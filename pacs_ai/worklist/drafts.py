@@ -57,6 +57,9 @@ from pacs_ai.index.models import (
 )
 from pacs_ai.index.reports import ReportDraft, ReportStatus, Role, User
 from pacs_ai.index.results import record_result
+from pacs_ai.storage.base import StorageError
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.keys import result_key
 
 __all__ = [
     "RecordedReport",
@@ -111,8 +114,19 @@ def _read_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
+def _store_sr(settings: Settings, files: HostFiles, study_uid: str, sr: Dataset) -> tuple[Path, str]:
+    """Write a report SR and put it into the storage (any host's dispatch reads it there): (file, key)."""
+    sop_uid = str(sr.SOPInstanceUID)
+    directory = files.staging_dir(study_uid)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = write_dataset(sr, directory / f"{sop_uid}.dcm", fsync=settings.fsync)
+    key = result_key(study_uid, sop_uid)
+    files.put_result(key, path)
+    return path, key
+
+
 def _record_sr_result(
-    session: Session, job: Job, kind: str, sr: Dataset, path: Path, destinations: Sequence[str]
+    session: Session, job: Job, kind: str, sr: Dataset, key: str, destinations: Sequence[str]
 ) -> list[int]:
     """Record a report SR as a result of ``job``; return the ids of its pending deliveries.
 
@@ -126,7 +140,7 @@ def _record_sr_result(
         sop_class_uid=str(sr.SOPClassUID),
         sop_instance_uid=str(sr.SOPInstanceUID),
         series_instance_uid=str(sr.SeriesInstanceUID),
-        path=path,
+        path=key,
         destinations=destinations,
         next_attempt_at=utcnow(),
     )
@@ -189,19 +203,20 @@ def create_draft_record(
     study = session.get(Study, studies.pop())
     assert study is not None
 
+    files = HostFiles(settings)
     evidence: list[Dataset] = []
     for job in found:
-        paths = session.scalars(
+        keys = session.scalars(
             select(Instance.path)
             .where(Instance.series_fk == job.series_fk)
             .order_by(Instance.instance_number)
         )
-        evidence.extend(_read_header(Path(p)) for p in paths)
+        evidence.extend(_read_header(p) for p in files.local_paths(list(keys)))
     for job in found:
         results = session.scalars(
             select(Result).where(Result.job_fk == job.id, Result.kind.in_(("SEG", "SR"))).order_by(Result.id)
         )
-        evidence.extend(_read_header(Path(r.path)) for r in results)
+        evidence.extend(_read_header(p) for p in files.local_paths([r.path for r in results]))
     if not evidence:
         raise ValueError(f"jobs {list(job_ids)} have no source instances left in the index")
 
@@ -226,11 +241,9 @@ def create_draft_record(
         sop_instance_uid=sop_uid,
         instance_number=version,
         uid_prefix=settings.uid_prefix,
-        previous_versions=_draft_srs(session, superseded),
+        previous_versions=_draft_srs(session, files, superseded),
     )
-    study_dir = settings.results_dir / study.study_instance_uid
-    study_dir.mkdir(parents=True, exist_ok=True)
-    path = write_dataset(sr, study_dir / f"{sop_uid}.dcm", fsync=settings.fsync)
+    path, sr_key = _store_sr(settings, files, study.study_instance_uid, sr)
 
     for older in superseded:
         older.status = ReportStatus.SUPERSEDED
@@ -251,7 +264,7 @@ def create_draft_record(
     )
     session.add(draft)
     session.flush()
-    delivery_ids = _record_sr_result(session, found[0], DRAFT_RESULT_KIND, sr, path, _destinations(found))
+    delivery_ids = _record_sr_result(session, found[0], DRAFT_RESULT_KIND, sr, sr_key, _destinations(found))
     record_audit(
         session,
         actor="drafter",
@@ -272,13 +285,17 @@ def create_draft_record(
     return RecordedReport(draft.id, ReportStatus.DRAFT, sop_uid, path, delivery_ids)
 
 
-def _draft_srs(session: Session, drafts: Sequence[ReportDraft]) -> list[Dataset]:
-    """The headers of these drafts' SR files that are still on disk (a purged one is left out)."""
+def _draft_srs(session: Session, files: HostFiles, drafts: Sequence[ReportDraft]) -> list[Dataset]:
+    """The headers of these drafts' SRs still in the storage (a purged one is left out)."""
     headers = []
     for draft in drafts:
-        path = session.scalar(select(Result.path).where(Result.sop_instance_uid == draft.draft_sr_uid))
-        if path is not None and Path(path).is_file():
-            headers.append(_read_header(Path(path)))
+        key = session.scalar(select(Result.path).where(Result.sop_instance_uid == draft.draft_sr_uid))
+        if key is None:
+            continue
+        try:
+            headers.append(_read_header(files.local_path(key)))
+        except (StorageError, OSError):
+            continue
     return headers
 
 
@@ -329,7 +346,8 @@ def accept_draft(
         raise ReportNotFound(
             f"the draft SR {draft.draft_sr_uid} of report draft {draft_id} is not in the index"
         )
-    draft_sr = pydicom.dcmread(draft_result.path)
+    files = HostFiles(settings)
+    draft_sr = pydicom.dcmread(files.local_path(draft_result.path))
     now = utcnow()
     series_uid, sop_uid = signed_sr_uids(draft.draft_sr_uid or "", settings.uid_prefix)
     signed = build_signed_sr(
@@ -345,7 +363,7 @@ def accept_draft(
         instance_number=draft.version,
         uid_prefix=settings.uid_prefix,
     )
-    path = write_dataset(signed, Path(draft_result.path).parent / f"{sop_uid}.dcm", fsync=settings.fsync)
+    path, signed_key = _store_sr(settings, files, draft.study.study_instance_uid, signed)
     edited = (text.findings.strip(), text.impression.strip()) != (
         draft.findings_text.strip(),
         draft.impression_text.strip(),
@@ -359,7 +377,7 @@ def accept_draft(
     draft.decided_at = now
     jobs = [job for job in (session.get(Job, job_id) for job_id in draft.job_ids or [draft.job_fk]) if job]
     delivery_ids = _record_sr_result(
-        session, draft.job, SIGNED_RESULT_KIND, signed, path, _destinations(jobs)
+        session, draft.job, SIGNED_RESULT_KIND, signed, signed_key, _destinations(jobs)
     )
     study_uid = draft.study.study_instance_uid
     if edited:

@@ -31,6 +31,8 @@ from sqlalchemy.orm import Session
 
 from pacs_ai.analyze.volume import decode_pixels, slice_geometry
 from pacs_ai.index.models import Instance, Job, Result, Series
+from pacs_ai.storage.base import StorageError
+from pacs_ai.storage.files import HostFiles
 
 __all__ = ["KeyImage", "key_images_of", "render_segment_image", "render_series_image"]
 
@@ -64,18 +66,15 @@ def key_images_of(session: Session, jobs: list[Job]) -> list[KeyImage]:
     images: list[KeyImage] = []
     for job in jobs:
         segs = list(session.scalars(select(Result).where(Result.job_fk == job.id, Result.kind == "SEG")))
+        # The SEG's segments as the job recorded them: listing them reads no file from the storage.
+        segments = (job.findings or {}).get("segments", [])
         for seg_result in segs:
-            try:
-                header = pydicom.dcmread(seg_result.path, stop_before_pixels=True)
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                log.warning("SEG %s cannot be read for key images: %s", seg_result.path, exc)
-                continue
-            for segment in header.get("SegmentSequence", []):
+            for segment in segments:
                 images.append(
                     KeyImage(
-                        label=f"{segment.SegmentLabel} ({job.analyzer})",
+                        label=f"{segment['label']} ({job.analyzer})",
                         result_id=seg_result.id,
-                        segment_number=int(segment.SegmentNumber),
+                        segment_number=int(segment["number"]),
                     )
                 )
         if not segs:
@@ -85,8 +84,20 @@ def key_images_of(session: Session, jobs: list[Job]) -> list[KeyImage]:
     return images
 
 
-def _source_paths(session: Session, series_id: int) -> list[Path]:
-    return [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_fk == series_id))]
+def _source_paths(session: Session, series_id: int, files: HostFiles) -> list[Path]:
+    """The series' instances as local files (from the storage where this host has no copy)."""
+    keys = list(session.scalars(select(Instance.path).where(Instance.series_fk == series_id)))
+    try:
+        return files.local_paths(keys)
+    except StorageError as exc:
+        raise LookupError(f"series {series_id} cannot be read from the storage: {exc}") from exc
+
+
+def _local(files: HostFiles, key: str) -> Path:
+    try:
+        return files.local_path(key)
+    except StorageError as exc:
+        raise LookupError(f"{key} cannot be read from the storage: {exc}") from exc
 
 
 def _ordered_headers(paths: list[Path]) -> list[tuple[Dataset, Path]]:
@@ -147,7 +158,9 @@ def _store(cache_dir: Path, name: str, data: bytes) -> None:
     tmp.replace(cache_dir / name)
 
 
-def render_segment_image(session: Session, result_id: int, segment_number: int, cache_dir: Path) -> bytes:
+def render_segment_image(
+    session: Session, result_id: int, segment_number: int, cache_dir: Path, files: HostFiles
+) -> bytes:
     """PNG of the middle source slice of a SEG segment with the segment overlaid.
 
     Raises :class:`LookupError` if the result is not a SEG of pacs-ai's, the
@@ -162,10 +175,10 @@ def render_segment_image(session: Session, result_id: int, segment_number: int, 
         return cached
     job = session.get(Job, result.job_fk)
     assert job is not None
-    seg = hd.seg.segread(result.path)
+    seg = hd.seg.segread(_local(files, result.path))
     if segment_number not in seg.get_segment_numbers():
         raise LookupError(f"SEG {result.sop_instance_uid} has no segment {segment_number}")
-    ordered = _ordered_headers(_source_paths(session, job.series_fk))
+    ordered = _ordered_headers(_source_paths(session, job.series_fk, files))
     uids = [str(h.SOPInstanceUID) for h, _ in ordered]
     # Only slices the SEG has frames for can show the segment (empty frames are omitted).
     referenced = {str(sop_uid) for _, _, sop_uid in seg.get_source_image_uids()}
@@ -193,7 +206,7 @@ def render_segment_image(session: Session, result_id: int, segment_number: int, 
     return data
 
 
-def render_series_image(session: Session, series_id: int, cache_dir: Path) -> bytes:
+def render_series_image(session: Session, series_id: int, cache_dir: Path, files: HostFiles) -> bytes:
     """PNG of the middle image of a series (no overlay), for analyses without a SEG."""
     series = session.get(Series, series_id)
     if series is None:
@@ -202,7 +215,7 @@ def render_series_image(session: Session, series_id: int, cache_dir: Path) -> by
     cached = _cached(cache_dir, name)
     if cached is not None:
         return cached
-    ordered = _ordered_headers(_source_paths(session, series_id))
+    ordered = _ordered_headers(_source_paths(session, series_id, files))
     if not ordered:
         raise LookupError(f"series {series_id} has no instances left")
     header, path = ordered[len(ordered) // 2]

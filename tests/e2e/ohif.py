@@ -3,6 +3,7 @@
 * :func:`npm_package` fetches a package tarball from the npm registry with
   ``npm pack`` (Debian ``npm``) into a gitignored cache directory, once, and
   unpacks it; nothing is fetched at run time by the viewer itself.
+  :func:`npm_install` does the same for a node project's packages.
 * :class:`ViewerServer` serves the build's ``dist/`` with a single-page-app
   fallback (unknown paths get ``index.html``, as OHIF's router expects), our
   own ``app-config.js`` (the shipped one points at a public demo server on a
@@ -75,6 +76,31 @@ def npm_package(spec: str, cache: Path = NPM_CACHE) -> Path:
     (staging / "package").rename(package)
     staging.rmdir()
     return package
+
+
+def npm_install(specs: tuple[str, ...], project: Path) -> Path:
+    """``project``, a node project with ``specs`` installed from the npm registry (once)."""
+    marker = project / ".installed"
+    wanted = "\n".join(specs)
+    if marker.is_file() and marker.read_text() == wanted:
+        return project
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm not found; install the Debian package npm (scripts/test does)")
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "package.json").write_text('{"private": true, "type": "module"}\n')
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", *specs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=project,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"npm install {' '.join(specs)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    marker.write_text(wanted)
+    return project
 
 
 def app_config(origin: str) -> str:

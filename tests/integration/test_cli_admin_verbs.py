@@ -32,6 +32,8 @@ from pacs_ai.index.models import AuditEvent, Delivery, Instance, Series, Study, 
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.rules import load_rules
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.keys import spool_path
 from pacs_ai.synthetic.phantom import write_chest_phantom
 from tests.integration.test_cli import REPO_ROOT, pacs_ai
 from tests.integration.worklist_study import UID_PREFIX, index_analysed_study
@@ -110,6 +112,7 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
             now=utcnow() + timedelta(seconds=5),
             default_quiet_seconds=1,
             rules=load_rules(profiles / "rules.yaml"),
+            files=HostFiles(settings),
         )
     assert len(routing.new_deliveries) == 6
     for delivery_id in routing.new_deliveries:
@@ -240,16 +243,17 @@ def test_purge_dry_run_then_purge_keeps_what_is_still_needed(index: Index) -> No
     # One file of the delivered study cannot be deleted (a directory took its name): exit 1, the rest goes.
     engine = make_engine(f"sqlite:///{index.data_dir / 'index.sqlite3'}")
     with engine.connect() as connection:
-        paths = list(
-            connection.execute(
+        paths = [
+            spool_path(index.data_dir / "spool", key)
+            for key in connection.execute(
                 select(Instance.path)
                 .join(Series, Series.id == Instance.series_fk)
                 .join(Study, Study.id == Series.study_fk)
                 .where(Study.study_instance_uid == index.delivered)
                 .order_by(Instance.id)
             ).scalars()
-        )
-    blocked = Path(paths[0])
+        ]
+    blocked = paths[0]
     blocked.unlink()
     blocked.mkdir()
     result = index.run("purge", "--older-than", "0", "--json")
@@ -286,13 +290,16 @@ def test_purge_dry_run_then_purge_keeps_what_is_still_needed(index: Index) -> No
     assert nothing["purged"] == [] and len(nothing["kept"]) == 3
 
 
-def _paths_of(engine: Any, study_uid: str) -> list[str]:
+def _paths_of(engine: Any, study_uid: str) -> list[Path]:
+    """The spool files of a study's instances (the index records their storage keys)."""
+    spool = Path(str(engine.url.database)).parent / "spool"
     with engine.connect() as connection:
-        return list(
-            connection.execute(
+        return [
+            spool_path(spool, key)
+            for key in connection.execute(
                 select(Instance.path)
                 .join(Series, Series.id == Instance.series_fk)
                 .join(Study, Study.id == Series.study_fk)
                 .where(Study.study_instance_uid == study_uid)
             ).scalars()
-        )
+        ]

@@ -25,6 +25,7 @@ from pacs_ai.report.pipeline import TEMPLATE_MODEL_ID, ReportPipeline
 from pacs_ai.route.assembly import job_key
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.service import CeleryTaskQueue
+from pacs_ai.storage.files import HostFiles
 from pacs_ai.synthetic.phantom import write_chest_phantom
 from tests.integration.worklist_study import ANALYZER, DESTINATION, UID_PREFIX, _index_series, _open_job
 from tests.peers import dciodvfy_errors, dsrdump
@@ -115,7 +116,7 @@ def test_last_job_drafts_once_and_a_new_version_supersedes(tmp_path: Path, phant
         assert result is not None and result.kind == "SR-DRAFT"
         delivery = session.get(Delivery, outcome.delivery_ids[0])
         assert delivery is not None and delivery.destination == DESTINATION
-        sr_path = Path(result.path)
+        sr_path = HostFiles(settings).local_path(result.path)  # the index records the storage key
     sr = pydicom.dcmread(sr_path)
     assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
         "PARTIAL",
@@ -142,7 +143,7 @@ def test_last_job_drafts_once_and_a_new_version_supersedes(tmp_path: Path, phant
     assert newer.sr_instance_uid != outcome.sr_instance_uid
     # The new draft SR names the one it supersedes as its predecessor.
     with session_scope(sessions) as session:
-        newer_path = Path(
+        newer_path = HostFiles(settings).local_path(
             session.scalars(select(Result.path).where(Result.sop_instance_uid == newer.sr_instance_uid)).one()
         )
     newer_sr = pydicom.dcmread(newer_path)

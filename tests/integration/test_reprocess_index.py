@@ -26,6 +26,8 @@ from pacs_ai.route.reprocess import (
     reopen_series,
     reprocess_progress,
 )
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.keys import spool_path
 from tests.integration.synthetic_ct import make_ct_series, write_series
 
 SENDER = Sender("ORTHANC", "127.0.0.1")
@@ -67,28 +69,29 @@ def test_a_lost_file_received_again_is_restored_not_counted_as_a_duplicate(
     sessions = make_session_factory(make_engine(settings.effective_database_url))
     with session_scope(sessions) as session:
         session.execute(Instance.__table__.update().values(routed=True))
-        paths = list(session.scalars(select(Instance.path)))
+        paths = [spool_path(settings.spool_dir, key) for key in session.scalars(select(Instance.path))]
     # An administrator deletes the study from the spool; the index keeps its rows.
-    study_dirs = {Path(path).parents[1] for path in paths}
+    study_dirs = {path.parents[1] for path in paths}
     for directory in study_dirs:
         shutil.rmtree(directory)
 
+    files = HostFiles(settings)
     with session_scope(sessions) as session:
-        [study] = find_indexed_studies(session, accession_numbers=["ACC0001"])
+        [study] = find_indexed_studies(session, accession_numbers=["ACC0001"], files=files)
         [series] = study.series
         assert (series.instances, series.missing_files) == (4, 4)
-        assert find_indexed_studies(session, accession_numbers=["ACC0001"], modality="MR") == []
-        assert find_indexed_studies(session, study_dates=("20000101", "20000102")) == []
+        assert find_indexed_studies(session, accession_numbers=["ACC0001"], modality="MR", files=files) == []
+        assert find_indexed_studies(session, study_dates=("20000101", "20000102"), files=files) == []
 
     store_all(handler, sources, tmp_path / "again")  # what a C-MOVE from the PACS delivers
 
     with session_scope(sessions) as session:
         rows = list(session.scalars(select(Instance)))
-        assert len(rows) == 4 and all(Path(row.path).is_file() for row in rows)
+        assert len(rows) == 4 and all(spool_path(settings.spool_dir, row.path).is_file() for row in rows)
         assert [row.duplicates_received for row in rows] == [0, 0, 0, 0]
         # Restoring files is not itself a reason to analyse again: the rows stay routed.
         assert all(row.routed for row in rows)
-        assert missing_files(session, [series.series_id]) == {}
+        assert missing_files(session, [series.series_id], files) == {}
         restored = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.restored")).all()
         assert len(restored) == 4 and {event.actor for event in restored} == {"dicom:ORTHANC"}
 
@@ -105,7 +108,7 @@ def test_reopened_series_are_routed_again_and_progress_is_followed(
     sessions = make_session_factory(make_engine(settings.effective_database_url))
     with session_scope(sessions) as session:
         session.execute(Instance.__table__.update().values(routed=True))
-        [study] = find_indexed_studies(session, accession_numbers=["ACC0001"])
+        [study] = find_indexed_studies(session, accession_numbers=["ACC0001"], files=HostFiles(settings))
         after = last_job_id(session)
     with session_scope(sessions) as session:
         assert (

@@ -15,7 +15,6 @@ import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -30,6 +29,7 @@ from pacs_ai.encode.fhir_report import FhirDeliveryError, post_diagnostic_report
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Delivery, DeliveryState, Job, Result
 from pacs_ai.index.reports import ReportDraft, ReportStatus
+from pacs_ai.storage.files import HostFiles
 from pacs_ai.worklist import WorklistOptions, create_app
 from pacs_ai.worklist.drafts import create_draft_record
 from pacs_ai.worklist.users import set_active
@@ -280,7 +280,7 @@ def test_edit_and_accept_writes_the_signed_sr_queues_it_and_audits(app, env, fhi
         result = session.scalar(select(Result).where(Result.sop_instance_uid == signed.signed_sr_uid))
         assert result is not None
         deliveries = list(session.scalars(select(Delivery).where(Delivery.result_fk == result.id)))
-        path = Path(result.path)
+        path = HostFiles(settings).local_path(result.path)  # the index records the storage key
     assert [(d.destination, d.state) for d in deliveries] == [(DESTINATION, DeliveryState.PENDING)]
     assert peers.dciodvfy_errors(path) == []
     dump = peers.dsrdump(path)

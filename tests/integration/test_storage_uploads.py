@@ -1,0 +1,161 @@
+"""Durability with an object store: spool first, upload after, routing only once uploaded; the backlog limit;
+and migration 0006 turning recorded host paths into storage keys."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from alembic import command
+from pydicom import dcmread
+from sqlalchemy import select, text
+
+from pacs_ai.config import Settings
+from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
+from pacs_ai.index.models import AuditEvent, Instance, RoutingState, Series, utcnow
+from pacs_ai.receive.headers import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from pacs_ai.receive.store import StoreHandler
+from pacs_ai.route.assembly import route_ready_series
+from pacs_ai.storage import open_storage
+from pacs_ai.storage.uploader import Uploader
+from tests.integration.synthetic_ct import make_ct_series, write_series
+from tests.integration.test_reprocess_index import SENDER
+from tests.object_store import SeaweedS3, storage_settings
+from tests.peers import free_port
+
+
+def _store(handler: StoreHandler, sources: list[Path], incoming: Path) -> list[tuple[int, str | None]]:
+    """C-STORE each file as the listener does; the (status, comment) answers."""
+    incoming.mkdir(exist_ok=True)
+    answers = []
+    for source in sources:
+        temp = incoming / source.name
+        shutil.copyfile(source, temp)
+        meta = dcmread(source, stop_before_pixels=True).file_meta
+        answers.append(
+            handler.store(
+                temp,
+                sender=SENDER,
+                sop_class=str(meta.MediaStorageSOPClassUID),
+                sop_instance=str(meta.MediaStorageSOPInstanceUID),
+            )
+        )
+        temp.unlink(missing_ok=True)
+    return answers
+
+
+def test_unreachable_store_fills_the_backlog_then_instances_are_refused_and_nothing_is_lost(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    reachable = storage_settings(object_store)
+    unreachable = {
+        **reachable,
+        "storage_s3_endpoint_url": f"http://127.0.0.1:{free_port()}",
+        "storage_timeout_seconds": 1,
+    }
+    common = {
+        "data_dir": tmp_path / "data",
+        "fsync": False,
+        "min_free_disk_mb": 0,
+        "storage_upload_backlog_max": 3,
+    }
+    settings = Settings(**common, **unreachable)
+    settings.data_dir.mkdir()
+    upgrade_schema(settings.effective_database_url)
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    sources = write_series(make_ct_series(5, 16, 16), tmp_path / "sources")
+
+    answers = _store(StoreHandler(settings), sources, tmp_path / "incoming")
+    assert [status for status, _ in answers] == [STATUS_SUCCESS] * 3 + [STATUS_OUT_OF_RESOURCES] * 2
+    reason = answers[3][1] or ""
+    assert "3 acknowledged instances are not yet in the object store" in reason
+    assert "storage_upload_backlog_max" in reason
+    with session_scope(sessions) as session:
+        rejected = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.rejected")).all()
+        assert len(rejected) == 2 and rejected[0].detail and rejected[0].detail["status"] == "0xA700"
+
+    # The store is down: the uploader records nothing as uploaded, and the router waits.
+    failing = Uploader(settings, sessions).run_once()
+    assert failing.uploaded == 0 and failing.failed == 3 and failing.error
+    later = utcnow() + timedelta(seconds=60)
+    with session_scope(sessions) as session:
+        routing = route_ready_series(session, [], now=later, default_quiet_seconds=1, require_uploaded=True)
+        assert routing.new_jobs == []
+        assert session.scalar(select(Series.routing_state)) == RoutingState.RECEIVING
+
+    # Back up (a restart with the same index and spool): what was acknowledged goes up first.
+    restarted = Settings(**common, **reachable)
+    done = Uploader(restarted, sessions).run_once()
+    assert (done.uploaded, done.failed, done.error) == (3, 0, None)
+    storage = open_storage(restarted)
+    with session_scope(sessions) as session:
+        rows = session.execute(select(Instance.path, Instance.uploaded_at)).all()
+        assert len(rows) == 3 and all(at is not None for _, at in rows)
+        assert all(storage.exists(key) for key, _ in rows)
+        route_ready_series(session, [], now=later, default_quiet_seconds=1, require_uploaded=True)
+        assert session.scalar(select(Series.routing_state)) == RoutingState.UNMATCHED  # decided now
+
+    # With the backlog empty, the refused instances are accepted when sent again.
+    again = _store(StoreHandler(restarted), sources[3:], tmp_path / "again")
+    assert [status for status, _ in again] == [STATUS_SUCCESS] * 2
+
+
+def test_migration_0006_turns_spool_and_results_paths_into_keys(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    command.upgrade(alembic_config(url), "0005")
+    engine = make_engine(url)
+    spool = "/srv/pacs-ai/spool/1.2.3/1.2.3.4"
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO studies (id, study_instance_uid, first_received_at) "
+                "VALUES (1, '1.2.3', '2026-01-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO series (id, series_instance_uid, study_fk, instance_count, routing_state) "
+                "VALUES (1, '1.2.3.4', 1, 2, 'routed')"
+            )
+        )
+        for n, path in enumerate([f"{spool}/1.2.3.4.5.dcm", "/elsewhere/odd.dcm"], start=1):
+            connection.execute(
+                text(
+                    "INSERT INTO instances (id, sop_instance_uid, series_fk, sop_class_uid, "
+                    "transfer_syntax_uid, path, size_bytes, received_at, duplicates_received, routed) "
+                    "VALUES (:id, :uid, 1, '1.2', '1.2.840.10008.1.2.1', :path, 1, '2026-01-01', 0, 1)"
+                ),
+                {"id": n, "uid": f"1.2.3.4.{n + 4}", "path": path},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, idempotency_key, series_fk, profile, analyzer, analyzer_version, "
+                "version, queue, state, attempts, instance_count, created_at, routing_priority, params, "
+                "destinations) VALUES (1, 'k', 1, 'p', 'a', '1', 1, 'cpu', 'succeeded', 1, 2, '2026-01-01', "
+                "'routine', '{}', '[]')"
+            )
+        )
+        for n, (kind, path) in enumerate(
+            [("SEG", "/srv/pacs-ai/results/1.2.3/9.9.1.dcm"), ("ORIGINAL", f"{spool}/1.2.3.4.5.dcm")], start=1
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO results (id, job_fk, kind, sop_class_uid, sop_instance_uid, "
+                    "series_instance_uid, path, created_at) "
+                    "VALUES (:id, 1, :kind, '1.2', :uid, '9.9', :path, '2026-01-01')"
+                ),
+                {"id": n, "kind": kind, "uid": f"9.9.{n}", "path": path},
+            )
+    command.upgrade(alembic_config(url), "0006")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT path FROM instances ORDER BY id")).scalars().all() == [
+            "instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm",
+            "/elsewhere/odd.dcm",  # not in a spool folder: left as it was
+        ]
+        assert connection.execute(text("SELECT path FROM results ORDER BY id")).scalars().all() == [
+            "results/1.2.3/9.9.1.dcm",
+            "instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm",
+        ]
+        assert connection.execute(text("SELECT uploaded_at FROM instances")).scalars().all() == [None, None]
+    engine.dispose()
