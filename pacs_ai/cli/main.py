@@ -19,11 +19,13 @@ from pacs_ai.cli import admin
 from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, print_rows, settings_of
 from pacs_ai.cli.models import models_app
 from pacs_ai.cli.purge import purge
+from pacs_ai.cli.reports import drafts_app, reports_app
 from pacs_ai.cli.reprocess import reprocess
 from pacs_ai.cli.rules import rules_app
 from pacs_ai.cli.status import status
 from pacs_ai.cli.studies import studies_app
 from pacs_ai.cli.users import users_app
+from pacs_ai.cli.worker import worker
 from pacs_ai.cli.worklist import worklist_app
 from pacs_ai.config import load_settings
 from pacs_ai.index.db import session_scope, upgrade_schema
@@ -41,6 +43,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(rules_app, name="rules")
 app.add_typer(users_app, name="users")
 app.add_typer(worklist_app, name="worklist")
+app.add_typer(reports_app, name="reports")
+app.add_typer(drafts_app, name="drafts")
 
 
 @app.callback()
@@ -68,6 +72,7 @@ def serve(ctx: typer.Context) -> None:
 
 
 app.command()(status)
+app.command()(worker)
 
 
 @db_app.command("upgrade")
@@ -86,8 +91,7 @@ def profiles_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check every profile file; report all problems with file names; exit 1 if any."""
-    from pacs_ai.analyze.registry import available_analyzers
-    from pacs_ai.route.profiles import ProfileError, load_profiles
+    from pacs_ai.route.profiles import ProfileError, analyzer_problems, load_profiles
 
     settings = settings_of(ctx)
     directory = directory or settings.profiles_dir
@@ -97,13 +101,9 @@ def profiles_validate(
         profiles = load_profiles(directory)
     except ProfileError as exc:
         problems.extend(str(exc).splitlines())
-    known_analyzers = set(available_analyzers())
     for profile in profiles:
-        for step in profile.analyzers:
-            if step.name not in known_analyzers:
-                problems.append(
-                    f"{profile.name}: unknown analyzer {step.name!r} (known: {sorted(known_analyzers)})"
-                )
+        # unknown analyzers, and each analyzer's own check of its params (e.g. the model is registered)
+        problems.extend(analyzer_problems(profile, settings))
         for destination in profile.destinations:
             if destination not in settings.destinations:
                 problems.append(

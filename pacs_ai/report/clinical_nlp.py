@@ -28,24 +28,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import medspacy  # noqa: F401  (registers the medspacy_* pipeline factories)
-import spacy
 import yaml
-from medspacy.context import ConText, ConTextRule
-from medspacy.section_detection import Sectionizer, SectionRule
-from medspacy.target_matcher import TargetMatcher, TargetRule
-from spacy.language import Language
-from spacy.matcher import PhraseMatcher
-from spacy.tokens import Doc, Span
 
 from pacs_ai.report.text import NumberMention, find_numbers
 from pacs_ai.report.vocabulary import plural_forms, vocabulary
 
-# medspaCy's matchers each hold a spaCy Matcher that warns on every call while it has no token patterns
-# (the sectionizer's and ConText's literal rules use the phrase matcher): nothing is wrong.
-warnings.filterwarnings("ignore", message=r"\[W036\] The component 'matcher'", category=UserWarning)
+if TYPE_CHECKING:
+    from medspacy.context import ConTextRule
+    from medspacy.target_matcher import TargetRule
+    from spacy.language import Language
+    from spacy.matcher import PhraseMatcher
+    from spacy.tokens import Doc, Span
 
 CONTEXT_FILE = "radiology_context.yaml"
 #: Label prefix of the target rules for normal statements ("NORMAL:3" is the fourth statement).
@@ -123,7 +118,14 @@ def context_data() -> dict[str, Any]:
     return data
 
 
+# medspaCy and spaCy are imported where the pipeline is built (once per process), not with this
+# module: importing medspaCy takes seconds (PyRuSH, QuickUMLS), and the command line and the
+# workers import the guardrails without always reading text.
+
+
 def _target_rules() -> list[TargetRule]:
+    from medspacy.target_matcher import TargetRule
+
     rules = []
     for concept in vocabulary().concepts.values():
         forms = dict.fromkeys(form for synonym in concept.synonyms for form in plural_forms(synonym))
@@ -136,6 +138,8 @@ def _target_rules() -> list[TargetRule]:
 
 
 def _context_rules() -> list[ConTextRule]:
+    from medspacy.context import ConTextRule
+
     rules = []
     for category, by_direction in context_data()["context_rules"].items():
         for direction, literals in by_direction.items():
@@ -144,6 +148,8 @@ def _context_rules() -> list[ConTextRule]:
 
 
 def _qualifier_matcher(nlp: Language) -> PhraseMatcher:
+    from spacy.matcher import PhraseMatcher
+
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
     data = context_data()
     for group in ("sides", "zones", "severity", "time"):
@@ -155,6 +161,12 @@ def _qualifier_matcher(nlp: Language) -> PhraseMatcher:
 @cache
 def pipeline() -> Language:
     """spaCy blank English + sentencizer + medspaCy target matcher, ConText and sectionizer (built once)."""
+    import medspacy  # noqa: F401  (registers the medspacy_* pipeline factories)
+    import spacy
+    from medspacy.context import ConText, ConTextRule
+    from medspacy.section_detection import Sectionizer, SectionRule
+    from medspacy.target_matcher import TargetMatcher
+
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
     matcher: TargetMatcher = nlp.add_pipe("medspacy_target_matcher")  # type: ignore[assignment]
@@ -169,6 +181,17 @@ def pipeline() -> Language:
         [SectionRule(f"{title}:", section) for section, titles in SECTION_TITLES.items() for title in titles]
     )
     return nlp
+
+
+def _parse(text: str) -> Doc:
+    """``text`` through the pipeline.
+
+    medspaCy's matchers each hold a spaCy Matcher that warns on every call while it has no token
+    patterns (the sectionizer's and ConText's literal rules use the phrase matcher): nothing is wrong.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\[W036\] The component 'matcher'", category=UserWarning)
+        return pipeline()(text)
 
 
 @cache
@@ -231,7 +254,7 @@ def _longest(matches: Iterable[tuple[int, int, int]], vocab: Any) -> list[tuple[
 def read_text(text: str) -> TextReading:
     """Every :class:`Claim` of ``text`` (findings or impression), and the numbers bound to no concept."""
     nlp = pipeline()
-    doc = nlp(text)
+    doc = _parse(text)
     ents = list(doc.ents)
     matches = _longest(_qualifiers()(doc), nlp.vocab)
     numbers = [n for n in find_numbers(text) if n.unit is not None]
@@ -255,10 +278,11 @@ def read_text(text: str) -> TextReading:
             "start": ent.start_char,
         }
         if ent.label_.startswith(NORMAL_LABEL):
+            # A normal statement rules its concepts out whatever trigger words its own text holds
+            # ("lungs are without focal consolidation").
             negated_concepts = statements[int(ent.label_[len(NORMAL_LABEL) :])]["negates"]
             claims += [
-                Claim(concept=concept, present=bool(ent._.is_negated), normal=True, **common)
-                for concept in negated_concepts
+                Claim(concept=concept, present=False, normal=True, **common) for concept in negated_concepts
             ]
             continue
         claims.append(
@@ -282,7 +306,7 @@ def split_sections(text: str) -> dict[str, str]:
 
     Text before the first title is under "" (a report without titles is all "").
     """
-    doc = pipeline()(text)
+    doc = _parse(text)
     sections: dict[str, str] = {}
     for section in doc._.sections:
         body = doc[section.body_start : section.body_end].text.strip()
