@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from pacs_ai.index.models import Base, Job, Study, utcnow
 
-__all__ = ["ReportDraft", "ReportStatus", "Role", "SignedReport", "User"]
+__all__ = ["ReportDraft", "ReportStatus", "Role", "SignedReport", "User", "WorklistSession"]
 
 
 class Role(enum.StrEnum):
@@ -55,6 +55,28 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column()
+    #: Failed logins in a row since the last success or lockout (``worklist_lockout_failures``).
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    #: No login is tried before this time (set after too many failures); None: not locked.
+    locked_until: Mapped[datetime | None] = mapped_column()
+
+
+class WorklistSession(Base):
+    """One worklist login (see :mod:`pacs_ai.worklist.sessions`); ended by logout, expiry or disabling."""
+
+    __tablename__ = "worklist_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: SHA-256 (hex) of the random token in the signed cookie; the token itself is never stored.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    #: Why it ended early: "logout", "user disabled", ...
+    revoked_reason: Mapped[str | None] = mapped_column(String(64))
+    #: Client address at login.
+    client: Mapped[str | None] = mapped_column(String(64))
 
 
 class ReportStatus(enum.StrEnum):

@@ -15,6 +15,7 @@ action writes, including its audit event, commits together or not at all.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,8 @@ from pacs_ai.worklist.security import (
     load_secret_key,
     require_role,
 )
-from pacs_ai.worklist.users import authenticate, list_users
+from pacs_ai.worklist.sessions import LoginThrottle, open_session, revoke_session, session_user, try_login
+from pacs_ai.worklist.users import list_users
 from pacs_ai.worklist.views import draft_view, study_view, worklist_rows
 
 __all__ = ["WorklistOptions", "create_app"]
@@ -83,8 +85,16 @@ class WorklistOptions:
     secret_key: str | None = None
     #: A login lasts this long (seconds).
     session_max_age_seconds: int = 8 * 3600
-    #: Send the session cookie over HTTPS only (set when served behind TLS).
+    #: Send the session cookie over HTTPS only, always; without it, only to clients that came over HTTPS
+    #: (directly, or through a ``trusted_proxies`` proxy that says so in X-Forwarded-Proto).
     secure_cookies: bool = False
+    #: Addresses or networks of TLS proxies whose X-Forwarded-Proto and X-Forwarded-For are believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Failed logins of one user name in a row that lock it, and for how long.
+    lockout_failures: int = 5
+    lockout_minutes: float = 15.0
+    #: Login attempts one client address may make per minute; more are answered 429.
+    login_attempts_per_minute: int = 10
     #: Verifying Organization of signed reports; None: the institution name, else "pacs-ai".
     organization: str | None = None
     #: FHIR R4 base URL that signed reports are POSTed to; None sends none.
@@ -123,6 +133,55 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _from_trusted_proxy(request: Request, trusted: tuple[str, ...]) -> bool:
+    """Whether the peer is one of the ``trusted`` proxy addresses or networks."""
+    try:
+        peer = ipaddress.ip_address(_client(request))
+    except ValueError:
+        return False
+    return any(peer in ipaddress.ip_network(entry, strict=False) for entry in trusted)
+
+
+def _login_client(request: Request, trusted: tuple[str, ...]) -> str:
+    """The client a login is counted for: the address a trusted proxy forwarded for, else the peer."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and _from_trusted_proxy(request, trusted):
+        return forwarded.split(",")[-1].strip()[:64] or _client(request)
+    return _client(request)
+
+
+def _came_over_https(request: Request, trusted: tuple[str, ...]) -> bool:
+    """HTTPS to us, or to a trusted proxy that says so (X-Forwarded-Proto); other proxies are not believed."""
+    if request.url.scheme == "https":
+        return True
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return proto == "https" and _from_trusted_proxy(request, trusted)
+
+
+def _secure_session_cookie(response: Response) -> None:
+    """Add ``Secure`` to the session cookie the response sets, so the browser sends it over HTTPS only."""
+    prefix = f"{_SESSION_COOKIE}=".encode()
+    response.raw_headers[:] = [
+        (name, value + b"; secure")
+        if name == b"set-cookie" and value.startswith(prefix) and b"secure" not in value.lower()
+        else (name, value)
+        for name, value in response.raw_headers
+    ]
+
+
+#: The answer to a refused login, the same for a wrong password, an unknown user and a locked account.
+LOGIN_REFUSED = "Wrong user name or password (after repeated failures an account is locked for a while)."
+
+
+@dataclass(frozen=True)
+class _SignIn:
+    """What a login attempt came to: (user name, role) when logged in, else the HTTP status and message."""
+
+    user: tuple[str, str] | None
+    status_code: int = 200
+    message: str = ""
+
+
 def create_app(
     settings: Settings,
     options: WorklistOptions | None = None,
@@ -153,17 +212,65 @@ def create_app(
         response = await call_next(request)
         for name, value in _SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if _came_over_https(request, options.trusted_proxies):
+            _secure_session_cookie(response)
         return response
 
     # --- helpers ------------------------------------------------------------------------------
 
     def current_user(request: Request, db: Session) -> User:
-        user_id = request.session.get("uid")
-        user = db.get(User, user_id) if isinstance(user_id, int) else None
-        if user is None or not user.active:
-            request.session.pop("uid", None)
+        """The user of the request's open session (see :mod:`pacs_ai.worklist.sessions`)."""
+        user = session_user(db, request.session.get("sid"))
+        if user is None:
+            request.session.pop("sid", None)
             raise NotAuthenticated()
         return user
+
+    throttle = LoginThrottle(options.login_attempts_per_minute)
+
+    def sign_in(request: Request, username: str, password: str, **extra: Any) -> _SignIn:
+        """Throttle, check (with lockout), open the session; every outcome is audited."""
+        client = _login_client(request, options.trusted_proxies)
+        detail = {"client": client, **extra}
+        if not throttle.allow(client):
+            with session_scope(sessions) as db:
+                record_audit(
+                    db, actor=username[:128], action="auth.throttled", object_type="user", detail=detail
+                )
+            return _SignIn(
+                None, 429, "Too many login attempts from this address; wait a minute and try again."
+            )
+        with session_scope(sessions) as db:
+            outcome = try_login(
+                db,
+                username,
+                password,
+                lockout_failures=options.lockout_failures,
+                lockout_minutes=options.lockout_minutes,
+            )
+            if outcome.user is None:
+                action = "auth.locked_out" if outcome.reason == "locked" else "auth.login_failed"
+                record_audit(db, actor=username[:128], action=action, object_type="user", detail=detail)
+                return _SignIn(None, 401, LOGIN_REFUSED)
+            token = open_session(
+                db, outcome.user, max_age_seconds=options.session_max_age_seconds, client=client
+            )
+            record_audit(
+                db, actor=outcome.user.username, action="auth.login", object_type="user", detail=detail
+            )
+            signed_in = _SignIn((outcome.user.username, outcome.user.role.value))
+        request.session.clear()
+        request.session["sid"] = token
+        csrf_token(request)  # a fresh token for the new login
+        return signed_in
+
+    def sign_out(request: Request) -> None:
+        """Revoke the request's session (audited) and clear the cookie."""
+        with session_scope(sessions) as db:
+            user = current_user(request, db)
+            revoke_session(db, request.session.get("sid"), "logout")
+            record_audit(db, actor=user.username, action="auth.logout", object_type="user")
+        request.session.clear()
 
     def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(
@@ -225,9 +332,8 @@ def create_app(
 
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, exc: Forbidden) -> Response:
-        user_id = request.session.get("uid")
         with session_scope(sessions) as db:
-            user = db.get(User, user_id) if isinstance(user_id, int) else None
+            user = session_user(db, request.session.get("sid"))
             record_audit(
                 db,
                 actor=user.username if user else "anonymous",
@@ -277,47 +383,23 @@ def create_app(
         next: str = Form("/"),
     ) -> Response:
         check_csrf(request, csrf_token_value)
-        with session_scope(sessions) as db:
-            user = authenticate(db, username, password)
-            if user is None:
-                record_audit(
-                    db,
-                    actor=username[:128],
-                    action="auth.login_failed",
-                    object_type="user",
-                    detail={"client": _client(request)},
-                )
-            else:
-                record_audit(
-                    db,
-                    actor=user.username,
-                    action="auth.login",
-                    object_type="user",
-                    detail={"client": _client(request)},
-                )
-                user_id = user.id
-        if user is None:
+        signed_in = sign_in(request, username, password)
+        if signed_in.user is None:
             return page(
                 request,
                 "login.html",
-                status_code=401,
+                status_code=signed_in.status_code,
                 next=next,
-                error="Wrong user name or password.",
+                error=signed_in.message,
                 user=None,
             )
-        request.session.clear()
-        request.session["uid"] = user_id
-        csrf_token(request)  # a fresh token for the new login
         safe_next = next if next.startswith("/") and not next.startswith("//") else "/"
         return RedirectResponse(safe_next, status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, csrf_token_value: str = Form("", alias=CSRF_FIELD)) -> Response:
         check_csrf(request, csrf_token_value)
-        with session_scope(sessions) as db:
-            user = current_user(request, db)
-            record_audit(db, actor=user.username, action="auth.logout", object_type="user")
-        request.session.clear()
+        sign_out(request)
         return RedirectResponse("/login", status_code=303)
 
     @app.get("/", response_class=HTMLResponse)
@@ -526,39 +608,16 @@ def create_app(
 
     @app.post("/api/login")
     def api_login(request: Request, body: LoginBody) -> Response:
-        with session_scope(sessions) as db:
-            user = authenticate(db, body.username, body.password)
-            if user is None:
-                record_audit(
-                    db,
-                    actor=body.username[:128],
-                    action="auth.login_failed",
-                    object_type="user",
-                    detail={"client": _client(request), "api": True},
-                )
-                result = None
-            else:
-                record_audit(
-                    db,
-                    actor=user.username,
-                    action="auth.login",
-                    object_type="user",
-                    detail={"client": _client(request), "api": True},
-                )
-                result = (user.id, user.username, user.role.value)
-        if result is None:
-            return JSONResponse({"detail": "wrong user name or password"}, status_code=401)
-        request.session.clear()
-        request.session["uid"] = result[0]
-        return JSONResponse({"username": result[1], "role": result[2], "csrf_token": csrf_token(request)})
+        signed_in = sign_in(request, body.username, body.password, api=True)
+        if signed_in.user is None:
+            return JSONResponse({"detail": signed_in.message}, status_code=signed_in.status_code)
+        username, role = signed_in.user
+        return JSONResponse({"username": username, "role": role, "csrf_token": csrf_token(request)})
 
     @app.post("/api/logout")
     def api_logout(request: Request) -> dict[str, str]:
         check_csrf(request, request.headers.get(CSRF_HEADER))
-        with session_scope(sessions) as db:
-            user = current_user(request, db)
-            record_audit(db, actor=user.username, action="auth.logout", object_type="user")
-        request.session.clear()
+        sign_out(request)
         return {"status": "logged out"}
 
     @app.get("/api/session")

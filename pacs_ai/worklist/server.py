@@ -10,7 +10,7 @@ the socket to each worklist process it (re)starts::
     python -m pacs_ai.worklist.server --fd 5
 
 A child reads its settings as every child of ``pacs-ai serve`` does
-(:func:`pacs_ai.config.load_settings`, from ``PACS_AI_SETTINGS_JSON``).
+(:func:`pacs_ai.config.load_settings`, from the file ``PACS_AI_SETTINGS_FILE`` names).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import logging
 import socket
 
-from pacs_ai.config import Settings
+from pacs_ai.config import Settings, revealed
 from pacs_ai.process import start_child_of_serve
 from pacs_ai.sockets import bind_listening_socket
 from pacs_ai.worklist.app import WorklistOptions, create_app
@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 def worklist_options(settings: Settings, **overrides: object) -> WorklistOptions:
     """The :class:`WorklistOptions` the settings describe; ``overrides`` (command-line options) win."""
     values: dict[str, object] = {
+        "secret_key": revealed(settings.worklist_session_secret),
         "fhir_endpoint": settings.worklist_fhir_endpoint,
+        "fhir_bearer_token": revealed(settings.worklist_fhir_bearer_token),
         "secure_cookies": settings.worklist_secure_cookies,
+        "trusted_proxies": tuple(settings.worklist_trusted_proxies),
+        "lockout_failures": settings.worklist_lockout_failures,
+        "lockout_minutes": settings.worklist_lockout_minutes,
+        "login_attempts_per_minute": settings.worklist_login_attempts_per_minute,
         "organization": settings.worklist_organization,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})

@@ -13,11 +13,11 @@ import re
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_ai.index.models import utcnow
-from pacs_ai.index.reports import Role, User
+from pacs_ai.index.reports import Role, User, WorklistSession
 
 __all__ = [
     "MIN_PASSWORD_LENGTH",
@@ -26,6 +26,7 @@ __all__ = [
     "authenticate",
     "hash_password",
     "list_users",
+    "revoke_user_sessions",
     "set_active",
     "verify_password",
 ]
@@ -96,12 +97,24 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
 
 
 def set_active(session: Session, username: str, active: bool) -> User:
-    """Enable or disable a user; a disabled user's open sessions stop working at their next request."""
+    """Enable or disable a user; disabling revokes the user's open worklist sessions at once."""
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise UserError(f"no user {username!r}")
     user.active = active
+    if not active:
+        revoke_user_sessions(session, user, "user disabled")
     return user
+
+
+def revoke_user_sessions(session: Session, user: User, reason: str) -> int:
+    """Revoke every open worklist session of ``user``; how many were open."""
+    result = session.execute(
+        update(WorklistSession)
+        .where(WorklistSession.user_fk == user.id, WorklistSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoked_reason=reason[:64])
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def list_users(session: Session) -> list[User]:

@@ -104,7 +104,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, sessionmake
 @pytest.fixture(scope="module")
 def app(env: tuple[Settings, sessionmaker[Session], IndexedStudy], fhir: FhirServer):  # type: ignore[no-untyped-def]
     settings, sessions, _ = env
-    return create_app(settings, WorklistOptions(fhir_endpoint=fhir.url), sessions=sessions)
+    # Every TestClient comes from one address: no login throttle here (test_worklist_sessions.py has it).
+    options = WorklistOptions(fhir_endpoint=fhir.url, login_attempts_per_minute=10_000)
+    return create_app(settings, options, sessions=sessions)
 
 
 def _new_draft(env: tuple[Settings, sessionmaker[Session], IndexedStudy]) -> int:

@@ -4,7 +4,7 @@ The site's signed reports as findings and impression text (worklist reports
 and imported past reports), read by the retrieval drafter.  A new table only.
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-07 03:30:00
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0007"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
