@@ -25,7 +25,6 @@ from pacs_ai.cli.rules import rules_app
 from pacs_ai.cli.status import status
 from pacs_ai.cli.studies import studies_app
 from pacs_ai.cli.users import users_app
-from pacs_ai.cli.worker import worker
 from pacs_ai.cli.worklist import worklist_app
 from pacs_ai.config import load_settings
 from pacs_ai.index.db import session_scope, upgrade_schema
@@ -72,7 +71,6 @@ def serve(ctx: typer.Context) -> None:
 
 
 app.command()(status)
-app.command()(worker)
 
 
 @db_app.command("upgrade")
@@ -91,7 +89,8 @@ def profiles_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check every profile file; report all problems with file names; exit 1 if any."""
-    from pacs_ai.route.profiles import ProfileError, analyzer_problems, load_profiles
+    from pacs_ai.analyze.registry import available_analyzers
+    from pacs_ai.route.profiles import ProfileError, load_profiles
 
     settings = settings_of(ctx)
     directory = directory or settings.profiles_dir
@@ -101,9 +100,13 @@ def profiles_validate(
         profiles = load_profiles(directory)
     except ProfileError as exc:
         problems.extend(str(exc).splitlines())
+    known_analyzers = set(available_analyzers())
     for profile in profiles:
-        # unknown analyzers, and each analyzer's own check of its params (e.g. the model is registered)
-        problems.extend(analyzer_problems(profile, settings))
+        for step in profile.analyzers:
+            if step.name not in known_analyzers:
+                problems.append(
+                    f"{profile.name}: unknown analyzer {step.name!r} (known: {sorted(known_analyzers)})"
+                )
         for destination in profile.destinations:
             if destination not in settings.destinations:
                 problems.append(

@@ -45,6 +45,7 @@ from pacs_ai.report.vocabulary import CHEST_TERMS, term_for_name, term_patterns
 
 __all__ = ["GuardrailResult", "Violation", "check_draft", "check_text"]
 
+
 @dataclass(frozen=True)
 class Reference:
     """A number the evidence holds, in a canonical unit."""
