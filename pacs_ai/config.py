@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     #: (workers run elsewhere, e.g. on GPU machines).
     worker_processes: int = Field(default=1, ge=0)
     worker_concurrency: int = Field(default=2, ge=1)
+    #: Queues the workers ``pacs-ai serve`` starts serve; None: all of them (cpu, gpu, dispatch where no
+    #: GPU).  A receiver whose analyses run on other hosts sets ``[dispatch]``: it sends the results.
+    worker_queues: list[Literal["dispatch", "cpu", "gpu"]] | None = None
+    #: Seconds between a worker's heartbeats in the index (``pacs-ai status`` shows every host's workers).
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    #: A worker silent this long is marked lost and its running jobs are queued again for another
+    #: worker (the broker would hand them over only after broker_visibility_timeout_seconds).
+    worker_stale_after_seconds: float = Field(default=60.0, gt=0)
     #: Memory each pool process maps for voxel arrays when it starts, and keeps from one study to
     #: the next, so that loading a study needs no fresh pages (see :mod:`pacs_ai.analyze.volume_memory`):
     #: 256 MB holds a 512x512 CT of up to 500 slices.  It stays allocated while the process idles;
@@ -244,6 +252,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"retention_low_watermark_percent ({low}) needs a retention_high_watermark_percent "
                 f"at or above it (got {high})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_come_before_staleness(self) -> Settings:
+        if self.worker_stale_after_seconds <= 2 * self.worker_heartbeat_seconds:
+            raise ValueError(
+                f"worker_stale_after_seconds ({self.worker_stale_after_seconds:g}) must be more than twice "
+                f"worker_heartbeat_seconds ({self.worker_heartbeat_seconds:g}), or live workers would be "
+                "declared lost"
             )
         return self
 

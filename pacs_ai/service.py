@@ -26,7 +26,8 @@ from pydantic import SecretStr
 
 from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
-from pacs_ai.index.db import make_engine, make_session_factory, upgrade_schema
+from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
+from pacs_ai.index.workers import take_lost_workers
 from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import SignalledStop, die_with_parent
 from pacs_ai.receive.balance import AssociationLoads
@@ -103,16 +104,28 @@ def gpu_worker_devices(
 
 
 def plan_workers(
-    worker_processes: int, worker_concurrency: int, gpu_devices: Sequence[str]
+    worker_processes: int,
+    worker_concurrency: int,
+    gpu_devices: Sequence[str],
+    queues: Sequence[str] | None = None,
 ) -> list[WorkerSpec]:
     """The Celery workers to start (pure; unit-tested).
 
     With GPUs, one worker per GPU serves only the ``gpu`` queue, one task at a
     time, and the CPU workers serve ``cpu`` and ``dispatch``; without, the CPU
-    workers serve every queue (models then run on the CPU).
+    workers serve every queue (models then run on the CPU).  ``queues``
+    (``settings.worker_queues``) limits what this host serves, e.g. ``dispatch``
+    alone on a receiver whose analyses run on other hosts; GPU workers start
+    only when it includes ``gpu``.
     """
-    cpu_queues = tuple(q for q in QUEUES if q != "gpu") if gpu_devices else tuple(QUEUES)
-    specs = [WorkerSpec(f"pacs-ai-{i}", cpu_queues, worker_concurrency) for i in range(worker_processes)]
+    wanted = tuple(q for q in QUEUES if queues is None or q in queues)
+    if "gpu" not in wanted:
+        gpu_devices = ()
+    cpu_queues = tuple(q for q in wanted if q != "gpu") if gpu_devices else wanted
+    specs = [
+        WorkerSpec(f"pacs-ai-{i}", cpu_queues, worker_concurrency)
+        for i in range(worker_processes if cpu_queues else 0)
+    ]
     specs += [WorkerSpec(f"pacs-ai-gpu{i}", ("gpu",), 1, device) for i, device in enumerate(gpu_devices)]
     return specs
 
@@ -125,12 +138,15 @@ def _cuda_device_count() -> int:
 
 def worker_specs(settings: Settings) -> list[WorkerSpec]:
     """The workers ``pacs-ai serve`` starts with these settings on this machine."""
-    if settings.gpu_workers is None and settings.worker_processes == 0:
-        devices: list[str] = []  # no local workers wanted; do not probe for GPUs
+    serves_gpu = settings.worker_queues is None or "gpu" in settings.worker_queues
+    if (settings.gpu_workers is None and settings.worker_processes == 0) or not serves_gpu:
+        devices: list[str] = []  # no local GPU workers wanted; do not probe for GPUs
     else:
         count = _cuda_device_count() if settings.gpu_workers is None else 0
         devices = gpu_worker_devices(settings.gpu_workers, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return plan_workers(settings.worker_processes, settings.worker_concurrency, devices)
+    return plan_workers(
+        settings.worker_processes, settings.worker_concurrency, devices, settings.worker_queues
+    )
 
 
 #: A worklist process that dies is started again no sooner than this after its previous start,
@@ -143,7 +159,9 @@ class Supervisor:
 
     When a worker dies (killed, out of memory), the jobs it had claimed are
     handed back to the queue at once rather than after the broker's visibility
-    timeout; a restarted worker, or another one, then takes them over.
+    timeout; a restarted worker, or another one, then takes them over.  Workers
+    on other hosts are watched through their heartbeats in the index
+    (:meth:`hand_back_jobs_of_lost_workers`).
     """
 
     def __init__(
@@ -163,6 +181,8 @@ class Supervisor:
         self.worklist: subprocess.Popen[bytes] | None = None
         self.worklist_socket: socket.socket | None = None
         self._worklist_started_at = 0.0
+        #: Monotonic time of the next look for workers (on any host) that stopped beating.
+        self._next_lost_worker_check = 0.0
 
     def worker_node_name(self, index: int) -> str:
         return f"{self.worker_specs[index].node_prefix}@{self.hostname}"
@@ -242,30 +262,20 @@ class Supervisor:
         )
 
     def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        """Worker ``index`` as ``pacs-ai worker``, the command a worker on another host runs too."""
         spec = self.worker_specs[index]
-        (self.settings.data_dir / "run" / "worker-ready" / self.worker_node_name(index)).unlink(
-            missing_ok=True
-        )
         log_file = self.settings.log_dir / f"worker-{index}.log"
         command = [
             sys.executable,
             "-m",
-            "celery",
-            "-A",
-            "workers.app",
+            "pacs_ai.cli.main",
             "worker",
             "--queues",
             ",".join(spec.queues),
             "--concurrency",
             str(spec.concurrency),
-            "--prefetch-multiplier",
-            "1",
-            "-O",
-            "fair",
-            "--hostname",
+            "--name",
             self.worker_node_name(index),
-            "--loglevel",
-            self.settings.log_level,
             "--logfile",
             str(log_file),
         ]
@@ -324,6 +334,30 @@ class Supervisor:
             changed = True
         if changed:
             self.write_run_state()
+
+    def hand_back_jobs_of_lost_workers(self) -> list[str]:
+        """Mark workers on any host that stopped beating as lost; queue their running jobs again.
+
+        Runs once per ``worker_heartbeat_seconds``.  The broker would hand a dead
+        worker's unacknowledged message to another only after
+        ``broker_visibility_timeout_seconds`` (an hour by default); the index
+        knows sooner.  Should the message come back later as well, the job is
+        finished by then and the message does nothing (results are idempotent).
+        """
+        now = time.monotonic()
+        if now < self._next_lost_worker_check:
+            return []
+        self._next_lost_worker_check = now + self.settings.worker_heartbeat_seconds
+        with session_scope(self.scheduler.sessions) as session:
+            lost = take_lost_workers(session, self.settings.worker_stale_after_seconds)
+        for node in lost:
+            log.error(
+                "worker %s sent no heartbeat for %g s: marked lost, its running jobs queued again",
+                node,
+                self.settings.worker_stale_after_seconds,
+            )
+            self.scheduler.requeue_jobs_of(node)
+        return lost
 
     @staticmethod
     def _kill_group(worker: subprocess.Popen[bytes]) -> None:
@@ -452,8 +486,9 @@ def serve(settings: Settings) -> None:
                     log.exception("scheduler pass failed")
                 try:
                     supervisor.check()
+                    supervisor.hand_back_jobs_of_lost_workers()
                 except Exception:
-                    log.exception("supervising the child processes failed")
+                    log.exception("supervising the child processes and workers failed")
                 stop.wait(settings.scheduler_interval_seconds)
         finally:
             log.info("pacs-ai stopping")

@@ -24,7 +24,9 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from pacs_ai.storage.keys import spool_path
 from tests.peers import echoscu, free_port, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +164,17 @@ class PacsAiService:
         state = self.run_state()
         if not state or not state.get("workers") and self.env.get("PACS_AI_WORKER_PROCESSES") != "0":
             return False
-        ready_dir = self.data_dir / "run" / "worker-ready"
-        workers_ready = all((ready_dir / worker["node"]).exists() for worker in state["workers"])
+        workers_ready = all(self.worker_is_ready(worker["node"]) for worker in state["workers"])
         if self.worklist_enabled and not self.worklist_healthy():
             return False
         return workers_ready and echoscu("127.0.0.1", self.port, self.ae_title)
+
+    def worker_is_ready(self, node: str) -> bool:
+        """True when the worker's row in the index says it consumes its queues (it writes it itself)."""
+        try:
+            return bool(self.query("SELECT 1 FROM workers WHERE node = :node AND state = 'READY'", node=node))
+        except SQLAlchemyError:  # no index or no workers table yet
+            return False
 
     def run_state(self) -> dict[str, Any] | None:
         path = self.data_dir / "run" / "service.json"
@@ -174,6 +182,10 @@ class PacsAiService:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+
+    def spool_file(self, key: str) -> Path:
+        """The receiver's spool file of an instance the index records by its storage key."""
+        return spool_path(self.data_dir / "spool", key)
 
     def engine(self) -> Engine:
         return create_engine(self.database_url)

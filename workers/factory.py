@@ -36,11 +36,16 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import Job
 from pacs_ai.logging_setup import quiet_noisy_libraries
+from pacs_ai.models.engine import loaded_model_names
+from workers.heartbeat import NodePresence, ProcessModels
 
 log = logging.getLogger(__name__)
 
 #: How long a new pool process may take to warm up before Celery counts it as failed to start.
 WARM_UP_TIMEOUT_SECONDS = 60.0
+
+#: This pool process's record of the models it keeps loaded (see :func:`_record_models_loaded`).
+_PROCESS_MODELS = ProcessModels()
 
 #: In the order a worker serves them (see the module docstring).
 QUEUES = ("dispatch", "cpu", "gpu")
@@ -52,6 +57,8 @@ class PacsAiCelery(Celery):
     def __init__(self, settings: Settings) -> None:
         super().__init__("pacs_ai", broker=settings.effective_broker_url)
         self.settings = settings
+        #: This node's row in the index (set in the worker's main process when it initialises).
+        self.presence: NodePresence | None = None
         self.conf.update(
             task_acks_late=True,
             task_reject_on_worker_lost=True,
@@ -103,19 +110,42 @@ def _quiet_libraries(*_args: Any, **_kwargs: Any) -> None:
 
 @signals.worker_ready.connect
 def _announce_ready(sender: Any = None, **_kwargs: Any) -> None:
-    """Leave ``run/worker-ready/<node>`` in the data directory for the supervisor, status and tests."""
-    app = getattr(sender, "app", None)
-    if isinstance(app, PacsAiCelery):
-        marker = app.settings.data_dir / "run" / "worker-ready" / str(sender.hostname)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    """Mark the node ``ready`` in the index: ``pacs-ai status``, the supervisor and tests read it there."""
+    presence = getattr(getattr(sender, "app", None), "presence", None)
+    if isinstance(presence, NodePresence):
+        presence.ready()
+
+
+@signals.worker_shutdown.connect
+def _announce_stopped(sender: Any = None, **_kwargs: Any) -> None:
+    """Mark the node ``stopped`` (a clean stop: its tasks finished or went back to the queue)."""
+    presence = getattr(getattr(sender, "app", None), "presence", None)
+    if isinstance(presence, NodePresence):
+        presence.stopped()
 
 
 @signals.worker_init.connect
 def _warm_up(sender: Any = None, **_kwargs: Any) -> None:
-    """Run a small synthetic job before the pool forks, so no study pays the first-use costs."""
-    if isinstance(getattr(sender, "app", None), PacsAiCelery):
+    """Register the node in the index, then run a small synthetic job before the pool forks.
+
+    The warm-up spares the first study the first-use costs; the node shows as
+    ``starting`` in ``pacs-ai status`` meanwhile.
+    """
+    app = getattr(sender, "app", None)
+    if isinstance(app, PacsAiCelery):
+        presence = NodePresence(app.settings, str(sender.hostname))
+        presence.register(sorted(app.amqp.queues.consume_from), int(sender.concurrency or 1))
+        app.presence = presence
         warm_up()
+
+
+@signals.task_postrun.connect
+def _record_models_loaded(sender: Any = None, **_kwargs: Any) -> None:
+    """After each task, record in the index which models this pool process keeps loaded (when changed)."""
+    app = getattr(sender, "app", None)
+    hostname = getattr(getattr(sender, "request", None), "hostname", None)
+    if isinstance(app, PacsAiCelery) and hostname:
+        _PROCESS_MODELS.record(app.sessions, str(hostname), loaded_model_names())
 
 
 @signals.worker_process_init.connect

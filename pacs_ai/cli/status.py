@@ -9,8 +9,17 @@ unhealthy (``problems`` says why), so monitoring can call it as it is.
 * ``service``: ``data_dir/run/service.json`` as ``pacs-ai serve`` wrote it, or null when not running;
 * ``listener``: ``running`` (every listener process alive), ``pids``, ``ae_title``, ``listen``
   (host:port), ``accepting`` (bool) and ``refusing_reason`` (why new associations are rejected, or null);
-* ``workers``: ``expected`` (node names), ``ready`` (nodes whose ``run/worker-ready`` marker exists and
-  whose process is alive);  ``workers_ready``: the ready marker names (as before);
+* ``workers``: ``expected`` (the node names of the workers ``pacs-ai serve`` started on this host),
+  ``ready`` (those of them the index shows ready and beating, whose process is alive);
+  ``workers_ready``: every node on any host that is ready and beating;
+* ``worker_nodes``: every worker the index knows, on every host: ``node``, ``hostname``, ``pid``,
+  ``queues``, ``concurrency``, ``device`` (``type`` cuda with ``gpus``' ``name`` and ``memory_mb``, or cpu),
+  ``models_loaded``, ``jobs_running`` (jobs the index shows it running), ``state`` (starting, ready,
+  stopped, lost), ``stale`` (no heartbeat for ``worker_stale_after_seconds``; a problem), ``last_heartbeat``,
+  ``seconds_since_heartbeat``, ``answering`` and ``tasks_active`` (from a broadcast over the broker; null
+  when the broker is unreachable);
+* ``storage``: ``url`` (where studies and results live) and ``error`` (null when a test object could be
+  written and deleted; else why not: unreachable, credentials refused, no bucket; a problem);
 * ``broker``: ``url`` (password masked), ``reachable``, ``error``;
 * ``queues``: queue name -> messages waiting, or null each when the broker is unreachable;
 * ``disk``: ``path``, ``total_mb``, ``free_mb``, ``used_percent``, ``refuse_instances_below_mb``,
@@ -25,32 +34,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import psutil
 import typer
+from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, settings_of
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Delivery, Instance, Job, Series, Study
+from pacs_ai.index.models import Delivery, Instance, Job, Series, Study, WorkerState
 from pacs_ai.index.purge import spool_disk_usage
 from pacs_ai.index.retention import DiskUsage
+from pacs_ai.index.workers import list_workers
 from pacs_ai.receive.health import listener_capacity_problems
 from pacs_ai.receive.security import open_listener_warning
 from pacs_ai.receive.server import low_disk_reason
+from pacs_ai.storage import StorageError, open_storage
 
 MIB = 1024 * 1024
 #: Seconds to wait for the broker: status must answer quickly when it is down.
 BROKER_TIMEOUT_SECONDS = 2.0
+#: Seconds to wait for workers to answer the broadcast asking what they run.
+WORKER_REPLY_SECONDS = 1.0
 
 
-def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
+def status(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            help="Only this worker node (NAME@HOST): exit 0 while it is ready, beating and answering.",
+        ),
+    ] = None,
+) -> None:
     """Listener, workers, queues, disk, broker, index, jobs, deliveries; exit 1 if down or unhealthy."""
     settings = settings_of(ctx)
     sessions = index_sessions(settings)  # exits 1 with advice where there is no index yet
-    report = collect_status(settings)
+    if node is not None:
+        _node_status(settings, sessions, node, as_json)
+    report = collect_status(settings, sessions)
     with session_scope(sessions) as session:
         report["index"] = {
             "studies": session.scalar(select(func.count(Study.id))),
@@ -73,8 +100,37 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     raise typer.Exit(0 if report["healthy"] else 1)
 
 
-def collect_status(settings: Settings) -> dict[str, Any]:
-    """Everything ``status`` reports except the index counts."""
+def _node_status(settings: Settings, sessions: sessionmaker[Session], node: str, as_json: bool) -> None:
+    """``status --node``: one worker's row and whether it is healthy (a worker host's health check).
+
+    Healthy: the index shows it ready with a fresh heartbeat and it answers a
+    broadcast over the broker.
+    """
+    found = [n for n in _worker_nodes(settings, sessions, ask_broker=True) if n["node"] == node]
+    problems = []
+    if not found:
+        problems.append(f"no worker {node} in the index (not started, or not registered yet)")
+    else:
+        worker = found[0]
+        if worker["state"] != WorkerState.READY.value:
+            problems.append(f"worker {node} is {worker['state']}")
+        if worker["stale"]:
+            problems.append(f"worker {node}: no heartbeat for {worker['seconds_since_heartbeat']:g} s")
+        if worker["answering"] is not True:
+            problems.append(f"worker {node} does not answer over the broker")
+    report = {"healthy": not problems, "problems": problems, "worker": found[0] if found else None}
+    if as_json:
+        print_json(report)
+    else:
+        if found:
+            _print_worker_nodes(found)
+        for problem in problems:
+            console.print(f"[red]problem[/red] {problem}")
+    raise typer.Exit(0 if not problems else 1)
+
+
+def collect_status(settings: Settings, sessions: sessionmaker[Session] | None = None) -> dict[str, Any]:
+    """Everything ``status`` reports except the index counts (the workers only with ``sessions``)."""
     problems: list[str] = []
     service = _service_state(settings)
     if service is None:
@@ -105,17 +161,31 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "open_to_anyone": open_listener_warning(settings.listen_host, settings.known_peers),
     }
 
-    ready_dir = settings.data_dir / "run" / "worker-ready"
-    markers = sorted(p.name for p in ready_dir.iterdir()) if service and ready_dir.is_dir() else []
+    broker, queues = _broker(settings)
+    if service is not None and not broker["reachable"]:
+        problems.append(f"the broker is unreachable: {broker['error']}")
+
+    nodes = _worker_nodes(settings, sessions, broker["reachable"]) if sessions is not None else []
+    live = [n for n in nodes if n["state"] == WorkerState.READY.value and not n["stale"]]
+    markers = sorted(n["node"] for n in live)
     expected = [w for w in (service.get("workers", []) if service else [])]
     ready = [w["node"] for w in expected if w["node"] in markers and psutil.pid_exists(w["pid"])]
     not_ready = [w["node"] for w in expected if w["node"] not in ready]
     if not_ready:
         problems.append(f"worker(s) not ready: {', '.join(not_ready)}")
+    problems += [
+        f"worker {n['node']} on {n['hostname']}: no heartbeat for {n['seconds_since_heartbeat']:g} s "
+        f"(state {n['state']}); its running jobs are handed to other workers"
+        for n in nodes
+        if n["stale"] and n["node"] not in not_ready
+    ]
+    for queue, waiting in queues.items():
+        if waiting and not any(queue in n["queues"] for n in live):
+            problems.append(f"no live worker on any host serves queue {queue} ({waiting} message(s) waiting)")
 
-    broker, queues = _broker(settings)
-    if service is not None and not broker["reachable"]:
-        problems.append(f"the broker is unreachable: {broker['error']}")
+    storage = _storage(settings)
+    if storage["error"] is not None:
+        problems.append(f"the storage {storage['url']} fails its check: {storage['error']}")
 
     return {
         "healthy": not problems,
@@ -124,6 +194,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "listener": listener,
         "workers": {"expected": [w["node"] for w in expected], "ready": ready},
         "workers_ready": markers,
+        "worker_nodes": nodes,
+        "storage": storage,
         "broker": broker,
         "queues": queues,
         "disk": disk,
@@ -202,6 +274,47 @@ def _queue_lengths(settings: Settings) -> dict[str, int | None]:
     return lengths
 
 
+def _worker_nodes(
+    settings: Settings, sessions: sessionmaker[Session], ask_broker: bool
+) -> list[dict[str, Any]]:
+    """Every worker on every host from the index; ``answering`` and ``tasks_active`` from the broker.
+
+    The index has what each worker last reported (and keeps a dead one, marked
+    stale); the broker says which of them answer right now (a broadcast with a
+    short timeout; null when the broker is unreachable).
+    """
+    with session_scope(sessions) as session:
+        nodes = [view.as_dict() for view in list_workers(session, settings.worker_stale_after_seconds)]
+    active = _active_tasks(settings) if ask_broker and nodes else None
+    for node in nodes:
+        node["answering"] = None if active is None else node["node"] in active
+        node["tasks_active"] = None if active is None else len(active.get(node["node"]) or [])
+    return nodes
+
+
+def _active_tasks(settings: Settings) -> dict[str, list[Any]] | None:
+    """Node name -> tasks it runs, from the workers that answer a broadcast within the timeout."""
+    from workers.factory import create_app
+
+    try:
+        replies = create_app(settings).control.inspect(timeout=WORKER_REPLY_SECONDS).active()
+    except Exception:  # noqa: BLE001 - no answer from the broker is reported as "not asked"
+        return None
+    return dict(replies or {})
+
+
+def _storage(settings: Settings) -> dict[str, Any]:
+    """Where studies and results live, and whether a test object can be written and deleted there."""
+    report: dict[str, Any] = {"url": settings.storage_url or "local folder", "error": None}
+    try:
+        storage = open_storage(settings)
+        report["url"] = storage.description
+        storage.check()
+    except (StorageError, ValueError) as exc:
+        report["error"] = str(exc)
+    return report
+
+
 def _print_text(report: dict[str, Any]) -> None:
     service = report["service"]
     console.print(
@@ -220,7 +333,15 @@ def _print_text(report: dict[str, Any]) -> None:
     if listener.get("open_to_anyone"):
         console.print(f"[bold red]WARNING[/bold red]: {listener['open_to_anyone']}")
     workers = report["workers"]
-    console.print(f"workers: {len(workers['ready'])}/{len(workers['expected'])} ready {workers['ready']}")
+    console.print(
+        f"local workers: {len(workers['ready'])}/{len(workers['expected'])} ready {workers['ready']}"
+    )
+    _print_worker_nodes(report["worker_nodes"])
+    storage = report["storage"]
+    console.print(
+        f"storage: {storage['url']} "
+        + ("ok" if storage["error"] is None else f"[red]failing[/red] ({storage['error']})")
+    )
     broker = report["broker"]
     console.print(
         f"broker: {broker['url']} "
@@ -242,3 +363,37 @@ def _print_text(report: dict[str, Any]) -> None:
         console.print("[green]healthy[/green]")
     for problem in report["problems"]:
         console.print(f"[red]problem[/red] {problem}")
+
+
+def _print_worker_nodes(nodes: list[dict[str, Any]]) -> None:
+    table = Table(title="Workers (all hosts)")
+    for column in ("node", "host", "queues", "device", "models", "jobs", "state", "last heartbeat"):
+        table.add_column(column)
+    for node in nodes:
+        state = node["state"] + (" [red](stale)[/red]" if node["stale"] else "")
+        if node["answering"] is False and not node["stale"]:
+            state += " [yellow](not answering)[/yellow]"
+        table.add_row(
+            node["node"],
+            node["hostname"],
+            ",".join(node["queues"]),
+            describe_device(node["device"]),
+            ", ".join(node["models_loaded"]) or "-",
+            str(node["jobs_running"]),
+            state,
+            f"{node['last_heartbeat']} ({node['seconds_since_heartbeat']:g} s ago)",
+        )
+    console.print(table)
+
+
+def describe_device(device: dict[str, Any] | None) -> str:
+    """A worker's device in a few words: ``cuda:0 NVIDIA A100 (40960 MB)`` or ``cpu 8 cores`` (pure)."""
+    if not device:
+        return "?"
+    if device.get("type") == "cuda":
+        gpus = device.get("gpus") or []
+        named = "; ".join(f"{g.get('name')} ({g.get('memory_mb')} MB)" for g in gpus)
+        return f"{device.get('device', 'cuda')} {named or str(device.get('count', '?')) + ' device(s)'}"
+    if device.get("type") == "cpu":
+        return f"cpu {device.get('cores')} cores, {device.get('memory_mb')} MB"
+    return str(device.get("error") or device)

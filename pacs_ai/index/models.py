@@ -316,3 +316,42 @@ class AuditEvent(Base):
     object_type: Mapped[str] = mapped_column(String(32))
     object_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class WorkerState(enum.StrEnum):
+    """Where a Celery worker node is in its life, as it last reported (``lost``: the scheduler's verdict)."""
+
+    STARTING = "starting"  # registered, warming up; takes no task yet
+    READY = "ready"  # consuming its queues
+    STOPPED = "stopped"  # shut down cleanly; its running tasks finished or went back to the queue
+    LOST = "lost"  # no heartbeat for worker_stale_after_seconds; its running jobs were handed back
+
+
+class WorkerNode(Base):
+    """A Celery worker node on any host, with the heartbeat it writes itself.
+
+    Every host shares the index, so ``pacs-ai status`` on any of them sees every
+    worker without reading another machine's files.  ``processes`` holds what each
+    pool process last reported (pid -> models loaded), written after each task.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: Celery node name, ``name@hostname``; a worker that starts again under the same name reuses the row.
+    node: Mapped[str] = mapped_column(String(255), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    #: ``{"type": "cuda"|"cpu", "name": ..., "memory_mb": ...}`` per device the worker's models run on.
+    device: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: pid (as text) -> names of the models that pool process keeps loaded.
+    processes: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
+    state: Mapped[WorkerState] = mapped_column(
+        Enum(WorkerState, native_enum=False, length=16), default=WorkerState.STARTING
+    )
+    version: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column()

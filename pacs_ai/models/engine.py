@@ -141,6 +141,11 @@ def _out_of_memory(name: str, stage: str, device: torch.device, exc: BaseExcepti
 _ENGINES: dict[tuple[str, str, str, int], ModelEngine] = {}
 
 
+def loaded_model_names() -> list[str]:
+    """Names of the models this process keeps loaded (for the worker's heartbeat in the index)."""
+    return sorted({name for engine in _ENGINES.values() for name, _ in engine.cache.keys()})  # noqa: SIM118 - a method
+
+
 def engine_for(settings: Settings) -> ModelEngine:
     """This process's engine for ``settings``.
 
