@@ -25,6 +25,7 @@ from pacs_ai.cli.rules import rules_app
 from pacs_ai.cli.status import status
 from pacs_ai.cli.studies import studies_app
 from pacs_ai.cli.users import users_app
+from pacs_ai.cli.worker import worker
 from pacs_ai.cli.worklist import worklist_app
 from pacs_ai.config import load_settings
 from pacs_ai.index.db import session_scope, upgrade_schema
@@ -71,6 +72,7 @@ def serve(ctx: typer.Context) -> None:
 
 
 app.command()(status)
+app.command()(worker)
 
 
 @db_app.command("upgrade")
