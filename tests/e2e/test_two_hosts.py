@@ -1,0 +1,295 @@
+"""Two "hosts" on one machine: the receiver, and a worker that shares only the index, broker and store.
+
+The receiver (``pacs-ai serve``: listener, scheduler, the dispatch queue's
+worker, worklist) and the worker (``pacs-ai worker --queues cpu,gpu``) are
+separate process trees with separate data directories and HOMEs; the worker
+runs as another Unix user who cannot read the receiver's files.  They share a
+real PostgreSQL database, a Redis database and a SeaweedFS S3 bucket; Orthanc
+is the PACS.  A chest CT sent to the receiver comes back as SEG and SR; the
+worker is SIGKILLed during the analysis and another started: the PACS ends up
+with exactly one result set.  ``pacs-ai status`` on the receiver lists the
+workers of both "hosts", marks the dead one, and exits 1 when the object
+store refuses its credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
+from tests.e2e.conftest import NO_DRAFT_REPORTS, orthanc_destination
+from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE, fetch_results
+from tests.object_store import SeaweedS3, storage_environment
+from tests.peers import OrthancServer, _stop_process, storescu, wait_for
+from tests.service import REPO_ROOT, PacsAiService
+
+pytestmark = pytest.mark.e2e
+
+#: The Unix user of the worker "host" (created when missing; CI runs as root).
+WORKER_USER = "pacs-ai-gpu-host"
+#: Fast heartbeats, so a dead worker is found in seconds; the broker hands its message on after 30 s.
+TIMING = {
+    "PACS_AI_WORKER_HEARTBEAT_SECONDS": "1",
+    "PACS_AI_WORKER_STALE_AFTER_SECONDS": "5",
+    "PACS_AI_BROKER_VISIBILITY_TIMEOUT_SECONDS": "30",
+}
+
+
+def _worker_user() -> pwd.struct_passwd:
+    """The worker host's user, created if missing; skip where that is impossible (not root)."""
+    try:
+        return pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip(f"needs root to create the Unix user {WORKER_USER} (CI runs as root)")
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", WORKER_USER],
+        check=True,
+        capture_output=True,
+    )
+    return pwd.getpwnam(WORKER_USER)
+
+
+def _as_user(user: pwd.struct_passwd) -> dict[str, Any]:
+    """``subprocess`` arguments that run a child as ``user`` with no supplementary groups."""
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+@dataclass
+class WorkerHost:
+    """The worker's "machine": its user, HOME and data directory, and the settings it shares."""
+
+    user: pwd.struct_passwd
+    root: Path
+    environment: dict[str, str]
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        data = self.root / name
+        data.mkdir()
+        os.chown(data, self.user.pw_uid, self.user.pw_gid)
+        env = {**self.environment, "PACS_AI_DATA_DIR": str(data)}
+        return subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai.cli.main", "worker", "--queues", "cpu,gpu", "--concurrency", "1"]
+            + ["--name", f"{name}@gpu-host", "--logfile", str(data / "worker.log")],
+            env=env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=open(data / "stdout.log", "wb"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **_as_user(self.user),
+        )
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"===== {path}\n{path.read_text(errors='replace')[-6000:]}"
+            for path in sorted(self.root.rglob("*.log"))
+        )
+
+
+def _closed_ancestors(paths: list[Path]) -> list[Path]:
+    """Folders above ``paths`` that other users may not pass through (e.g. /root holding pyenv)."""
+    closed: set[Path] = set()
+    for path in paths:
+        for folder in path.parents:
+            if not folder.stat().st_mode & 0o001:
+                closed.add(folder)
+    return sorted(closed)
+
+
+@contextmanager
+def _traversable_for(user: pwd.struct_passwd, folders: list[Path]) -> Iterator[None]:
+    """Let ``user`` pass through ``folders`` (an ACL entry, execute only: no listing), then take it back.
+
+    The worker user must run this checkout's interpreter, which may live under
+    /root; it gets no right to read anything there.
+    """
+    if folders and shutil.which("setfacl") is None:
+        pytest.skip(f"setfacl (Debian package acl) is needed to let {WORKER_USER} reach {folders}")
+    for folder in folders:
+        subprocess.run(["setfacl", "-m", f"u:{user.pw_name}:x", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        for folder in folders:
+            subprocess.run(["setfacl", "-x", f"u:{user.pw_name}", str(folder)], check=False)
+
+
+@pytest.fixture
+def worker_host_root() -> Iterator[tuple[pwd.struct_passwd, Path]]:
+    user = _worker_user()
+    root = Path(tempfile.mkdtemp(prefix="pacs-ai-gpu-host-"))
+    os.chown(root, user.pw_uid, user.pw_gid)
+    (root / "home").mkdir()
+    os.chown(root / "home", user.pw_uid, user.pw_gid)
+    needed = [Path(sys.executable), Path(sys.executable).resolve(), REPO_ROOT / "pacs_ai"]
+    with _traversable_for(user, _closed_ancestors(needed)):
+        probe = subprocess.run(
+            [sys.executable, "-c", "import pacs_ai.cli.main"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            **_as_user(user),
+        )
+        assert probe.returncode == 0, (
+            f"{WORKER_USER} cannot run this checkout: {probe.stderr.decode()[-2000:]}"
+        )
+        yield user, root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _status(service: PacsAiService, **env: str) -> tuple[int, dict[str, Any]]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "pacs_ai.cli.main", "status", "--json"],
+        env={**service.env, **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return completed.returncode, json.loads(completed.stdout)
+
+
+def _nodes(service: PacsAiService) -> dict[str, dict[str, Any]]:
+    return {node["node"]: node for node in _status(service)[1]["worker_nodes"]}
+
+
+def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
+    orthanc: OrthancServer, tmp_path: Path, worker_host_root: tuple[pwd.struct_passwd, Path]
+) -> None:
+    user, root = worker_host_root
+    started = time.monotonic()
+
+    def stage(what: str) -> None:  # stage times in the output, to keep an eye on the test's duration
+        print(f"{time.monotonic() - started:6.1f} s  {what}")
+
+    # Large enough that the analysis runs for a while, so the kill lands mid-task.
+    phantom: PhantomTruth = write_chest_phantom(
+        tmp_path / "phantom", slices=160, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.0
+    )
+    stage("phantom written")
+    with SeaweedS3() as store:
+        storage = storage_environment(store)
+        stage("object store up")
+        receiver = PacsAiService(
+            tmp_path / "receiver",
+            backend="servers",
+            destinations=orthanc_destination(orthanc),
+            extra_env={
+                **storage,
+                **TIMING,
+                **NO_DRAFT_REPORTS,
+                "PACS_AI_WORKER_QUEUES": '["dispatch"]',
+                "PACS_AI_WORKLIST_ENABLED": "false",
+            },
+        )
+        host: WorkerHost | None = None
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            receiver.start()
+            stage("receiver started")
+            shared = {
+                name: receiver.env[name]
+                for name in (
+                    "PACS_AI_DATABASE_URL",
+                    "PACS_AI_BROKER_URL",
+                    *storage,
+                    *TIMING,
+                    *NO_DRAFT_REPORTS,
+                )
+            }
+            host = WorkerHost(
+                user,
+                root,
+                {"PATH": os.environ["PATH"], "HOME": str(root / "home"), "LANG": "C.UTF-8", **shared},
+            )
+            # The worker's user cannot read anything of the receiver's.
+            denied = subprocess.run(
+                [sys.executable, "-c", f"import os; os.listdir({str(receiver.data_dir)!r})"],
+                capture_output=True,
+                text=True,
+                **_as_user(user),
+            )
+            assert denied.returncode != 0 and "PermissionError" in denied.stderr
+
+            workers.append(host.start("first"))
+            stage("first worker starting")
+            wait_for(
+                lambda: receiver.worker_is_ready("first@gpu-host"), timeout=90, description="the first worker"
+            )
+            first = _nodes(receiver)["first@gpu-host"]
+            assert first["hostname"] and first["queues"] == ["cpu", "gpu"]
+            assert first["device"]["type"] == "cpu" and first["device"]["cores"]
+            assert first["state"] == "ready" and not first["stale"] and first["answering"] is True
+
+            stage("first worker ready")
+            sent = storescu("127.0.0.1", receiver.port, receiver.ae_title, phantom.paths)
+            assert sent.returncode == 0, sent.stderr
+            job_id, claimed_by = wait_for(
+                lambda: next(
+                    iter(receiver.query("SELECT id, claimed_by FROM jobs WHERE state = 'RUNNING'")), None
+                ),
+                timeout=90,
+                interval=0.05,
+                description="the analysis to start on the worker host",
+            )
+            assert claimed_by == "first@gpu-host"
+            stage("analysis running")
+            os.killpg(workers[0].pid, signal.SIGKILL)  # the worker and its pool process, mid-analysis
+            workers[0].wait()
+
+            workers.append(host.start("second"))
+            stage("first worker killed")
+            fetch_results(orthanc, phantom.study_uid, tmp_path)
+            stage("results in the PACS")
+            time.sleep(5)  # a duplicate delivery would arrive within this time
+            series = orthanc.series_of_study(phantom.study_uid)
+            result_instances = [
+                i
+                for s in series
+                if {SEG_STORAGE, COMPREHENSIVE_3D_SR} & set(s["SOPClassUIDs"])
+                for i in s["Instances"]
+            ]
+            assert len(result_instances) == 2
+
+            ((state, attempts, finished_by),) = receiver.query(
+                "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id
+            )
+            assert (state, attempts, finished_by) == ("SUCCEEDED", 2, "second@gpu-host")
+            assert receiver.query("SELECT count(*) FROM results")[0][0] == 2
+            assert receiver.query("SELECT state, count(*) FROM deliveries GROUP BY state") == [("SENT", 2)]
+
+            code, report = _status(receiver)
+            nodes = {node["node"]: node for node in report["worker_nodes"]}
+            assert nodes["first@gpu-host"]["state"] == "lost" and nodes["first@gpu-host"]["stale"]
+            assert nodes["second@gpu-host"]["state"] == "ready" and not nodes["second@gpu-host"]["stale"]
+            assert any("first@gpu-host" in problem for problem in report["problems"]) and code == 1
+            assert report["storage"]["error"] is None
+
+            stage("status checked")
+            refused, report = _status(receiver, PACS_AI_STORAGE_S3_SECRET_ACCESS_KEY="not-the-secret")
+            assert refused == 1 and report["storage"]["error"]
+            assert any("storage" in problem for problem in report["problems"])
+        except BaseException:
+            print(f"---- receiver logs\n{receiver.stderr_tail()}\n{receiver.logs()}")
+            if host is not None:
+                print(f"---- worker host logs\n{host.logs()}")
+            raise
+        finally:
+            for worker in workers:
+                _stop_process(worker, group=True)
+            receiver.stop()
