@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,7 @@ from pacs_ai.index.reports import ReportDraft, ReportStatus, SignedReport
 from pacs_ai.report.draft import draft_impression
 from pacs_ai.report.drafters import DrafterConfig, get_drafter
 from pacs_ai.report.signed_reports import import_reports, read_past_reports
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.test_cli import pacs_ai as run_cli
 
 PAST_REPORTS = [
     (
@@ -40,18 +37,7 @@ PAST_REPORTS = [
 
 
 def pacs_ai(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    environment["PACS_AI_DATA_DIR"] = str(data_dir)
-    environment["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "pacs_ai.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=REPO_ROOT,
-        timeout=180,
-        check=False,
-    )
+    return run_cli(*args, PACS_AI_DATA_DIR=str(data_dir), COLUMNS="200")
 
 
 @pytest.fixture

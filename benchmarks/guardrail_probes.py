@@ -1,0 +1,122 @@
+"""Guardrail catch rate and false-alarm rate per category, on the probe set and on edited IU X-ray reports.
+
+1. The probe set of the tests (``tests/report_probes.py``: findings ->
+   impression pairs in the style of IU X-ray reports, faithful ones and ones
+   edited to contradict or go beyond their findings).
+2. Where the IU X-ray reports are on the machine (the torchxrayvision wheel,
+   see ``benchmarks/impressions.py``): the held-out reports' own impressions
+   (faithful by definition: their false-alarm rate is the checker's noise
+   floor against real radiologists' writing) and the same controlled edits
+   applied to them: sides swapped, a "No X" turned into "X", small/mild
+   turned into large/severe, stable into new, hedges removed, an acute finding
+   the findings do not mention appended.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/guardrail_probes.py [--wheel-dir DIR] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.impressions import find_wheel, held_out, read_reports
+from pacs_ai.report.consistency import check_against_findings
+from tests.report_probes import Probe, probe_set
+
+ADDED = ("Aortic dissection.", "Pulmonary embolism.", "Small left pneumothorax.", "Metastatic disease.")
+EDITS: tuple[tuple[str, str, str], ...] = (
+    ("laterality", r"\b(left|right)\b", "side"),
+    ("severity", r"\b(small|mild|minimal|tiny|trace)\b", "large"),
+    ("time", r"\b(stable|unchanged|chronic|old|healed)\b", "new"),
+    (
+        "certainty",
+        r"\b(possible|possibly|probable|likely|may represent|suspicious for|concerning for)\s+",
+        "",
+    ),
+)
+
+
+def iu_probes(findings: str, impression: str) -> Iterator[Probe]:
+    """The radiologist's impression (faithful) and its controlled edits (unfaithful)."""
+    yield Probe("radiologist", findings, impression, False, "")
+    for category, pattern, replacement in EDITS:
+        if not re.search(pattern, impression, re.IGNORECASE):
+            continue
+        if replacement == "side":
+            edited = re.sub(
+                pattern,
+                lambda m: {"left": "right", "right": "left"}[m.group(1).lower()],
+                impression,
+                flags=re.IGNORECASE,
+            )
+        else:
+            edited = re.sub(pattern, replacement, impression, count=1, flags=re.IGNORECASE)
+        yield Probe(category, findings, edited, True, pattern)
+    negated = re.match(r"(?i)^\s*no\s+(.{3,60}?)\.", impression)
+    if negated and "acute" not in negated.group(1).lower() and "change" not in negated.group(1).lower():
+        yield Probe("negation", findings, negated.group(1).capitalize() + ".", True, "no X -> X")
+    addition = next((a for a in ADDED if a.split()[-1][:6].lower() not in findings.lower()), None)
+    if addition:
+        yield Probe("unsupported", findings, f"{impression} {addition}", True, addition)
+
+
+def rates(probes: list[Probe]) -> dict[str, tuple[int, int, int, int]]:
+    """category -> (unfaithful caught, unfaithful, faithful flagged, faithful)."""
+    counts: dict[str, Counter[str]] = {}
+    for probe in probes:
+        flagged = bool(check_against_findings(probe.impression, probe.findings))
+        row = counts.setdefault(probe.category, Counter())
+        if probe.unfaithful:
+            row["unfaithful"] += 1
+            row["caught"] += flagged
+        else:
+            row["faithful"] += 1
+            row["false_alarms"] += flagged
+    return {
+        k: (v["caught"], v["unfaithful"], v["false_alarms"], v["faithful"]) for k, v in sorted(counts.items())
+    }
+
+
+def show(title: str, table: dict[str, tuple[int, int, int, int]]) -> None:
+    print(title)
+    print(f"  {'category':<12} {'caught':>14} {'false alarms':>16}")
+    totals = [0, 0, 0, 0]
+    for category, (caught, unfaithful, false_alarms, faithful) in table.items():
+        totals = [a + b for a, b in zip(totals, (caught, unfaithful, false_alarms, faithful), strict=True)]
+        caught_text = f"{caught}/{unfaithful} {caught / unfaithful:6.1%}" if unfaithful else "-"
+        false_text = f"{false_alarms}/{faithful} {false_alarms / faithful:6.1%}" if faithful else "-"
+        print(f"  {category:<12} {caught_text:>14} {false_text:>16}")
+    caught, unfaithful, false_alarms, faithful = totals
+    print(
+        f"  {'all':<12} {f'{caught}/{unfaithful} {caught / max(unfaithful, 1):6.1%}':>14} "
+        f"{f'{false_alarms}/{faithful} {false_alarms / max(faithful, 1):6.1%}':>16}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wheel-dir", type=Path, default=Path.home() / ".cache" / "pacs-ai" / "txv")
+    parser.add_argument("--test-percent", type=int, default=20)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N held-out IU X-ray reports")
+    args = parser.parse_args(argv)
+
+    probes = probe_set()
+    show(f"probe set ({len(probes)} pairs)", rates(probes))
+    wheels = sorted(args.wheel_dir.glob("torchxrayvision-*.whl")) if args.wheel_dir.is_dir() else []
+    if not wheels:
+        print(f"IU X-ray reports: no torchxrayvision wheel in {args.wheel_dir}; skipped")
+        return 0
+    reports = [r for r in read_reports(find_wheel(args.wheel_dir)) if held_out(r, args.test_percent)]
+    if args.limit:
+        reports = reports[: args.limit]
+    edited = [p for r in reports for p in iu_probes(r.findings, r.impression)]
+    show(f"IU X-ray held-out reports ({len(reports)}) and their edits ({len(edited)} pairs)", rates(edited))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
