@@ -143,6 +143,9 @@ class AnalysisResult:
     detections: list[DetectionSpec] = field(default_factory=list)
     #: Free-text notes for the job record (not for the DICOM objects).
     notes: list[str] = field(default_factory=list)
+    #: What produced the result, for the result series' titles (a model's own name, e.g. "Spleen CT
+    #: segmentation"); empty for the built-in lung analyzer's fixed titles.
+    title: str = ""
 
 
 class AnalysisRefused(Exception):

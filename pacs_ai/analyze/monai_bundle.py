@@ -6,21 +6,36 @@ Profile step::
       - name: monai-bundle
         queue: gpu
         params:
-          model: lung-unet              # registered model name (pacs-ai models list)
-          roi_size: [64, 64, 64]        # optional overrides of the model's sliding window
+          model: wholebody              # registered model name (pacs-ai models list)
+          keep: [spleen, liver, 6]      # optional: the labels to report (names or values); the rest
+                                        # of the model's output is ignored
+          segments:                     # optional overrides, label value -> any of these
+            "1": {label: "Milt", color: [157, 108, 162]}
+            "7": {label: "Aorta", category: [SCT, "123037004", "Anatomical Structure"],
+                  type: [SCT, "15825003", "Aorta"]}
+          findings:                     # classification channel / detection class -> finding
+            "0": {finding: [SCT, "36118008", "Pneumothorax"], threshold: 0.5}
+          roi_size: [96, 96, 96]        # optional overrides of the model's sliding window
           overlap: 0.25
           sw_batch_size: 2
-          segments:                     # segmentation: label value -> SEG segment
-            "1": {label: "Right lung", category: [SCT, "123037004", "Anatomical Structure"],
-                  type: [SCT, "3341006", "Right lung"], color: [128, 174, 128]}
-          findings:                     # classification: output channel -> finding
-            "0": {finding: [SCT, "36118008", "Pneumothorax"], threshold: 0.5}
+          max_detections: 10            # detection: at most this many boxes, best first
 
-Codes are ``[scheme, value, meaning]``.  Every label value the model outputs
-must be mapped in ``segments`` (otherwise the job fails with the YAML to add);
-segments are numbered 1..N in the order of their label values, as DICOM SEG
-requires.  Segmentations are measured (volume in mL for 3D, area in mm2 for
-2D); classifications become findings (probability, threshold, present/absent).
+Codes are ``[scheme, value, meaning]``.  Without overrides every label is
+coded from the model's own label names (bundle ``metadata.json``
+``channel_def``, descriptor ``output.channels``) through the shipped table
+(:mod:`pacs_ai.models.labels`); a label the table does not know must be coded
+in the profile or left out with ``keep``, and ``pacs-ai profiles validate``
+says which (:func:`plan_labels` is that check, run again before inference so
+a job never fails after a long inference for a profile problem).
+
+Segmentations give one SEG segment per kept label the model actually found
+(numbered 1..N in label order, as DICOM SEG requires) with its volume in mL
+(3D) or area in mm2 (2D); labels it did not find are not reported.
+Classifications become findings (probability, threshold, present/absent):
+every output channel, or the ones ``findings`` lists when it is given.
+Detections (``lung_nodule_ct_detection``) become
+:class:`~pacs_ai.analyze.base.DetectionSpec` boxes in patient coordinates,
+those scoring at or above the class's threshold (default 0.5).
 
 3D models read the series with :func:`~pacs_ai.analyze.volume.load_series`,
 2D models with :func:`~pacs_ai.analyze.radiograph.load_radiograph`.
@@ -28,7 +43,9 @@ requires.  Segmentations are measured (volume in mL for 3D, area in mm2 for
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +57,13 @@ from pacs_ai.analyze.base import (
     AnalysisRefused,
     AnalysisResult,
     Code,
+    DetectionSpec,
     FindingSpec,
     InvalidParameters,
     MeasurementSpec,
     SegmentSpec,
 )
+from pacs_ai.models.labels import code_for, is_background, normalise
 
 if TYPE_CHECKING:
     from pacs_ai.analyze.volume import Volume
@@ -61,19 +80,42 @@ UCUM_MM2 = Code("mm2", "UCUM", "mm2")
 
 CodeTriple = tuple[str, str, str]
 
+#: A code value: letters, digits and . - _ : only, so placeholders such as "<code>" are refused.
+_CODE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_:]{0,63}$")
+
 
 def _code(triple: CodeTriple) -> Code:
     scheme, value, meaning = triple
     return Code(value=value, scheme=scheme, meaning=meaning)
 
 
+def _checked_code(triple: CodeTriple | None) -> CodeTriple | None:
+    """Refuses placeholders and blanks: a code reaching a DICOM object must be a real one."""
+    if triple is None:
+        return None
+    scheme, value, meaning = (str(part).strip() for part in triple)
+    if not _CODE_VALUE.match(value) or not scheme or not meaning or "<" in meaning or "<" in scheme:
+        raise ValueError(
+            f"{list(triple)} is not a code: give [scheme, value, meaning] with a real code value "
+            '(e.g. [SCT, "78961009", "Spleen"]), not a placeholder'
+        )
+    return (scheme, value, meaning)
+
+
 class SegmentParam(BaseModel):
+    """Overrides of one label's SEG segment; what is not given comes from the shipped table."""
+
     model_config = ConfigDict(extra="forbid")
-    label: str = Field(min_length=1, max_length=64)
-    category: CodeTriple
-    type: CodeTriple
+    label: str | None = Field(default=None, min_length=1, max_length=64)
+    category: CodeTriple | None = None
+    type: CodeTriple | None = None
     #: sRGB display colour, 0..255 each.
     color: tuple[int, int, int] | None = None
+
+    @field_validator("category", "type")
+    @classmethod
+    def _real_codes(cls, value: CodeTriple | None) -> CodeTriple | None:
+        return _checked_code(value)
 
     @field_validator("color")
     @classmethod
@@ -84,10 +126,17 @@ class SegmentParam(BaseModel):
 
 
 class FindingParam(BaseModel):
+    """A classification channel's or detection class's finding; the code defaults to the table's."""
+
     model_config = ConfigDict(extra="forbid")
-    finding: CodeTriple
+    finding: CodeTriple | None = None
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     finding_site: CodeTriple | None = None
+
+    @field_validator("finding", "finding_site")
+    @classmethod
+    def _real_codes(cls, value: CodeTriple | None) -> CodeTriple | None:
+        return _checked_code(value)
 
 
 class MonaiBundleParams(BaseModel):
@@ -98,8 +147,12 @@ class MonaiBundleParams(BaseModel):
     sw_batch_size: int | None = Field(default=None, ge=1)
     #: Mixed precision on CUDA; turn off for models that misbehave in float16.
     amp: bool = True
+    #: Labels (names or values) to report; None reports every label the model has.
+    keep: list[str | int] | None = None
     segments: dict[int, SegmentParam] = Field(default_factory=dict)
     findings: dict[int, FindingParam] = Field(default_factory=dict)
+    #: Detection: the most boxes reported, best first.
+    max_detections: int = Field(default=10, ge=1, le=1000)
 
     @field_validator("roi_size")
     @classmethod
@@ -134,23 +187,97 @@ class MonaiBundleParams(BaseModel):
             raise InvalidParameters(f"monai-bundle parameters: {problems}") from exc
 
 
-def _segments_template(labels: Sequence[int], names: dict[int, str]) -> str:
-    lines = ["    segments:"]
-    for value in labels:
-        name = names.get(value, f"label {value}")
-        lines.append(
-            f'      "{value}": {{label: "{name}", category: [SCT, "123037004", "Anatomical Structure"], '
-            f'type: [SCT, "<code>", "{name}"]}}'
+@dataclass(frozen=True)
+class PlannedLabel:
+    """One output label the profile reports, fully coded."""
+
+    value: int
+    name: str
+    label: str
+    category: CodeTriple | None
+    type: CodeTriple
+    color: tuple[int, int, int] | None = None
+    threshold: float = 0.5
+    finding_site: CodeTriple | None = None
+
+
+def plan_labels(
+    p: MonaiBundleParams, task: str, names: dict[int, str], title: str
+) -> tuple[list[PlannedLabel], list[str]]:
+    """The labels to report, coded (profile overrides, else the shipped table), and every problem found.
+
+    ``names``: the model's label value (or channel) -> name; ``title``: the bundle
+    metadata ``name`` (for table rows scoped to one model).  Used by
+    ``profiles validate`` and again before inference.
+    """
+    problems: list[str] = []
+    overrides: dict[int, Any] = dict(p.segments if task == "segmentation" else p.findings)
+    other = p.findings if task == "segmentation" else p.segments
+    if other:
+        which = "findings" if task == "segmentation" else "segments"
+        problems.append(f"params.{which} does not apply: model {p.model} is a {task} model")
+    values = sorted(
+        v for v, n in names.items() if not (task == "segmentation" and (v == 0 or is_background(n)))
+    )
+    if not names:  # a model without label names: the profile names and codes its outputs
+        values = sorted(overrides)
+    known = ", ".join(f"{v}={names[v]}" for v in values if v in names) or "none named"
+    for unknown in sorted(set(overrides) - set(values)):
+        problems.append(f"label {unknown} is not an output of model {p.model} (its labels: {known})")
+    if names and task != "segmentation" and overrides and p.keep is None:
+        # Classes (e.g. "no pneumothorax") are not all findings: the ones the profile lists are reported.
+        values = [v for v in values if v in overrides]
+    if p.keep is not None:
+        by_name = {normalise(names[v]): v for v in values if v in names}
+        chosen: set[int] = set()
+        for entry in p.keep:
+            value: int | None = entry if isinstance(entry, int) else by_name.get(normalise(entry))
+            if value is None and isinstance(entry, str) and entry.isdigit():
+                value = int(entry)
+            if value is None or value not in values:
+                problems.append(f"keep: {entry!r} is not a label of model {p.model} (its labels: {known})")
+            else:
+                chosen.add(value)
+        values = [v for v in values if v in chosen]
+    planned: list[PlannedLabel] = []
+    for value in values:
+        name = names.get(value, str(value))
+        given = overrides.get(value)
+        table = code_for(name, title)
+        if task == "segmentation":
+            category = (given.category if given else None) or (table.category if table else None)
+            type_ = (given.type if given else None) or (table.type if table else None)
+            label = (given.label if given else None) or (table.display_label if table else name)
+            color = given.color if given else None
+            threshold, site = 0.5, None
+        else:
+            category = None
+            type_ = (given.finding if given else None) or (table.type if table else None)
+            label, color = name, None
+            threshold = given.threshold if given else 0.5
+            site = given.finding_site if given else None
+        if type_ is None or (task == "segmentation" and category is None):
+            key = "segments" if task == "segmentation" else "findings"
+            problems.append(
+                f"label {value} ({name!r}) of model {p.model} has no code in the shipped table "
+                f"(pacs_ai/models/label_codes.csv): code it in params.{key}, e.g.\n"
+                + _override_example(key, value, name)
+                + "\nor leave it out with params.keep"
+            )
+            continue
+        planned.append(PlannedLabel(value, name, label[:64], category, type_, color, threshold, site))
+    if not planned and not problems:
+        problems.append(f"model {p.model}: no label is left to report (check params.keep)")
+    return planned, problems
+
+
+def _override_example(key: str, value: int, name: str) -> str:
+    if key == "segments":
+        return (
+            f'    segments:\n      "{value}": {{label: "{name}", category: [SCT, "123037004", '
+            f'"Anatomical Structure"], type: [SCHEME, VALUE, "{name}"]}}'
         )
-    return "\n".join(lines)
-
-
-def _findings_template(names: dict[int, str], count: int) -> str:
-    lines = ["    findings:"]
-    for channel in range(count):
-        name = names.get(channel, f"output {channel}")
-        lines.append(f'      "{channel}": {{finding: [SCT, "<code>", "{name}"], threshold: 0.5}}')
-    return "\n".join(lines)
+    return f'    findings:\n      "{value}": {{finding: [SCHEME, VALUE, "{name}"], threshold: 0.5}}'
 
 
 def _cielab(color: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
@@ -197,6 +324,29 @@ class MonaiBundleAnalyzer:
         except ModelError as exc:
             raise InvalidParameters(f"monai-bundle: model {name!r} is unusable: {exc}") from exc
 
+    def parameter_problems(self, params: dict[str, Any], settings: Settings) -> list[str]:
+        """What is wrong with a profile step's ``params``, without loading the model (``profiles validate``).
+
+        Unparseable parameters and placeholder codes, a model that is not
+        registered, overrides or ``keep`` entries naming labels the model does
+        not have, and labels that would have no code.
+        """
+        from pacs_ai.models import ModelError
+        from pacs_ai.models.store import ModelStore, model_title, output_names
+
+        try:
+            p = MonaiBundleParams.parse(params)
+        except InvalidParameters as exc:
+            return [str(exc)]
+        try:
+            registered = ModelStore(settings.effective_models_dir).get(p.model)
+            names, title = output_names(registered), model_title(registered)
+        except ModelError as exc:
+            return [f"monai-bundle: {exc}"]
+        if p.roi_size is not None and len(p.roi_size) != registered.manifest.spatial_dims:
+            return [f"roi_size {p.roi_size}: model {p.model} is {registered.manifest.spatial_dims}D"]
+        return plan_labels(p, registered.manifest.task, names, title)[1]
+
     def load(self, paths: Sequence[Path], params: dict[str, Any]) -> Volume:
         """The series as the model needs it: a volume for 3D models, one radiograph for 2D ones."""
         p = MonaiBundleParams.parse(params)
@@ -211,7 +361,7 @@ class MonaiBundleAnalyzer:
 
     def analyze(self, volume: Volume, params: dict[str, Any]) -> AnalysisResult:
         from pacs_ai.models.loaded import InfererOverrides
-        from pacs_ai.models.store import UnknownModelError
+        from pacs_ai.models.store import UnknownModelError, model_title, output_names
 
         p = MonaiBundleParams.parse(params)
         registered = self._registered(p.model)
@@ -225,16 +375,10 @@ class MonaiBundleAnalyzer:
                 f"roi_size {p.roi_size} has {len(p.roi_size)} sizes but model {p.model} is "
                 f"{manifest.spatial_dims}D"
             )
-        if manifest.task == "segmentation" and not p.segments:
-            raise InvalidParameters(
-                f"model {p.model} segments; map its label values to codes in the profile's params, e.g.\n"
-                + _segments_template([], {})
-            )
-        if manifest.task == "classification" and not p.findings:
-            raise InvalidParameters(
-                f"model {p.model} classifies; map its output channels to findings in the profile's params, "
-                "e.g.\n" + _findings_template({}, 1)
-            )
+        title = model_title(registered)
+        planned, problems = plan_labels(p, manifest.task, output_names(registered), title)
+        if problems:  # before inference: a profile problem never costs a model run
+            raise InvalidParameters("; ".join(problems))
         overrides = InfererOverrides(
             roi_size=tuple(p.roi_size) if p.roi_size else None,
             overlap=p.overlap,
@@ -249,9 +393,14 @@ class MonaiBundleAnalyzer:
             f"model {p.model} {manifest.version} ran on {prediction.model.device} in "
             f"{prediction.seconds:.2f} s"
         ]
-        if prediction.labels is not None:
-            return self._segmentation(p, volume, prediction, algorithm, notes)
-        return self._classification(p, prediction, algorithm, notes)
+        if prediction.boxes is not None:
+            result = self._detection(p, prediction, planned, algorithm, notes)
+        elif prediction.labels is not None:
+            result = self._segmentation(volume, prediction, planned, algorithm, notes)
+        else:
+            result = self._classification(p, prediction, planned, algorithm, notes)
+        result.title = title
+        return result
 
     def _algorithm(self, p: MonaiBundleParams, prediction: Prediction) -> AlgorithmInfo:
         from monai.inferers import SlidingWindowInferer
@@ -277,34 +426,30 @@ class MonaiBundleAnalyzer:
 
     def _segmentation(
         self,
-        p: MonaiBundleParams,
         volume: Volume,
         prediction: Prediction,
+        planned: list[PlannedLabel],
         algorithm: AlgorithmInfo,
         notes: list[str],
     ) -> AnalysisResult:
+        """One segment per planned label the model found; other label values are ignored."""
         labels = prediction.labels
         assert labels is not None
         counts = np.zeros(256, dtype=np.int64)
         for plane in labels:  # per slice: bincount casts to int64
             counts += np.bincount(plane.ravel(), minlength=256)
-        present = [int(v) for v in np.flatnonzero(counts[1:]) + 1]
-        missing = [v for v in present if v not in p.segments]
-        if missing:
-            names = prediction.model.channel_names
-            raise InvalidParameters(
-                f"model {p.model} produced label value(s) {missing} "
-                f"({', '.join(names.get(v, '?') for v in missing)}) that the profile does not map to codes; "
-                "add them to params.segments, e.g.\n" + _segments_template(missing, names)
-            )
+        found = [spec for spec in planned if counts[spec.value] > 0]
+        absent = [spec.name for spec in planned if counts[spec.value] == 0]
+        if absent:
+            notes.append(f"not found by the model (not reported): {', '.join(absent)}")
         lookup = np.zeros(256, dtype=np.uint8)
         segments: list[SegmentSpec] = []
         measurements: list[MeasurementSpec] = []
         two_d = prediction.model.spatial_dims == 2
         _, dy, dx = volume.spacing_mm
-        for number, value in enumerate(sorted(p.segments), start=1):
-            spec = p.segments[value]
-            lookup[value] = number
+        for number, spec in enumerate(found, start=1):
+            assert spec.category is not None
+            lookup[spec.value] = number
             segment = SegmentSpec(
                 number=number,
                 label=spec.label,
@@ -313,7 +458,7 @@ class MonaiBundleAnalyzer:
                 recommended_display_cielab=_cielab(spec.color),
             )
             segments.append(segment)
-            voxels = int(counts[value])
+            voxels = int(counts[spec.value])
             if two_d:
                 measurement = MeasurementSpec(SCT_AREA, voxels * dy * dx, UCUM_MM2, number, segment.type)
             else:
@@ -321,32 +466,74 @@ class MonaiBundleAnalyzer:
                     SCT_VOLUME, voxels * volume.voxel_volume_ml, UCUM_ML, number, segment.type
                 )
             measurements.append(measurement)
-        remapped = lookup[labels]
+        if not found:
+            notes.append("the model found none of the reported labels: no segmentation")
+            return AnalysisResult(algorithm=algorithm, labels=None, segments=[], measurements=[], notes=notes)
         return AnalysisResult(
-            algorithm=algorithm, labels=remapped, segments=segments, measurements=measurements, notes=notes
+            algorithm=algorithm,
+            labels=lookup[labels],
+            segments=segments,
+            measurements=measurements,
+            notes=notes,
         )
 
     def _classification(
-        self, p: MonaiBundleParams, prediction: Prediction, algorithm: AlgorithmInfo, notes: list[str]
+        self,
+        p: MonaiBundleParams,
+        prediction: Prediction,
+        planned: list[PlannedLabel],
+        algorithm: AlgorithmInfo,
+        notes: list[str],
     ) -> AnalysisResult:
         probabilities = prediction.probabilities
         assert probabilities is not None
-        beyond = sorted(c for c in p.findings if c >= probabilities.size)
+        beyond = sorted(spec.value for spec in planned if spec.value >= probabilities.size)
         if beyond:
             raise InvalidParameters(
-                f"model {p.model} has {probabilities.size} output(s) but params.findings names channel(s) "
-                f"{beyond}; channels are:\n"
-                + _findings_template(prediction.model.channel_names, probabilities.size)
+                f"model {p.model} has {probabilities.size} output(s) but the profile reports channel(s) "
+                f"{beyond}; its channels are 0..{probabilities.size - 1}"
             )
         findings = [
             FindingSpec(
-                finding=_code(spec.finding),
-                probability=float(np.clip(probabilities[channel], 0.0, 1.0)),
+                finding=_code(spec.type),
+                probability=float(np.clip(probabilities[spec.value], 0.0, 1.0)),
                 threshold=spec.threshold,
                 finding_site=_code(spec.finding_site) if spec.finding_site else None,
             )
-            for channel, spec in sorted(p.findings.items())
+            for spec in planned
         ]
         return AnalysisResult(
             algorithm=algorithm, labels=None, segments=[], measurements=[], findings=findings, notes=notes
+        )
+
+    def _detection(
+        self,
+        p: MonaiBundleParams,
+        prediction: Prediction,
+        planned: list[PlannedLabel],
+        algorithm: AlgorithmInfo,
+        notes: list[str],
+    ) -> AnalysisResult:
+        """Boxes scoring at or above their class's threshold, best first, at most ``max_detections``."""
+        from pacs_ai.models.boxes import patient_boxes
+
+        assert prediction.boxes is not None and prediction.model.box_layout is not None
+        boxes = patient_boxes(prediction.boxes, prediction.model.box_layout)
+        by_class = {spec.value: spec for spec in planned}
+        kept = [b for b in boxes if b.label in by_class and b.score >= by_class[b.label].threshold]
+        notes.append(f"{len(boxes)} box(es) from the model, {len(kept)} at or above the threshold")
+        detections = []
+        for box in kept[: p.max_detections]:
+            spec = by_class[box.label]
+            detections.append(
+                DetectionSpec(
+                    finding=_code(spec.type),
+                    score=box.score,
+                    box_min_mm=box.box_min_mm,
+                    box_max_mm=box.box_max_mm,
+                    finding_site=_code(spec.finding_site) if spec.finding_site else None,
+                )
+            )
+        return AnalysisResult(
+            algorithm=algorithm, labels=None, segments=[], measurements=[], detections=detections, notes=notes
         )

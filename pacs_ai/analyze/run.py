@@ -22,7 +22,6 @@ table as ``result.replaces``.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import asdict
 from typing import Any, cast
@@ -56,6 +55,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.index.results import record_result
+from pacs_ai.peak_memory import peak_rss_mb, reset_peak
 from pacs_ai.route.priority import PriorityDecision, decide_priority, less_urgent_than, parse_rules
 from pacs_ai.storage.files import HostFiles
 from pacs_ai.storage.keys import result_key
@@ -99,6 +99,7 @@ def run_job(
     log.info("job %d (%s) started: %d instances of series %s", job_id, analyzer_name, len(keys), series_uid)
     files = HostFiles(settings)
 
+    per_job_peak = reset_peak()  # the job's own high-water mark from here (pacs_ai.peak_memory)
     timings: dict[str, float] = {
         "rss_start_mb": _current_rss_mb(),
         # Held from one study to the next: part of the process's memory at the start of this job.
@@ -130,8 +131,9 @@ def run_job(
         started = time.perf_counter()
         stored = _store_results(files, str(volume.headers[0].StudyInstanceUID), written)
         timings["store_seconds"] = time.perf_counter() - started
-        # Peak resident memory of this worker process so far (Linux reports KiB).
-        timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # Peak resident memory during this job (the process's lifetime high where Linux cannot reset it).
+        timings["peak_rss_mb"] = peak_rss_mb()
+        timings["peak_rss_is_per_job"] = float(per_job_peak)
     except AnalysisRefused as refused:
         _finish_failed(sessions, job_id, f"input: {refused}", series_uid)
         return []

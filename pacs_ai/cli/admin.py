@@ -43,6 +43,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.route.assembly import JobTicket
+from pacs_ai.route.profiles import AnalyzerStep
 
 
 def _enqueue(
@@ -108,12 +109,53 @@ def _failed_deliveries_of(session: Session, job: Job) -> list[Delivery]:
     )
 
 
+def _current_step(settings: Settings, job: Job) -> tuple[AnalyzerStep | None, str]:
+    """The job's analyzer step in its profile as the profile is now, or None and why not."""
+    from pacs_ai.route.profiles import ProfileError, load_profiles
+
+    try:
+        profiles = {profile.name: profile for profile in load_profiles(settings.profiles_dir)}
+    except ProfileError as exc:
+        return None, f"the profiles cannot be read ({str(exc).splitlines()[0]})"
+    profile = profiles.get(job.profile)
+    if profile is None:
+        return None, f"profile {job.profile!r} no longer exists"
+    step = next((s for s in profile.analyzers if s.name == job.analyzer), None)
+    if step is None:
+        return None, f"profile {job.profile!r} no longer runs analyzer {job.analyzer!r}"
+    return step, ""
+
+
+def _take_current_profile(settings: Settings, job: Job) -> str:
+    """Give a failed job its profile's current parameters and priority rules; says what it runs with."""
+    step, why_not = _current_step(settings, job)
+    if step is None:
+        return f"with its original parameters: {why_not}"
+    rules = [rule.model_dump(by_alias=True, mode="json") for rule in step.priority]
+    changed = (job.params or {}) != step.params or (job.priority_rules or []) != rules
+    job.params = dict(step.params)
+    job.priority_rules = rules
+    return f"with profile {job.profile} as it is now ({'changed' if changed else 'unchanged'} parameters)"
+
+
 def retry(
     ctx: typer.Context,
     job_ids: Annotated[list[int] | None, typer.Argument(help="Job ids; none means every failed one.")] = None,
+    keep_params: Annotated[
+        bool,
+        typer.Option(
+            "--keep-params",
+            help="Run with the parameters the job had when it failed, not its profile's current ones.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Run failed jobs again and resend their failed deliveries (results are never duplicated)."""
+    """Run failed jobs again and resend their failed deliveries (results are never duplicated).
+
+    A failed job runs with its profile's current analyzer parameters (a fixed
+    profile takes effect), unless --keep-params; ``reprocess`` is the way to
+    analyse a series again when its job succeeded (a new result version).
+    """
     settings = settings_of(ctx)
     actor = cli_actor()
     retried: list[dict[str, Any]] = []
@@ -124,13 +166,21 @@ def retry(
         for job in candidates:
             failed_deliveries = _failed_deliveries_of(session, job)
             if job.state == JobState.FAILED:
+                how = "with its original parameters (--keep-params)"
+                if not keep_params:
+                    how = _take_current_profile(settings, job)
                 job.state = JobState.QUEUED
                 job.error = None
                 job.finished_at = None
                 jobs_to_send.append(JobTicket.of(job))
-                retried.append({"job": job.id, "what": "analysis"})
+                retried.append({"job": job.id, "what": f"analysis {how}"})
                 record_audit(
-                    session, actor=actor, action="job.retried", object_type="job", object_uid=str(job.id)
+                    session,
+                    actor=actor,
+                    action="job.retried",
+                    object_type="job",
+                    object_uid=str(job.id),
+                    detail={"parameters": how},
                 )
             for delivery in failed_deliveries:
                 delivery.state = DeliveryState.PENDING

@@ -91,8 +91,7 @@ def profiles_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check every profile file; report all problems with file names; exit 1 if any."""
-    from pacs_ai.analyze.registry import available_analyzers
-    from pacs_ai.route.profiles import ProfileError, load_profiles
+    from pacs_ai.route.profiles import ProfileError, analyzer_problems, load_profiles
 
     settings = settings_of(ctx)
     directory = directory or settings.profiles_dir
@@ -102,13 +101,9 @@ def profiles_validate(
         profiles = load_profiles(directory)
     except ProfileError as exc:
         problems.extend(str(exc).splitlines())
-    known_analyzers = set(available_analyzers())
     for profile in profiles:
-        for step in profile.analyzers:
-            if step.name not in known_analyzers:
-                problems.append(
-                    f"{profile.name}: unknown analyzer {step.name!r} (known: {sorted(known_analyzers)})"
-                )
+        # unknown analyzers, and each analyzer's own check of its params (e.g. the model is registered)
+        problems.extend(analyzer_problems(profile, settings))
         for destination in profile.destinations:
             if destination not in settings.destinations:
                 problems.append(

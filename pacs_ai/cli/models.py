@@ -120,7 +120,19 @@ def models_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 
 @models_app.command("verify")
-def models_verify(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
+def models_verify(
+    ctx: typer.Context,
+    name: str,
+    roi_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--roi-size",
+            help="Smoke-test with this sliding window (repeat per axis, e.g. --roi-size 64 ...); "
+            "faster on a CPU for networks with a large window.",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
     """Check metadata, hashes, config, network and weights, then a smoke inference; exit 1 on failure."""
     from pacs_ai.models.device import choose_device
     from pacs_ai.models.verify import verify_model
@@ -132,7 +144,7 @@ def models_verify(ctx: typer.Context, name: str, as_json: JsonOption = False) ->
     except (ModelError, ValueError) as exc:
         _fail(str(exc), as_json)
         return
-    report = verify_model(model, device)
+    report = verify_model(model, device, tuple(roi_size) if roi_size else None)
     _audit(
         settings,
         "model.verified",

@@ -46,6 +46,25 @@ SEGMENTATION_SR_DESCRIPTION = "AI lung measurements (unverified)"
 CLASSIFICATION_SR_DESCRIPTION = "AI findings (unverified)"
 
 
+def titles(result: AnalysisResult) -> tuple[str, str]:
+    """(SEG, SR) Series Descriptions naming what produced ``result``, marked AI and unverified.
+
+    A result with a ``title`` (a model's own name, e.g. "Spleen CT segmentation")
+    is titled by it: "AI Spleen CT segmentation (unverified)" for the SEG, and
+    for the SR the same with what it holds (measurements, findings or
+    detections); without one, the built-in lung analyzer's titles.  LO: 64
+    characters at most, the model's name shortened first.
+    """
+    if not result.title:
+        sr = SEGMENTATION_SR_DESCRIPTION if result.labels is not None else CLASSIFICATION_SR_DESCRIPTION
+        return SEGMENTATION_DESCRIPTION, sr
+    content = "detections" if result.detections else "findings" if result.findings else "measurements"
+    seg_tail, sr_tail = " (unverified)", f" {content} (unverified)"
+    room = 64 - len("AI ") - max(len(seg_tail), len(sr_tail))
+    name = result.title if len(result.title) <= room else result.title[: room - 1].rstrip() + "~"
+    return f"AI {name}{seg_tail}", f"AI {name}{sr_tail}"
+
+
 @dataclass(frozen=True)
 class PreviousResult:
     """An object of an earlier version of the same analysis, which a new version replaces."""
@@ -140,7 +159,7 @@ def build_segmentation_for(
         series_number=SEG_SERIES_NUMBER + _series_number_step(version),
         instance_number=1,
         equipment=equipment,
-        series_description=versioned(SEGMENTATION_DESCRIPTION, version),
+        series_description=versioned(titles(result)[0], version),
         uid_prefix=uid_prefix,
     )
 
@@ -171,10 +190,7 @@ def build_report_for(
         series_number=SR_SERIES_NUMBER + _series_number_step(version),
         instance_number=1,
         equipment=equipment,
-        series_description=versioned(
-            SEGMENTATION_SR_DESCRIPTION if segmentation is not None else CLASSIFICATION_SR_DESCRIPTION,
-            version,
-        ),
+        series_description=versioned(titles(result)[1], version),
         procedure_reported=procedure_reported_for(volume.headers[0]),
         uid_prefix=uid_prefix,
         previous_versions=predecessors or None,

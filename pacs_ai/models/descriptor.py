@@ -11,6 +11,7 @@ channels mean, so a small YAML file next to it (same stem, ``.yaml`` or
     input:
       channels: 1
       spatial_shape: [64, 64, 64]
+      orientation: RAS          # optional: reorient first (MONAI axis codes, as Orientationd)
       intensity: {a_min: -1000, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}
       spacing_mm: [4.0, 4.0, 4.0]
       resize: [128, 128]
@@ -21,8 +22,12 @@ channels mean, so a small YAML file next to it (same stem, ``.yaml`` or
 
 Array layout: the network receives a channel-first array in MONAI's layout,
 i.e. the spatial axes as MONAI's ``LoadImage`` gives them for a DICOM image
-(x = column, y = row[, z = slice along the normal]), not reoriented.
-``spacing_mm`` and ``resize`` are given in that same axis order.
+(x = column, y = row[, z = slice along the normal]); with ``orientation``
+(e.g. ``RAS``, as a bundle's ``Orientationd(axcodes="RAS")``) the array is
+first reoriented so its axes run towards those directions, whatever the
+scanner's orientation was.  ``spacing_mm`` and ``resize`` are given in the
+axis order the network receives.  Segmentations are brought back onto the
+source grid (``Invertd``) in every case.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class InputSpec(BaseModel):
     #: Shape of the synthetic smoke-test input, and the ROI when ``inference.roi_size`` is absent.
     spatial_shape: list[int] = Field(min_length=2, max_length=3)
     intensity: IntensityRange | None = None
+    #: Reorient to these MONAI axis codes first (``RAS``, ``LPS``, ...; 2D: two letters, e.g. ``RA``).
+    orientation: str | None = Field(default=None, pattern=r"^[LRAPSIlrapsi]{2,3}$")
     spacing_mm: list[float] | None = None
     resize: list[int] | None = None
 
@@ -108,6 +115,14 @@ class TorchScriptDescriptor(BaseModel):
                 raise ValueError(f"{key} has {len(value)} values but spatial_dims is {n}")
             if value is not None and any(v <= 0 for v in value):
                 raise ValueError(f"{key} must be positive, got {value}")
+        orientation = self.input.orientation
+        if orientation is not None:
+            axes = {"L": "x", "R": "x", "A": "y", "P": "y", "S": "z", "I": "z"}
+            if len(orientation) != n or len({axes[c] for c in orientation.upper()}) != n:
+                raise ValueError(
+                    f"input.orientation {orientation!r} must name {n} different axes (e.g. "
+                    f"{'RAS' if n == 3 else 'RA'})"
+                )
         for key in self.output.channels:
             if not key.isdigit():
                 raise ValueError(f"output.channels keys are channel indices (0, 1, ...), got {key!r}")

@@ -47,6 +47,8 @@ class Prediction:
     #: Classification: one value per output channel (after the model's activation).
     probabilities: np.ndarray | None
     seconds: float
+    #: Detection: the bundle's postprocessed output (boxes, labels, scores under its own keys).
+    boxes: dict[str, np.ndarray] | None = None
 
 
 def load_registered(registered: RegisteredModel, device: torch.device) -> LoadedModel:
@@ -102,7 +104,10 @@ class ModelEngine:
                 model = self.model(name)
                 stage = "preparing the input"
                 image = volume_to_metatensor(
-                    volume, model.spatial_dims, channel_first=model.channel_first_input
+                    volume,
+                    model.spatial_dims,
+                    channel_first=model.channel_first_input,
+                    channels=model.input_channels,
                 )
                 stage = "inference"
                 output = model.predict(image, overrides, amp=amp)
@@ -119,6 +124,8 @@ class ModelEngine:
                 raise _out_of_memory(name, stage, self.device, exc) from exc
             raise AnalysisFailed(f"model {name}: {stage} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
+        if model.task == "detection":
+            return Prediction(model, None, None, seconds, boxes=output)
         if model.task == "segmentation":
             try:
                 labels = labels_to_volume(output, model.spatial_dims, volume.voxels.shape)

@@ -70,12 +70,17 @@ def monai_to_volume_order(array: np.ndarray, spatial_dims: int) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 1, 0))
 
 
-def volume_to_metatensor(volume: Volume, spatial_dims: int, *, channel_first: bool = False) -> MetaTensor:
+def volume_to_metatensor(
+    volume: Volume, spatial_dims: int, *, channel_first: bool = False, channels: int = 1
+) -> MetaTensor:
     """The volume as ``LoadImage(image_only=True)`` would return it for the same DICOM files.
 
     Without ``channel_first`` the array has no channel axis and the metadata say
     so (``original_channel_dim`` NaN), which ``EnsureChannelFirstd`` expects;
     with it, a channel axis of 1 is added (``LoadImaged(ensure_channel_first=True)``).
+    ``channels`` > 1 (a network taking a colour image, fed a grey one): the
+    grey values are repeated in a last axis, which is how ``LoadImage`` gives a
+    colour image (``original_channel_dim`` -1), then moved first with ``channel_first``.
     """
     import torch
     from monai.data import MetaTensor
@@ -94,7 +99,13 @@ def volume_to_metatensor(volume: Volume, spatial_dims: int, *, channel_first: bo
         "filename_or_obj": str(volume.paths[0].parent) if volume.paths else "volume",
     }
     tensor = torch.from_numpy(array)
-    if channel_first:
+    if channels > 1:
+        tensor = tensor[..., None].expand(*tensor.shape, channels).contiguous()
+        meta["original_channel_dim"] = -1
+        if channel_first:
+            tensor = torch.movedim(tensor, -1, 0)
+            meta["original_channel_dim"] = 0
+    elif channel_first:
         tensor = tensor[None]
         meta["original_channel_dim"] = 0
     return MetaTensor(tensor, meta=meta)

@@ -20,6 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
+from pacs_ai.models.boxes import BoxLayout
 from pacs_ai.models.store import RegisteredModel
 
 PRED_KEY = "pred"
@@ -60,6 +61,13 @@ class LoadedModel:
     smoke_range: tuple[float, float] = (0.0, 1.0)
     #: Approximate memory held by the model (parameters and buffers), bytes.
     size_bytes: int = 0
+    #: Channels the network takes (metadata ``num_channels``): a grey image is handed over with
+    #: this many copies in a last axis, as ``LoadImage`` gives a colour image.  1 for most models.
+    input_channels: int = 1
+    #: What the model is, for titles: the bundle metadata's ``name`` (else the registry name).
+    title: str = ""
+    #: Detection models: where the output's boxes are and in which convention.
+    box_layout: BoxLayout | None = None
 
     @property
     def name(self) -> str:
@@ -97,18 +105,23 @@ class LoadedModel:
 
     def predict(
         self, image: MetaTensor, overrides: InfererOverrides | None = None, *, amp: bool = True
-    ) -> np.ndarray:
+    ) -> Any:
         """Run the whole pipeline on one image (as ``LoadImage`` gives it); the postprocessed prediction.
 
-        Segmentation: channel-first array on the input grid; classification: a vector.
+        Segmentation: channel-first array on the input grid; classification: a
+        vector; detection: the postprocessed dictionary of numpy arrays (boxes,
+        labels, scores under the bundle's keys).  A failing transform raises
+        :class:`TransformFailed` naming the transform, its keys and the cause.
         """
         inferer = self.inferer_for(overrides)
         data: dict[str, Any] = {self.image_key: image}
         if self.preprocessing is not None:
-            data = self.preprocessing(data)
+            data = run_transforms(self.preprocessing, data, "preprocessing")
         prepared = data[self.image_key]
         plain = prepared.as_tensor() if isinstance(prepared, MetaTensor) else torch.as_tensor(prepared)
         batch = plain.unsqueeze(0).to(self.device)
+        if self.task == "detection":
+            return self._detect(inferer, batch, prepared, amp)
         with torch.no_grad(), _autocast(self.device, amp):
             output = inferer(batch, self.network)
         if isinstance(output, (tuple, list)):  # deep-supervision style networks: the first head
@@ -120,11 +133,73 @@ class LoadedModel:
             prediction = MetaTensor(prediction, meta=prepared.meta)
         data[PRED_KEY] = prediction
         if self.postprocessing is not None:
-            data = self.postprocessing(data)
+            data = run_transforms(self.postprocessing, data, "postprocessing")
         result = data[PRED_KEY]
         if isinstance(result, torch.Tensor):
             return np.asarray(result.detach().cpu().float().numpy())
         return np.asarray(result, dtype=np.float32)
+
+    def _detect(self, inferer: Any, batch: torch.Tensor, prepared: Any, amp: bool) -> dict[str, np.ndarray]:
+        """Detection: the detector's boxes, through the bundle's postprocessing with the prepared image.
+
+        The postprocessing gets the boxes together with the prepared image under
+        the image key (as the bundle's own saver hands them over), so its
+        ``AffineBoxToWorldCoordinated`` reads the affine the network's input had.
+        """
+        with torch.no_grad(), _autocast(self.device, amp):
+            outputs = inferer(batch, self.network)
+        found = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs[0].items()}
+        data: dict[str, Any] = {**found, self.image_key: prepared}
+        if self.postprocessing is not None:
+            data = run_transforms(self.postprocessing, data, "postprocessing")
+        data.pop(self.image_key, None)
+        return {
+            str(k): np.asarray(v.detach().cpu().float().numpy() if isinstance(v, torch.Tensor) else v)
+            for k, v in data.items()
+        }
+
+
+class TransformFailed(RuntimeError):
+    """A transform of a model's pipeline failed; the message names it, its keys and the real cause."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause under MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def run_transforms(
+    pipeline: Callable[[dict[str, Any]], dict[str, Any]], data: dict[str, Any], stage: str
+) -> Any:
+    """Apply a Compose one transform at a time, so a failure names the transform (not ``<object at 0x..>``).
+
+    Same result as calling the Compose (each step is ``monai.transforms.apply_transform``,
+    as Compose does); a lazy Compose is called as a whole.
+    """
+    from monai.transforms import Compose, apply_transform
+
+    steps = pipeline.flatten().transforms if isinstance(pipeline, Compose) and not pipeline.lazy else None
+    if steps is None:
+        try:
+            return pipeline(data)
+        except Exception as exc:
+            cause = root_cause(exc)
+            raise TransformFailed(f"{stage} failed: {type(cause).__name__}: {cause}") from exc
+    for step in steps:
+        try:
+            data = apply_transform(step, data)  # type: ignore[assignment]  # one dict in, one dict out
+        except Exception as exc:
+            cause = root_cause(exc)
+            keys = getattr(step, "keys", None)
+            named = f" on key(s) {', '.join(map(str, keys))}" if keys else ""
+            raise TransformFailed(
+                f"{stage} transform {type(step).__name__}{named} failed: {type(cause).__name__}: {cause}"
+            ) from exc
+    return data
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ class Manifest:
     name: str
     kind: Kind
     version: str
-    task: Literal["segmentation", "classification"]
+    task: Literal["segmentation", "classification", "detection"]
     spatial_dims: int
     #: Path relative to the model's ``model/`` directory -> sha256 hex digest.
     files: dict[str, str]
@@ -155,6 +155,46 @@ def bundle_weights_path(bundle: Path) -> Path:
     )
 
 
+def bundle_task(pred: dict[str, Any], config: Any) -> str:
+    """``detection``, ``segmentation`` or ``classification``, from the output format and the config.
+
+    Detection: the config builds a ``detector`` (MONAI's detection bundles) or the
+    output is an ``object``/``dict`` of boxes.  Segmentation: the output is an
+    ``image`` that is not a vector of class scores (``format`` ``labels`` or
+    ``classification``, as in ``breast_density_classification``).  Else classification.
+    """
+    kind, layout = str(pred.get("type", "image")).lower(), str(pred.get("format", "")).lower()
+    if (isinstance(config, dict) and "detector" in config) or kind == "object" or layout == "dict":
+        return "detection"
+    if kind == "image" and layout not in ("labels", "classification"):
+        return "segmentation"
+    return "classification"
+
+
+def output_names(model: RegisteredModel) -> dict[int, str]:
+    """Output channel (label value) -> name, from the bundle metadata or the descriptor; no torch."""
+    if model.manifest.kind == "torchscript":
+        descriptor = read_descriptor(model.files_dir / DESCRIPTOR_FILE)
+        return {int(k): v for k, v in descriptor.output.channels.items()}
+    metadata = read_json_or_yaml(model.files_dir / "configs" / "metadata.json")
+    pred = ((metadata.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}
+    names = pred.get("channel_def") or {}
+    if not isinstance(names, dict) or not names:
+        if model.manifest.task == "detection":  # boxes of class 0.. num_classes-1, unnamed
+            return {i: str(i) for i in range(int(pred.get("num_channels") or 1))}
+        return {}
+    return {int(k): str(v) for k, v in names.items() if str(k).isdigit()}
+
+
+def model_title(model: RegisteredModel) -> str:
+    """What the model is called by its authors (bundle metadata ``name``), else its registry name."""
+    if model.manifest.kind == "bundle":
+        metadata = read_json_or_yaml(model.files_dir / "configs" / "metadata.json")
+        if isinstance(metadata, dict) and metadata.get("name"):
+            return str(metadata["name"])
+    return model.name
+
+
 def bundle_summary(bundle: Path) -> dict[str, Any]:
     """version, task, spatial_dims of a bundle from configs/metadata.json (and the inference config).
 
@@ -179,7 +219,7 @@ def bundle_summary(bundle: Path) -> dict[str, Any]:
             f"{metadata_path}: network_data_format.inputs.image and network_data_format.outputs.pred are "
             "required (type, num_channels, spatial_shape, channel_def) so inputs and outputs can be checked"
         )
-    task = "segmentation" if str(pred.get("type", "image")) == "image" else "classification"
+    task = bundle_task(pred, read_json_or_yaml(bundle_config_path(bundle)))
     shape = image.get("spatial_shape")
     spatial_dims = len(shape) if isinstance(shape, list) and shape else None
     if spatial_dims is None:

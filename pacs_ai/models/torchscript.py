@@ -3,11 +3,11 @@
 The descriptor is turned into the same MONAI pieces a bundle provides, so the
 engine runs both kinds alike:
 
-* preprocessing: ``Spacingd`` (``input.spacing_mm``), ``Resized``
-  (``input.resize``), ``ScaleIntensityRanged`` (``input.intensity``) and
-  ``RepeatChanneld`` for multi-channel inputs, in that order, on the
-  channel-first image in MONAI's layout (x = column, y = row, z = slice; no
-  reorientation);
+* preprocessing: ``Orientationd`` (``input.orientation``), ``Spacingd``
+  (``input.spacing_mm``), ``Resized`` (``input.resize``),
+  ``ScaleIntensityRanged`` (``input.intensity``) and ``RepeatChanneld`` for
+  multi-channel inputs, in that order, on the channel-first image in MONAI's
+  layout (x = column, y = row, z = slice, reoriented only with ``input.orientation``);
 * inferer: segmentation with a sliding window of ``inference.roi_size``
   (default ``input.spatial_shape``) unless the image is resized to the network
   size; classification with a plain forward pass;
@@ -37,6 +37,7 @@ def build_transforms(descriptor: TorchScriptDescriptor) -> tuple[object, object]
         AsDiscreted,
         Compose,
         Invertd,
+        Orientationd,
         RepeatChanneld,
         Resized,
         ScaleIntensityRanged,
@@ -46,6 +47,8 @@ def build_transforms(descriptor: TorchScriptDescriptor) -> tuple[object, object]
     spec = descriptor.input
     linear = "bilinear"  # Spacingd/Resized use "bilinear" for 3D too (trilinear in torch terms)
     steps: list[Callable[..., Any]] = []
+    if spec.orientation is not None:
+        steps.append(Orientationd(keys=IMAGE_KEY, axcodes=spec.orientation.upper()))
     if spec.spacing_mm is not None:
         steps.append(Spacingd(keys=IMAGE_KEY, pixdim=spec.spacing_mm, mode=linear))
     if spec.resize is not None:
@@ -74,7 +77,7 @@ def build_transforms(descriptor: TorchScriptDescriptor) -> tuple[object, object]
             Activationsd(keys=PRED_KEY, softmax=activation == "softmax", sigmoid=activation == "sigmoid")
         )
     if descriptor.task == "segmentation":
-        if spec.spacing_mm is not None or spec.resize is not None:
+        if spec.spacing_mm is not None or spec.resize is not None or spec.orientation is not None:
             post.append(
                 Invertd(keys=PRED_KEY, transform=preprocessing, orig_keys=IMAGE_KEY, nearest_interp=False)
             )

@@ -103,10 +103,19 @@ def smoke_volume(shape: tuple[int, ...], value_range: tuple[float, float], spati
 T = TypeVar("T")
 
 
-def verify_model(model: RegisteredModel, device: torch.device) -> VerifyReport:
-    """Run every check on ``model``; a failure is recorded with an actionable detail, never raised."""
+def verify_model(
+    model: RegisteredModel, device: torch.device, roi_size: tuple[int, ...] | None = None
+) -> VerifyReport:
+    """Run every check on ``model``; a failure is recorded with an actionable detail, never raised.
+
+    ``roi_size``: run the smoke inference with this sliding window instead of
+    the model's own (a large window of a heavy network takes minutes on a CPU;
+    the pipeline is checked the same way).
+    """
+    from pacs_ai.models.boxes import patient_boxes
     from pacs_ai.models.engine import load_registered
     from pacs_ai.models.geometry import labels_to_volume, volume_to_metatensor
+    from pacs_ai.models.loaded import InfererOverrides
 
     report = VerifyReport(model=model.name, device=str(device))
 
@@ -144,10 +153,20 @@ def verify_model(model: RegisteredModel, device: torch.device) -> VerifyReport:
 
     def smoke() -> str:
         volume = smoke_volume(loaded.smoke_shape, loaded.smoke_range, loaded.spatial_dims)
-        image = volume_to_metatensor(volume, loaded.spatial_dims, channel_first=loaded.channel_first_input)
+        image = volume_to_metatensor(
+            volume,
+            loaded.spatial_dims,
+            channel_first=loaded.channel_first_input,
+            channels=loaded.input_channels,
+        )
         started = time.perf_counter()
-        output = loaded.predict(image)
+        output = loaded.predict(image, InfererOverrides(roi_size=roi_size) if roi_size else None)
         report.smoke_seconds = round(time.perf_counter() - started, 3)
+        if loaded.task == "detection":
+            assert loaded.box_layout is not None
+            patient_boxes(output, loaded.box_layout)  # the keys and layout a detection result needs
+            shapes = {k: list(np.shape(v)) for k, v in output.items()}
+            return f"input {list(loaded.smoke_shape)} -> {shapes} in {report.smoke_seconds:.2f} s"
         report.output_shape = list(output.shape)
         if loaded.task == "segmentation":
             labels_to_volume(output, loaded.spatial_dims, volume.voxels.shape)

@@ -39,6 +39,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pacs_ai.analyze.registry import UnknownAnalyzerError, get_analyzer
+from pacs_ai.config import Settings
 from pacs_ai.index.models import StudyPriority
 from pacs_ai.report.drafters import DrafterConfig, DrafterConfigError, get_drafter
 from pacs_ai.yaml_files import load_yaml_model
@@ -216,6 +218,28 @@ class Profile(BaseModel):
     def drafts_reports(self) -> bool:
         """True when studies analysed by this profile get an AI report draft."""
         return self.report is not None
+
+
+def analyzer_problems(profile: Profile, settings: Settings) -> list[str]:
+    """Problems of the profile's analyzer steps that need the installation to see.
+
+    An analyzer that can check its parameters without running
+    (``parameter_problems(params, settings)``, e.g. ``monai-bundle``: the model is
+    registered, its labels exist and are coded) is asked; unknown analyzers
+    are reported.  Nothing is loaded or run.
+    """
+    problems: list[str] = []
+    for step in profile.analyzers:
+        try:
+            analyzer = get_analyzer(step.name)
+        except UnknownAnalyzerError as exc:
+            problems.append(f"{profile.name}: {exc}")
+            continue
+        check = getattr(analyzer, "parameter_problems", None)
+        if check is not None:
+            found = check(step.params, settings)
+            problems += [f"{profile.name}: analyzer {step.name}: {problem}" for problem in found]
+    return problems
 
 
 class ProfileError(ValueError):

@@ -140,7 +140,7 @@ def test_every_acknowledged_instance_survives_a_crash(
         indexed = dict(restarted.query("SELECT sop_instance_uid, path FROM instances"))
         for uid in acknowledged:
             assert uid in indexed, f"acknowledged instance {uid} was lost"
-            stored = pydicom.dcmread(indexed[uid])
+            stored = pydicom.dcmread(restarted.spool_file(indexed[uid]))
             original = next(
                 p
                 for p in chest_phantom.paths

@@ -154,7 +154,7 @@ def test_reprocess_by_accession_retrieves_the_lost_study_and_adds_version_2(
 
     # The index: no duplicate instance rows, files restored, the reprocess and replacements audited.
     assert service.query("SELECT count(*) FROM instances")[0][0] == len(chest_phantom.paths)
-    assert all(Path(path).is_file() for (path,) in service.query("SELECT path FROM instances"))
+    assert all(service.spool_file(key).is_file() for (key,) in service.query("SELECT path FROM instances"))
     actions = [action for (action,) in service.query("SELECT action FROM audit_events")]
     assert actions.count("instance.restored") == len(chest_phantom.paths)
     assert actions.count("result.replaces") == 2

@@ -37,8 +37,8 @@ def _study(directory: Path, accession: str) -> str:
 
 def _spool_files(service: PacsAiService, study_uid: str) -> list[Path]:
     return [
-        Path(p)
-        for (p,) in service.query(
+        service.spool_file(key)
+        for (key,) in service.query(
             "SELECT i.path FROM instances i JOIN series s ON s.id = i.series_fk "
             "JOIN studies t ON t.id = s.study_fk WHERE t.study_instance_uid = :uid",
             uid=study_uid,

@@ -67,7 +67,7 @@ def test_real_files_are_stored_with_a_clear_outcome(
             "SELECT path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = :uid",
             uid=original.SOPInstanceUID,
         )
-        stored = pydicom.dcmread(path)
+        stored = pydicom.dcmread(service.spool_file(path))
         assert syntax == stored.file_meta.TransferSyntaxUID
         if original.file_meta.TransferSyntaxUID.is_compressed:
             assert syntax == original.file_meta.TransferSyntaxUID
@@ -111,7 +111,7 @@ def test_real_files_are_stored_with_a_clear_outcome(
         uid=cxr_original.SOPInstanceUID,
     )
     assert syntax == JPEG_BASELINE
-    pixels = pydicom.dcmread(path).pixel_array
+    pixels = pydicom.dcmread(service.spool_file(path)).pixel_array
     assert pixels.shape == (1024, 1024) and np.ptp(pixels) > 0
 
     audit = service.query("SELECT action, object_uid FROM audit_events WHERE action = 'series.unmatched'")
