@@ -43,7 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import __version__
-from pacs_ai.config import Settings
+from pacs_ai.config import Settings, revealed
 from pacs_ai.dispatch.delivery import lease_expiry
 from pacs_ai.encode.report_sr import DraftingModel, ReportText
 from pacs_ai.index.db import session_scope
@@ -51,6 +51,7 @@ from pacs_ai.index.models import Delivery, Instance, Job, JobState, Series, Stud
 from pacs_ai.index.reports import ReportDraft
 from pacs_ai.report.draft import Draft, draft_report
 from pacs_ai.report.drafters import Drafter, DrafterConfig, DrafterConfigError, get_drafter
+from pacs_ai.report.drafters.openai_backend import OpenAIDrafter
 from pacs_ai.report.evidence import Evidence, evidence_from_findings
 from pacs_ai.route.profiles import Profile, ProfileError
 from pacs_ai.storage.files import HostFiles
@@ -293,6 +294,8 @@ class ReportPipeline:
             except DrafterConfigError as exc:
                 log.error("the %s drafter cannot be built: %s", config.backend, exc)
                 return None
+            if isinstance(drafter, OpenAIDrafter):
+                drafter.use_api_key(revealed(self.settings.report_llm_api_key))
             self._drafters[key] = drafter
         return drafter
 

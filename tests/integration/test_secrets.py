@@ -19,6 +19,8 @@ from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent
 from pacs_ai.redact import redact_text
+from pacs_ai.report.drafters import DrafterConfig
+from pacs_ai.report.pipeline import ReportPipeline
 
 DB_PASSWORD = "db-pw-7f3a9c"
 BROKER_PASSWORD = "broker-pw-51be"
@@ -126,8 +128,27 @@ class _Receiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 calls.append((dict(self.headers), body))
-                self.send_response(204)
+                # Answered as a chat completion would be; a webhook caller ignores the body.
+                answer = json.dumps(
+                    {
+                        "id": "1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "ok"},
+                            }
+                        ],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -165,3 +186,18 @@ def test_the_signing_key_is_kept_in_the_data_dir_when_not_set(tmp_path):
     key = webhook_key(settings)
     assert len(key) >= 32 and webhook_key(settings) == key
     assert (tmp_path / "webhook-signing.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(tmp_path, receiver):
+    settings = Settings(data_dir=tmp_path, report_llm_api_key="llm-key-5e0a")
+    pipeline = ReportPipeline(settings, make_session_factory(make_engine(settings.effective_database_url)))
+    base_url = receiver.url.split("/hooks")[0] + "/v1"
+    drafter = pipeline.drafter_for(
+        DrafterConfig(backend="openai", params={"base_url": base_url, "model": "m"})
+    )
+    assert drafter is not None and drafter.complete("a prompt") == "ok"
+    [(headers, _)] = receiver.calls
+    assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer llm-key-5e0a"
+    assert "llm-key-5e0a" not in repr(settings) and "llm-key-5e0a" not in json.dumps(
+        settings.child_environment()
+    )

@@ -18,8 +18,9 @@ Drafts must never leave the hospital, so the backend is off unless a
 host resolves to a public address: only loopback, private and link-local
 addresses are accepted, checked before every request.  A site whose internal
 network uses public address space sets ``allow_public_addresses: true``,
-knowingly.  Keys are never written in profiles; ``api_key_env`` names the
-variable that holds one.
+knowingly.  Keys are never written in profiles: the ``report_llm_api_key``
+setting (a secret, kept out of child environments) holds one, or
+``api_key_env`` names an environment variable that does.
 
 Timeouts and retries are the ``openai`` client's: each attempt is bounded by
 ``timeout_seconds``, connection errors, timeouts, 408/409/429 and 5xx answers
@@ -133,6 +134,12 @@ class OpenAIDrafter:
             )
         self.params = params
         self._client: Any = None
+        self._api_key: str | None = None
+
+    def use_api_key(self, key: str | None) -> None:
+        """Send ``key`` (the ``report_llm_api_key`` setting) where the profile names no ``api_key_env``."""
+        self._api_key = key
+        self._client = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> OpenAIDrafter:
@@ -151,7 +158,7 @@ class OpenAIDrafter:
                     "the openai backend needs the 'openai' package (pip install 'pacs-ai[report]')"
                 ) from exc
             p = self.params
-            key = os.environ[p.api_key_env] if p.api_key_env else "not-needed"
+            key = os.environ[p.api_key_env] if p.api_key_env else (self._api_key or "not-needed")
             self._client = openai.OpenAI(
                 base_url=p.base_url, api_key=key, timeout=p.timeout_seconds, max_retries=p.max_retries
             )
