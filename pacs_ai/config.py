@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_core import to_jsonable_python
@@ -193,7 +193,7 @@ class Settings(BaseSettings):
     #: a prompt, a language-model server or a draft); names, IDs, dates and free-text descriptions
     #: never do.  Age is given as a band in words, the procedure code without its meaning.
     report_header_fields: list[ReportHeaderField] = Field(
-        default_factory=lambda: ["modality", "body_part", "procedure_code", "age_band", "sex"]
+        default_factory=lambda: list(get_args(ReportHeaderField))
     )
     #: Run the worklist web app as a child of ``pacs-ai serve`` (``pacs-ai worklist serve`` runs it alone).
     worklist_enabled: bool = True
