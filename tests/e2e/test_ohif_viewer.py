@@ -40,6 +40,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOTS = REPO / ".cache" / "ohif-screenshots"
 TIMEOUT = 40.0
+PANE = '[data-cy="viewport-pane"]'
 
 
 def _part10(ds: Dataset) -> bytes:
@@ -171,6 +172,12 @@ class Viewer:
 
         _wait(f"a {label!r} button", clicked)
 
+    def pane(self, index: int) -> None:
+        """Make viewport ``index`` the active one (the next series opens there)."""
+        _wait(f"viewport {index}", lambda: len(self.driver.find_elements(By.CSS_SELECTOR, PANE)) > index)
+        self.driver.find_elements(By.CSS_SELECTOR, PANE)[index].click()
+        time.sleep(0.5)
+
     def panel(self, data_cy: str) -> None:
         self.driver.find_element(By.CSS_SELECTOR, f'[data-cy="{data_cy}"]').click()
 
@@ -242,6 +249,11 @@ def test_ohif_shows_seg_measurements_and_draft(
             viewer.shot("2-segmentation")
             viewer.assert_no_error("opening the SEG")
 
+            # Two viewports, one above the other: the CT with its SEG stays in the first, the
+            # SR opens in the second, as a radiologist compares them.
+            browser.find_element(By.CSS_SELECTOR, '[data-cy="Layout"]').click()
+            browser.find_element(By.CSS_SELECTOR, '[data-cy="Layout-0-1"]').click()
+            viewer.pane(1)
             viewer.open_until(
                 "AI lung measurements",
                 "the right lung volume",
@@ -254,20 +266,22 @@ def test_ohif_shows_seg_measurements_and_draft(
             for _ in range(4):
                 if "Width: 12.00 mm" in viewer.text():
                     break
-                browser.find_element(By.CSS_SELECTOR, '[data-cy="viewport-action-arrows-right"]').click()
+                sr_pane = browser.find_elements(By.CSS_SELECTOR, PANE)[1]
+                sr_pane.find_element(By.CSS_SELECTOR, '[data-cy="viewport-action-arrows-right"]').click()
                 time.sleep(1)
             viewer.wait("the nodule", lambda: "Width: 12.00 mm" in viewer.text())
             assert "Certainty of Finding: 0.87" in viewer.text()
             viewer.shot("3b-nodule")
 
-            viewer.open_until(
-                "CHEST CT",
+            viewer.pane(0)  # the CT with its SEG, still loaded
+            viewer.wait(
                 "the segment labels after the SR",
                 lambda: "Right lung" in viewer.text() and "Left lung" in viewer.text(),
             )
             viewer.shot("4-segmentation-after-sr")
             viewer.assert_no_error("going back to the images")
 
+            viewer.pane(1)
             viewer.open_until(
                 "AI draft report", "the draft's status", lambda: "AI draft, not verified" in viewer.text()
             )
