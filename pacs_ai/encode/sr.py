@@ -11,10 +11,22 @@ Structure (all built with highdicom's template classes):
   spacing, orientation, ...) are recorded once on the group (TID 1600 row 3),
   and each entry (TID 1601) carries only the descriptors that differ between
   images (for an axial series only Image Position (Patient) Z);
-* one TID 1411 volumetric group per segment, referencing that segment of the
-  SEG and the source series, with the segment's measurements;
+* one TID 1501 group per segment, with the segment's measurements; each
+  measurement (TID 300) is INFERRED FROM the SEG segment (an IMAGE item with
+  Referenced Segment Number) and from a point inside the segment (an SCOORD
+  POINT on the source image where the segment is largest, nearest its
+  centre).  Not TID 1411: its Referenced Segment excludes any coordinates in
+  the group, and OHIF 3.13 (cornerstone-dicom-sr) fails to open a group
+  without an SCOORD/SCOORD3D; with the point it lists the group, shows its
+  values on that image and jumps to it;
 * one TID 1501 group per finding site for measurements over a whole region
-  (``MeasurementSpec.segment_number is None``), e.g. both lungs together;
+  (``MeasurementSpec.segment_number is None``), e.g. both lungs together,
+  inferred from all segments and a point inside them;
+* one TID 1501 group per detection (:class:`~pacs_ai.analyze.base.DetectionSpec`):
+  Finding, Finding Site, the box's Width / Height / Depth (mm, along rows,
+  columns and the slice normal) and the model's score as "Certainty of
+  Finding", each inferred from the box's outline (a closed POLYLINE SCOORD on
+  the source image nearest the box centre), with its own tracking UID;
 * one image-level TID 1501 group per classification finding
   (:class:`~pacs_ai.analyze.base.FindingSpec`), referencing the source
   image(s), with the finding as Finding, a qualitative evaluation
@@ -24,8 +36,9 @@ Structure (all built with highdicom's template classes):
   carries one Finding and one tracking identity, which ties each probability
   to its finding without inventing per-finding measurement codes.
 
-A classifier's result (no label map) gives an SR without a SEG: no TID 1411
-groups and no SEG in the evidence.
+A classifier's result (no label map) gives an SR without a SEG: no segment
+groups and no SEG in the evidence.  Its image-level finding groups have no
+coordinates, so OHIF 3.13 cannot open that SR (DICOM SR text viewers can).
 
 Every group and measurement carries Algorithm Identification (TID 4019); a
 finding group's also carries its decision threshold as a parameter.  The
