@@ -43,7 +43,7 @@ from benchmarks.turnaround import _SENT_RESULTS, _parse, stage_report  # noqa: E
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom  # noqa: E402
 from tests.object_store import SeaweedS3, storage_environment  # noqa: E402
 from tests.peers import OrthancServer, _stop_process, storescu, wait_for  # noqa: E402
-from tests.service import PacsAiService  # noqa: E402
+from tests.service import PacsAiService, start_worker  # noqa: E402
 
 #: Settings of every configuration: no AI draft report, no worklist (neither is measured here).
 COMMON = {
@@ -134,16 +134,7 @@ def _start_remote_worker(root: Path, host: str, shared: dict[str, str]) -> subpr
         **COMMON,
         **shared,
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "pacs_ai.cli.main", "worker", "--queues", "cpu,gpu", "--concurrency", "1"]
-        + ["--name", f"bench@{host}", "--logfile", str(root / "worker.log")],
-        env=env,
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return start_worker(env, f"bench@{host}", root)
 
 
 def turnaround(

@@ -36,6 +36,27 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_TEST_URL = os.environ.get("PACS_AI_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
+def start_worker(
+    env: dict[str, str], node: str, log_dir: Path, *, queues: str = "cpu,gpu", **popen: Any
+) -> subprocess.Popen[bytes]:
+    """``pacs-ai worker`` (concurrency 1) in a process group of its own, as on a worker host.
+
+    Its log and its standard output go to ``log_dir``; ``popen`` adds ``subprocess.Popen``
+    arguments (e.g. ``user`` to run it as another Unix user).
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "pacs_ai.cli.main", "worker", "--queues", queues, "--concurrency", "1"]
+        + ["--name", node, "--logfile", str(log_dir / "worker.log")],
+        env=env,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=open(log_dir / "stdout.log", "wb"),  # noqa: SIM115 - the child keeps it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **popen,
+    )
+
+
 class PostgresDatabase:
     """A throwaway PostgreSQL database, dropped on exit."""
 

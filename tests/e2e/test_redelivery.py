@@ -20,6 +20,20 @@ from tests.service import PacsAiService
 pytestmark = pytest.mark.e2e
 
 
+def assert_one_result_set(orthanc: OrthancServer, study_uid: str, into: Path) -> None:
+    """SEG and SR reach the PACS, and after a wait for any duplicate it holds one instance of each."""
+    fetch_results(orthanc, study_uid, into)
+    time.sleep(5)  # any duplicate delivery would arrive within this time
+    series = orthanc.series_of_study(study_uid)
+    result_instances = [
+        i
+        for s in series
+        if {SEG_STORAGE, COMPREHENSIVE_3D_SR} & set(s["SOPClassUIDs"])
+        for i in s["Instances"]
+    ]
+    assert len(result_instances) == 2
+
+
 def test_killed_worker_leads_to_exactly_one_set_of_results(
     orthanc: OrthancServer, service_factory: Any, tmp_path: Path
 ) -> None:
@@ -44,16 +58,7 @@ def test_killed_worker_leads_to_exactly_one_set_of_results(
     victim = workers[claimed_by]
     os.killpg(victim, signal.SIGKILL)  # the Celery worker and its pool process
 
-    fetch_results(orthanc, phantom.study_uid, tmp_path)
-    time.sleep(5)  # any duplicate delivery would arrive within this time
-    series = orthanc.series_of_study(phantom.study_uid)
-    result_instances = [
-        i
-        for s in series
-        if {SEG_STORAGE, COMPREHENSIVE_3D_SR} & set(s["SOPClassUIDs"])
-        for i in s["Instances"]
-    ]
-    assert len(result_instances) == 2
+    assert_one_result_set(orthanc, phantom.study_uid, tmp_path)
 
     ((state, attempts, claimed_after),) = service.query(
         "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id

@@ -11,8 +11,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,9 +19,9 @@ import redis
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import WorkerNode
 from pacs_ai.index.workers import register_worker
-from tests.integration.test_cli import REPO_ROOT, pacs_ai
+from tests.integration.test_cli import pacs_ai
 from tests.peers import wait_for
-from tests.service import REDIS_TEST_URL
+from tests.service import REDIS_TEST_URL, start_worker
 
 
 def _index(data_dir: Path) -> str:
@@ -101,16 +99,7 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
         "PACS_AI_WORKER_STALE_AFTER_SECONDS": "5",
     }
     node = "pacs-ai-cpu@test-host"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pacs_ai.cli.main", "worker", "--queues", "cpu", "--concurrency", "1"]
-        + ["--name", node, "--logfile", str(tmp_path / "worker.log")],
-        env=env,
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    worker = start_worker(env, node, tmp_path, queues="cpu")
     try:
 
         def checked() -> dict[str, object] | None:
