@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from pydicom.uid import UID_dictionary
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -22,7 +23,14 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import VerificationPresentationContexts, negotiate_unrestricted
+from pynetdicom.presentation import (
+    PresentationContext,
+    VerificationPresentationContexts,
+    negotiate_as_acceptor,
+    negotiate_unrestricted,
+)
+from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from pacs_ai.receive.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_ai.receive.security import KnownPeer, check_known_peer
@@ -133,11 +141,16 @@ def negotiate(
         for item in user_items
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
+    proposed = request.presentation_context_definition_list
     results, role_replies = negotiate_unrestricted(
-        request.presentation_context_definition_list,
+        [context for context in proposed if _offered(context)],
         VerificationPresentationContexts,
         requested_roles,
     )
+    # Known SOP classes of other services (Query/Retrieve, Worklist, Storage Commitment): the listener
+    # does not provide them, so their contexts are rejected (abstract syntax not supported).
+    refused, _ = negotiate_as_acceptor([context for context in proposed if not _offered(context)], [])
+    results = sorted([*results, *refused], key=lambda context: int(context.context_id or 0))
     reply_items: list[object] = [_maximum_length(policy.maximum_pdu_length), *_implementation_items()]
     reply_items.extend(role_replies)
     if any(isinstance(item, AsynchronousOperationsWindowNegotiation) for item in user_items):
@@ -168,6 +181,18 @@ def negotiate(
         },
         peer_maximum_pdu_length=request.maximum_length_received or 0,
     )
+
+
+def _offered(context: PresentationContext) -> bool:
+    """Whether the listener provides the context's SOP class: Verification, storage, private or unknown.
+
+    pynetdicom's unrestricted negotiation treats every SOP class it has no
+    name for as storage; known classes of other services are refused here.
+    """
+    abstract_syntax = str(context.abstract_syntax)
+    if abstract_syntax not in UID_dictionary:
+        return True
+    return issubclass(uid_to_service_class(abstract_syntax), StorageServiceClass | VerificationServiceClass)
 
 
 def _maximum_length(length: int) -> MaximumLengthNotification:
