@@ -100,8 +100,8 @@ def start_child_of_serve(
 
     Adds ``--parent-pid`` to ``parser`` and parses ``argv``, stops with the
     supervisor (:func:`die_with_parent`), takes the supervisor's settings from
-    the environment (``PACS_AI_SETTINGS_JSON``) and logs to ``log_name`` in
-    the log folder.
+    the file ``PACS_AI_SETTINGS_FILE`` names (never from the environment's
+    values: secrets stay out of it) and logs to ``log_name`` in the log folder.
     """
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
     arguments = parser.parse_args(argv)
