@@ -383,31 +383,6 @@ def _with_secrets_revealed(value: Any) -> Any:
     return value
 
 
-#: Settings that are secrets: never passed to child processes in ``PACS_AI_SETTINGS_JSON``.
-_SECRET_FIELDS = {"storage_s3_secret_access_key"}
-
-
-class _Secrets(BaseSettings):
-    """The secret settings alone, read again by a child process from the environment or the YAML file."""
-
-    model_config = SettingsConfigDict(env_prefix="PACS_AI_", extra="ignore")
-
-    storage_s3_secret_access_key: SecretStr | None = None
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return Settings.settings_customise_sources(
-            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        )
-
-
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings for this process.
 
