@@ -678,8 +678,9 @@ def _include_vessels(labels: np.ndarray, volume: Volume) -> str:
                 if area >= small and ndi.distance_transform_edt(np.pad(island, 1)).max() >= lesion_radius:
                     lesion += area
                     continue
+                island &= crop[island_box] == 0  # never take the other lung's voxels
                 crop[island_box][island] = label
-                added += area
+                added += int(np.count_nonzero(island))
     ml = volume.voxel_volume_ml
     return (
         f"lungs: tissue islands inside the lungs: {added * ml:.1f} mL of vessels and bronchial walls "
