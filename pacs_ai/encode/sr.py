@@ -154,6 +154,10 @@ def _observation_context(
     )
 
 
+def _optional_site(site: Code | None) -> list[hd.sr.FindingSite] | None:
+    return [hd.sr.FindingSite(to_pydicom_code(site))] if site is not None else None
+
+
 def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] | None:
     """Distinct finding sites of ``specs`` in first-seen order (None if there are none)."""
     sites: list[Code] = []
@@ -327,9 +331,7 @@ def _finding_group(
         tracking_identifier=tracking,
         finding_type=to_pydicom_code(code),
         algorithm_id=algorithm_id,
-        finding_sites=(
-            [hd.sr.FindingSite(to_pydicom_code(finding.finding_site))] if finding.finding_site else None
-        ),
+        finding_sites=_optional_site(finding.finding_site),
         measurements=[probability],
         qualitative_evaluations=[evaluation],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
@@ -417,9 +419,7 @@ def _detection_group(
         tracking_identifier=tracking,
         finding_type=to_pydicom_code(code),
         algorithm_id=algorithm_id,
-        finding_sites=(
-            [hd.sr.FindingSite(to_pydicom_code(detection.finding_site))] if detection.finding_site else None
-        ),
+        finding_sites=_optional_site(detection.finding_site),
         measurements=measurements,
     )
 
