@@ -23,6 +23,7 @@ boundary (a comma, "and", "or", "with", another concept) to the next one, so
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ NORMAL_LABEL = "NORMAL:"
 WINDOW_BOUNDARIES = frozenset(
     {",", ";", ":", "and", "or", "with", "but", "which", "without", "while", "whereas", "nor", "."}
 )
+#: "2." or "2)" opening a numbered item of a list, anywhere in the text ("1. No effusion. 2. Stable.").
+_LIST_MARKER = re.compile(r"\d{1,2}[.)](?:\s|$)")
 #: A comma-separated tail this short and naming no concept still qualifies the concept before it.
 TRAILING_QUALIFIER_TOKENS = 3
 #: Report sections the sectionizer recognises (title words -> section).
@@ -108,6 +111,8 @@ class TextReading:
 
     claims: tuple[Claim, ...]
     loose_numbers: tuple[NumberMention, ...]
+    #: Numbers written without a unit (list markers such as "2." before a sentence are not numbers).
+    unitless: tuple[NumberMention, ...] = ()
 
 
 @cache
@@ -257,7 +262,9 @@ def read_text(text: str) -> TextReading:
     doc = _parse(text)
     ents = list(doc.ents)
     matches = _longest(_qualifiers()(doc), nlp.vocab)
-    numbers = [n for n in find_numbers(text) if n.unit is not None]
+    found = find_numbers(text)
+    numbers = [n for n in found if n.unit is not None]
+    unitless = tuple(n for n in found if n.unit is None and not _LIST_MARKER.match(text, n.start))
     statements = context_data()["normal_statements"]
     claims: list[Claim] = []
     bound: set[int] = set()
@@ -298,7 +305,7 @@ def read_text(text: str) -> TextReading:
             )
         )
     loose = tuple(n for n in numbers if id(n) not in bound)
-    return TextReading(tuple(claims), loose)
+    return TextReading(tuple(claims), loose, unitless)
 
 
 def split_sections(text: str) -> dict[str, str]:

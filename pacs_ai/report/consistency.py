@@ -325,6 +325,9 @@ class Comparison:
             violations += self.check_claim(claim)
         for number in draft.loose_numbers:
             violations += self.check_loose_number(number)
+        violations += [
+            Violation("numbers", f"{n.text!r} has no unit (in {n.sentence!r})") for n in draft.unitless
+        ]
         return list(dict.fromkeys(violations))
 
     def check_loose_number(self, number: NumberMention) -> list[Violation]:
