@@ -186,7 +186,10 @@ def test_unreachable_llm_falls_back_to_the_template(tmp_path: Path, phantom_dir:
 @pytest.mark.parametrize(
     ("report", "problem"),
     [
-        ("{backend: nope}", "unknown drafter backend 'nope'; known backends: openai, retrieval, template, transformers"),
+        (
+            "{backend: nope}",
+            "unknown drafter backend 'nope'; known backends: openai, retrieval, template, transformers",
+        ),
         ("{backend: template, params: {x: 1}}", "template drafter parameters: x: Extra inputs"),
         ("{backend: transformers, params: {model_dir: /no/such/model}}", "/no/such/model is not a directory"),
         ("{backend: openai, params: {model: m}}", "set report.params.base_url"),
