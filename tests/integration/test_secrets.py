@@ -21,6 +21,7 @@ from pacs_ai.index.models import AuditEvent
 from pacs_ai.redact import redact_text
 from pacs_ai.report.drafters import DrafterConfig
 from pacs_ai.report.pipeline import ReportPipeline
+from pacs_ai.worklist.server import worklist_options
 
 DB_PASSWORD = "db-pw-7f3a9c"
 BROKER_PASSWORD = "broker-pw-51be"
@@ -201,3 +202,11 @@ def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(tmp_path, rece
     assert "llm-key-5e0a" not in repr(settings) and "llm-key-5e0a" not in json.dumps(
         settings.child_environment()
     )
+
+
+def test_the_worklist_takes_its_fhir_token_and_session_key_from_the_secret_settings(tmp_path):
+    options = worklist_options(
+        _settings(tmp_path).model_copy(update={"worklist_session_secret": WEBHOOK_SECRET})
+    )
+    assert (options.fhir_bearer_token, options.secret_key) == (FHIR_TOKEN, WEBHOOK_SECRET)
+    assert FHIR_TOKEN not in repr(_settings(tmp_path))
