@@ -441,7 +441,8 @@ class MonaiBundleAnalyzer:
         found = [spec for spec in planned if counts[spec.value] > 0]
         absent = [spec.name for spec in planned if counts[spec.value] == 0]
         if absent:
-            notes.append(f"not found by the model (not reported): {', '.join(absent)}")
+            listed = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+            notes.append(f"not found by the model (not reported): {listed}")
         lookup = np.zeros(256, dtype=np.uint8)
         segments: list[SegmentSpec] = []
         measurements: list[MeasurementSpec] = []

@@ -190,3 +190,38 @@ def test_profiles_validate_checks_models_labels_and_codes(tmp_path: Path) -> Non
     assert "keep: 'liver' is not a label of model spleen" in by_profile["unknown-label"][0]
     assert "label 2 is not an output of model spleen" in by_profile["not-an-output"][0]
     assert "model: Field required" in by_profile["no-model"][0]
+
+
+def test_torchscript_descriptor_orientation_is_applied_and_inverted() -> None:
+    """``input.orientation`` reorients what the network receives, and the prediction comes back unchanged."""
+    import nibabel
+
+    from pacs_ai.models.descriptor import TorchScriptDescriptor
+    from pacs_ai.models.loaded import PRED_KEY
+    from pacs_ai.models.torchscript import IMAGE_KEY, build_transforms
+
+    descriptor = TorchScriptDescriptor.model_validate(
+        {
+            "name": "oriented",
+            "version": "1",
+            "task": "segmentation",
+            "spatial_dims": 3,
+            "input": {"spatial_shape": [8, 8, 8], "orientation": "RAS"},
+            "output": {"channels": {"0": "background", "1": "spleen"}},
+        }
+    )
+    # A feet-first series with transposed rows and columns: its array axes are not R, A, S.
+    direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+    voxels = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    volume = _volume(voxels, direction, spacing_mm=(2.0, 1.0, 1.0))
+    image = volume_to_metatensor(volume, 3, channel_first=True)
+    assert nibabel.aff2axcodes(np.asarray(image.affine)) != ("R", "A", "S")
+    preprocessing, postprocessing = build_transforms(descriptor)
+    prepared = preprocessing({IMAGE_KEY: image})[IMAGE_KEY]  # type: ignore[operator]
+    assert nibabel.aff2axcodes(np.asarray(prepared.affine)) == ("R", "A", "S")
+    # A "network" output that is the input itself: after inversion it must lie on the input grid again.
+    prediction = torch.cat([1 - prepared / prepared.max(), prepared / prepared.max()])
+    restored = postprocessing({IMAGE_KEY: prepared, PRED_KEY: prediction})[PRED_KEY]  # type: ignore[operator]
+    assert tuple(restored.shape[1:]) == tuple(image.shape[1:])
+    expected = (np.asarray(image[0]) / voxels.max()) >= 0.5
+    assert np.array_equal(np.asarray(restored[0]).astype(bool), expected)
