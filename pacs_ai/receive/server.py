@@ -604,7 +604,7 @@ class _DataSetFile:
         view = memoryview(data)
         if counted:
             self.data_set_bytes += len(view)
-            if self.data_set_bytes > self.maximum_bytes or self._disk_nearly_full():
+            if self._refused_while_streaming():
                 self.discard()  # the disk space and the descriptor go back now, not at the end
                 return
         if self.prefix_is_whole:
@@ -618,7 +618,7 @@ class _DataSetFile:
         except OSError as exc:
             self.error = exc
 
-    def _disk_nearly_full(self) -> bool:
+    def _refused_while_streaming(self) -> bool:
         """Set ``refusal`` when the data set is too long or the disk nearly full; True then."""
         if self.data_set_bytes > self.maximum_bytes:
             self.refusal = InstanceRejected(
@@ -729,16 +729,24 @@ class _Association:
         )
         self.connection = self.reader.connection = wrapped
         self.server.replace_connection(wrapped)
-        wrapped.settimeout(max(0.001, self.reader.deadline - time.monotonic()))
+        remaining = max(0.001, self.reader.deadline - time.monotonic())
+        wrapped.settimeout(remaining)
+        # Python's timeout bounds each read of the handshake, not the whole of it: a peer dripping
+        # a byte at a time would never reach it.  The deadline shuts the connection down instead.
+        deadline = threading.Timer(remaining, _shut_down, args=(wrapped,))
+        deadline.daemon = True
+        deadline.start()
         try:
             wrapped.do_handshake()
-        except (ssl.SSLError, ssl.CertificateError) as exc:
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             reason = f"TLS handshake failed: {exc}"[:200]
             log.warning("refused the connection from %s: %s", self.peer, reason)
             self.server.record_association_event(
                 "association.refused", self.sender, self.peer, {"reason": reason, "result": "TLS"}
             )
             return False
+        finally:
+            deadline.cancel()
         return True
 
     def _log(self, what: str) -> None:
@@ -972,6 +980,14 @@ class _Association:
             error_comment=comment if status != STATUS_SUCCESS else None,
         )
         self._send(command_pdus(context_id, response, self.peer_maximum_pdu_length))
+
+
+def _shut_down(connection: socket.socket) -> None:
+    """End a connection's pending reads (its negotiation deadline has passed)."""
+    with contextlib.suppress(OSError):
+        # The plain socket's shutdown: SSLSocket.shutdown would drop the TLS object under the
+        # thread still in the handshake.
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
 def _drop(_piece: memoryview) -> None:
