@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -153,14 +154,15 @@ def turnaround(
                     interval=0.2,
                     description="SEG and SR acknowledged",
                 )
-                report = stage_report(service)
+                report = _with_store_stages(service, stage_report(service))
             runs[kind].append(report)
             print(f"run {repeat + 1} {kind:<6} turnaround {report['turnaround']:.2f} s", flush=True)
     print(
         f"\nchest CT {args.slices} x {args.size}x{args.size}, quiet period {args.quiet_period:g} s, medians:"
     )
     print(f"{'stage':<14}{'local worker':>14}{'other host':>14}")
-    for stage in ("quiet_period", "queue", "load", "analyze", "encode", "record", "dispatch", "turnaround"):
+    stages = ("quiet_period", "queue", "fetch", "load", "analyze", "encode", "store", "record", "dispatch")
+    for stage in (*stages, "turnaround"):
         local = statistics.median(r[stage] for r in runs["local"])
         remote = statistics.median(r[stage] for r in runs["remote"])
         print(f"{stage:<14}{local:>14.2f}{remote:>14.2f}")
@@ -171,6 +173,14 @@ def turnaround(
         f"{statistics.median(peer):.2f} s; added {statistics.median(added) - statistics.median(peer):+.2f} s "
         "(target <= 0.5 s)"
     )
+
+
+def _with_store_stages(service: PacsAiService, report: dict[str, float]) -> dict[str, float]:
+    """Split the worker's fetch of the series and its store of the results out of "record"."""
+    ((timings,),) = service.query("SELECT timings FROM jobs")
+    timings = json.loads(timings) if isinstance(timings, str) else timings
+    fetch, store = timings.get("fetch_seconds", 0.0), timings.get("store_seconds", 0.0)
+    return {**report, "fetch": fetch, "store": store, "record": report["record"] - fetch - store}
 
 
 def burst(
