@@ -225,3 +225,21 @@ def test_torchscript_descriptor_orientation_is_applied_and_inverted() -> None:
     assert tuple(restored.shape[1:]) == tuple(image.shape[1:])
     expected = (np.asarray(image[0]) / voxels.max()) >= 0.5
     assert np.array_equal(np.asarray(restored[0]).astype(bool), expected)
+
+
+def test_published_classifier_preprocessing_takes_a_grey_radiograph(tmp_path: Path) -> None:
+    """breast_density_classification expects a colour image (EnsureChannelFirstd(channel_dim=2)): a grey
+    radiograph is handed over as LoadImage gives one, with the grey values repeated in a last axis."""
+    from pacs_ai.analyze.radiograph import load_radiograph
+    from pacs_ai.synthetic.radiograph import write_chest_radiograph
+
+    bundle = open_bundle(published("breast_density_classification"), CPU)
+    metadata = bundle.metadata["network_data_format"]["inputs"]["image"]
+    assert metadata["num_channels"] == 3 and bundle.image_key == "image"
+    truth = write_chest_radiograph(tmp_path / "cxr.dcm", rows=200, columns=160, pixel_spacing_mm=2.0)
+    radiograph = load_radiograph([truth.path])
+    image = volume_to_metatensor(radiograph, 2, channels=metadata["num_channels"])
+    prepared = run_transforms(bundle.section("preprocessing"), {"image": image}, "preprocessing")["image"]
+    assert tuple(prepared.shape) == (3, 299, 299)
+    assert torch.equal(prepared[0], prepared[1]) and torch.equal(prepared[1], prepared[2])
+    assert float(prepared.min()) >= 0.0 and float(prepared.max()) <= 1.0
