@@ -1,0 +1,111 @@
+"""Benchmark: C-STORE ingest with the object store vs the local folder vs Orthanc, same run, same files.
+
+Sends a generated 300-slice 512x512 chest CT with DCMTK storescu over 4 concurrent associations
+(``--associations``) to a freshly started peer each time, the peers taking turns:
+
+* ``pacs-ai+s3``: ``pacs-ai serve`` with ``storage_url=s3://...`` on a real S3 server (SeaweedFS,
+  started once for the whole run, each run on a prefix of its own).  Success still means fsynced
+  in the local spool and indexed; the uploader puts each instance into the store meanwhile, on
+  the same two cores.  After the last acknowledgement the run also waits until every instance is
+  in the store and reports that wait ("drain"): the store's side of durability.
+* ``pacs-ai``: the embedded local folder (the spool is the storage), as ``benchmarks/ingest.py``.
+* ``orthanc``: Orthanc with its default storage.
+
+    python benchmarks/ingest_storage.py --repeats 3
+
+Medians of the runs; single runs spread by 20% or more on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.ingest import pacs_ai_endpoint_factory  # noqa: E402
+from benchmarks.ingest_peers import Endpoint, format_table, orthanc_endpoint, run_interleaved  # noqa: E402
+from pacs_ai.config import Settings  # noqa: E402
+from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
+from tests.object_store import SeaweedS3, storage_environment  # noqa: E402
+from tests.service import PacsAiService  # noqa: E402
+
+
+def object_store_endpoint_factory(
+    store: SeaweedS3, drains: list[float]
+) -> Callable[..., AbstractContextManager[Endpoint]]:
+    """``pacs-ai serve`` on ``store``; each run appends to ``drains`` how long the uploads took
+    to finish after the last acknowledgement."""
+    env = {
+        "PACS_AI_WORKER_PROCESSES": "0",
+        "PACS_AI_LOG_LEVEL": "WARNING",
+        "PACS_AI_LISTENER_PROCESSES": str(Settings().listener_processes),
+    }
+
+    @contextmanager
+    def endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
+        data_dir = Path(tempfile.mkdtemp(prefix="pacs-ai-s3-bench-")) / "data"
+        with PacsAiService(data_dir, extra_env={**env, **storage_environment(store)}) as service:
+            yield Endpoint("127.0.0.1", service.port, service.ae_title)
+            acknowledged = time.perf_counter()
+            while service.query("SELECT count(*) FROM instances WHERE uploaded_at IS NULL")[0][0]:
+                time.sleep(0.05)
+            drains.append(time.perf_counter() - acknowledged)
+
+    return endpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--associations", type=int, nargs="+", default=[4])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    drains: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="ingest-data-") as tmp, SeaweedS3() as store:
+        send_dir = Path(tmp) / "ct"
+        write_chest_phantom(
+            send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7, slice_spacing_mm=1.0
+        )
+        peers = {
+            "pacs-ai+s3": object_store_endpoint_factory(store, drains),
+            "pacs-ai": pacs_ai_endpoint_factory(None, "embedded"),
+            "orthanc": orthanc_endpoint,
+        }
+        rows = run_interleaved(send_dir, peers, args.associations, args.repeats)
+    print(
+        f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of "
+        f"{args.repeats} runs per peer, peers taking turns; pacs-ai fsync on, SQLite, embedded Redis"
+    )
+    print(format_table(rows))
+    print()
+    for associations in args.associations:
+        cell = {row.peer: row for row in rows if row.associations == associations}
+        s3, local, orthanc = cell["pacs-ai+s3"], cell["pacs-ai"], cell["orthanc"]
+        print(
+            f"{associations} association(s): object store {s3.median:.0f} inst/s = "
+            f"{s3.median / orthanc.median:.2f}x Orthanc ({orthanc.median:.0f}/s), "
+            f"{s3.median / local.median:.2f}x the local folder ({local.median:.0f}/s); "
+            f"local folder {local.median / orthanc.median:.2f}x Orthanc"
+        )
+    print(
+        f"uploads finished {statistics.median(drains):.2f} s (median; "
+        f"{min(drains):.2f}-{max(drains):.2f}) after the last acknowledgement"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
