@@ -208,10 +208,6 @@ class PacsAiService:
         """The receiver's spool file of an instance the index records by its storage key."""
         return spool_path(self.data_dir / "spool", key)
 
-    def spool_file(self, key: str) -> Path:
-        """The receiver's spool file of an instance the index records by its storage key."""
-        return spool_path(self.data_dir / "spool", key)
-
     def engine(self) -> Engine:
         return create_engine(self.database_url)
 
