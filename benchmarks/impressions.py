@@ -216,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         f"held out: {len(test)}"
     )
     print(
-        f"{'method':<30} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8} "
+        f"{'method':<40} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8} "
         f"{'contradict':>10} {'violations':>10} {'s':>7}"
     )
     for row in results:
         print(
-            f"{row['method']:<30} {row['rouge1']:8.3f} {row['rouge2']:8.3f} {row['rougeL']:8.3f} "
+            f"{row['method']:<40} {row['rouge1']:8.3f} {row['rouge2']:8.3f} {row['rougeL']:8.3f} "
             f"{row['contradiction_rate']:10.1%} {row['guardrail_violations']:10d} {row['seconds']:7.1f}"
             + (f"  fallbacks {row['fallbacks']}" if "fallbacks" in row else "")
         )
