@@ -37,8 +37,9 @@ Structure (all built with highdicom's template classes):
   to its finding without inventing per-finding measurement codes.
 
 A classifier's result (no label map) gives an SR without a SEG: no segment
-groups and no SEG in the evidence.  Its image-level finding groups have no
-coordinates, so OHIF 3.13 cannot open that SR (DICOM SR text viewers can).
+groups and no SEG in the evidence.  Its probabilities are inferred from the
+whole image (a closed POLYLINE SCOORD along the image border), so OHIF 3.13
+can open that SR too.
 
 Every group and measurement carries Algorithm Identification (TID 4019); a
 finding group's also carries its decision threshold as a parameter.  The
@@ -318,11 +319,17 @@ def _finding_group(
     )
     # The threshold decides "present", so it belongs with the algorithm that applied it.
     algorithm_id = _algorithm_id(algorithm, {"threshold": f"{finding.threshold:g}"})
-    probability = hd.sr.Measurement(
-        name=to_pydicom_code(CERTAINTY_OF_FINDING),
-        value=finding.probability,
-        unit=to_pydicom_code(PROBABILITY_UNIT),
-        algorithm_id=algorithm_id,
+    # Inferred from the whole image: its outline is the finding's "location", which viewers
+    # (OHIF 3.13) need to open the group at all; a point would suggest a place the model never named.
+    image = headers[len(headers) // 2]
+    columns, rows = int(image.Columns), int(image.Rows)
+    whole = np.array([(0, 0), (columns, 0), (columns, rows), (0, rows), (0, 0)], dtype=float) - 0.5
+    probability = _located_measurement(
+        CERTAINTY_OF_FINDING,
+        finding.probability,
+        PROBABILITY_UNIT,
+        algorithm_id,
+        _Sources([_coordinates(image, hd.sr.GraphicTypeValues.POLYLINE, whole)]),
     )
     evaluation = hd.sr.QualitativeEvaluation(
         name=to_pydicom_code(code), value=to_pydicom_code(_PRESENT if finding.present else _ABSENT)
