@@ -1,7 +1,7 @@
 """The radiologist worklist: FastAPI with server-rendered pages and a JSON API over the same actions.
 
 Pages: ``/login``, ``/`` (worklist), ``/studies/{uid}`` (draft, measurements,
-key images, accept / edit / reject), ``/admin`` (users and the audit trail).
+key images, accept / edit / reject), ``/admin`` (users, AI drafts in use and the audit trail).
 API under ``/api``: the same data as JSON, the same actions.
 
 Roles: a *radiologist* reads and decides (accept, reject); an *admin* reads
@@ -40,6 +40,7 @@ from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent, Study, utcnow
 from pacs_ai.index.reports import ReportDraft, Role, User
 from pacs_ai.report.draft import Draft, draft_impression
+from pacs_ai.report.draft_stats import draft_stats
 from pacs_ai.report.drafters import DrafterConfig
 from pacs_ai.report.pipeline import ReportPipeline, report_jobs
 from pacs_ai.storage.files import HostFiles
@@ -602,7 +603,9 @@ def create_app(
             require_role(user, Role.ADMIN)
             events = _recent_audit(db, 200)
             record_audit(db, actor=user.username, action="audit.view", object_type="audit")
-            return page(request, "admin.html", user=user, users=list_users(db), events=events)
+            return page(
+                request, "admin.html", user=user, users=list_users(db), events=events, drafts=draft_stats(db)
+            )
 
     # --- JSON API -----------------------------------------------------------------------------
 

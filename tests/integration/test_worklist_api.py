@@ -230,7 +230,10 @@ def test_admin_may_not_sign_and_radiologist_may_not_read_the_audit(app, env) -> 
     assert _draft(sessions, draft_id).status == ReportStatus.DRAFT
     assert _audit(sessions, "access.denied")[-1].actor == ADMIN[0]
     assert admin.get("/api/audit").status_code == 200
-    assert admin.get("/admin").status_code == 200
+    admin_page = admin.get("/admin")
+    assert admin_page.status_code == 200
+    # AI drafts in use, per drafter and model (here the one open template draft of the study).
+    assert 'id="drafts"' in admin_page.text and "pacs-ai-test-template-1" in admin_page.text
     radiologist = TestClient(app)
     _login_api(radiologist, RADIOLOGIST[0], RADIOLOGIST[2])
     assert radiologist.get("/api/audit").status_code == 403
