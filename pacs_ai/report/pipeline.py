@@ -19,7 +19,7 @@ The last condition makes drafting idempotent: a redelivered or duplicated
 draft message finds its draft written and does nothing, while a new job
 version (late instances, ``pacs-ai reprocess``) makes a new set, hence a new
 draft version, which supersedes the open one
-(:func:`pacs_ai.worklist.drafts.create_draft_record`).  Concurrent draft tasks
+(:func:`pacs_ai.report.records.create_draft_record`).  Concurrent draft tasks
 of one study are serialised on the study row (and by SQLite's write lock), and
 the condition is checked again in the transaction that records the draft.
 
@@ -53,6 +53,7 @@ from pacs_ai.report.draft import Draft, draft_report
 from pacs_ai.report.drafters import Drafter, DrafterConfig, DrafterConfigError, get_drafter
 from pacs_ai.report.drafters.openai_backend import OpenAIDrafter
 from pacs_ai.report.evidence import Evidence, evidence_from_findings
+from pacs_ai.report.records import create_draft_record
 from pacs_ai.route.profiles import Profile, ProfileError
 from pacs_ai.storage.files import HostFiles
 
@@ -320,8 +321,6 @@ class ReportPipeline:
         return draft_report(evidence, config, images=images, drafter=drafter)
 
     def _record(self, work: _StudyWork, draft: Draft, evidence: Evidence) -> DraftOutcome:
-        from pacs_ai.worklist.drafts import create_draft_record
-
         record = draft.to_dict()
         guardrail = {
             "passed": draft.guardrails.passed,

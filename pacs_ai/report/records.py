@@ -1,5 +1,10 @@
 """Report drafts in the index: recording a new draft, signing it, rejecting it, reading them back.
 
+This is the report layer's record keeping: the drafting worker (through
+:mod:`pacs_ai.report.pipeline`) and the worklist web app both call it, and it
+calls only the encode, index and storage layers, so a worker never needs the
+web package.
+
 The pipeline calls :func:`create_draft_record` once the drafter has written a
 study's report: it encodes the draft SR, stores it next to the analysis
 results, records it as a :class:`~pacs_ai.index.models.Result` of the study's
@@ -51,7 +56,6 @@ from pacs_ai.index.models import (
     JobState,
     Patient,
     Result,
-    Series,
     Study,
     utcnow,
 )
@@ -459,9 +463,3 @@ def diagnostic_report_for(session: Session, draft: ReportDraft) -> dict[str, Any
         signed_by_login=signer.username if signer else None,
     )
     return build_diagnostic_report(facts)
-
-
-def series_of(session: Session, job: Job) -> Series:
-    series = session.get(Series, job.series_fk)
-    assert series is not None
-    return series

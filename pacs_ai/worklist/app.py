@@ -39,12 +39,12 @@ from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent, Study, utcnow
 from pacs_ai.index.reports import ReportDraft, Role, User
+from pacs_ai.report import records as report_drafts
 from pacs_ai.report.draft import Draft, draft_impression
 from pacs_ai.report.draft_stats import draft_stats
 from pacs_ai.report.drafters import DrafterConfig
 from pacs_ai.report.pipeline import ReportPipeline, report_jobs
 from pacs_ai.storage.files import HostFiles
-from pacs_ai.worklist import drafts as report_drafts
 from pacs_ai.worklist.key_images import render_segment_image, render_series_image
 from pacs_ai.worklist.security import (
     CSRF_FIELD,

@@ -29,9 +29,9 @@ from pacs_ai.encode.fhir_report import FhirDeliveryError, post_diagnostic_report
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Delivery, DeliveryState, Job, Result
 from pacs_ai.index.reports import ReportDraft, ReportStatus
+from pacs_ai.report.records import create_draft_record
 from pacs_ai.storage.files import HostFiles
 from pacs_ai.worklist import WorklistOptions, create_app
-from pacs_ai.worklist.drafts import create_draft_record
 from pacs_ai.worklist.users import set_active
 from tests import peers
 from tests.integration.worklist_study import (

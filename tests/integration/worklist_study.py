@@ -5,7 +5,7 @@ The phantom CT is written by :func:`pacs_ai.synthetic.phantom.write_chest_phanto
 series, instance rows), analysed by the real job runner with the built-in
 ``ct-chest-lung`` analyzer (real SEG and measurement SR in the results
 directory), and given a report draft through the pipeline's entry point
-:func:`pacs_ai.worklist.drafts.create_draft_record`.  The draft text is a
+:func:`pacs_ai.report.records.create_draft_record`.  The draft text is a
 fixed template over the job's measurements: the drafter's own text is not
 what these tests are about.
 
@@ -26,9 +26,9 @@ from pacs_ai.encode.report_sr import DraftingModel, ReportText
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Instance, Job, JobState, Patient, Series, Study, utcnow
 from pacs_ai.index.reports import Role
+from pacs_ai.report.records import RecordedReport, create_draft_record
 from pacs_ai.route.assembly import job_key
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from pacs_ai.worklist.drafts import RecordedReport, create_draft_record
 from pacs_ai.worklist.users import add_user
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498.77."
