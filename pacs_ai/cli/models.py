@@ -164,6 +164,47 @@ def models_verify(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@models_app.command("labels")
+def models_labels(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
+    """The model's output labels and the codes the shipped table gives them (what a profile may override)."""
+    from pacs_ai.models.labels import code_for, is_background
+    from pacs_ai.models.store import model_title, output_names
+
+    _, store = _store(ctx)
+    try:
+        model = store.get(name)
+        names, title = output_names(model), model_title(model)
+    except ModelError as exc:
+        _fail(str(exc), as_json)
+        return
+    rows: list[dict[str, Any]] = []
+    for value, label in sorted(names.items()):
+        if model.manifest.task == "segmentation" and (value == 0 or is_background(label)):
+            continue
+        found = code_for(label, title)
+        rows.append(
+            {
+                "value": value,
+                "name": label,
+                "label": found.display_label if found else None,
+                "type": list(found.type) if found else None,
+                "category": list(found.category) if found and found.category else None,
+                "source": found.source if found else None,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Labels of {name} ({title})")
+    for column in ("value", "name", "code", "source"):
+        table.add_column(column)
+    for row in rows:
+        shown = " ".join(row["type"]) if row["type"] else "[red]no code[/red]"
+        source = str(row["source"] or "code it in the profile")
+        table.add_row(str(row["value"]), str(row["name"]), shown, source)
+    console.print(table)
+
+
 @models_app.command("remove")
 def models_remove(ctx: typer.Context, name: str, as_json: JsonOption = False) -> None:
     """Unregister a model and delete its copy (profiles that name it will fail their jobs)."""

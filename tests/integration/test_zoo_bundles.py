@@ -165,6 +165,17 @@ def test_profiles_validate_checks_models_labels_and_codes(tmp_path: Path) -> Non
     bundle = runnable_copy("spleen_ct_segmentation", tmp_path)
     added = pacs_ai("models", "add", str(bundle), "--name", "spleen", PACS_AI_DATA_DIR=str(data))
     assert added.returncode == 0, added.stdout + added.stderr
+    labels = pacs_ai("models", "labels", "spleen", "--json", PACS_AI_DATA_DIR=str(data))
+    assert json.loads(labels.stdout) == [
+        {
+            "value": 1,
+            "name": "spleen",
+            "label": "Spleen",
+            "type": ["SCT", "78961009", "Spleen"],
+            "category": ["SCT", "123037004", "Anatomical Structure"],
+            "source": "DICOM",
+        }
+    ], labels.stdout + labels.stderr
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     step = "analyzers: [{{name: monai-bundle, params: {params}}}]"
