@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 UPLOAD_BATCH = 500
 #: Uploads in flight at once: one object is one request, and the store answers many at a time.
 UPLOADS_AT_ONCE = 8
+#: Seconds between two passes that also look at routed instances (see ``Uploader.run_once``).
+SWEEP_INTERVAL_SECONDS = 600.0
 #: Seconds the listener trusts a backlog count before counting again.
 BACKLOG_RECOUNT_SECONDS = 1.0
 
@@ -75,8 +77,10 @@ class Uploader:
         self.sessions = sessions
         self.enabled = not is_embedded(settings)
         self.storage = storage if storage is not None else (storage_for(settings) if self.enabled else None)
-        #: The first pass after a start also looks at routed rows (written before a switch to a store).
-        self._swept = False
+        #: Monotonic time of the next pass that also looks at routed rows: instances received before
+        #: a switch to a store, or a purged file received again.  Other passes read only unrouted
+        #: rows, which the router's index finds at once.
+        self._next_sweep = 0.0
         self._failing_since: float | None = None
 
     def run_once(self) -> UploadPass:
@@ -85,13 +89,14 @@ class Uploader:
         outcome = UploadPass()
         if not self.enabled:
             return outcome
+        sweep = time.monotonic() >= self._next_sweep
         while True:
             with session_scope(self.sessions) as session:
-                rows = session.execute(
-                    _pending(only_unrouted=self._swept).order_by(Instance.id).limit(UPLOAD_BATCH)
-                ).all()
+                pending = _pending(only_unrouted=not sweep).order_by(Instance.id).limit(UPLOAD_BATCH)
+                rows = session.execute(pending).all()
             if not rows:
-                self._swept = True
+                if sweep:
+                    self._next_sweep = time.monotonic() + SWEEP_INTERVAL_SECONDS
                 break
             done, error = self._upload([(row.id, row.path) for row in rows])
             if done:
