@@ -671,9 +671,12 @@ class _Association:
         self.refusal: InstanceRejected | None = None
         self.negotiating = True
         self.holds_slot = False
+        #: Instances this association had acknowledged (for the record of an aborted one).
+        self.stored = 0
 
     def run(self) -> None:
         outcome = "aborted"
+        why: str | None = None
         try:
             self.reader.deadline = time.monotonic() + self.server.options.acse_timeout
             if self.tls_context is not None and not self._tls_handshake():
@@ -688,15 +691,19 @@ class _Association:
             outcome = self._serve_messages()
             if outcome == "released":
                 self._await_close()
+            if outcome == "aborted":
+                why = "the peer sent A-ABORT"
         except _AbortAssociation as abort:
+            why = str(abort)[:200]
             log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, abort)
-            self.server.record_association_event(
-                "association.aborted", self.sender, self.peer, {"reason": str(abort)[:200]}
-            )
+            if not self.contexts:  # an established one is audited below
+                self.server.record_association_event(
+                    "association.aborted", self.sender, self.peer, {"reason": why}
+                )
             self._send_abort(abort.reason)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout (_set_timeouts)
-            what = "negotiation took too long" if self.negotiating else "silent too long"
-            log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, what)
+            why = "negotiation took too long" if self.negotiating else "silent too long"
+            log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, why)
             self._send_abort(0x00)
         except OSError as exc:  # ConnectionError, ssl.SSLError and _PeerClosed included
             if self.server.stopping.is_set():
@@ -704,7 +711,9 @@ class _Association:
                     "aborting association from %s (%s): the listener is stopping", self.calling_ae, self.peer
                 )
                 self._send_abort(0x00)
+                why = "the listener is stopping"
             else:
+                why = f"connection lost: {exc}"[:200]
                 log.info("association from %s (%s) lost: %s", self.calling_ae, self.peer, exc)
         finally:
             if self.data_set is not None:
@@ -715,6 +724,12 @@ class _Association:
                 self.server.release_slot(self.peer_address)
             if self.contexts:
                 self._log(outcome)
+                if outcome != "released":
+                    # What it stored is kept (acknowledged); its series may lack what was not sent.
+                    detail = {"reason": why or "ended", "instances_stored": str(self.stored)}
+                    self.server.record_association_event(
+                        "association.aborted", self.sender, self.peer, detail
+                    )
 
     def close(self) -> None:
         """Close the connection (its TLS layer included)."""
@@ -970,6 +985,7 @@ class _Association:
             self._respond(context_id, command, refusal.status, refusal.reason)
             return
         status, comment = self.server.store(data_set, self.sender)
+        self.stored += status == STATUS_SUCCESS
         self._respond(context_id, command, status, comment)
 
     def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:
