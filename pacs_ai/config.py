@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 from pydantic_settings import (
     BaseSettings,
@@ -339,6 +342,37 @@ class Settings(BaseSettings):
         """Where :meth:`child_environment` leaves the settings for the children of ``pacs-ai serve``."""
         return self.data_dir / "run" / "child-settings.json"
 
+    @property
+    def effective_settings_file(self) -> Path:
+        """Where ``pacs-ai serve`` records its settings, secrets left out, for the CLI in other shells."""
+        return self.data_dir / "run" / "effective-settings.json"
+
+    def write_effective_settings(self) -> Path:
+        """Record these settings, secrets left out, in :attr:`effective_settings_file` (``pacs-ai serve``).
+
+        A ``pacs-ai`` command in another shell, with the same data directory,
+        fills what its own environment and ``--config`` leave unset from this
+        file (``load_settings(use_service_settings=True)``), so it knows the
+        destinations, ports and profiles the service was given.  Secrets are
+        not written: the names of the ones set are listed, so the CLI can say
+        which to give it.
+        """
+        path = self.effective_settings_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "pid": os.getpid(),
+            "settings": to_jsonable_python(_without_secrets(self.model_dump())),
+            "secrets_set": sorted(_secret_paths(self.model_dump())),
+            # What the service was given; the rest are defaults, which the CLI has too.
+            "given": sorted(self.model_fields_set),
+            "origins": setting_origins(self),
+        }
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        os.replace(temporary, path)
+        return path
+
     def child_environment(self) -> dict[str, str]:
         """Environment for child processes of ``pacs-ai serve``, so they build identical settings.
 
@@ -404,3 +438,100 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     return Settings(**overrides)
+
+
+def _without_secrets(value: Any) -> Any:
+    """``model_dump()`` output with every :class:`SecretStr` left out (the service's record for the CLI)."""
+    if isinstance(value, dict):
+        return {key: _without_secrets(item) for key, item in value.items() if not isinstance(item, SecretStr)}
+    if isinstance(value, list | tuple):
+        return [_without_secrets(item) for item in value]
+    return value
+
+
+def _secret_paths(value: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the secrets set in ``model_dump()`` output, e.g. ``destinations.pacs.password``."""
+    if isinstance(value, SecretStr):
+        return [prefix.rstrip(".")]
+    if isinstance(value, dict):
+        return [path for key, item in value.items() for path in _secret_paths(item, f"{prefix}{key}.")]
+    return []
+
+
+def setting_origins(settings: Settings, inherited: Iterable[str] = ()) -> dict[str, str]:
+    """Where each setting's value came from: ``env PACS_AI_X``, ``YAML file F``, ``service``, ``default``.
+
+    ``inherited`` names the settings filled from the running service's record
+    (:func:`inherit_service_settings`).
+    """
+    environment = {name.upper() for name in os.environ}
+    yaml_keys: set[str] = set()
+    config_file = os.environ.get(CONFIG_FILE_ENV)
+    if config_file and Path(config_file).is_file():
+        loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+        yaml_keys = set(loaded) if isinstance(loaded, dict) else set()
+    inherited = set(inherited)
+    child_file = os.environ.get(SETTINGS_FILE_ENV)
+    origins: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        if child_file:
+            origins[name] = f"settings file {child_file} (from pacs-ai serve)"
+        elif f"PACS_AI_{name}".upper() in environment:
+            origins[name] = f"env PACS_AI_{name.upper()}"
+        elif name in yaml_keys:
+            origins[name] = f"YAML file {config_file}"
+        elif name in inherited:
+            origins[name] = f"running service ({settings.effective_settings_file})"
+        else:
+            origins[name] = "default"
+    return origins
+
+
+def inherit_service_settings(settings: Settings) -> tuple[Settings, list[str], list[str]]:
+    """Fill what ``settings`` left unset from the service's record in its data directory.
+
+    Returns the settings, the names filled in, and the names not filled in
+    because their values need secrets the record leaves out (give those by
+    environment or ``--config``).  Without a record, ``settings`` come back as
+    they are.  Settings set here by environment or YAML always win.
+    """
+    path = settings.effective_settings_file
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return settings, [], []
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{path} cannot be read ({exc}); it is rewritten by `pacs-ai serve`") from exc
+    recorded: dict[str, Any] = record.get("settings", {})
+    fields = type(settings).model_fields
+    fill = {
+        name: value
+        for name, value in recorded.items()
+        if name in fields
+        and name in record.get("given", fields)
+        and name not in settings.model_fields_set
+        and name != "data_dir"
+    }
+    # A value whose secret was left out (a destination's password, the database URL) cannot be used.
+    needs_secret: list[str] = []
+    for secret in record.get("secrets_set", []):
+        name, *rest = secret.split(".")
+        entries = fill.get(name)
+        if len(rest) >= 2 and isinstance(entries, dict):  # one destination or peer, e.g. destinations.pacs
+            fill[name] = {key: item for key, item in entries.items() if key != rest[0]}
+            needs_secret.append(f"{name}.{rest[0]}")
+        elif name in fill:
+            fill.pop(name)
+            needs_secret.append(name)
+    explicit = {name: getattr(settings, name) for name in settings.model_fields_set}
+    while True:
+        try:
+            filled = Settings.model_validate({**fill, **explicit})
+        except ValidationError as exc:
+            rejected = {str(error["loc"][0]) for error in exc.errors() if error["loc"]} & set(fill)
+            if not rejected:
+                raise
+            for name in rejected:
+                fill.pop(name)
+            continue
+        return filled, sorted(fill), sorted(needs_secret)

@@ -452,6 +452,8 @@ def serve(settings: Settings) -> None:
     for directory in (settings.data_dir, settings.spool_dir, settings.results_dir, settings.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
+    # For `pacs-ai` commands in other shells (destinations given here by environment, for instance).
+    settings.write_effective_settings()
     _discard_partial_transfers(settings)
     log.info(
         "pacs-ai starting: data directory %s, log %s", settings.data_dir, settings.log_dir / "pacs-ai.log"

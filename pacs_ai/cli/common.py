@@ -16,6 +16,8 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory
 
 console = Console(soft_wrap=True)
+#: Notes that must not mix with a command's output (e.g. its JSON).
+err_console = Console(stderr=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 

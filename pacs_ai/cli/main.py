@@ -7,6 +7,7 @@ errors (from Typer/Click).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,16 @@ from sqlalchemy.orm import Session
 
 from pacs_ai import __version__
 from pacs_ai.cli import admin
-from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, print_rows, settings_of
+from pacs_ai.cli.common import (
+    JsonOption,
+    console,
+    err_console,
+    index_sessions,
+    print_json,
+    print_rows,
+    settings_of,
+)
+from pacs_ai.cli.config_show import INHERITED_KEY, NEEDS_SECRET_KEY, config_app
 from pacs_ai.cli.models import models_app
 from pacs_ai.cli.purge import purge
 from pacs_ai.cli.reports import drafts_app, reports_app
@@ -27,7 +37,7 @@ from pacs_ai.cli.studies import studies_app
 from pacs_ai.cli.users import users_app
 from pacs_ai.cli.worker import worker
 from pacs_ai.cli.worklist import worklist_app
-from pacs_ai.config import load_settings
+from pacs_ai.config import SETTINGS_FILE_ENV, inherit_service_settings, load_settings
 from pacs_ai.index.db import session_scope, upgrade_schema
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Result, Series
 
@@ -45,6 +55,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(worklist_app, name="worklist")
 app.add_typer(reports_app, name="reports")
 app.add_typer(drafts_app, name="drafts")
+app.add_typer(config_app, name="config")
 
 
 @app.callback()
@@ -54,7 +65,18 @@ def main(
         Path | None, typer.Option("--config", "-c", help="YAML settings file (else PACS_AI_CONFIG_FILE).")
     ] = None,
 ) -> None:
-    ctx.obj = load_settings(config)
+    settings = load_settings(config)
+    # Another shell's command sees what `pacs-ai serve` was given (e.g. destinations by environment);
+    # serve itself, and its children (which get the full settings file), do not.
+    if ctx.invoked_subcommand != "serve" and not os.environ.get(SETTINGS_FILE_ENV):
+        settings, inherited, needing_secrets = inherit_service_settings(settings)
+        ctx.meta[INHERITED_KEY], ctx.meta[NEEDS_SECRET_KEY] = inherited, needing_secrets
+        if "database_url" in needing_secrets:
+            err_console.print(
+                "[yellow]note[/yellow]: the running service uses a database_url this shell does not have "
+                "(secrets are not recorded): set PACS_AI_DATABASE_URL or use --config"
+            )
+    ctx.obj = settings
 
 
 @app.command()
