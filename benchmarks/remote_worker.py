@@ -108,7 +108,7 @@ def receiver_with_workers(
     service = PacsAiService(tmp / name, backend="servers", destinations=destinations, extra_env=env)
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        service.start()
+        service.start(timeout=300)  # generous: a shared machine may be busy
         shared = {key: service.env[key] for key in ("PACS_AI_DATABASE_URL", "PACS_AI_BROKER_URL", *storage)}
         for index in range(workers if store is not None else 0):
             processes.append(_start_remote_worker(tmp / f"{name}-host{index}", f"host{index}", shared))
