@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,6 +20,10 @@ console = Console(soft_wrap=True)
 #: Notes that must not mix with a command's output (e.g. its JSON).
 err_console = Console(stderr=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+#: Tables print at their full width, never cut, when true (``pacs-ai --wide``); always when the output
+#: is not a terminal, so UIDs piped or redirected can be copied whole.
+WIDE_OUTPUT = {"enabled": False}
 
 
 def cli_actor() -> str:
@@ -59,7 +64,21 @@ def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_js
         return
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        # In a narrow terminal a long value (a UID) folds onto the next line instead of losing its end.
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
-    console.print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """Print a table; whole, at its natural width, when ``--wide`` or when output is not a terminal.
+
+    Rich otherwise fits tables into the terminal, or into 80 columns through a
+    pipe, which cuts UIDs ("1.2.826.0.…") so they cannot be copied.
+    """
+    if not WIDE_OUTPUT["enabled"] and console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(max_width=1_000_000), table).maximum
+    Console(soft_wrap=True, width=max(natural, 1)).print(table)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from pacs_ai import __version__
 from pacs_ai.cli import admin
 from pacs_ai.cli.common import (
+    WIDE_OUTPUT,
     JsonOption,
     console,
     err_console,
@@ -64,7 +65,14 @@ def main(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML settings file (else PACS_AI_CONFIG_FILE).")
     ] = None,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", "-w", help="Print tables whole, as wide as their values (always so through a pipe)."
+        ),
+    ] = False,
 ) -> None:
+    WIDE_OUTPUT["enabled"] = wide
     settings = load_settings(config)
     # Another shell's command sees what `pacs-ai serve` was given (e.g. destinations by environment);
     # serve itself, and its children (which get the full settings file), do not.

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pacs_ai.cli.common import JsonOption, console, settings_of
+from pacs_ai.cli.common import JsonOption, console, print_table, settings_of
 from pacs_ai.config import Settings
 from pacs_ai.models import ModelError
 from pacs_ai.models.store import ModelStore, RegisteredModel
@@ -116,7 +116,7 @@ def models_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
-    console.print(table)
+    print_table(table)
 
 
 @models_app.command("verify")
@@ -160,7 +160,7 @@ def models_verify(
         table.add_column("detail", overflow="fold")
         for check in report.checks:
             table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAILED[/red]", check.detail)
-        console.print(table)
+        print_table(table)
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -202,7 +202,7 @@ def models_labels(ctx: typer.Context, name: str, as_json: JsonOption = False) ->
         shown = " ".join(row["type"]) if row["type"] else "[red]no code[/red]"
         source = str(row["source"] or "code it in the profile")
         table.add_row(str(row["value"]), str(row["name"]), shown, source)
-    console.print(table)
+    print_table(table)
 
 
 @models_app.command("remove")

@@ -30,7 +30,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.cli.common import JsonOption, cli_actor, console, index_sessions, print_json, settings_of
+from pacs_ai.cli.common import (
+    JsonOption,
+    cli_actor,
+    console,
+    index_sessions,
+    print_json,
+    print_table,
+    settings_of,
+)
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import DeliveryState, JobState, Series
@@ -369,7 +377,7 @@ def _print_plan(plans: list[StudyPlan]) -> None:
                 "yes" if series.reopened else "",
                 series.problem or "",
             )
-    console.print(table)
+    print_table(table)
 
 
 def reprocess(

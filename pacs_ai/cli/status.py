@@ -42,7 +42,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, settings_of
+from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, print_table, settings_of
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, Instance, Job, Series, Study, WorkerState
@@ -333,8 +333,10 @@ def _print_text(report: dict[str, Any]) -> None:
     if listener.get("open_to_anyone"):
         console.print(f"[bold red]WARNING[/bold red]: {listener['open_to_anyone']}")
     workers = report["workers"]
+    ready = ", ".join(workers["ready"])
     console.print(
-        f"local workers: {len(workers['ready'])}/{len(workers['expected'])} ready {workers['ready']}"
+        f"local workers: {len(workers['ready'])} of {len(workers['expected'])} ready"
+        + (f" ({ready})" if ready else "")
     )
     _print_worker_nodes(report["worker_nodes"])
     storage = report["storage"]
@@ -356,9 +358,13 @@ def _print_text(report: dict[str, Any]) -> None:
             f"{disk['path']}; refuses associations below {disk['refuse_associations_below_mb']} MB, "
             f"instances below {disk['refuse_instances_below_mb']} MB"
         )
-    console.print(f"index: {report['index']}, purged instances: {report['purged_instances']}")
-    console.print(f"jobs: {report['jobs']}")
-    console.print(f"deliveries: {report['deliveries']}")
+    index = report["index"]
+    console.print(
+        f"index: {index['studies']} studies, {index['series']} series, {index['instances']} instances "
+        f"({report['purged_instances']} purged)"
+    )
+    console.print(f"jobs: {counts_in_words(report['jobs'])}")
+    console.print(f"deliveries: {counts_in_words(report['deliveries'])}")
     if report["healthy"]:
         console.print("[green]healthy[/green]")
     for problem in report["problems"]:
@@ -383,7 +389,12 @@ def _print_worker_nodes(nodes: list[dict[str, Any]]) -> None:
             state,
             f"{node['last_heartbeat']} ({node['seconds_since_heartbeat']:g} s ago)",
         )
-    console.print(table)
+    print_table(table)
+
+
+def counts_in_words(counts: dict[str, int]) -> str:
+    """``{"done": 3, "failed": 1}`` as ``3 done, 1 failed`` (``none`` when empty): text, not a dict."""
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
 
 
 def describe_device(device: dict[str, Any] | None) -> str:
@@ -396,4 +407,6 @@ def describe_device(device: dict[str, Any] | None) -> str:
         return f"{device.get('device', 'cuda')} {named or str(device.get('count', '?')) + ' device(s)'}"
     if device.get("type") == "cpu":
         return f"cpu {device.get('cores')} cores, {device.get('memory_mb')} MB"
-    return str(device.get("error") or device)
+    if device.get("error"):
+        return str(device["error"])
+    return ", ".join(f"{key} {value}" for key, value in device.items())

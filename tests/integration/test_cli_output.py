@@ -1,0 +1,32 @@
+"""Listings can be copied from (issue 23, item 5): whole UIDs through a pipe, ``status`` in words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pacs_ai.index.db import make_engine, make_session_factory, session_scope
+from pacs_ai.index.models import Study
+from tests.integration.test_cli import pacs_ai
+
+#: 64 characters, the longest a UID may be: far wider than the 80 columns rich assumes for a pipe.
+LONG_UID = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
+
+
+def test_piped_listing_keeps_whole_uids_and_status_reads_as_text(tmp_path: Path) -> None:
+    assert len(LONG_UID) == 64
+    assert pacs_ai("db", "upgrade", PACS_AI_DATA_DIR=str(tmp_path)).returncode == 0
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}"))
+    with session_scope(sessions) as session:
+        session.add(Study(study_instance_uid=LONG_UID, study_description="x" * 60))
+
+    for args in (("studies", "list"), ("--wide", "studies", "list")):
+        listed = pacs_ai(*args, PACS_AI_DATA_DIR=str(tmp_path))
+        assert listed.returncode == 0, listed.stderr
+        assert LONG_UID in listed.stdout, listed.stdout  # on one line, not cut or folded
+
+    status = pacs_ai("status", PACS_AI_DATA_DIR=str(tmp_path))
+    assert status.returncode == 1, status.stdout + status.stderr  # no service running: unhealthy
+    assert "index: 1 studies, 0 series, 0 instances (0 purged)" in status.stdout, status.stdout
+    assert "jobs: none" in status.stdout and "deliveries: none" in status.stdout
+    for repr_mark in ("{'", "['", "{}", "[]"):
+        assert repr_mark not in status.stdout, status.stdout
