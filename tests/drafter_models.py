@@ -1,0 +1,267 @@
+"""Tiny language models of the families sites load, built here from their configurations (no download).
+
+Each builder saves a randomly initialised model of a real architecture with a
+tokenizer or processor that loads offline from the same directory:
+
+* text-only: Llama (``LlamaForCausalLM``), which :func:`train_impression_model`
+  also trains on template impressions so that its drafts pass the guardrails;
+* image-text-to-text: Gemma 3 (MedGemma's family), Qwen2.5-VL and LLaVA, each
+  with its own processor class built from its image-processor class.
+
+The tokenizer is a byte-level BPE trained on the prompts and template drafts
+(:func:`draft_corpus`), wrapped in ``PreTrainedTokenizerFast``, with the
+family's image tokens added as special tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pacs_ai.report.drafters.template import TemplateDrafter
+from pacs_ai.report.prompts import impression_prompt
+
+PAD, EOS = "<pad>", "<eos>"
+
+#: What a chat template renders: the messages' text, images as the family's placeholder, nothing else.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}IMAGE{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+
+#: The findings the trained model is asked about in the tests (it is among its training examples).
+TEST_FINDINGS = "No pneumothorax. Small left pleural effusion. Heart size is normal."
+
+
+def impression_examples(seed: int = 0) -> list[tuple[str, str]]:
+    """(findings, template impression) pairs from synthetic chest radiograph findings."""
+    rng = random.Random(seed)
+    positives = []
+    for size, side, finding in itertools.product(
+        ("Small", "Moderate", "Large"), ("left", "right"), ("pleural effusion", "pneumothorax")
+    ):
+        positives.append(f"{size} {side} {finding}.")
+    normals = ["No pneumothorax.", "Heart size is normal.", "No pleural effusion.", "No focal consolidation."]
+    template = TemplateDrafter()
+    pairs = [(TEST_FINDINGS, template.draft_impression(TEST_FINDINGS))]
+    for sentence in positives:
+        others = [n for n in normals if n.split()[-1] != sentence.split()[-1]]
+        parts = [*rng.sample(others, 2), sentence]
+        rng.shuffle(parts)
+        findings = " ".join(parts)
+        pairs.append((findings, template.draft_impression(findings)))
+    return pairs
+
+
+def draft_corpus() -> list[str]:
+    """Prompt and answer text the tokenizer is trained on."""
+    return [impression_prompt(findings, None) + impression for findings, impression in impression_examples()]
+
+
+def build_tokenizer(
+    extra_special: Sequence[str] = (), named: dict[str, str] | None = None, vocab_size: int = 600
+) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained on :func:`draft_corpus`: decodes exactly what it encodes.
+
+    ``named`` are special tokens the processor reads as tokenizer attributes (``boi_token``, ...).
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(draft_corpus(), trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, extra_special_tokens=named or {}
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def _with_image_tokens(image_text: str) -> str:
+    return _CHAT_TEMPLATE.replace("IMAGE", image_text)
+
+
+def _text_config(vocab_size: int, **extra: object) -> dict[str, object]:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": None,
+    } | extra
+
+
+def _save(directory: Path, model: transformers.PreTrainedModel, processor: object) -> Path:
+    model.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=1)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)  # type: ignore[attr-defined]
+    return directory
+
+
+def build_llama(directory: Path) -> Path:
+    """A random text-only Llama with the draft tokenizer."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**_text_config(len(tokenizer)), tie_word_embeddings=True)
+    return _save(directory, transformers.LlamaForCausalLM(config), tokenizer)
+
+
+def build_gemma3(directory: Path) -> Path:
+    """A random Gemma 3 image-text-to-text model (MedGemma's architecture) with ``Gemma3Processor``."""
+    boi, image, eoi = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
+    tokenizer = build_tokenizer([boi, image, eoi], {"boi_token": boi, "image_token": image, "eoi_token": eoi})
+    tokenizer.chat_template = _with_image_tokens(boi)
+    tokens_per_image = 4
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(
+        text_config=_text_config(len(tokenizer), sliding_window=64, layer_types=["full_attention"]),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tokenizer.convert_tokens_to_ids(boi),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(eoi),
+        image_token_index=tokenizer.convert_tokens_to_ids(image),
+    )
+    processor = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=tokens_per_image,
+    )
+    return _save(directory, transformers.Gemma3ForConditionalGeneration(config), processor)
+
+
+def build_qwen2_5_vl(directory: Path) -> Path:
+    """A random Qwen2.5-VL model with ``Qwen2_5_VLProcessor``."""
+    start, image, end = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+    tokenizer = build_tokenizer([start, image, end, "<|video_pad|>"])
+    tokenizer.chat_template = _with_image_tokens(start + image + end)
+    torch.manual_seed(0)
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=_text_config(len(tokenizer), rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 32,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(image),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids(start),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids(end),
+    )
+    image_processor = transformers.Qwen2VLImageProcessor(
+        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64
+    )
+    processor = transformers.Qwen2_5_VLProcessor(  # no video processor: it needs torchvision
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    return _save(directory, transformers.Qwen2_5_VLForConditionalGeneration(config), processor)
+
+
+def build_llava(directory: Path) -> Path:
+    """A random LLaVA (CLIP vision tower, Llama text model) with ``LlavaProcessor``."""
+    image = "<image>"
+    tokenizer = build_tokenizer([image])
+    tokenizer.chat_template = _with_image_tokens(image)
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(**_text_config(len(tokenizer))),
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(image),
+        vision_feature_layer=-1,
+    )
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+        num_additional_image_tokens=1,
+    )
+    return _save(directory, transformers.LlavaForConditionalGeneration(config), processor)
+
+
+IMAGE_TEXT_FAMILIES: dict[str, Callable[[Path], Path]] = {
+    "gemma3": build_gemma3,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "llava": build_llava,
+}
+
+
+def train_impression_model(directory: Path, *, steps: int = 250, seed: int = 0) -> Path:
+    """A Llama trained on (impression prompt -> template impression) until it answers them as the template.
+
+    Loss on the answer tokens only; the answer ends with EOS so generation stops.
+    """
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        **_text_config(
+            len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16
+        ),
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    rows = []
+    for findings, impression in impression_examples():
+        prompt_ids = tokenizer(impression_prompt(findings, None))["input_ids"]
+        answer_ids = [*tokenizer(impression)["input_ids"], 1]
+        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return _save(directory, model, tokenizer)
