@@ -28,6 +28,7 @@ from pacs_ai.cli.common import (
     settings_of,
 )
 from pacs_ai.cli.config_show import INHERITED_KEY, NEEDS_SECRET_KEY, config_app
+from pacs_ai.cli.demo import demo
 from pacs_ai.cli.models import models_app
 from pacs_ai.cli.purge import purge
 from pacs_ai.cli.reports import drafts_app, reports_app
@@ -216,6 +217,7 @@ def _delivery_error(session: Session, job_id: int) -> str | None:
 admin.register(app)
 app.command()(purge)
 app.command()(reprocess)
+app.command()(demo)
 
 if __name__ == "__main__":
     app()
