@@ -3,8 +3,8 @@
 Each builder saves a randomly initialised model of a real architecture with a
 tokenizer or processor that loads offline from the same directory:
 
-* text-only: Llama (``LlamaForCausalLM``), which :func:`train_impression_model`
-  also trains on template impressions so that its drafts pass the guardrails;
+* text-only: Llama (``LlamaForCausalLM``), trained by :func:`train_impression_model`
+  on template impressions so that its drafts pass the guardrails;
 * image-text-to-text: Gemma 3 (MedGemma's family), Qwen2.5-VL and LLaVA, each
   with its own processor class built from its image-processor class.
 
@@ -114,14 +114,6 @@ def _save(directory: Path, model: transformers.PreTrainedModel, processor: objec
     model.save_pretrained(directory)
     processor.save_pretrained(directory)  # type: ignore[attr-defined]
     return directory
-
-
-def build_llama(directory: Path) -> Path:
-    """A random text-only Llama with the draft tokenizer."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**_text_config(len(tokenizer)), tie_word_embeddings=True)
-    return _save(directory, transformers.LlamaForCausalLM(config), tokenizer)
 
 
 def build_gemma3(directory: Path) -> Path:

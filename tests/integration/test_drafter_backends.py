@@ -123,7 +123,7 @@ def test_transformers_report_from_a_random_model_falls_back(tiny_model_dir, evid
     assert drafter._model is model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def offline_hub():
     """Nothing is downloaded in these tests: the hub is switched off for the process and the servers."""
     with pytest.MonkeyPatch.context() as patch:
