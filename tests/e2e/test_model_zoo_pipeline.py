@@ -24,6 +24,7 @@ import torch
 from tests import zoo_bundles
 from tests.e2e.conftest import orthanc_destination
 from tests.e2e.test_model_runtime import codes_in, downloaded_results, write_profiles
+from tests.integration.test_cli import pacs_ai
 from tests.peers import OrthancServer, dciodvfy_errors, dsrdump, storescu, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +153,7 @@ def cli_json_failing(service: Any, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def test_classification_bundle_verifies_or_names_what_it_needs(service_factory: Any, tmp_path: Path) -> None:
+def test_classification_bundle_verifies_or_names_what_it_needs(tmp_path: Path) -> None:
     """breast_density_classification (inception_v3 through torchvision, 3-channel 2D input)."""
     missing = zoo_bundles.torchvision_missing()
     if missing is None:
@@ -163,10 +164,12 @@ def test_classification_bundle_verifies_or_names_what_it_needs(service_factory: 
         shutil.copytree(zoo_bundles.published("breast_density_classification"), bundle)
         (bundle / "models").mkdir()
         torch.save({}, bundle / "models" / "model.pt")
-    service = service_factory(destinations={})
-    added = cli_json(service, "models", "add", str(bundle), "--name", "density")
-    assert (added["task"], added["spatial_dims"]) == ("classification", 2), added
-    verified = service.cli("models", "verify", "density", "--json")
+    data = {"PACS_AI_DATA_DIR": str(tmp_path / "data")}  # the CLI alone: no service needed
+    added = pacs_ai("models", "add", str(bundle), "--name", "density", "--json", **data)
+    assert added.returncode == 0, added.stdout + added.stderr
+    row = json.loads(added.stdout)
+    assert (row["task"], row["spatial_dims"]) == ("classification", 2), row
+    verified = pacs_ai("models", "verify", "density", "--json", **data)
     report = json.loads(verified.stdout)
     if missing is None:
         assert verified.returncode == 0 and report["ok"], verified.stdout
