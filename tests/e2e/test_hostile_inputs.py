@@ -868,6 +868,7 @@ def test_a_known_peer_is_served_while_140_slow_connections_are_held(
             "PACS_AI_WORKLIST_ENABLED": "false",
             "PACS_AI_KNOWN_PEERS": json.dumps([{"ae_title": name} for name in (GOOD, "ECHOSCU")]),
             "PACS_AI_ASSOCIATION_NEGOTIATION_TIMEOUT_SECONDS": "30",
+            "PACS_AI_MAXIMUM_ASSOCIATIONS": "1",  # the known peer's association takes the only slot
         }
     )
     slow: list[socket.socket] = []
@@ -886,6 +887,10 @@ def test_a_known_peer_is_served_while_140_slow_connections_are_held(
         assert association.is_established
         assert association.send_c_echo().Status == 0x0000
         assert association.send_c_store(dataset).Status == 0x0000
+        # Meanwhile every association slot is taken: status says so and exits 1.
+        time.sleep(2.5)  # each listener process publishes its counts every 2 s
+        status = service.cli("status")
+        assert status.returncode == 1 and "association slots are all taken" in status.stdout, status.stdout
         association.release()
         assert service.query("SELECT count(*) FROM instances")[0][0] == 1
         still_open = 0
