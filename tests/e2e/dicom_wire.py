@@ -26,12 +26,12 @@ C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 def associate_request(
     called: str,
     calling: str,
-    contexts: list[tuple[str, str]],
+    contexts: list[tuple[str, str]] | list[tuple[str, list[str]]],
     *,
     application_context: str = APPLICATION_CONTEXT,
     maximum_length: int = 16384,
 ) -> bytes:
-    """An A-ASSOCIATE-RQ proposing ``contexts`` (abstract, transfer syntax) as IDs 1, 3, 5..."""
+    """An A-ASSOCIATE-RQ proposing ``contexts`` (abstract, transfer syntax or syntaxes) as IDs 1, 3, 5..."""
     request = A_ASSOCIATE()
     request.application_context_name = application_context
     request.calling_ae_title = calling

@@ -8,10 +8,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
-from pynetdicom.transport import AddressInformation
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 
 from pacs_ai.receive.acceptor import AcceptorPolicy, command_pdus, negotiate
 from pacs_ai.receive.dimse import (
@@ -21,6 +18,7 @@ from pacs_ai.receive.dimse import (
     decode_command,
     encode_response,
 )
+from tests.e2e.dicom_wire import associate_request
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PRIVATE_SOP_CLASS = "1.2.3.4.5.6.7"
@@ -113,24 +111,7 @@ def test_command_pdus_fragment_to_the_peer_limit() -> None:
 
 
 def _association_request(called: str, contexts: list[tuple[str, list[str]]]) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "SCU"
-    primitive.called_ae_title = called
-    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 1)
-    primitive.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    requested = []
-    for index, (abstract, syntaxes) in enumerate(contexts):
-        context = build_context(abstract, syntaxes)
-        context.context_id = 2 * index + 1
-        requested.append(context)
-    primitive.presentation_context_definition_list = requested
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    primitive.user_information = [maximum]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
+    return associate_request(called, "SCU", contexts)
 
 
 def test_storage_private_and_verification_contexts_are_accepted_as_proposed() -> None:
