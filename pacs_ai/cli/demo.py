@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from pydicom.uid import generate_uid
+from rich.markup import escape
 from sqlalchemy import select
 
 from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, settings_of
@@ -34,6 +35,8 @@ DEMO_AE_TITLE = "PACS_AI_DEMO"
 #: Job states after which nothing more happens to a job by itself.
 SETTLED_JOBS = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
 POLL_SECONDS = 1.0
+#: UCUM codes printed as a radiologist writes them.
+UNIT_NAMES = {"[hnsf'U]": "HU", "ml": "mL"}
 
 
 def _listener(settings: Settings) -> DicomDestination:
@@ -102,7 +105,7 @@ def demo(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]demo failed[/red]: {message}")
+    console.print(f"[red]demo failed[/red]: {escape(message)}")
     raise typer.Exit(1)
 
 
@@ -128,8 +131,9 @@ def _wait_for_results(settings: Settings, study_uid: str, timeout: float, *, qui
             if state != last_state and not quiet:
                 console.print(f"  {state}")
                 last_state = state
-            if _settled(report) or timed_out:
-                return {**report, "timed_out": timed_out and not _settled(report)}
+            settled = _settled(report, set(settings.destinations))
+            if settled or timed_out:
+                return {**report, "timed_out": not settled}
         elif timed_out:
             _fail(
                 f"study {study_uid} never appeared in the index ({settings.effective_settings_file.parent})"
@@ -143,8 +147,12 @@ def _progress(report: dict[str, Any]) -> str:
     return f"series {routing}; {jobs}"
 
 
-def _settled(report: dict[str, Any]) -> bool:
-    """True when routing ended without jobs, or every job settled and every delivery was sent or failed."""
+def _settled(report: dict[str, Any], destinations: set[str]) -> bool:
+    """True when routing ended without jobs, or every job settled and every delivery was sent or failed.
+
+    A delivery to a destination that is not configured keeps retrying until its
+    retries run out; the demo does not wait for that (its results stay in the store).
+    """
     if not report["jobs"]:
         ended = {RoutingState.UNMATCHED.value, RoutingState.DISCARDED.value}
         return bool(report["series"]) and all(s["routing_state"] in ended for s in report["series"])
@@ -152,7 +160,7 @@ def _settled(report: dict[str, Any]) -> bool:
         delivery
         for result in report["results"]
         for delivery in result["deliveries"]
-        if delivery["state"] == DeliveryState.PENDING.value
+        if delivery["state"] == DeliveryState.PENDING.value and delivery["destination"] in destinations
     ]
     return all(job["state"] in SETTLED_JOBS for job in report["jobs"]) and not pending
 
@@ -164,13 +172,12 @@ def _print_outcome(report: dict[str, Any]) -> None:
         )
     if not report["jobs"]:
         for series in report["series"]:
-            console.print(
-                f"[red]no analysis[/red]: series {series['routing_state']}: {series['routing_detail']}"
-            )
+            detail = escape(f"series {series['routing_state']}: {series['routing_detail']}")
+            console.print(f"[red]no analysis[/red]: {detail}", highlight=False)
         return
     for job in report["jobs"]:
         line = f"job {job['id']} {job['analyzer']}: {job['state']}"
-        console.print(line + (f" ({job['error']})" if job["error"] else ""))
+        console.print(escape(line + (f" ({job['error']})" if job["error"] else "")), highlight=False)
     console.print("[bold]where the results went[/bold]")
     for result in report["results"]:
         deliveries = "; ".join(
@@ -178,15 +185,19 @@ def _print_outcome(report: dict[str, Any]) -> None:
             for d in result["deliveries"]
         )
         console.print(
-            f"  {result['kind']} {result['sop_instance_uid']}: kept at {result['path']}; "
-            + (f"sent to: {deliveries}" if deliveries else "no destination configured for it")
+            escape(
+                f"  {result['kind']} {result['sop_instance_uid']}: kept at {result['path']}; "
+                + (f"sent to: {deliveries}" if deliveries else "no destination configured for it")
+            ),
+            highlight=False,
         )
     console.print("[bold]what they measured[/bold] (AI output, unverified until a radiologist signs it)")
     for measurement in report.get("measurements", []):
         site = f" {measurement['finding_site']}" if measurement.get("finding_site") else ""
         derivation = f" ({measurement['derivation']})" if measurement.get("derivation") else ""
-        value = f"{_number(measurement['value'])} {measurement.get('unit') or ''}".rstrip()
-        console.print(f"  {measurement['name']}{derivation}{site}: {value}")
+        unit = UNIT_NAMES.get(measurement.get("unit") or "", measurement.get("unit") or "")
+        value = f"{_number(measurement['value'])} {unit}".rstrip()
+        console.print(escape(f"  {measurement['name']}{derivation}{site}: {value}"), highlight=False)
     truth = report["truth"]
     console.print(
         f"the phantom was written with {truth['right_lung_ml']:.0f} mL right and "

@@ -372,6 +372,9 @@ def _print_text(report: dict[str, Any]) -> None:
 
 
 def _print_worker_nodes(nodes: list[dict[str, Any]]) -> None:
+    if not nodes:
+        console.print("workers (all hosts): none registered")
+        return
     table = Table(title="Workers (all hosts)")
     for column in ("node", "host", "queues", "device", "models", "jobs", "state", "last heartbeat"):
         table.add_column(column)

@@ -51,4 +51,5 @@ def test_demo_prints_where_results_went_and_what_they_measured(
     volumes = [float(v) for v in re.findall(r"[Vv]olume.*?: ([\d.]+) (?:mL|ml|cm3)", measured)]
     assert any(v == pytest.approx(right_truth, rel=0.05) for v in volumes), out
     assert any(v == pytest.approx(left_truth, rel=0.05) for v in volumes), out
-    assert re.search(r"(?i)(density|LAA|Perc15).*: -?[\d.]+", measured), out
+    assert re.search(r"(?i)(density|Attenuation).*: -[\d.]+ HU", measured), out
+    assert re.search(r"low attenuation area.*: [\d.]+ %", measured), out
