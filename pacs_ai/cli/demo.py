@@ -97,7 +97,7 @@ def demo(
     if as_json:
         print_json(report)
     else:
-        _print_outcome(report)
+        _print_outcome(report, set(settings.destinations))
     succeeded = bool(report["jobs"]) and all(
         job["state"] == JobState.SUCCEEDED.value for job in report["jobs"]
     )
@@ -165,7 +165,7 @@ def _settled(report: dict[str, Any], destinations: set[str]) -> bool:
     return all(job["state"] in SETTLED_JOBS for job in report["jobs"]) and not pending
 
 
-def _print_outcome(report: dict[str, Any]) -> None:
+def _print_outcome(report: dict[str, Any], destinations: set[str]) -> None:
     if report["timed_out"]:
         console.print(
             "[red]timed out[/red] waiting for the results; see `pacs-ai status` and the service's log"
@@ -189,6 +189,20 @@ def _print_outcome(report: dict[str, Any]) -> None:
                 f"  {result['kind']} {result['sop_instance_uid']}: kept at {result['path']}; "
                 + (f"sent to: {deliveries}" if deliveries else "no destination configured for it")
             ),
+            highlight=False,
+        )
+    unconfigured = sorted(
+        {
+            d["destination"]
+            for result in report["results"]
+            for d in result["deliveries"]
+            if d["destination"] not in destinations
+        }
+    )
+    if unconfigured:
+        console.print(
+            f"  (not configured here: {', '.join(unconfigured)}; see the README's 'Sending results to your "
+            "PACS', then `pacs-ai echo NAME`)",
             highlight=False,
         )
     console.print("[bold]what they measured[/bold] (AI output, unverified until a radiologist signs it)")

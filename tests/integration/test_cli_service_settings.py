@@ -8,28 +8,19 @@ whose environment names only the data directory, as a second shell would.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from pacs_ai.config import Settings
+from tests.integration.test_cli import pacs_ai
 from tests.peers import StoreScp
 
 SECRET = "hunter2-not-for-the-record"
 
 
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {name: value for name, value in os.environ.items() if not name.upper().startswith("PACS_AI_")}
-    env["PACS_AI_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "pacs_ai.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """``pacs-ai ARGS`` in a shell given only the data directory."""
+    return pacs_ai(*args, PACS_AI_DATA_DIR=str(data_dir))
 
 
 def test_cli_in_another_shell_knows_the_services_destinations(tmp_path: Path) -> None:
