@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,18 @@ from pacs_ai.report.drafters.openai_backend import OpenAIDrafter
 from pacs_ai.report.evidence import HEADER_FIELDS, evidence_from_findings
 from pacs_ai.report.prompts import report_prompt
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from tests.integration.test_drafter_backends import served_model, tiny_model_dir  # noqa: F401 (fixtures)
+from tests.integration.test_drafter_backends import tiny_model_dir, transformers_serve  # noqa: F401 (fixture)
 from tests.peers import storescu, wait_for
 from tests.service import REPO_ROOT, PacsAiService
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def served_model(tiny_model_dir: Path) -> Iterator[tuple[str, str]]:  # noqa: F811 (the fixture imported above)
+    """``transformers serve`` of the tiny random model: (its /v1 URL, the model name)."""
+    with transformers_serve(tiny_model_dir) as base_url:
+        yield base_url, str(tiny_model_dir)
 
 NAME = ("Quarrington", "Zebedee")
 PATIENT_ID = "MRN48151623"
@@ -156,7 +164,7 @@ def _kill_the_embedded_redis_and_wait_for_its_restart(service: PacsAiService) ->
 
 def test_after_a_broker_restart_no_identifier_reaches_a_log_a_prompt_or_a_draft(
     service_factory: Any,
-    served_model: tuple[str, str],  # noqa: F811 (the fixture imported above)
+    served_model: tuple[str, str],
     tmp_path: Path,
 ) -> None:
     base_url, model = served_model
