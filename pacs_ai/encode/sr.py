@@ -15,7 +15,8 @@ Structure (all built with highdicom's template classes):
   measurement (TID 300) is INFERRED FROM the SEG segment (an IMAGE item with
   Referenced Segment Number) and from a point inside the segment (an SCOORD
   POINT on the source image where the segment is largest, nearest its
-  centre).  Not TID 1411: its Referenced Segment excludes any coordinates in
+  centre; each group's point on a slice of its own, so labels do not
+  overlap).  Not TID 1411: its Referenced Segment excludes any coordinates in
   the group, and OHIF 3.13 (cornerstone-dicom-sr) fails to open a group
   without an SCOORD/SCOORD3D; with the point it lists the group, shows its
   values on that image and jumps to it;
@@ -172,18 +173,27 @@ def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] 
 _Anchor = tuple[Dataset, np.ndarray]
 
 
-def _anchor(volume: Volume, labels: np.ndarray | None, numbers: Sequence[int]) -> _Anchor:
+def _anchor(
+    volume: Volume, labels: np.ndarray | None, numbers: Sequence[int], taken: set[int]
+) -> _Anchor:
     """A point inside segments ``numbers``: nearest their centre on the slice where they are largest.
 
     Viewers put a group's label there and open that image when the group is
-    selected.  For an empty region (or no label map) the centre of the middle slice.
+    selected.  Slices in ``taken`` already carry another group's label: OHIF
+    draws every label of a slice at once, so labels sharing a slice overlap
+    and cannot be read; the region then goes on the slice where it is largest
+    among the others (still inside it), and that slice is added to ``taken``.
+    For an empty region (or no label map) the centre of the middle slice.
     """
     if labels is not None:
         in_region = np.zeros(labels.shape[0], dtype=np.int64)
         for number in numbers:
             in_region += np.count_nonzero(labels == number, axis=(1, 2))
-        k = int(np.argmax(in_region))
-        if in_region[k] > 0:
+        ranked = [int(k) for k in np.argsort(-in_region, kind="stable") if in_region[k] > 0]
+        free = [k for k in ranked if k not in taken]
+        if ranked:
+            k = (free or ranked)[0]
+            taken.add(k)
             rows, columns = np.nonzero(np.isin(labels[k], numbers))
             nearest = int(np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2))
             return volume.headers[k], np.array([[columns[nearest], rows[nearest]]], dtype=float)
@@ -354,8 +364,8 @@ _BOX_EXTENTS = (
 _MILLIMETRE = Code("mm", "UCUM", "millimeter")
 
 
-def _detection_plane(volume: Volume, detection: DetectionSpec) -> Dataset:
-    """The source image whose plane is nearest the box centre (the box is drawn on it)."""
+def _detection_slice(volume: Volume, detection: DetectionSpec) -> int:
+    """Index of the source image whose plane is nearest the box centre (the box is drawn on it)."""
     centre = np.array(detection.center_mm)
 
     def distance(header: Dataset) -> float:
@@ -363,7 +373,12 @@ def _detection_plane(volume: Volume, detection: DetectionSpec) -> Dataset:
         normal = np.cross(cosines[:3], cosines[3:])
         return abs(float(np.dot(centre - np.array([float(v) for v in header.ImagePositionPatient]), normal)))
 
-    return min(volume.headers, key=distance)
+    return min(range(len(volume.headers)), key=lambda k: distance(volume.headers[k]))
+
+
+def _detection_plane(volume: Volume, detection: DetectionSpec) -> Dataset:
+    """The source image whose plane is nearest the box centre (the box is drawn on it)."""
+    return volume.headers[_detection_slice(volume, detection)]
 
 
 def _box_outline(header: Dataset, detection: DetectionSpec) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -786,8 +801,12 @@ def build_measurement_report(
     _check_inputs(volume, result, segmentation)
     algorithm_id = _algorithm_id(result.algorithm)
 
+    # One labelled group per slice, so that a viewer's labels do not overlap; detections are
+    # drawn on the slice nearest their centre, so theirs are taken first.
+    taken = {_detection_slice(volume, detection) for detection in result.detections}
+
     def sources(numbers: Sequence[int]) -> _Sources:
-        return _sources(segmentation, numbers, _anchor(volume, result.labels, numbers))
+        return _sources(segmentation, numbers, _anchor(volume, result.labels, numbers, taken))
 
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     if segmentation is not None:  # without one, _check_inputs made sure there are no segments

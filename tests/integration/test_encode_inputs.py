@@ -184,6 +184,29 @@ def test_detections_become_located_groups(tmp_path: Path) -> None:
         assert columns.max() * spacing + origin[0] == pytest.approx(-2.0)
 
 
+def test_each_group_is_labelled_on_a_slice_of_its_own(tmp_path: Path) -> None:
+    """OHIF draws every label of a slice at once: groups sharing a slice overlap and cannot be read."""
+    volume, result = _detection_volume()
+    z = [float(h.ImagePositionPatient[2]) for h in volume.headers]
+    result.detections = [DetectionSpec(NODULE, 0.9, (-10.0, -5.0, z[5] - 1.0), (-2.0, 4.0, z[5] + 1.0))]
+    sr_path = next(p for p in _write_all(volume, result, tmp_path, "slices") if p.name == "sr.dcm")
+    sr = pydicom.dcmread(sr_path)
+    measurements = _children(sr, "Imaging Measurements")[0]
+    slices_of_groups = []
+    for group in _children(measurements, "Measurement Group"):
+        images = {
+            source.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for num in group.ContentSequence
+            if num.ValueType == "NUM"
+            for source in num.get("ContentSequence", [])
+            if source.ValueType == "SCOORD"
+        }
+        assert len(images) == 1, images  # all of a group's values are placed on one image
+        slices_of_groups.append(images.pop())
+    # Right lung, left lung, both lungs and the nodule: four groups, four slices.
+    assert len(slices_of_groups) == 4 and len(set(slices_of_groups)) == 4, slices_of_groups
+
+
 @pytest.mark.parametrize(
     "detection",
     [
