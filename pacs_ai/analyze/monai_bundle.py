@@ -63,6 +63,7 @@ from pacs_ai.analyze.base import (
     MeasurementSpec,
     SegmentSpec,
 )
+from pacs_ai.models.boxes import patient_boxes
 from pacs_ai.models.labels import code_for, is_background, normalise
 
 if TYPE_CHECKING:
@@ -516,8 +517,6 @@ class MonaiBundleAnalyzer:
         notes: list[str],
     ) -> AnalysisResult:
         """Boxes scoring at or above their class's threshold, best first, at most ``max_detections``."""
-        from pacs_ai.models.boxes import patient_boxes
-
         assert prediction.boxes is not None and prediction.model.box_layout is not None
         boxes = patient_boxes(prediction.boxes, prediction.model.box_layout)
         by_class = {spec.value: spec for spec in planned}
