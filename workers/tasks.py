@@ -12,12 +12,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from pacs_ai.analyze.run import JobNotRunnable, run_job
 from pacs_ai.dispatch.delivery import attempt_delivery
 from pacs_ai.dispatch.webhook import post_webhook, webhook_key
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Job, JobState, Study, utcnow
+from pacs_ai.jobs.run import JobNotRunnable, run_job
 from pacs_ai.redact import redact_text, redact_url
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.storage.base import StorageError

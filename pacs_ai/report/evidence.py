@@ -4,7 +4,7 @@ It is built from what the pipeline already has: an allow-list of header facts
 of the study (:data:`HEADER_FIELDS`: modality, body part, procedure code, age
 band, sex; the ``report_header_fields`` setting may shorten it) and the findings JSON
 the job runner stores on each succeeded job
-(:func:`pacs_ai.analyze.run._findings`: algorithm, segments, measurements with
+(:func:`pacs_ai.jobs.run._findings`: algorithm, segments, measurements with
 UCUM units, classification findings with probability, threshold and present),
 plus a prior report's text where one is supplied.
 

@@ -43,6 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import __version__
+from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.config import Settings, revealed
 from pacs_ai.dispatch.delivery import lease_expiry
 from pacs_ai.encode.report_sr import DraftingModel, ReportText
@@ -53,14 +54,14 @@ from pacs_ai.report.draft import Draft, draft_report
 from pacs_ai.report.drafters import Drafter, DrafterConfig, DrafterConfigError, get_drafter
 from pacs_ai.report.drafters.openai_backend import OpenAIDrafter
 from pacs_ai.report.evidence import Evidence, evidence_from_findings
+from pacs_ai.report.images import render_key_images
 from pacs_ai.report.records import create_draft_record
+from pacs_ai.route.profile_set import ProfileSet
 from pacs_ai.route.profiles import Profile, ProfileError
 from pacs_ai.storage.files import HostFiles
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-    from pacs_ai.route.scheduler import ProfileSet
 
 __all__ = ["DraftOutcome", "ReportPipeline", "TEMPLATE_MODEL_ID", "report_jobs", "unfinished_jobs"]
 
@@ -177,8 +178,6 @@ class ReportPipeline:
     def _profile_map(self) -> dict[str, Profile]:
         try:
             if self._profiles is None:
-                from pacs_ai.route.scheduler import ProfileSet
-
                 self._profiles = ProfileSet(self.settings.profiles_dir)
             return {profile.name: profile for profile in self._profiles.refresh()}
         except ProfileError as exc:
@@ -305,9 +304,6 @@ class ReportPipeline:
         analyzer_name, params, paths = work.image_source
         if count == 0 or not paths:
             return []
-        from pacs_ai.analyze.registry import get_analyzer
-        from pacs_ai.report.images import render_key_images
-
         try:
             volume = get_analyzer(analyzer_name).load(paths, params)
             return render_key_images(volume, count=count)

@@ -106,7 +106,7 @@ class RecordedReport:
 
 
 def equipment_for(settings: Settings) -> EquipmentInfo:
-    """The pacs-ai identity for report SRs, as ``analyze/run.py`` builds it for the analysis results."""
+    """The pacs-ai identity for report SRs, as ``jobs/run.py`` builds it for the analysis results."""
     return EquipmentInfo(
         institution_name=settings.institution_name,
         station_name=settings.station_name,

@@ -14,7 +14,6 @@ import logging
 import threading
 import time as monotonic_clock
 from datetime import datetime, time, timedelta
-from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy import func, select
@@ -25,9 +24,9 @@ from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
+from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
-from pacs_ai.route.profiles import Profile, ProfileError, load_profiles
-from pacs_ai.route.rules import RulesError, RuleSet, find_rules_file, load_rules
+from pacs_ai.route.profile_set import ProfileSet
 from pacs_ai.storage.files import HostFiles
 from pacs_ai.storage.uploader import Uploader
 
@@ -51,45 +50,6 @@ class TaskQueue(Protocol):
     def enqueue_draft(self, study_id: int) -> None:
         """Queue the AI report draft of a study whose analyses are all finished."""
         ...
-
-
-class ProfileSet:
-    """The profiles directory, reloaded when a file changes; a broken edit keeps the last good set."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._stamp: tuple[tuple[str, float], ...] | None = None
-        self.profiles: list[Profile] = []
-        #: The routing rules next to the profiles; None when there is no rules file (profiles decide).
-        self.rules: RuleSet | None = None
-        self.refresh()
-
-    def _current_stamp(self) -> tuple[tuple[str, float], ...]:
-        files = sorted([*self.directory.glob("*.yaml"), *self.directory.glob("*.yml")])
-        return tuple((str(path), path.stat().st_mtime) for path in files)
-
-    def refresh(self) -> list[Profile]:
-        stamp = self._current_stamp()
-        if stamp != self._stamp:
-            try:
-                profiles = load_profiles(self.directory)
-                rules_file = find_rules_file(self.directory)
-                self.rules = load_rules(rules_file) if rules_file is not None else None
-                self.profiles = profiles
-                if self.rules is not None:
-                    log.info("routing by %d rule(s) from %s", len(self.rules.rules), rules_file)
-                log.info(
-                    "loaded %d profile(s) from %s: %s",
-                    len(self.profiles),
-                    self.directory,
-                    ", ".join(p.name for p in self.profiles) or "none",
-                )
-            except (ProfileError, RulesError) as exc:
-                if self._stamp is None:
-                    raise
-                log.error("profile or rule change rejected, keeping the previous ones:\n%s", exc)
-            self._stamp = stamp
-        return self.profiles
 
 
 class Scheduler:
@@ -142,8 +102,6 @@ class Scheduler:
         study; the draft task is idempotent, so a study queued twice is
         drafted once.
         """
-        from pacs_ai.report.pipeline import ReportPipeline
-
         since = utcnow() - DRAFT_RECOVERY_WINDOW
         with session_scope(self.sessions) as session:
             last_jobs = session.execute(

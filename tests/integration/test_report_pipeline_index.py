@@ -16,11 +16,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.analyze.run import run_job
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import Delivery, Job, JobState, Result
 from pacs_ai.index.reports import ReportDraft, ReportStatus
+from pacs_ai.jobs.run import run_job
 from pacs_ai.report.pipeline import TEMPLATE_MODEL_ID, ReportPipeline
 from pacs_ai.route.assembly import job_key
 from pacs_ai.route.scheduler import Scheduler

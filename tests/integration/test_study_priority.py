@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, FindingSpec
 from pacs_ai.analyze.radiograph import load_radiograph
 from pacs_ai.analyze.registry import register_analyzer
-from pacs_ai.analyze.run import run_job
 from pacs_ai.analyze.volume import Volume
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Instance, Job, JobState, Result, Series, Study, utcnow
+from pacs_ai.jobs.run import run_job
 from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.profiles import Profile
 from pacs_ai.route.scheduler import Scheduler

@@ -20,12 +20,12 @@ from pathlib import Path
 import pydicom
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai.analyze.run import run_job
 from pacs_ai.config import Settings
 from pacs_ai.encode.report_sr import DraftingModel, ReportText
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Instance, Job, JobState, Patient, Series, Study, utcnow
 from pacs_ai.index.reports import Role
+from pacs_ai.jobs.run import run_job
 from pacs_ai.report.records import RecordedReport, create_draft_record
 from pacs_ai.route.assembly import job_key
 from pacs_ai.synthetic.phantom import write_chest_phantom

@@ -27,7 +27,7 @@ from pacs_ai.analyze.lung import (
     UCUM_ML,
     UCUM_PERCENT,
 )
-from pacs_ai.analyze.run import _findings
+from pacs_ai.jobs.run import _findings
 from pacs_ai.report.evidence import (
     EvidenceError,
     age_band,
