@@ -147,6 +147,14 @@ class Settings(BaseSettings):
     #: Instances acknowledged but not yet in the object store, above which the listener answers
     #: C-STORE with 0xA700 (the store unreachable or slower than ingest); 0 never refuses.
     storage_upload_backlog_max: int = Field(default=20000, ge=0)
+    #: Objects of at least this many MiB (a whole-body SEG with a hundred segments) are uploaded to an
+    #: S3 store in parts by boto3's managed transfer, each part retried on its own; smaller ones in one
+    #: PUT.  S3 allows at most 10,000 parts of at least 5 MiB, so parts of 16 MiB carry objects up to
+    #: 156 GiB.
+    storage_s3_multipart_threshold_mb: int = Field(default=16, ge=5)
+    storage_s3_multipart_part_mb: int = Field(default=16, ge=5, le=5120)
+    #: Parts of one large object uploaded at once.
+    storage_s3_upload_concurrency: int = Field(default=4, ge=1, le=64)
     #: A worker's local copies of series it fetched from the store (None: data_dir/cache), at most
     #: ``worker_cache_max_mb``, least recently used evicted first; safe to delete at any time.
     worker_cache_dir: Path | None = None
@@ -165,6 +173,10 @@ class Settings(BaseSettings):
     #: A worker silent this long is marked lost and its running jobs are queued again for another
     #: worker (the broker would hand them over only after broker_visibility_timeout_seconds).
     worker_stale_after_seconds: float = Field(default=60.0, gt=0)
+    #: A worker lost (or stopped) this many hours ago is forgotten: the receiver removes its row
+    #: (audited as ``worker.forgotten``) and ``pacs-ai status`` stops listing it, so a host gone for
+    #: good is a problem for a day, not for ever.  None keeps it until ``pacs-ai workers forget``.
+    worker_forget_after_hours: float | None = Field(default=24.0, gt=0)
     #: Memory each pool process maps for voxel arrays when it starts, and keeps from one study to
     #: the next, so that loading a study needs no fresh pages (see :mod:`pacs_ai.analyze.volume_memory`):
     #: 256 MB holds a 512x512 CT of up to 500 slices.  It stays allocated while the process idles;

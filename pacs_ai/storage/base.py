@@ -8,7 +8,7 @@ so any host that can reach the storage can read what another host wrote.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -87,6 +87,14 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object of ``key``; nothing happens when there is none."""
+        ...
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove the objects of ``keys`` (in batches where the store allows); key -> why, for those left.
+
+        A key with no object counts as removed.  Never raises for a key it could
+        not delete: the caller records those and tries again later.
+        """
         ...
 
     def list(self, prefix: str = "") -> Iterator[str]:

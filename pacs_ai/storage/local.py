@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,6 +66,18 @@ class LocalFolderStorage:
 
     def delete(self, key: str) -> None:
         self.local_path(key).unlink(missing_ok=True)
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove the files of ``keys`` (a missing one counts as removed); key -> why, for the others."""
+        failed: dict[str, str] = {}
+        for key in keys:
+            try:
+                self.delete(key)
+            except OSError as exc:
+                failed[key] = f"cannot delete {key} in {self.description}: {exc.strerror or exc}"
+            except ValueError as exc:  # not a key (a host path recorded before keys): never deleted here
+                failed[key] = str(exc)
+        return failed
 
     def list(self, prefix: str = "") -> Iterator[str]:
         tops = [prefix.partition("/")[0]] if "/" in prefix else [*self.folders, *self._root_entries()]

@@ -84,4 +84,7 @@ _STORAGE_FIELDS = {
     "storage_s3_credentials_file",
     "storage_s3_ca_bundle",
     "storage_timeout_seconds",
+    "storage_s3_multipart_threshold_mb",
+    "storage_s3_multipart_part_mb",
+    "storage_s3_upload_concurrency",
 }

@@ -6,22 +6,32 @@ settings; credentials left unset come from boto3's own chain (``AWS_*``
 variables, the shared credentials file, an instance role), and
 ``storage_s3_credentials_file`` points that chain at a file of its own.
 
-A PUT that returned is durable in the store (that is S3's contract).  boto3's
+A PUT that returned is durable in the store (that is S3's contract).  An
+object at or above ``storage_s3_multipart_threshold_mb`` (a SEG of a whole-body
+model with a hundred segments) goes through boto3's managed transfer in parts
+of ``storage_s3_multipart_part_mb``, several at once, each retried on its own,
+so one slow or dropped connection does not restart the whole object; smaller
+ones (every received instance) are one PUT, with no transfer threads to start.
+:meth:`S3Storage.delete_many` removes up to 1000 objects per DeleteObjects
+call (retention).  boto3's
 errors are turned into :class:`~pacs_ai.storage.base.StorageError` subclasses
 whose messages say what to check; the secret never appears in them.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
 import botocore.session
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
@@ -49,6 +59,9 @@ _CREDENTIAL_CODES = {
     "Forbidden",
 }
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+#: Keys one DeleteObjects request may name (S3's limit).
+DELETE_BATCH = 1000
+MIB = 1024 * 1024
 
 
 class S3Storage:
@@ -86,6 +99,13 @@ class S3Storage:
                 max_pool_connections=32,
             ),
         )
+        #: Objects this large or larger are uploaded in parts by boto3's managed transfer.
+        self.multipart_threshold = settings.storage_s3_multipart_threshold_mb * MIB
+        self.transfer = TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=settings.storage_s3_multipart_part_mb * MIB,
+            max_concurrency=settings.storage_s3_upload_concurrency,
+        )
 
     def _object(self, key: str) -> str:
         check_key(key)
@@ -96,12 +116,30 @@ class S3Storage:
 
     def put_file(self, key: str, path: Path) -> None:
         with open(path, "rb") as body:
+            if os.fstat(body.fileno()).st_size >= self.multipart_threshold:
+                self._upload_in_parts(key, body)
+                return
             self._call(
                 "store", key, self.client.put_object, Bucket=self.bucket, Key=self._object(key), Body=body
             )
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        if len(data) >= self.multipart_threshold:
+            self._upload_in_parts(key, io.BytesIO(data))
+            return
         self._call("store", key, self.client.put_object, Bucket=self.bucket, Key=self._object(key), Body=data)
+
+    def _upload_in_parts(self, key: str, body: Any) -> None:
+        """A large object through boto3's managed transfer (multipart: parts retried, aborted on failure)."""
+        self._call(
+            "store",
+            key,
+            self.client.upload_fileobj,
+            Fileobj=body,
+            Bucket=self.bucket,
+            Key=self._object(key),
+            Config=self.transfer,
+        )
 
     def get_file(self, key: str, destination: Path) -> None:
         response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._object(key))
@@ -124,6 +162,44 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._object(key))
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove the objects of ``keys``, 1000 per DeleteObjects call; key -> why, for those not removed.
+
+        A key with no object counts as removed (S3 answers so).  A call that fails
+        as a whole (store unreachable, credentials refused) fails each of its keys
+        with the same reason; the other calls are still made.
+        """
+        failed: dict[str, str] = {}
+        pending = list(dict.fromkeys(keys))
+        for start in range(0, len(pending), DELETE_BATCH):
+            names: dict[str, str] = {}
+            for key in pending[start : start + DELETE_BATCH]:
+                try:
+                    names[self._object(key)] = key
+                except ValueError as exc:
+                    failed[key] = str(exc)
+            if not names:
+                continue
+            batch = list(names.values())
+            try:
+                answer = self._call(
+                    "delete objects of",
+                    "",
+                    self.client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": name} for name in names], "Quiet": True},
+                )
+            except StorageError as exc:
+                failed.update(dict.fromkeys(batch, str(exc)))
+                continue
+            for error in answer.get("Errors", []):
+                key = names.get(error.get("Key", ""), error.get("Key", "?"))
+                failed[key] = (
+                    f"cannot delete {key} in {self.description}: "
+                    f"{error.get('Code', '?')} {error.get('Message', '')}".rstrip()
+                )
+        return failed
 
     def list(self, prefix: str = "") -> Iterator[str]:
         start = f"{self.prefix}/" if self.prefix else ""
