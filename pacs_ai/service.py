@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from pacs_ai import metrics
 from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
@@ -33,44 +34,12 @@ from pacs_ai.process import SignalledStop, die_with_parent
 from pacs_ai.receive.balance import AssociationLoads
 from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.redact import redact_url
-from pacs_ai.route.assembly import JobTicket, Notification
-from pacs_ai.route.plan import CELERY_PRIORITY
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.worklist.server import bind_worklist_socket, worklist_url
-from workers.factory import QUEUES, PacsAiCelery, create_app
-from workers.tasks import ANALYZE_TASK, DELIVER_TASK, DRAFT_TASK, NOTIFY_TASK, analysis_time_limits
+from workers.factory import QUEUES, create_app
+from workers.task_queue import CeleryTaskQueue  # the scheduler's queue; importable from here as before
 
 log = logging.getLogger(__name__)
-
-
-class CeleryTaskQueue:
-    """The scheduler's :class:`~pacs_ai.route.scheduler.TaskQueue` backed by Celery."""
-
-    def __init__(self, app: PacsAiCelery) -> None:
-        self.app = app
-
-    def enqueue_analysis(self, ticket: JobTicket) -> None:
-        """Send the job to its queue with its time limit (the step's, else the setting's) and priority."""
-        limit = ticket.timeout_seconds
-        if limit is None:
-            limit = self.app.settings.analysis_timeout_seconds
-        self.app.send_task(
-            ANALYZE_TASK,
-            args=[ticket.job_id],
-            queue=ticket.queue,
-            priority=CELERY_PRIORITY.get(ticket.routing_priority, CELERY_PRIORITY["routine"]),
-            **analysis_time_limits(limit),
-        )
-
-    def enqueue_delivery(self, delivery_id: int) -> None:
-        self.app.send_task(DELIVER_TASK, args=[delivery_id], queue="dispatch")
-
-    def enqueue_notification(self, notification: Notification) -> None:
-        self.app.send_task(NOTIFY_TASK, args=[notification.url, notification.payload], queue="dispatch")
-
-    def enqueue_draft(self, study_id: int) -> None:
-        """Draft the study's AI report (the task checks again that it is due; duplicates are harmless)."""
-        self.app.send_task(DRAFT_TASK, args=[study_id], queue="cpu")
 
 
 @dataclass(frozen=True)
@@ -305,6 +274,8 @@ class Supervisor:
         changed = False
         for index, process in enumerate(self.listeners):
             if process.poll() is not None:
+                metrics.mark_process_dead(process.pid)
+                metrics.process_restarted("listener")
                 log.error(
                     "listener-%d (pid %s) exited with %s; restarting it",
                     index,
@@ -320,6 +291,8 @@ class Supervisor:
                     "worker %s (pid %d) exited with %s; restarting it", node, worker.pid, worker.returncode
                 )
                 self._kill_group(worker)
+                metrics.mark_process_dead(worker.pid)
+                metrics.process_restarted("worker")
                 self.scheduler.requeue_jobs_of(node)
                 self.workers[index] = self._start_worker(index)
                 changed = True
@@ -330,10 +303,19 @@ class Supervisor:
             and time.monotonic() - self._worklist_started_at >= WORKLIST_RESTART_SECONDS
         ):
             log.error("worklist (pid %d) exited with %s; restarting it", worklist.pid, worklist.returncode)
+            metrics.mark_process_dead(worklist.pid)
+            metrics.process_restarted("worklist")
             self.worklist = self._start_worklist()
             changed = True
         if changed:
             self.write_run_state()
+        metrics.processes_running(self.running_processes())
+
+    def running_processes(self) -> dict[str, int]:
+        """Child processes alive now, by role (``listener``, ``worker``, ``worklist``)."""
+        worklists = [self.worklist] if self.worklist is not None else []
+        groups = {"listener": self.listeners, "worker": self.workers, "worklist": worklists}
+        return {role: sum(process.poll() is None for process in group) for role, group in groups.items()}
 
     def hand_back_jobs_of_lost_workers(self) -> list[str]:
         """Mark workers on any host that stopped beating as lost; queue their running jobs again.
@@ -452,6 +434,8 @@ def serve(settings: Settings) -> None:
     for directory in (settings.data_dir, settings.spool_dir, settings.results_dir, settings.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.log_level, settings.log_dir / "pacs-ai.log")
+    # Before any metric is made here or in a child: every process of this host counts under it.
+    metrics.use_directory(settings.metrics_dir, clean=True)
     # For `pacs-ai` commands in other shells (destinations given here by environment, for instance).
     settings.write_effective_settings()
     _discard_partial_transfers(settings)
@@ -467,10 +451,21 @@ def serve(settings: Settings) -> None:
 
     with _broker(settings) as (settings, embedded_redis):
         sessions = make_session_factory(make_engine(url))
-        scheduler = Scheduler(settings, sessions, CeleryTaskQueue(create_app(settings)))
+        app = create_app(settings)
+        scheduler = Scheduler(
+            settings,
+            sessions,
+            CeleryTaskQueue(app),
+            queue_depths=lambda: metrics.broker_queue_depths(app.connection_for_read(), QUEUES),
+        )
         _warn_about_unconfigured_destinations(settings, scheduler)
         supervisor = Supervisor(settings, scheduler, embedded_redis)
         supervisor.start()
+        exporter = (
+            metrics.start_exporter(settings.metrics_host, settings.metrics_port)
+            if settings.metrics_enabled
+            else None
+        )
         log.info(
             "DICOM listener: AE %s on %s:%d (%d processes); profiles from %s",
             settings.ae_title,
@@ -495,6 +490,8 @@ def serve(settings: Settings) -> None:
         finally:
             log.info("pacs-ai stopping")
             supervisor.stop()
+            if exporter is not None:
+                exporter.stop()
             log.info("pacs-ai stopped")
 
 

@@ -9,13 +9,11 @@ operating-system user as the actor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.cli.common import (
     JsonOption,
@@ -26,7 +24,6 @@ from pacs_ai.cli.common import (
     print_rows,
     settings_of,
 )
-from pacs_ai.config import Settings
 from pacs_ai.dispatch.check import check_destination
 from pacs_ai.dispatch.destinations import DicomDestination
 from pacs_ai.index.audit import record_audit
@@ -36,44 +33,11 @@ from pacs_ai.index.models import (
     Delivery,
     DeliveryState,
     Job,
-    JobState,
     Result,
     Series,
     Study,
     utcnow,
 )
-from pacs_ai.route.assembly import JobTicket
-from pacs_ai.route.profiles import AnalyzerStep
-
-
-def _enqueue(
-    settings: Settings, jobs: list[JobTicket], deliveries: list[int], drafts: Sequence[int] = ()
-) -> bool:
-    """Hand work to the broker now; False (work stays queued in the index) when it cannot be reached.
-
-    ``drafts`` are ids of studies whose AI report is now due.
-    """
-    if not jobs and not deliveries and not drafts:
-        return True
-    from kombu.exceptions import OperationalError
-
-    from pacs_ai.service import CeleryTaskQueue
-    from workers.factory import create_app
-
-    app = create_app(settings)
-    app.conf.broker_connection_timeout = 3
-    app.conf.broker_connection_max_retries = 0
-    queue = CeleryTaskQueue(app)
-    try:
-        for ticket in jobs:
-            queue.enqueue_analysis(ticket)
-        for delivery_id in deliveries:
-            queue.enqueue_delivery(delivery_id)
-        for study_id in drafts:
-            queue.enqueue_draft(study_id)
-    except (OperationalError, OSError):
-        return False
-    return True
 
 
 def _report_enqueued(done: bool, as_json: bool) -> None:
@@ -82,60 +46,6 @@ def _report_enqueued(done: bool, as_json: bool) -> None:
             "[yellow]the broker is not reachable[/yellow] (is `pacs-ai serve` running?): the work is queued "
             "in the index and will be sent when the service starts"
         )
-
-
-def _jobs_to_retry(session: Session, job_ids: list[int] | None) -> list[Job]:
-    """The given jobs, or every job that failed or has a failed delivery."""
-    query = select(Job)
-    if job_ids:
-        query = query.where(Job.id.in_(job_ids))
-    else:
-        with_failed_delivery = (
-            select(Result.job_fk)
-            .join(Delivery, Delivery.result_fk == Result.id)
-            .where(Delivery.state == DeliveryState.FAILED)
-        )
-        query = query.where((Job.state == JobState.FAILED) | Job.id.in_(with_failed_delivery))
-    return list(session.scalars(query.order_by(Job.id)))
-
-
-def _failed_deliveries_of(session: Session, job: Job) -> list[Delivery]:
-    return list(
-        session.scalars(
-            select(Delivery)
-            .join(Result, Result.id == Delivery.result_fk)
-            .where(Result.job_fk == job.id, Delivery.state == DeliveryState.FAILED)
-        )
-    )
-
-
-def _current_step(settings: Settings, job: Job) -> tuple[AnalyzerStep | None, str]:
-    """The job's analyzer step in its profile as the profile is now, or None and why not."""
-    from pacs_ai.route.profiles import ProfileError, load_profiles
-
-    try:
-        profiles = {profile.name: profile for profile in load_profiles(settings.profiles_dir)}
-    except ProfileError as exc:
-        return None, f"the profiles cannot be read ({str(exc).splitlines()[0]})"
-    profile = profiles.get(job.profile)
-    if profile is None:
-        return None, f"profile {job.profile!r} no longer exists"
-    step = next((s for s in profile.analyzers if s.name == job.analyzer), None)
-    if step is None:
-        return None, f"profile {job.profile!r} no longer runs analyzer {job.analyzer!r}"
-    return step, ""
-
-
-def _take_current_profile(settings: Settings, job: Job) -> str:
-    """Give a failed job its profile's current parameters and priority rules; says what it runs with."""
-    step, why_not = _current_step(settings, job)
-    if step is None:
-        return f"with its original parameters: {why_not}"
-    rules = [rule.model_dump(by_alias=True, mode="json") for rule in step.priority]
-    changed = (job.params or {}) != step.params or (job.priority_rules or []) != rules
-    job.params = dict(step.params)
-    job.priority_rules = rules
-    return f"with profile {job.profile} as it is now ({'changed' if changed else 'unchanged'} parameters)"
 
 
 def retry(
@@ -156,50 +66,13 @@ def retry(
     profile takes effect), unless --keep-params; ``reprocess`` is the way to
     analyse a series again when its job succeeded (a new result version).
     """
+    from pacs_ai.ops.jobs import enqueue, retry_jobs  # here: Celery and the report pipeline load slowly
+
     settings = settings_of(ctx)
-    actor = cli_actor()
-    retried: list[dict[str, Any]] = []
-    jobs_to_send: list[JobTicket] = []
-    deliveries_to_send: list[int] = []
     with session_scope(index_sessions(settings)) as session:
-        candidates = _jobs_to_retry(session, job_ids)
-        for job in candidates:
-            failed_deliveries = _failed_deliveries_of(session, job)
-            if job.state == JobState.FAILED:
-                how = "with its original parameters (--keep-params)"
-                if not keep_params:
-                    how = _take_current_profile(settings, job)
-                job.state = JobState.QUEUED
-                job.error = None
-                job.finished_at = None
-                jobs_to_send.append(JobTicket.of(job))
-                retried.append({"job": job.id, "what": f"analysis {how}"})
-                record_audit(
-                    session,
-                    actor=actor,
-                    action="job.retried",
-                    object_type="job",
-                    object_uid=str(job.id),
-                    detail={"parameters": how},
-                )
-            for delivery in failed_deliveries:
-                delivery.state = DeliveryState.PENDING
-                delivery.attempts = 0
-                delivery.next_attempt_at = utcnow()
-                deliveries_to_send.append(delivery.id)
-                retried.append({"job": job.id, "what": f"delivery to {delivery.destination}"})
-                record_audit(
-                    session,
-                    actor=actor,
-                    action="delivery.retried",
-                    object_type="delivery",
-                    object_uid=str(delivery.id),
-                    detail={"job": job.id, "destination": delivery.destination},
-                )
-            if job_ids and job.state != JobState.QUEUED and not failed_deliveries:
-                retried.append({"job": job.id, "what": f"nothing to retry (job {job.state.value})"})
-        missing = sorted(set(job_ids or []) - {job.id for job in candidates})
-    done = _enqueue(settings, jobs_to_send, deliveries_to_send)
+        outcome = retry_jobs(session, settings, job_ids, actor=cli_actor(), keep_params=keep_params)
+    retried, missing = outcome.retried, outcome.unknown_jobs
+    done = enqueue(settings, outcome.jobs, outcome.deliveries)
     if as_json:
         print_json({"retried": retried, "unknown_jobs": missing, "enqueued": done})
     else:
@@ -213,47 +86,22 @@ def retry(
     raise typer.Exit(1 if missing else 0)
 
 
-def _studies_due_for_draft(
-    settings: Settings, sessions: sessionmaker[Session], job_ids: list[int]
-) -> list[int]:
-    """Ids of the studies of these jobs whose AI report draft is now due (no job of theirs unfinished)."""
-    from pacs_ai.report.pipeline import ReportPipeline
-
-    pipeline = ReportPipeline(settings, sessions)
-    return sorted({study for job_id in job_ids if (study := pipeline.study_to_draft(job_id)) is not None})
-
-
 def cancel(
     ctx: typer.Context,
     job_ids: Annotated[list[int], typer.Argument(help="Ids of queued or running jobs.")],
     as_json: JsonOption = False,
 ) -> None:
     """Cancel jobs that have not finished; a running one stops being retried and its results are not sent."""
+    from pacs_ai.ops.jobs import cancel_jobs, enqueue, studies_due_for_draft  # slow imports: see retry
+
     settings = settings_of(ctx)
-    outcome: list[dict[str, Any]] = []
     sessions = index_sessions(settings)
     with session_scope(sessions) as session:
-        for job_id in job_ids:
-            job = session.get(Job, job_id)
-            if job is None:
-                outcome.append({"job": job_id, "cancelled": False, "reason": "no such job"})
-            elif job.state not in (JobState.QUEUED, JobState.RUNNING):
-                outcome.append({"job": job_id, "cancelled": False, "reason": f"job is {job.state.value}"})
-            else:
-                job.state = JobState.CANCELLED
-                job.finished_at = utcnow()
-                record_audit(
-                    session,
-                    actor=cli_actor(),
-                    action="job.cancelled",
-                    object_type="job",
-                    object_uid=str(job_id),
-                )
-                outcome.append({"job": job_id, "cancelled": True, "reason": None})
+        outcome = [row.as_dict() for row in cancel_jobs(session, job_ids, actor=cli_actor())]
     # A cancelled job may have been the last one its study's report draft waited for.
     cancelled = [row["job"] for row in outcome if row["cancelled"]]
-    drafts = _studies_due_for_draft(settings, sessions, cancelled)
-    _report_enqueued(_enqueue(settings, [], [], drafts), as_json)
+    drafts = studies_due_for_draft(settings, sessions, cancelled)
+    _report_enqueued(enqueue(settings, [], [], drafts), as_json)
     if as_json:
         print_json(outcome)
     else:
@@ -272,6 +120,8 @@ def send(
     as_json: JsonOption = False,
 ) -> None:
     """Send a study's results again (same SOP Instance UIDs, so the PACS replaces rather than duplicates)."""
+    from pacs_ai.ops.jobs import enqueue  # slow imports: see retry
+
     settings = settings_of(ctx)
     unknown = sorted(set(to or []) - set(settings.destinations))
     if unknown:
@@ -315,7 +165,7 @@ def send(
                     detail={"destination": destination},
                 )
                 queued.append({"delivery": delivery.id, "result": result.kind, "destination": destination})
-    done = _enqueue(settings, [], [row["delivery"] for row in queued])
+    done = enqueue(settings, [], [row["delivery"] for row in queued])
     if as_json:
         print_json({"queued": queued, "enqueued": done})
         return
