@@ -101,7 +101,18 @@ class DetectionSpec:
     #: Opposite corners of the box, (x, y, z) in mm, LPS; each min <= max.
     box_min_mm: tuple[float, float, float]
     box_max_mm: tuple[float, float, float]
+    #: Where the box lies: the profile's site, else the lung on the side of the body's midline the box
+    #: centre is on (SCT 3341006 "Right lung" / 44029006 "Left lung"); None when neither is known.
     finding_site: Code | None = None
+    #: The score at or above which the box was reported (the profile's threshold for its class).
+    threshold: float | None = None
+    #: The location in words for reports ("right lung"); empty when only the coordinates are known.
+    location: str = ""
+
+    @property
+    def diameter_mm(self) -> float:
+        """The box's largest extent along the patient axes: the size a report gives for a nodule."""
+        return max(self.size_mm)
 
     @property
     def center_mm(self) -> tuple[float, float, float]:
@@ -141,6 +152,9 @@ class AnalysisResult:
     findings: list[FindingSpec] = field(default_factory=list)
     #: Boxes from detection models, in patient coordinates.
     detections: list[DetectionSpec] = field(default_factory=list)
+    #: Detection classes the model found none of, which the profile asks a report to say so for
+    #: (``report_absent``); empty otherwise, so a silent model is never read as a negative finding.
+    not_detected: list[Code] = field(default_factory=list)
     #: Free-text notes for the job record (not for the DICOM objects).
     notes: list[str] = field(default_factory=list)
     #: What produced the result, for the result series' titles (a model's own name, e.g. "Spleen CT

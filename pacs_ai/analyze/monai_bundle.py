@@ -19,6 +19,8 @@ Profile step::
           overlap: 0.25
           sw_batch_size: 2
           max_detections: 10            # detection: at most this many boxes, best first
+          report_absent: false          # detection: with no box, the draft says "no nodules detected
+                                        # by <model>" (off: a silent model is no negative finding)
 
 Codes are ``[scheme, value, meaning]``.  Without overrides every label is
 coded from the model's own label names (bundle ``metadata.json``
@@ -35,7 +37,11 @@ Classifications become findings (probability, threshold, present/absent):
 every output channel, or the ones ``findings`` lists when it is given.
 Detections (``lung_nodule_ct_detection``) become
 :class:`~pacs_ai.analyze.base.DetectionSpec` boxes in patient coordinates,
-those scoring at or above the class's threshold (default 0.5).
+those scoring at or above the class's threshold (default 0.5), each located
+on the patient's right or left of the body's midline on the slice through
+its centre (:func:`box_side`; "right lung" / "left lung" for a chest
+detector, unless the profile gives the class a ``finding_site``).  No lobe:
+a detection job has no lobe segmentation to place a box in.
 
 3D models read the series with :func:`~pacs_ai.analyze.volume.load_series`,
 2D models with :func:`~pacs_ai.analyze.radiograph.load_radiograph`.
@@ -154,6 +160,9 @@ class MonaiBundleParams(BaseModel):
     findings: dict[int, FindingParam] = Field(default_factory=dict)
     #: Detection: the most boxes reported, best first.
     max_detections: int = Field(default=10, ge=1, le=1000)
+    #: Detection: when no box is kept, record that the model found none of its classes, so the draft
+    #: says "no ... detected by <model>".  Off by default: a model's silence is not a negative finding.
+    report_absent: bool = False
 
     @field_validator("roi_size")
     @classmethod
@@ -395,7 +404,7 @@ class MonaiBundleAnalyzer:
             f"{prediction.seconds:.2f} s"
         ]
         if prediction.boxes is not None:
-            result = self._detection(p, prediction, planned, algorithm, notes)
+            result = self._detection(volume, p, prediction, planned, algorithm, notes)
         elif prediction.labels is not None:
             result = self._segmentation(volume, prediction, planned, algorithm, notes)
         else:
@@ -510,6 +519,7 @@ class MonaiBundleAnalyzer:
 
     def _detection(
         self,
+        volume: Volume,
         p: MonaiBundleParams,
         prediction: Prediction,
         planned: list[PlannedLabel],
@@ -525,15 +535,75 @@ class MonaiBundleAnalyzer:
         detections = []
         for box in kept[: p.max_detections]:
             spec = by_class[box.label]
+            site, location = _code(spec.finding_site) if spec.finding_site else None, ""
+            if site is None:
+                centre = tuple((lo + hi) / 2 for lo, hi in zip(box.box_min_mm, box.box_max_mm, strict=True))
+                side = box_side(volume, centre)
+                if side is not None and _in_lung(spec, algorithm):
+                    site = SCT_RIGHT_LUNG if side == "right" else SCT_LEFT_LUNG
+                elif side is not None:
+                    location = f"{side} side"
+            if site is not None:
+                location = site.meaning[0].lower() + site.meaning[1:]
             detections.append(
                 DetectionSpec(
                     finding=_code(spec.type),
                     score=box.score,
                     box_min_mm=box.box_min_mm,
                     box_max_mm=box.box_max_mm,
-                    finding_site=_code(spec.finding_site) if spec.finding_site else None,
+                    finding_site=site,
+                    threshold=spec.threshold,
+                    location=location,
                 )
             )
+        not_detected = [_code(spec.type) for spec in planned] if p.report_absent and not detections else []
         return AnalysisResult(
-            algorithm=algorithm, labels=None, segments=[], measurements=[], detections=detections, notes=notes
+            algorithm=algorithm,
+            labels=None,
+            segments=[],
+            measurements=[],
+            detections=detections,
+            not_detected=not_detected,
+            notes=notes,
         )
+
+
+#: Sites of a box by the side of the midline its centre is on (the lung analyzer's codes).
+SCT_RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+SCT_LEFT_LUNG = Code("44029006", "SCT", "Left lung")
+#: Voxels above this (HU) are the body when the midline is looked for; air and lung are below.
+BODY_HU = -500.0
+#: A box centre closer than this to the midline (mm) is on neither side.
+MIDLINE_MARGIN_MM = 5.0
+
+
+def _in_lung(spec: PlannedLabel, algorithm: AlgorithmInfo) -> bool:
+    """Whether a class's boxes are in a lung: a nodule (SCT 27925004), or a model named for the lung."""
+    return spec.type[1] == "27925004" or "lung" in algorithm.name.lower()
+
+
+def box_side(volume: Volume, centre_mm: tuple[float, ...]) -> str | None:
+    """``"right"`` or ``"left"``: the patient's side of the body's midline the point lies on.
+
+    The midline is the middle of the body's extent along the patient's x axis
+    (LPS: +x is the patient's left) on the slice nearest the point, the body
+    being the voxels above :data:`BODY_HU` (soft tissue and bone: the chest
+    wall encloses the lungs).  None for a point within
+    :data:`MIDLINE_MARGIN_MM` of the midline, or a slice with no body.
+    """
+    centre = np.asarray(centre_mm, dtype=np.float64)
+    origin = np.asarray(volume.origin_mm, dtype=np.float64)
+    dz, dy, dx = volume.spacing_mm
+    along_normal = float(np.dot(centre - origin, volume.direction[2]))
+    k = int(np.clip(round(along_normal / dz), 0, len(volume.voxels) - 1))
+    rows, columns = np.nonzero(volume.voxels[k] > BODY_HU)
+    if rows.size == 0:
+        return None
+    # Patient x of each body voxel: the x components of the row and column directions.
+    x = origin[0] + columns * dx * volume.direction[0][0] + rows * dy * volume.direction[1][0]
+    x = x + k * dz * volume.direction[2][0]
+    midline = (float(x.min()) + float(x.max())) / 2
+    offset = float(centre[0]) - midline
+    if abs(offset) < MIDLINE_MARGIN_MM:
+        return None
+    return "left" if offset > 0 else "right"

@@ -5,7 +5,9 @@ of the study (:data:`HEADER_FIELDS`: modality, body part, procedure code, age
 band, sex; the ``report_header_fields`` setting may shorten it) and the findings JSON
 the job runner stores on each succeeded job
 (:func:`pacs_ai.jobs.run._findings`: algorithm, segments, measurements with
-UCUM units, classification findings with probability, threshold and present),
+UCUM units, classification findings with probability, threshold and present,
+a detector's boxes, each a present finding with its score, size and site, and
+the classes a detector found none of where the profile asks to say so),
 plus a prior report's text where one is supplied.
 
 No identifier (name, patient ID, birth date or any date, accession number) and
@@ -119,6 +121,13 @@ class Finding:
     site: str | None = None
     code: str | None = None
     algorithm: str | None = None
+    #: "classification" (a probability for the whole study) or "detection" (one located box of a
+    #: detector, e.g. one nodule; absent = the detector found none and the profile asked to say so).
+    kind: str = "classification"
+    #: A detection's size: the largest extent of its box, in mm.
+    size_mm: float | None = None
+    #: What produced a detection, as drafts name it (the model's title, no version number).
+    model: str | None = None
 
     @property
     def term(self) -> str:
@@ -343,6 +352,7 @@ def evidence_from_findings(
                     algorithm=algorithm,
                 )
             )
+        findings += _detections(job, algorithm, index)
     prior = prior_report.strip() if prior_report and prior_report.strip() else None
     return Evidence(
         context=study_context(header, header_fields),
@@ -352,6 +362,43 @@ def evidence_from_findings(
         algorithms=tuple(algorithms),
         prior_report=prior,
     )
+
+
+def _detections(job: Mapping[str, Any], algorithm: str | None, index: int) -> list[Finding]:
+    """A detector's boxes as present findings (one per box, with its size and site), or its classes
+    as absent ones where it found none and the profile asked to report that (``not_detected``)."""
+    model = str(job.get("title") or (job.get("algorithm") or {}).get("name") or "") or None
+    found = []
+    for item in job.get("detections") or []:
+        where = f"detection {item.get('finding')!r} of {algorithm or 'job #' + str(index)}"
+        threshold = item.get("threshold")
+        found.append(
+            Finding(
+                name=str(_require(item, "finding", where)),
+                present=True,
+                probability=_number(_require(item, "score", where), where + " score"),
+                threshold=None if threshold is None else _number(threshold, where + " threshold"),
+                site=item.get("location") or item.get("finding_site"),
+                code=_code_value(item),
+                algorithm=algorithm,
+                kind="detection",
+                size_mm=_number(_require(item, "diameter_mm", where), where + " size"),
+                model=model,
+            )
+        )
+    for item in job.get("not_detected") or []:
+        where = f"class not detected by {algorithm or 'job #' + str(index)}"
+        found.append(
+            Finding(
+                name=str(_require(item, "finding", where)),
+                present=False,
+                code=_code_value(item),
+                algorithm=algorithm,
+                kind="detection",
+                model=model,
+            )
+        )
+    return found
 
 
 def evidence_from_findings_text(findings_text: str, context: StudyContext | None = None) -> Evidence:

@@ -16,7 +16,11 @@ template draft can be shown to the radiologist:
 * **negation** (:func:`check_negation`): a finding the evidence reports
   present must not be negated, one it reports absent must not be asserted;
 * **unsupported** (:func:`check_unsupported`): a finding term the evidence
-  does not speak about must neither be asserted nor ruled out.
+  does not speak about must neither be asserted nor ruled out;
+* **detections** (:func:`pacs_ai.report.detections.check_detections`): a
+  count of a detected finding ("3 pulmonary nodules") is the number of boxes
+  the detector found, and a draft stating no count gives each box's size, so
+  no nodule is invented or dropped.
 
 Which findings the evidence speaks about (:func:`finding_statuses`): its
 findings, segments whose names are chest finding terms, and emphysema when a
@@ -30,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pacs_ai.report.consistency import check_against_findings
+from pacs_ai.report.detections import check_detections, count_statements
 from pacs_ai.report.evidence import Evidence
 from pacs_ai.report.quantitative import is_laa950, laa950_band
 from pacs_ai.report.text import (
@@ -89,6 +94,9 @@ def reference_values(evidence: Evidence) -> list[Reference]:
             refs.append(Reference(100.0 * f.probability, "%", f"probability of {f.name}", f.side))
         if f.threshold is not None:
             refs.append(Reference(100.0 * f.threshold, "%", f"threshold of {f.name}", f.side))
+        if f.size_mm is not None:  # a detected box's size
+            where = f" ({f.site})" if f.site else ""
+            refs.append(Reference(f.size_mm, "mm", f"size of {f.name}{where}", f.side))
     if evidence.context.patient_age_years is not None:
         refs.append(Reference(float(evidence.context.patient_age_years), "year", "patient age"))
     return refs
@@ -153,7 +161,10 @@ def check_numbers(text: str, evidence: Evidence) -> list[Violation]:
     """Every number has a unit and is a value of the evidence at its printed precision."""
     refs = reference_values(evidence)
     violations = []
+    counts = {c.start for c in count_statements(text, evidence)}  # checked by check_detections
     for n in find_numbers(text, _extra_units(evidence)):
+        if n.unit is None and n.start in counts:
+            continue
         if n.unit is None:
             violations.append(Violation("numbers", f"{n.text!r} has no unit (in {n.sentence!r})"))
             continue
@@ -281,6 +292,7 @@ def check_text(text: str, evidence: Evidence) -> GuardrailResult:
         + check_laterality(text, evidence)
         + check_negation(text, evidence)
         + check_unsupported(text, evidence)
+        + check_detections(text, evidence)
     )
     return GuardrailResult(tuple(violations))
 

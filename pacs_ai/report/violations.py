@@ -15,6 +15,7 @@ Check = Literal[
     "laterality",
     "negation",
     "unsupported",
+    "detections",
     "location",
     "severity",
     "certainty",

@@ -13,6 +13,9 @@ Wording:
   :mod:`pacs_ai.report.quantitative`, with the note that bands depend on the protocol;
 * classification findings with their probability and threshold as
   percentages, present ones marked "AI-detected, unverified";
+* a detector's boxes (:func:`detection_lines`): their number, the largest
+  with its site, then one sentence per box with its site, size and score;
+  "No ... detected by <model>" only where the profile asks for it;
 * segments the analyzers delineated, by name.
 
 :func:`impression_from_findings_text` is the template's findings-to-impression
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from pacs_ai.report.detections import detected_by_term, detection_noun
 from pacs_ai.report.drafters import DraftText, parse_params
 from pacs_ai.report.evidence import Evidence, Finding, Measurement, StudyContext
 from pacs_ai.report.quantitative import is_laa950, laa950_band
@@ -178,6 +182,45 @@ def _finding_sentence(f: Finding) -> str:
     return f"{_finding_name(f)}: not detected by AI{detail}."
 
 
+def detection_lines(evidence: Evidence) -> tuple[list[str], list[str]]:
+    """(findings sentences, impression sentences) for a detector's boxes, per finding term.
+
+    "2 pulmonary nodules detected by <model> (AI-detected, unverified),
+    largest 12.0 mm in the right lung." then "Right lung: pulmonary nodule
+    12.0 mm, score 87%." per box, largest first; the impression gives the
+    number and the largest.  A term the detector found nothing of (recorded
+    only where the profile asks) gives "No pulmonary nodules detected by <model>.".
+    """
+    findings: list[str] = []
+    impression: list[str] = []
+    for term, found in detected_by_term(evidence).items():
+        sample = next(f for f in evidence.findings if f.kind == "detection" and f.term == term)
+        by = f" by {sample.model}" if sample.model else ""
+        if not found:
+            line = f"No {detection_noun(sample, 0)} detected{by}."
+            findings.append(line)
+            impression.append(line)
+            continue
+        found = sorted(found, key=lambda f: -(f.size_mm or 0.0))
+        largest = found[0]
+        size = format_value(largest.size_mm, "mm") if largest.size_mm is not None else None
+        noun = detection_noun(largest, len(found))
+        summary = f"{len(found)} {noun} detected{by} (AI-detected, unverified)"
+        where = f" in the {largest.site}" if largest.site else ""
+        findings.append(f"{summary}, largest {size}{where}." if size else f"{summary}.")
+        for f in found:
+            details = [format_value(f.size_mm, "mm")] if f.size_mm is not None else []
+            if f.probability is not None:
+                details.append(f"score {percent(f.probability)}")
+            site = f.site[0].upper() + f.site[1:] if f.site else "Location not determined"
+            findings.append(f"{site}: {detection_noun(f, 1)} {', '.join(details)}.")
+        where = f" ({largest.site})" if largest.site else ""
+        impression.append(
+            f"AI-detected, unverified: {len(found)} {noun}" + (f", largest {size}{where}." if size else ".")
+        )
+    return findings, impression
+
+
 def template_findings(evidence: Evidence) -> str:
     """The findings section: context, measurements by site, densitometry band, findings, segments, prior."""
     lines: list[str] = []
@@ -193,7 +236,8 @@ def template_findings(evidence: Evidence) -> str:
     laa = _laa_sentence(evidence)
     if laa:
         lines.append(laa[0])
-    lines += [_finding_sentence(f) for f in evidence.findings]
+    lines += [_finding_sentence(f) for f in evidence.findings if f.kind != "detection"]
+    lines += detection_lines(evidence)[0]
     if evidence.segments:
         names = ", ".join(dict.fromkeys(s.label for s in evidence.segments))
         lines.append(f"Segmentations (DICOM SEG): {names}.")
@@ -208,9 +252,10 @@ def template_impression(evidence: Evidence) -> str:
     """The impression: AI-detected findings first, then the densitometry band, then total lung volume."""
     lines = []
     for f in evidence.findings:
-        if f.present:
+        if f.present and f.kind != "detection":
             probability = f", probability {percent(f.probability)}" if f.probability is not None else ""
             lines.append(f"AI-detected, unverified: {_finding_name(f)}{probability}.")
+    lines += detection_lines(evidence)[1]
     laa = _laa_sentence(evidence)
     if laa:
         lines.append(laa[1])
