@@ -391,6 +391,27 @@ def _findings(result: AnalysisResult, decision: PriorityDecision | None = None) 
 def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, series_uid: str) -> None:
     with session_scope(sessions) as session:
         job = session.get(Job, job_id)
+        # One entry per box the model reported (best first): what a report says about each nodule.
+        "detections": [
+            {
+                "finding": d.finding.meaning,
+                "code": asdict(d.finding),
+                "score": d.score,
+                "threshold": d.threshold,
+                "location": d.location or None,
+                "finding_site": d.finding_site.meaning if d.finding_site else None,
+                "diameter_mm": round(d.diameter_mm, 2),
+                "size_mm": [round(v, 2) for v in d.size_mm],
+                "center_mm": [round(v, 2) for v in d.center_mm],
+                "box_min_mm": list(d.box_min_mm),
+                "box_max_mm": list(d.box_max_mm),
+            }
+            for d in result.detections
+        ],
+        # Classes a detector found nothing of, recorded only where the profile asks (report_absent).
+        "not_detected": [{"finding": c.meaning, "code": asdict(c)} for c in result.not_detected],
+        # What produced the result, for sentences such as "... detected by <model>".
+        "title": result.title or result.algorithm.name,
         assert job is not None
         job.state = JobState.FAILED
         job.error = reason
