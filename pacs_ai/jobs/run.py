@@ -381,16 +381,6 @@ def _findings(result: AnalysisResult, decision: PriorityDecision | None = None) 
             }
             for f in result.findings
         ],
-        "priority": (
-            {"level": decision.priority.value, "reason": decision.reason} if decision is not None else None
-        ),
-        "notes": result.notes,
-    }
-
-
-def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, series_uid: str) -> None:
-    with session_scope(sessions) as session:
-        job = session.get(Job, job_id)
         # One entry per box the model reported (best first): what a report says about each nodule.
         "detections": [
             {
@@ -412,6 +402,16 @@ def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, se
         "not_detected": [{"finding": c.meaning, "code": asdict(c)} for c in result.not_detected],
         # What produced the result, for sentences such as "... detected by <model>".
         "title": result.title or result.algorithm.name,
+        "priority": (
+            {"level": decision.priority.value, "reason": decision.reason} if decision is not None else None
+        ),
+        "notes": result.notes,
+    }
+
+
+def _finish_failed(sessions: sessionmaker[Session], job_id: int, reason: str, series_uid: str) -> None:
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
         assert job is not None
         job.state = JobState.FAILED
         job.error = reason
