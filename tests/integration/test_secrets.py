@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -19,9 +21,15 @@ from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent
 from pacs_ai.redact import redact_text
-from pacs_ai.report.drafters import DrafterConfig
+from pacs_ai.report.drafters import DrafterConfig, DrafterError
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.worklist.server import worklist_options
+from tests.integration.test_drafter_backends import (  # noqa: F401 (the tiny model fixture)
+    VOCABULARY,
+    tiny_model_dir,
+    transformers_serve,
+)
+from tests.peers import caddy_bearer_proxy
 
 DB_PASSWORD = "db-pw-7f3a9c"
 BROKER_PASSWORD = "broker-pw-51be"
@@ -129,27 +137,8 @@ class _Receiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 calls.append((dict(self.headers), body))
-                # Answered as a chat completion would be; a webhook caller ignores the body.
-                answer = json.dumps(
-                    {
-                        "id": "1",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": "m",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": "ok"},
-                            }
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
+                self.send_response(204)
                 self.end_headers()
-                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -189,19 +178,46 @@ def test_the_signing_key_is_kept_in_the_data_dir_when_not_set(tmp_path):
     assert (tmp_path / "webhook-signing.key").stat().st_mode & 0o777 == 0o600
 
 
-def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(tmp_path, receiver):
-    settings = Settings(data_dir=tmp_path, report_llm_api_key="llm-key-5e0a")
-    pipeline = ReportPipeline(settings, make_session_factory(make_engine(settings.effective_database_url)))
-    base_url = receiver.url.split("/hooks")[0] + "/v1"
-    drafter = pipeline.drafter_for(
-        DrafterConfig(backend="openai", params={"base_url": base_url, "model": "m"})
-    )
-    assert drafter is not None and drafter.complete("a prompt") == "ok"
-    [(headers, _)] = receiver.calls
-    assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer llm-key-5e0a"
-    assert "llm-key-5e0a" not in repr(settings) and "llm-key-5e0a" not in json.dumps(
-        settings.child_environment()
-    )
+def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(
+    tmp_path, tiny_model_dir, caplog  # noqa: F811 (the fixture imported above)
+):
+    """``transformers serve`` behind Caddy, which passes on only requests that carry the key.
+
+    The draft comes back through the proxy with the key of ``report_llm_api_key``, Caddy's access log
+    shows the header it got, a wrong key is refused there (HTTP 401), and neither key is in our logs,
+    the error that becomes the draft's fallback reason (stored and audited), the settings' repr or a
+    child's environment.
+    """
+    key, wrong_key = "llm-key-5e0a", "another-key-77c1"
+    proxy_dir = tmp_path / "caddy"
+    proxy_dir.mkdir()
+
+    def drafter(settings: Settings, base_url: str) -> Any:
+        sessions = make_session_factory(make_engine(settings.effective_database_url))
+        pipeline = ReportPipeline(settings, sessions)
+        params = {"base_url": base_url, "model": str(tiny_model_dir), "max_tokens": 4, "max_retries": 0}
+        return pipeline.drafter_for(DrafterConfig(backend="openai", params=params))
+
+    settings = Settings(data_dir=tmp_path, report_llm_api_key=key)
+    with (
+        transformers_serve(tiny_model_dir) as served,
+        caddy_bearer_proxy(urlsplit(served).netloc, key, proxy_dir) as (proxy, access_log),
+        caplog.at_level(logging.DEBUG),
+    ):
+        answer = drafter(settings, f"{proxy}/v1").complete("Small left pleural effusion.")
+        wrong_settings = settings.model_copy(update={"report_llm_api_key": wrong_key})
+        refused_drafter = drafter(wrong_settings, f"{proxy}/v1")
+        with pytest.raises(DrafterError, match="HTTP 401") as refused:
+            refused_drafter.complete("Small left pleural effusion.")
+    assert answer.split() and set(answer.split()) <= set(VOCABULARY)  # the tiny model's own words
+    seen = [json.loads(line) for line in access_log.read_text().splitlines()]
+    assert [(r["request"]["uri"], r["status"], r["request"]["headers"]["Authorization"]) for r in seen] == [
+        ("/v1/chat/completions", 200, [f"Bearer {key}"]),
+        ("/v1/chat/completions", 401, [f"Bearer {wrong_key}"]),
+    ]
+    assert "/v1/chat/completions" in caplog.text  # the requests were logged, without their key
+    assert key not in caplog.text and wrong_key not in caplog.text and wrong_key not in str(refused.value)
+    assert key not in repr(settings) and key not in json.dumps(settings.child_environment())
 
 
 def test_the_worklist_takes_its_fhir_token_and_session_key_from_the_secret_settings(tmp_path):
