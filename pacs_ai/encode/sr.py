@@ -23,11 +23,14 @@ Structure (all built with highdicom's template classes):
 * one TID 1501 group per finding site for measurements over a whole region
   (``MeasurementSpec.segment_number is None``), e.g. both lungs together,
   inferred from all segments and a point inside them;
-* one TID 1501 group per detection (:class:`~pacs_ai.analyze.base.DetectionSpec`):
-  Finding, Finding Site, the box's Width / Height / Depth (mm, along rows,
-  columns and the slice normal) and the model's score as "Certainty of
-  Finding", each inferred from the box's outline (a closed POLYLINE SCOORD on
-  the source image nearest the box centre), with its own tracking UID;
+* two groups per detection (:class:`~pacs_ai.analyze.base.DetectionSpec`)
+  sharing one tracking identity (:func:`_detection_groups`): a TID 1410
+  group with the box's outline as its Image Region (a closed POLYLINE SCOORD
+  on the source image nearest the box centre), Finding and Finding Site (the
+  lung the box is in), which OHIF 3.13 hydrates into its measurements panel
+  as a rectangle it can jump to; and a TID 1501 group with the box's Width /
+  Height / Depth (mm, along rows, columns and the slice normal) and the
+  model's score as "Certainty of Finding", each inferred from the outline;
 * one image-level TID 1501 group per classification finding
   (:class:`~pacs_ai.analyze.base.FindingSpec`), referencing the source
   image(s), with the finding as Finding, a qualitative evaluation
@@ -173,9 +176,7 @@ def _finding_sites(specs: Sequence[MeasurementSpec]) -> list[hd.sr.FindingSite] 
 _Anchor = tuple[Dataset, np.ndarray]
 
 
-def _anchor(
-    volume: Volume, labels: np.ndarray | None, numbers: Sequence[int], taken: set[int]
-) -> _Anchor:
+def _anchor(volume: Volume, labels: np.ndarray | None, numbers: Sequence[int], taken: set[int]) -> _Anchor:
     """A point inside segments ``numbers``: nearest their centre on the slice where they are largest.
 
     Viewers put a group's label there and open that image when the group is
@@ -401,34 +402,52 @@ def _box_outline(header: Dataset, detection: DetectionSpec) -> tuple[np.ndarray,
     return outline, (float(extents[0]), float(extents[1]), float(extents[2]))
 
 
-def _detection_group(
+def _detection_groups(
     index: int,
     detection: DetectionSpec,
     volume: Volume,
     algorithm: AlgorithmInfo,
     sop_instance_uid: str,
     uid_prefix: str | None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """A TID 1501 group for one detected box: its size and score, each inferred from its outline.
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """Two groups for one detected box, with one tracking identity: its region, then its measurements.
 
-    The outline is the box's rectangle on the source image nearest its centre
-    (a closed POLYLINE SCOORD); the extents are the box's, in mm.
+    * TID 1410: the box's outline on the source image nearest its centre as
+      the Image Region (a closed POLYLINE SCOORD, 5 points), Finding and
+      Finding Site, no measurements.  This is the group OHIF 3.13 hydrates
+      into its measurements panel: @cornerstonejs/adapters take an Image Region
+      (DCM 111030) POLYLINE of 5 points for a RectangleROI, and read its
+      corners from the group's first NUM when there is one, which a TID 1410
+      NUM cannot give (no INFERRED FROM coordinates there);
+    * TID 1501: the box's Width / Height / Depth (mm) and the model's score,
+      each INFERRED FROM the same outline.
+
+    Both carry the same Tracking Identifier and Tracking Unique Identifier
+    (the same finding), so a viewer lists one nodule with its values.
     """
     header = _detection_plane(volume, detection)
     outline, extents = _box_outline(header, detection)
     location = _Sources([_coordinates(header, hd.sr.GraphicTypeValues.POLYLINE, outline)])
-    code = detection.finding
-    tracking = hd.sr.TrackingIdentifier(
-        uid=derived_uid(
-            sop_instance_uid,
-            "tracking",
-            "detection",
-            str(index),
-            *(f"{v:.3f}" for v in detection.center_mm),
-            prefix=uid_prefix,
-        ),
-        identifier=f"{code.meaning} {index} (AI detection)",
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline + 0.5,  # (0.5, 0.5) is the centre of the top left pixel
+        source_image=hd.sr.SourceImageForRegion.from_source_image(header),
     )
+    code = detection.finding
+
+    def tracking() -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(
+            uid=derived_uid(
+                sop_instance_uid,
+                "tracking",
+                "detection",
+                str(index),
+                *(f"{v:.3f}" for v in detection.center_mm),
+                prefix=uid_prefix,
+            ),
+            identifier=f"{code.meaning} {index} (AI detection)",
+        )
+
     algorithm_id = _algorithm_id(algorithm)
     measurements = [
         _located_measurement(name, round(extent, 2), _MILLIMETRE, algorithm_id, location)
@@ -437,13 +456,22 @@ def _detection_group(
     measurements.append(
         _located_measurement(CERTAINTY_OF_FINDING, detection.score, PROBABILITY_UNIT, algorithm_id, location)
     )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        finding_type=to_pydicom_code(code),
-        algorithm_id=algorithm_id,
-        finding_sites=_optional_site(detection.finding_site),
-        measurements=measurements,
-    )
+    return [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(),
+            referenced_region=region,
+            finding_type=to_pydicom_code(code),
+            algorithm_id=algorithm_id,
+            finding_sites=_optional_site(detection.finding_site),
+        ),
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(),
+            finding_type=to_pydicom_code(code),
+            algorithm_id=algorithm_id,
+            finding_sites=_optional_site(detection.finding_site),
+            measurements=measurements,
+        ),
+    ]
 
 
 def _check_finding(finding: FindingSpec) -> None:
@@ -808,7 +836,9 @@ def build_measurement_report(
     def sources(numbers: Sequence[int]) -> _Sources:
         return _sources(segmentation, numbers, _anchor(volume, result.labels, numbers, taken))
 
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
     if segmentation is not None:  # without one, _check_inputs made sure there are no segments
         for segment in result.segments:
             specs = [m for m in result.measurements if m.segment_number == segment.number]
@@ -829,9 +859,7 @@ def build_measurement_report(
             _region_group(site, specs, sources(every_segment), algorithm_id, sop_instance_uid, uid_prefix)
         )
     for index, detection in enumerate(result.detections, start=1):
-        groups.append(
-            _detection_group(index, detection, volume, result.algorithm, sop_instance_uid, uid_prefix)
-        )
+        groups += _detection_groups(index, detection, volume, result.algorithm, sop_instance_uid, uid_prefix)
     for finding in result.findings:
         groups.append(_finding_group(finding, volume.headers, result.algorithm, sop_instance_uid, uid_prefix))
 

@@ -2,10 +2,11 @@
 // @cornerstonejs/adapters' MeasurementReport.generateToolState turns the SR's measurement groups into
 // Cornerstone annotations.  Usage: node cornerstone_read.mjs SEG SR PLANES_JSON; prints one JSON object.
 //
-// pacs-ai's groups are TID 1501 groups whose measurements are inferred from an SCOORD on a source image;
-// the adapters pick a tool for a group by its Cornerstone tracking identifier or by a group-level
-// graphic, neither of which pacs-ai's groups have, so the reader registers the tool the way a viewer
-// does for SR content it did not write: through the getToolClass hook, by the graphic type of the
+// pacs-ai's measurement groups are TID 1501 groups whose measurements are inferred from an SCOORD on a
+// source image; the adapters pick a tool for a group by its Cornerstone tracking identifier or by a
+// group-level graphic, which only a detection's TID 1410 region group has (its Image Region: a
+// RectangleROI without any hook).  For the others the reader registers the tool the way a viewer does
+// for SR content it did not write: through the getToolClass hook, by the graphic type of the
 // measurement's SCOORD (POINT -> Probe, POLYLINE -> RectangleROI).
 import fs from 'node:fs';
 import dcmjs from 'dcmjs';

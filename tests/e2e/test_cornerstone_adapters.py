@@ -85,11 +85,19 @@ def test_dcmjs_and_adapters_read_seg_and_sr(node_project: Path, tmp_path: Path) 
     assert read["segmentLabels"] == ["Right lung", "Left lung"]
     assert read["segFrames"] == int(seg.NumberOfFrames)
     assert read["srTemplate"] == "1500"
-    assert read["measurementGroups"] == 4  # two lungs, both lungs together, one nodule
-    # Without a hook the adapters know only groups Cornerstone wrote itself.
-    assert read["withoutHooks"] == []
+    # Two lungs, both lungs together, and the nodule's region (TID 1410) and values (TID 1501).
+    assert read["measurementGroups"] == 5
+    # Without a hook the adapters know groups Cornerstone wrote itself, and the nodule by its Image
+    # Region (DCM 111030, a closed POLYLINE of 5 points: a RectangleROI), which is how OHIF hydrates it.
+    assert read["withoutHooks"] == ["RectangleROI"]
     measurements = read["measurements"]
-    assert sorted(m["toolType"] for m in measurements) == ["Probe", "Probe", "Probe", "RectangleROI"]
+    assert sorted(m["toolType"] for m in measurements) == [
+        "Probe",
+        "Probe",
+        "Probe",
+        "RectangleROI",
+        "RectangleROI",
+    ]
     tracking = {
         item.UID
         for item in (

@@ -154,14 +154,23 @@ def test_detections_become_located_groups(tmp_path: Path) -> None:
     nodules = [
         g for g in groups if _children(g, "Finding")[0].ConceptCodeSequence[0].CodeValue == NODULE.value
     ]
-    assert len(nodules) == 2
-    tracking_uids = {_children(g, "Tracking Unique Identifier")[0].UID for g in nodules}
-    assert len(tracking_uids) == 2
-    assert [_children(g, "Tracking Identifier")[0].TextValue for g in nodules] == [
-        "Nodule 1 (AI detection)",
-        "Nodule 2 (AI detection)",
-    ]
-    first = nodules[0]
+    # Per nodule a TID 1410 group with its outline as Image Region (what OHIF hydrates) and a TID 1501
+    # group with its values, both with the nodule's tracking identity.
+    regions = [g for g in nodules if _children(g, "Image Region")]
+    valued = [g for g in nodules if not _children(g, "Image Region")]
+    assert len(regions) == len(valued) == 2
+    tracking_uids = [_children(g, "Tracking Unique Identifier")[0].UID for g in valued]
+    assert len(set(tracking_uids)) == 2
+    assert [_children(g, "Tracking Unique Identifier")[0].UID for g in regions] == tracking_uids
+    for groups_of_a_kind in (regions, valued):
+        assert [_children(g, "Tracking Identifier")[0].TextValue for g in groups_of_a_kind] == [
+            "Nodule 1 (AI detection)",
+            "Nodule 2 (AI detection)",
+        ]
+    region = _children(regions[0], "Image Region")[0]
+    assert (region.ValueType, region.GraphicType, len(region.GraphicData)) == ("SCOORD", "POLYLINE", 10)
+    assert [item.ValueType for item in regions[0].ContentSequence].count("NUM") == 0
+    first = valued[0]
     assert _children(first, "Finding Site")[0].ConceptCodeSequence[0].CodeValue == RIGHT_LUNG.value
     values = {
         num.ConceptNameCodeSequence[0].CodeMeaning: float(num.MeasuredValueSequence[0].NumericValue)
@@ -174,6 +183,7 @@ def test_detections_become_located_groups(tmp_path: Path) -> None:
         assert outline.ValueType == "SCOORD" and outline.GraphicType == "POLYLINE"
         points = np.array(outline.GraphicData, dtype=float).reshape(-1, 2)
         assert len(points) == 5 and np.allclose(points[0], points[-1])  # closed rectangle
+        assert list(outline.GraphicData) == list(region.GraphicData)  # the values' outline is the region
         image = outline.ContentSequence[0].ReferencedSOPSequence[0]
         # Drawn on the slice nearest the box centre (z[3] + 1.5 mm, slices 2.5 mm apart).
         assert image.ReferencedSOPInstanceUID == volume.headers[4].SOPInstanceUID
@@ -192,18 +202,24 @@ def test_each_group_is_labelled_on_a_slice_of_its_own(tmp_path: Path) -> None:
     sr_path = next(p for p in _write_all(volume, result, tmp_path, "slices") if p.name == "sr.dcm")
     sr = pydicom.dcmread(sr_path)
     measurements = _children(sr, "Imaging Measurements")[0]
-    slices_of_groups = []
+    slices_of_findings: dict[str, set[str]] = {}  # a nodule's region and values groups: one finding
     for group in _children(measurements, "Measurement Group"):
-        images = {
-            source.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        scoords = [
+            source
             for num in group.ContentSequence
             if num.ValueType == "NUM"
             for source in num.get("ContentSequence", [])
             if source.ValueType == "SCOORD"
+        ] + _children(group, "Image Region")
+        images = {
+            scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID for scoord in scoords
         }
         assert len(images) == 1, images  # all of a group's values are placed on one image
-        slices_of_groups.append(images.pop())
-    # Right lung, left lung, both lungs and the nodule: four groups, four slices.
+        uid = _children(group, "Tracking Unique Identifier")[0].UID
+        slices_of_findings.setdefault(uid, set()).update(images)
+    assert all(len(images) == 1 for images in slices_of_findings.values()), slices_of_findings
+    slices_of_groups = [images.pop() for images in slices_of_findings.values()]
+    # Right lung, left lung, both lungs and the nodule: four findings, four slices.
     assert len(slices_of_groups) == 4 and len(set(slices_of_groups)) == 4, slices_of_groups
 
 
