@@ -6,7 +6,10 @@ tokenizer or processor that loads offline from the same directory:
 * text-only: Llama (``LlamaForCausalLM``), trained by :func:`train_impression_model`
   on template impressions so that its drafts pass the guardrails;
 * image-text-to-text: Gemma 3 (MedGemma's family), Qwen2.5-VL and LLaVA, each
-  with its own processor class built from its image-processor class.
+  with its own processor class built from its image-processor class.  Without
+  torchvision, Qwen2.5-VL's processor is built without its video processor
+  (which needs torchvision) from the slow PIL/numpy image processor and saved
+  under the family's class name, as a site's checkpoint has it.
 
 The tokenizer is a byte-level BPE trained on the prompts and template drafts
 (:func:`draft_corpus`), wrapped in ``PreTrainedTokenizerFast``, with the
@@ -16,6 +19,7 @@ family's image tokens added as special tokens.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,8 +27,10 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers.utils import is_torchvision_available
 
 from pacs_ai.report.drafters.template import TemplateDrafter
+from pacs_ai.report.drafters.transformers_backend import images_only_processor
 from pacs_ai.report.prompts import impression_prompt
 
 PAD, EOS = "<pad>", "<eos>"
@@ -172,15 +178,26 @@ def build_qwen2_5_vl(directory: Path) -> Path:
         vision_start_token_id=tokenizer.convert_tokens_to_ids(start),
         vision_end_token_id=tokenizer.convert_tokens_to_ids(end),
     )
-    image_processor = transformers.Qwen2VLImageProcessor(
-        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64
-    )
-    processor = transformers.Qwen2_5_VLProcessor(  # no video processor: it needs torchvision
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-    )
-    return _save(directory, transformers.Qwen2_5_VLForConditionalGeneration(config), processor)
+    sizes = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
+    pixels = {"min_pixels": 32 * 32, "max_pixels": 64 * 64}
+    parts = {"tokenizer": tokenizer, "chat_template": tokenizer.chat_template}
+    if is_torchvision_available():
+        processor = transformers.Qwen2_5_VLProcessor(
+            image_processor=transformers.Qwen2VLImageProcessor(**sizes, **pixels),
+            video_processor=transformers.Qwen2VLVideoProcessor(**sizes),
+            **parts,
+        )
+    else:
+        # The slow (PIL/numpy) image processor; the video processor needs torchvision, so the
+        # processor is built without one and saved under the family's class name, as sites have it.
+        images_only = images_only_processor(transformers.Qwen2_5_VLProcessor)
+        processor = images_only(
+            image_processor=transformers.Qwen2VLImageProcessorPil(**sizes, **pixels), **parts
+        )
+    _save(directory, transformers.Qwen2_5_VLForConditionalGeneration(config), processor)
+    saved = directory / "processor_config.json"
+    saved.write_text(json.dumps(json.loads(saved.read_text()) | {"processor_class": "Qwen2_5_VLProcessor"}))
+    return directory
 
 
 def build_llava(directory: Path) -> Path:
@@ -257,3 +274,33 @@ def train_impression_model(directory: Path, *, steps: int = 250, seed: int = 0) 
         optimizer.zero_grad()
     model.eval()
     return _save(directory, model, tokenizer)
+
+
+#: A model directory's own processor code, for ``transformers serve --trust-remote-code`` without torchvision.
+_IMAGES_ONLY_CODE = '''"""Qwen2.5-VL's processor for still images (its video processor needs torchvision)."""
+
+from transformers import Qwen2_5_VLProcessor
+
+
+class Qwen2_5_VLProcessorImagesOnly(Qwen2_5_VLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+        )
+'''
+
+
+def with_images_only_processor_code(directory: Path) -> Path:
+    """Give a Qwen2.5-VL directory its own image-only processor class as remote code (``auto_map``).
+
+    How a site serves the family with ``transformers serve`` on a host without
+    torchvision: the server loads ``AutoProcessor`` and has no fallback of its own.
+    """
+    (directory / "processing_images_only.py").write_text(_IMAGES_ONLY_CODE)
+    saved = directory / "processor_config.json"
+    auto_map = {"AutoProcessor": "processing_images_only.Qwen2_5_VLProcessorImagesOnly"}
+    saved.write_text(json.dumps(json.loads(saved.read_text()) | {"auto_map": auto_map}))
+    return directory

@@ -17,6 +17,9 @@ template draft can be shown to the radiologist:
   present must not be negated, one it reports absent must not be asserted;
 * **unsupported** (:func:`check_unsupported`): a finding term the evidence
   does not speak about must neither be asserted nor ruled out;
+* **format** (:func:`check_form`): prose only, no garbled characters, model
+  tokens, placeholders or echoed prompt (a prompt's facts pass every check
+  above);
 * **detections** (:func:`pacs_ai.report.detections.check_detections`): a
   count of a detected finding ("3 pulmonary nodules") is the number of boxes
   the detector found, and a draft stating no count gives each box's size, so
@@ -30,12 +33,14 @@ findings, segments whose names are chest finding terms, and emphysema when a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pacs_ai.report.consistency import check_against_findings
 from pacs_ai.report.detections import check_detections, count_statements
 from pacs_ai.report.evidence import Evidence
+from pacs_ai.report.prompts import IMPRESSION_INSTRUCTION, REPORT_INSTRUCTION
 from pacs_ai.report.quantitative import is_laa950, laa950_band
 from pacs_ai.report.text import (
     DISPLAY_UNITS,
@@ -48,7 +53,7 @@ from pacs_ai.report.text import (
 from pacs_ai.report.violations import GuardrailResult, Violation
 from pacs_ai.report.vocabulary import CHEST_TERMS, term_for_name, term_patterns
 
-__all__ = ["GuardrailResult", "Violation", "check_draft", "check_text"]
+__all__ = ["GuardrailResult", "Violation", "check_draft", "check_form", "check_text"]
 
 
 @dataclass(frozen=True)
@@ -297,10 +302,48 @@ def check_text(text: str, evidence: Evidence) -> GuardrailResult:
     return GuardrailResult(tuple(violations))
 
 
+#: Characters no report has: control characters and U+FFFD (bytes a model decoded into nothing readable).
+_UNREADABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+#: Model control tokens (``<|image_pad|>``, ``<start_of_image>``) and the prompt's placeholders.
+_MARKUP = re.compile(r"<\|[^<>|\n]{1,40}\|>|<[A-Za-z][A-Za-z_ ]{0,40}>")
+#: What only the prompt says: its facts heading and the way it lists findings.
+_PROMPT_MARKERS = re.compile(r"(?im)^\s*facts\s*:|AI-detected \(present\)|not detected \(absent\)")
+#: The instructions' sentences (of four words or more), which a draft that echoes its prompt repeats.
+_INSTRUCTION_SENTENCES = tuple(
+    sentence.strip().lower()
+    for instruction in (REPORT_INSTRUCTION, IMPRESSION_INSTRUCTION)
+    for sentence in re.split(r"[.:;\n]", instruction)
+    if len(sentence.split()) >= 4
+)
+
+
+def check_form(text: str) -> list[Violation]:
+    """The draft is report prose: no garbled characters, model tokens, placeholders or echoed prompt.
+
+    A model that echoes its prompt repeats the facts it was given, which pass
+    every content check; a radiologist must still never receive the
+    instructions, the facts list or ``<findings sentences>`` as a draft.
+    """
+    violations = []
+    if _UNREADABLE.search(text):
+        violations.append(Violation("format", "the draft has unreadable (control or undecodable) characters"))
+    markup = sorted({m.group() for m in _MARKUP.finditer(text)})
+    if markup:
+        shown = ", ".join(repr(m) for m in markup[:3])
+        violations.append(Violation("format", f"the draft has model tokens or placeholders: {shown}"))
+    lowered = text.lower()
+    if _PROMPT_MARKERS.search(text) or any(s in lowered for s in _INSTRUCTION_SENTENCES):
+        violations.append(
+            Violation("format", "the draft repeats the prompt (its instructions or facts list)")
+        )
+    return violations
+
+
 def check_draft(findings: str, impression: str, evidence: Evidence) -> GuardrailResult:
-    """The guardrails for a whole draft: both sections present, and every content check on both."""
+    """The guardrails for a whole draft: both sections present, its form, and every content check on both."""
     violations: list[Violation] = []
     if not impression.strip():
         violations.append(Violation("format", "the draft has no impression"))
+    violations += check_form(f"{findings}\n{impression}")
     violations += check_text(f"{findings}\n{impression}", evidence).violations
     return GuardrailResult(tuple(violations))

@@ -10,7 +10,8 @@ from pacs_ai.report.drafters import DrafterConfig, DraftText
 from pacs_ai.report.drafters.openai_backend import check_endpoint_is_local
 from pacs_ai.report.drafters.template import TemplateDrafter
 from pacs_ai.report.evidence import evidence_from_findings
-from pacs_ai.report.guardrails import check_draft, check_text
+from pacs_ai.report.guardrails import check_draft, check_form, check_text
+from pacs_ai.report.prompts import parse_report, report_prompt
 
 
 @pytest.fixture
@@ -34,9 +35,7 @@ def test_a_wrong_number_is_rejected(evidence):
 
 
 def test_a_number_at_its_printed_precision_and_in_other_units_passes(evidence):
-    assert (
-        reasons("Right lung volume 2512 mL, about 2.5 L; mean lung density -862 HU.", evidence) == []
-    )
+    assert reasons("Right lung volume 2512 mL, about 2.5 L; mean lung density -862 HU.", evidence) == []
 
 
 def test_a_number_without_unit_or_with_another_unit_is_rejected(evidence):
@@ -125,6 +124,23 @@ def test_a_draft_that_passes_is_kept(evidence):
     draft = draft_report(evidence, drafter=good)
     assert (draft.backend, draft.model_id, draft.fallback_reason) == ("fixed", "fixed-answer", None)
     assert draft.text.startswith(UNVERIFIED_HEADER) and "fixed (fixed-answer) backend" in draft.text
+
+
+def test_a_draft_that_echoes_its_prompt_is_refused_though_its_facts_pass(evidence):
+    """What transformers serve returned for a tiny Qwen2.5-VL: image tokens, the prompt, then noise."""
+    prompt = report_prompt(evidence)
+    echoed = "<|vision_start|><|image_pad|><|vision_end|>" + prompt + "U\ufffd riOjra\x00"
+    text = parse_report(echoed)
+    assert text.findings == "<findings sentences>"  # the facts list lands in the impression
+    assert check_text(f"{text.findings}\n{text.impression}", evidence).passed  # every fact is true
+    draft = draft_report(evidence, drafter=FixedAnswerDrafter(text.findings, text.impression))
+    assert draft.backend == "template" and draft.rejected == text
+    for part in ("unreadable", "model tokens or placeholders: '<findings sentences>'", "repeats the prompt"):
+        assert part in draft.fallback_reason
+    # Each form check on its own; report prose with "<" for "less than" is not markup.
+    only = [check_form(t) for t in ("Facts:\n- Lung", "use only the facts listed.", "Nodule <|im_end|>")]
+    assert [[v.check for v in found] for found in only] == [["format"]] * 3
+    assert check_form("Left pneumothorax, < 5 mm apart from the pleura.\nNo effusion.") == []
 
 
 def test_backend_configuration_errors_fall_back_with_the_reason(evidence, tmp_path):

@@ -20,10 +20,19 @@ unless the profile turns it on.
 ``image-text-to-text`` loads ``AutoProcessor`` + ``AutoModelForImageTextToText``
 and passes the key images (:func:`pacs_ai.report.images.render_key_images`)
 with the prompt.  The model is loaded on first use and kept by the instance.
+
+Families whose processor also handles video (Qwen2-VL, Qwen2.5-VL) need
+torchvision for that video processor alone; the drafter sends still key
+images only, so where torchvision is not installed (a CPU-only torch build
+has no matching torchvision wheel on PyPI) the family's processor is loaded
+without its video processor (:func:`images_only_processor`): the image
+processor's PIL/numpy implementation, the tokenizer and the chat template
+come from the model directory as ``AutoProcessor`` would load them.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -80,6 +89,65 @@ class TransformersParams(BaseModel):
         return value
 
 
+def images_only_processor(processor_class: Any) -> Any:
+    """``processor_class`` without its video processor: a subclass whose processor parts are images and text.
+
+    transformers' processors take their parts from their ``__init__`` arguments;
+    this subclass takes ``image_processor`` and ``tokenizer`` only and gives the
+    family's own ``__init__`` no video processor, so the family's text and image
+    handling (image token expansion, chat template) is unchanged.
+    """
+
+    def __init__(
+        self: Any,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        processor_class.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    doc = f"{processor_class.__name__} for still images: no video processor (that one needs torchvision)."
+    return type(
+        f"{processor_class.__name__}ImagesOnly", (processor_class,), {"__init__": __init__, "__doc__": doc}
+    )
+
+
+def _load_processor(transformers: Any, model_dir: Path, common: dict[str, Any]) -> Any:
+    """``AutoProcessor`` for ``model_dir``; without torchvision, the family's processor less its video."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(model_dir, **common)
+    except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available():
+            raise
+        config = transformers.AutoConfig.from_pretrained(model_dir, **common)
+        class_name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+        processor_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+        if processor_class is None or "video_processor" not in inspect.signature(processor_class).parameters:
+            raise
+        log.warning(
+            "torchvision is not installed: %s is loaded without its video processor (still images only)",
+            class_name,
+        )
+        try:
+            return images_only_processor(processor_class).from_pretrained(model_dir, **common)
+        except (OSError, ValueError, ImportError, AttributeError, TypeError) as second:
+            raise DrafterError(
+                f"cannot load the processor in {model_dir}: {exc}; without torchvision, {class_name} without "
+                f"its video processor failed too: {second} (install a torchvision matching torch)"
+            ) from second
+
+
 class TransformersDrafter:
     """Drafts with a local transformers model; see the module docstring."""
 
@@ -124,7 +192,7 @@ class TransformersDrafter:
                         p.model_dir, dtype=dtype, **common
                     )
                 else:
-                    processor = transformers.AutoProcessor.from_pretrained(p.model_dir, **common)
+                    processor = _load_processor(transformers, p.model_dir, common)
                     model = transformers.AutoModelForImageTextToText.from_pretrained(
                         p.model_dir, dtype=dtype, **common
                     )
