@@ -258,6 +258,22 @@ class Settings(BaseSettings):
     #: on several hosts, so they all sign with the same key.
     webhook_signing_secret: SecretStr | None = None
 
+    # Prometheus metrics (pacs_ai.metrics): each host serves /metrics for Prometheus to scrape
+    #: Serve /metrics at all (``pacs-ai serve`` and ``pacs-ai worker``); false starts no exporter.
+    metrics_enabled: bool = True
+    #: Address of the exporters; loopback by default: set 0.0.0.0 (or the host's address) for a
+    #: Prometheus on another machine, and firewall the port to it.
+    metrics_host: str = "127.0.0.1"
+    #: Port of ``pacs-ai serve``'s exporter: the listener, scheduler, local workers and worklist.
+    metrics_port: int = Field(default=9180, gt=0, lt=65536)
+    #: Port of the exporter of ``pacs-ai worker`` on a host of its own (the workers ``pacs-ai serve``
+    #: starts are in its exporter).
+    worker_metrics_port: int = Field(default=9181, gt=0, lt=65536)
+    #: Also serve /metrics on the worklist web app, to signed-in administrators only.
+    worklist_metrics: bool = False
+    #: Seconds between two readings of the broker's queues, the index and the disk by the scheduler.
+    metrics_sample_seconds: float = Field(default=15.0, gt=0)
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -353,6 +369,11 @@ class Settings(BaseSettings):
     def child_settings_file(self) -> Path:
         """Where :meth:`child_environment` leaves the settings for the children of ``pacs-ai serve``."""
         return self.data_dir / "run" / "child-settings.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """PROMETHEUS_MULTIPROC_DIR of this host's pacs-ai processes; emptied when the service starts."""
+        return self.data_dir / "run" / "metrics"
 
     @property
     def effective_settings_file(self) -> Path:

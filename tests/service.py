@@ -97,6 +97,8 @@ class PacsAiService:
         self.port = free_port()
         #: The worklist web app ``pacs-ai serve`` runs (PACS_AI_WORKLIST_ENABLED=false in extra_env: none).
         self.worklist_port = free_port()
+        #: The service's Prometheus exporter (/metrics).
+        self.metrics_port = free_port()
         self.ae_title = ae_title
         self.process: subprocess.Popen[bytes] | None = None
         self._postgres: PostgresDatabase | None = None
@@ -113,6 +115,9 @@ class PacsAiService:
             "PACS_AI_DESTINATIONS": json.dumps(destinations or {}),
             "PACS_AI_WORKLIST_HOST": "127.0.0.1",
             "PACS_AI_WORKLIST_PORT": str(self.worklist_port),
+            "PACS_AI_METRICS_PORT": str(self.metrics_port),
+            # Gauges (queue depths, backlogs, disk) read every second rather than every 15.
+            "PACS_AI_METRICS_SAMPLE_SECONDS": "1",
             **({"PACS_AI_PROFILES_DIR": str(profiles_dir)} if profiles_dir else {}),
             **(extra_env or {}),
         }
@@ -124,6 +129,16 @@ class PacsAiService:
     def worklist_url(self) -> str:
         """Base URL of the worklist, without the trailing slash."""
         return f"http://127.0.0.1:{self.worklist_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def scrape(self) -> str:
+        """The text of the service's /metrics, as Prometheus would scrape it."""
+        response = httpx.get(self.metrics_url, timeout=10)
+        response.raise_for_status()
+        return response.text
 
     @property
     def worklist_enabled(self) -> bool:

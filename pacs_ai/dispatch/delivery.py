@@ -10,10 +10,12 @@ replaces or ignores the second copy instead of holding two.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.dispatch.errors import DeliveryError
@@ -47,6 +49,7 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
         assert result is not None
         destination_name, key, sop_uid = delivery.destination, result.path, result.sop_instance_uid
 
+    started = time.monotonic()
     destination = settings.destinations.get(destination_name)
     error: DeliveryError | None
     if destination is None:
@@ -82,6 +85,7 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
                 object_uid=sop_uid,
                 detail={"destination": destination_name},
             )
+            metrics.delivery_attempted(destination_name, "sent", time.monotonic() - started)
             return True
 
         delivery.last_status = error.status
@@ -116,6 +120,8 @@ def attempt_delivery(settings: Settings, sessions: sessionmaker[Session], delive
             delivery.attempts,
             error,
         )
+        state = "retrying" if retry_in is not None else "failed"
+        metrics.delivery_attempted(destination_name, state, time.monotonic() - started)
         return False
 
 

@@ -32,6 +32,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.analyze.base import AnalysisFailed, AnalysisRefused, AnalysisResult, InvalidParameters
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.analyze.volume import Volume
@@ -136,17 +137,22 @@ def run_job(
         timings["peak_rss_is_per_job"] = float(per_job_peak)
     except AnalysisRefused as refused:
         _finish_failed(sessions, job_id, f"input: {refused}", series_uid)
+        metrics.job_finished(analyzer_name, "failed", "input")
         return []
     except InvalidParameters as invalid:
         _finish_failed(sessions, job_id, f"profile {profile_name}: {invalid}", series_uid)
+        metrics.job_finished(analyzer_name, "failed", "profile")
         return []
     except AnalysisFailed as failed:
         _finish_failed(sessions, job_id, f"analyzer {analyzer_name}: {failed}", series_uid)
+        metrics.job_finished(analyzer_name, "failed", "analyzer")
         return []
     except Exception as exc:
         _record_error(sessions, job_id, f"error: {type(exc).__name__}: {exc}")
+        metrics.job_finished(analyzer_name, "error", metrics.error_class(exc))
         raise
 
+    recording = time.perf_counter()
     with session_scope(sessions) as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -195,6 +201,10 @@ def run_job(
         timings["analyze_seconds"],
         timings["encode_seconds"],
     )
+    stages = {**timings, "record_seconds": time.perf_counter() - recording}
+    metrics.job_stages(analyzer_name, result.algorithm.name, stages)
+    metrics.job_finished(analyzer_name, "succeeded")
+    metrics.gpu_memory()
     return pending
 
 

@@ -81,6 +81,9 @@ class Negotiation:
     peer_maximum_pdu_length: int = 0
     #: Why the association was rejected (for the log).
     reason: str = ""
+    #: The kind of rejection, for metrics: protocol-version, application-context, called-ae,
+    #: calling-ae, unknown-peer, peer-mismatch, association-limit or low-disk.
+    reason_class: str = ""
 
 
 def negotiate(
@@ -111,28 +114,38 @@ def negotiate(
 
     calling = request.calling_ae_title.strip()
     called = request.called_ae_title.strip()
-    rejection: tuple[tuple[int, int, int], str] | None = None
+    rejection: tuple[tuple[int, int, int], str, str] | None = None
     if pdu.protocol_version != 1:
-        rejection = REJECT_PROTOCOL_VERSION, f"protocol version {pdu.protocol_version}"
+        rejection = REJECT_PROTOCOL_VERSION, f"protocol version {pdu.protocol_version}", "protocol-version"
     elif str(request.application_context_name) != APPLICATION_CONTEXT_NAME:
-        rejection = REJECT_APPLICATION_CONTEXT, f"application context {request.application_context_name}"
+        rejection = (
+            REJECT_APPLICATION_CONTEXT,
+            f"application context {request.application_context_name}",
+            "application-context",
+        )
     elif called != policy.ae_title:
-        rejection = REJECT_CALLED_AE, f"called AE title {called!r} is not {policy.ae_title!r}"
+        rejection = REJECT_CALLED_AE, f"called AE title {called!r} is not {policy.ae_title!r}", "called-ae"
     elif policy.allowed_calling_ae_titles and calling not in policy.allowed_calling_ae_titles:
-        rejection = REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed"
+        rejection = REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed", "calling-ae"
     elif refusal := check_known_peer(policy.known_peers, calling, peer_address, certificate_subject):
-        rejection = (REJECT_CALLING_AE if refusal.unknown_ae else REJECT_NO_REASON), refusal.reason
+        rejection = (
+            (REJECT_CALLING_AE, refusal.reason, "unknown-peer")
+            if refusal.unknown_ae
+            else (REJECT_NO_REASON, refusal.reason, "peer-mismatch")
+        )
     elif over_limit:
-        rejection = REJECT_LOCAL_LIMIT, over_limit if isinstance(over_limit, str) else "too many associations"
+        limit_reason = over_limit if isinstance(over_limit, str) else "too many associations"
+        rejection = REJECT_LOCAL_LIMIT, limit_reason, "association-limit"
     elif low_disk:
-        rejection = REJECT_LOCAL_LIMIT, low_disk
+        rejection = REJECT_LOCAL_LIMIT, low_disk, "low-disk"
     if rejection is not None:
-        (result, source, diagnostic), reason = rejection
+        (result, source, diagnostic), reason, reason_class = rejection
         return Negotiation(
             reply=_reject_pdu(result, source, diagnostic),
             accepted=False,
             calling_ae_title=calling,
             reason=reason,
+            reason_class=reason_class,
         )
 
     user_items = request.user_information

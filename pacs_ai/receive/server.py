@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pacs_ai import metrics
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
 from pacs_ai.process import StopRequest
@@ -121,6 +122,9 @@ HEADER_PREFIX_BYTES = 64 * 1024
 #: Longest the listener waits for a requestor to close the connection after a rejection,
 #: release or abort (the ARTIM timer of PS3.8 9.1.5), in seconds.
 ARTIM_SECONDS = 5.0
+
+#: The DIMSE services by command field, as the ``command`` label of the response metrics.
+_COMMAND_NAMES = {C_ECHO_RQ: "C-ECHO", C_STORE_RQ: "C-STORE"}
 
 
 @dataclass(frozen=True)
@@ -700,6 +704,7 @@ class _Association:
                 self.server.record_association_event(
                     "association.aborted", self.sender, self.peer, {"reason": why}
                 )
+                metrics.association_rejected("protocol-error")
             self._send_abort(abort.reason)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout (_set_timeouts)
             why = "negotiation took too long" if self.negotiating else "silent too long"
@@ -759,6 +764,7 @@ class _Association:
             self.server.record_association_event(
                 "association.refused", self.sender, self.peer, {"reason": reason, "result": "TLS"}
             )
+            metrics.association_rejected("tls")
             return False
         finally:
             deadline.cancel()
@@ -843,7 +849,9 @@ class _Association:
                 printable(negotiation.reason, 300),
             )
             self.server.record_refused_association(self.sender, self.peer, printable(negotiation.reason, 300))
+            metrics.association_rejected(negotiation.reason_class or "other")
             return False
+        metrics.association_accepted(self.calling_ae)
         self.contexts = negotiation.contexts
         self.peer_maximum_pdu_length = negotiation.peer_maximum_pdu_length
         return True
@@ -969,6 +977,7 @@ class _Association:
     def _data_set_complete(self, context_id: int) -> None:
         command, data_set, refusal = self.command, self.data_set, self.refusal
         assert command is not None
+        started = time.monotonic()
         self.command, self.data_set, self.refusal = None, None, None
         if command.command_field != C_STORE_RQ:
             self._respond(context_id, command, STATUS_UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE")
@@ -986,6 +995,10 @@ class _Association:
             return
         status, comment = self.server.store(data_set, self.sender)
         self.stored += status == STATUS_SUCCESS
+        if status == STATUS_SUCCESS:
+            metrics.instance_stored(self.calling_ae, data_set.data_set_bytes, time.monotonic() - started)
+        else:
+            metrics.store_refused(time.monotonic() - started)
         self._respond(context_id, command, status, comment)
 
     def _respond(self, context_id: int, command: Command, status: int, comment: str | None = None) -> None:
@@ -996,6 +1009,7 @@ class _Association:
             error_comment=comment if status != STATUS_SUCCESS else None,
         )
         self._send(command_pdus(context_id, response, self.peer_maximum_pdu_length))
+        metrics.dimse_response(_COMMAND_NAMES.get(command.command_field, "other"), status)
 
 
 def _shut_down(connection: socket.socket) -> None:

@@ -42,7 +42,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai import __version__
+from pacs_ai import __version__, metrics
 from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.config import Settings, revealed
 from pacs_ai.dispatch.delivery import lease_expiry
@@ -239,14 +239,22 @@ class ReportPipeline:
         """
         work = self._read_work(study_id)
         if isinstance(work, DraftOutcome):
+            metrics.draft_finished("skipped")
             return work
         config = self.report_config(work.profiles) or DrafterConfig()
-        header = pydicom.dcmread(work.header_path, stop_before_pixels=True) if work.header_path else None
-        evidence = evidence_from_findings(
-            header, work.findings, header_fields=self.settings.report_header_fields
-        )
-        draft = self._draft(evidence, config, work)
-        return self._record(work, draft, evidence)
+        try:
+            header = pydicom.dcmread(work.header_path, stop_before_pixels=True) if work.header_path else None
+            evidence = evidence_from_findings(
+                header, work.findings, header_fields=self.settings.report_header_fields
+            )
+            draft = self._draft(evidence, config, work)
+            outcome = self._record(work, draft, evidence)
+        except Exception:
+            metrics.draft_finished("error", config.backend)
+            raise
+        drafted = "fallback" if draft.fallback_reason else "drafted"
+        metrics.draft_finished(drafted if outcome.status == "drafted" else "skipped", draft.backend)
+        return outcome
 
     def _read_work(self, study_id: int) -> _StudyWork | DraftOutcome:
         with session_scope(self.sessions) as session:

@@ -13,16 +13,27 @@ from __future__ import annotations
 import logging
 import threading
 import time as monotonic_clock
+from collections.abc import Callable, Mapping
 from datetime import datetime, time, timedelta
 from typing import Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Series, utcnow
+from pacs_ai.index.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    WorkerNode,
+    WorkerState,
+    utcnow,
+)
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
@@ -53,10 +64,20 @@ class TaskQueue(Protocol):
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], queue: TaskQueue) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        queue: TaskQueue,
+        queue_depths: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.queue = queue
+        #: Reads the messages waiting in each broker queue, for the metrics (None: not sampled).
+        self.queue_depths = queue_depths
+        #: Monotonic time of the next metrics sample (see :meth:`sample_metrics`).
+        self._next_sample = 0.0
         self.profiles = ProfileSet(settings.profiles_dir)
         #: Monotonic time of the next retention pass; the first comes with the first scheduler pass.
         self._next_retention = 0.0
@@ -168,6 +189,41 @@ class Scheduler:
         for delivery_id in due_ids:
             self.queue.enqueue_delivery(delivery_id)
         self.retain_if_due()
+        metrics.scheduler_pass()
+        self.sample_metrics()
+
+    def sample_metrics(self) -> metrics.HostSample | None:
+        """Read the broker's queues, the index and the disks into the gauges, once per sample interval.
+
+        The broker unreachable leaves the queue depths as they were (logged); the
+        index unreachable fails the pass as it does routing.
+        """
+        now = monotonic_clock.monotonic()
+        if now < self._next_sample:
+            return None
+        self._next_sample = now + self.settings.metrics_sample_seconds
+        depths: dict[str, int] = {}
+        if self.queue_depths is not None:
+            try:
+                depths = dict(self.queue_depths())
+            except Exception as exc:  # noqa: BLE001 - any broker failure: the gauges wait for the next sample
+                log.warning("metrics: the broker's queue depths cannot be read: %s", exc)
+        with session_scope(self.sessions) as session:
+            pending = session.execute(
+                select(Delivery.destination, func.count())
+                .where(Delivery.state == DeliveryState.PENDING)
+                .group_by(Delivery.destination)
+            ).all()
+            workers = session.execute(select(WorkerNode.state, func.count()).group_by(WorkerNode.state)).all()
+        sample = metrics.HostSample(
+            queue_depths=depths,
+            storage_backlog=self.uploader.backlog(),
+            deliveries_pending={str(destination): int(count) for destination, count in pending},
+            workers={WorkerState(state).value: int(count) for state, count in workers},
+            disks={"data": self.settings.data_dir, "spool": self.settings.spool_dir},
+        )
+        metrics.record_sample(sample, [state.value for state in WorkerState])
+        return sample
 
     def _start_uploads(self) -> None:
         """Run the uploader on a thread of its own, so uploads never hold up routing and deliveries.

@@ -29,6 +29,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Instance, utcnow
@@ -113,7 +114,16 @@ class Uploader:
                 outcome.error = error
                 break
         self._log(outcome)
+        metrics.uploads(outcome.uploaded, outcome.failed)
         return outcome
+
+    def backlog(self) -> int:
+        """Instances acknowledged and not yet in the object store (0 with the embedded storage)."""
+        if not self.enabled:
+            return 0
+        pending = select(func.count()).select_from(_pending(only_unrouted=False).subquery())
+        with session_scope(self.sessions) as session:
+            return session.scalar(pending) or 0
 
     def _upload(self, rows: list[tuple[int, str]]) -> tuple[list[int], str | None]:
         """Upload ``(id, key)`` rows at the same time; the ids done and the first error."""

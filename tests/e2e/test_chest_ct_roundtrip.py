@@ -12,6 +12,7 @@ import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
 from tests.e2e.conftest import BACKENDS, orthanc_destination
+from tests.e2e.metrics_scrape import check_study_metrics
 from tests.peers import OrthancServer, dciodvfy_errors, dsrdump, forward_lua, storescu, wait_for
 from tests.sr_reading import volume_ml
 
@@ -99,6 +100,10 @@ def test_chest_ct_from_modality_comes_back_as_seg_and_sr(
         ),
         timeout=60,
         description="deliveries recorded as sent",
+    )
+    # Prometheus sees the study: instances, the job's stages by analyzer and model, the deliveries; no PHI.
+    check_study_metrics(
+        service, chest_phantom.paths, calling_ae="CT_SCANNER", destination="pacs", deliveries=3
     )
     audit = {action for (action,) in service.query("SELECT action FROM audit_events")}
     assert {"job.created", "job.succeeded", "result.sent"} <= audit
