@@ -205,6 +205,46 @@ def smoke_shape(shape: Any, spatial_dims: int) -> tuple[int, ...]:
     return tuple(result)
 
 
+#: Packages that must be the build made for the installed torch, not any release of them.
+_TORCH_COMPANIONS = ("torchvision", "torchaudio")
+
+
+def missing_package_hint(error: ImportError, metadata: dict[str, Any]) -> str:
+    """What to do about a package a bundle imports and this Python lacks, naming the package.
+
+    torchvision (and torchaudio) must be the build made for the installed
+    torch: a release of it built for another torch does not load (``operator
+    torchvision::nms does not exist``), and where the only builds at hand are
+    for a CUDA torch the CPU torch cannot keep them company, so the message
+    says to install torch and torchvision as a pair, or to run the model on a
+    worker that has both.
+    """
+    text = str(error)
+    name = getattr(error, "name", None) or next(
+        (
+            package
+            for package in (*_TORCH_COMPANIONS, *metadata.get("optional_packages_version", {}))
+            if package in text
+        ),
+        None,
+    )
+    wanted = (metadata.get("optional_packages_version") or {}).get(name or "")
+    version = f" {wanted}" if wanted else ""
+    if name and name.split(".")[0] in _TORCH_COMPANIONS:
+        package = name.split(".")[0]
+        return (
+            f"the bundle needs {package}{version}, which is not installed here; it must be the build made "
+            f"for the installed torch {torch.__version__} (pip cannot add one built for another torch "
+            f"beside it: install torch and {package} together as a matching pair, which may replace this "
+            f"CPU torch with a CUDA build), or run this model on a worker that has both"
+        )
+    what = f"the Python package {name!r}{version}" if name else "a Python package"
+    return (
+        f"the bundle needs {what}, which is not installed here (see optional_packages_version in its "
+        "metadata.json; add it to the workers' environment)"
+    )
+
+
 @dataclass
 class OpenBundle:
     """A bundle's inference config parsed by ConfigParser, file transforms removed, nothing built yet."""
@@ -228,10 +268,7 @@ class OpenBundle:
             if cause is not exc:
                 reason += f" (in {type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
             if isinstance(cause, ImportError):
-                reason += (
-                    "; the bundle needs a Python package that is not installed here (see "
-                    "optional_packages_version in its metadata.json)"
-                )
+                reason += "; " + missing_package_hint(cause, self.metadata)
             raise ModelError(f"{self.config_path}: key {key!r} cannot be instantiated: {reason}") from exc
 
     def section(self, key: str) -> Any:

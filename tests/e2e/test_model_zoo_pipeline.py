@@ -179,3 +179,5 @@ def test_classification_bundle_verifies_or_names_what_it_needs(tmp_path: Path) -
     assert failed[0]["name"] == "network and weights", report
     assert "key 'network_def' cannot be instantiated" in failed[0]["detail"]
     assert "torchvision" in failed[0]["detail"] and "not installed" in failed[0]["detail"], failed
+    # ... and why pip cannot just add it: the build must match this torch (the only ones here are CUDA's).
+    assert f"the build made for the installed torch {torch.__version__}" in failed[0]["detail"], failed
