@@ -29,7 +29,6 @@ from pacs_ai.dispatch.destinations import DicomDestination
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import (
-    AuditEvent,
     Delivery,
     DeliveryState,
     Job,
@@ -38,6 +37,7 @@ from pacs_ai.index.models import (
     Study,
     utcnow,
 )
+from pacs_ai.ops.audit import audit_row, search_audit
 
 
 def _report_enqueued(done: bool, as_json: bool) -> None:
@@ -215,35 +215,16 @@ def audit(
     ] = None,
     actor: Annotated[str | None, typer.Option(help="Only events by this actor.")] = None,
     since: Annotated[datetime | None, typer.Option(help="Only events at or after this time (UTC).")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Only events at or before this time (UTC).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many events, newest first.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """Who did what to which object, newest first."""
     with session_scope(index_sessions(settings_of(ctx))) as session:
-        query = select(AuditEvent)
-        if action is not None:
-            query = (
-                query.where(AuditEvent.action.startswith(action[:-1]))
-                if action.endswith("*")
-                else query.where(AuditEvent.action == action)
-            )
-        if object_uid is not None:
-            query = query.where(AuditEvent.object_uid == object_uid)
-        if actor is not None:
-            query = query.where(AuditEvent.actor == actor)
-        if since is not None:
-            query = query.where(AuditEvent.at >= since)
-        rows = [
-            {
-                "at": event.at,
-                "actor": event.actor,
-                "action": event.action,
-                "object_type": event.object_type,
-                "object_uid": event.object_uid,
-                "detail": event.detail,
-            }
-            for event in session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit))
-        ]
+        events = search_audit(
+            session, action=action, actor=actor, object_uid=object_uid, since=since, until=until, limit=limit
+        )
+        rows = [{key: value for key, value in audit_row(e).items() if key != "id"} for e in events]
     print_rows(rows, ["at", "actor", "action", "object_type", "object_uid", "detail"], "Audit", as_json)
 
 

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import pydicom
 import typer
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
 
 from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, settings_of
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Instance, Series, Study
+from pacs_ai.ops.rules import SeriesSample, explain_rules, samples_from_index
 from pacs_ai.route.profiles import ProfileError, load_profiles
 from pacs_ai.route.rules import (
     ForwardOriginalsAction,
     ForwardResultsAction,
     ProcessAction,
-    RoutingFacts,
     RulesError,
     RuleSet,
-    evaluate_rules,
     facts_from_dataset,
     find_rules_file,
     load_rules,
@@ -98,14 +94,6 @@ def validate(ctx: typer.Context, rules_file: RulesFileOption = None) -> None:
     raise typer.Exit(1 if problems else 0)
 
 
-@dataclass(frozen=True)
-class SeriesSample:
-    """One series to test: its UID and the facts of one of its instances."""
-
-    series_instance_uid: str
-    facts: RoutingFacts
-
-
 def _samples_from_files(target: Path, calling_ae: str | None, peer: str | None) -> Iterator[SeriesSample]:
     files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
     seen: set[str] = set()
@@ -123,28 +111,9 @@ def _samples_from_files(target: Path, calling_ae: str | None, peer: str | None) 
 
 
 def _samples_from_index(ctx: typer.Context, study_uid: str, peer: str | None) -> list[SeriesSample]:
-    samples: list[SeriesSample] = []
-    files = HostFiles(settings_of(ctx))
-    with session_scope(index_sessions(settings_of(ctx))) as session:
-        study = session.scalar(
-            select(Study).where(
-                (Study.study_instance_uid == study_uid) | (Study.accession_number == study_uid)
-            )
-        )
-        if study is None:
-            return []
-        for series in session.scalars(select(Series).where(Series.study_fk == study.id).order_by(Series.id)):
-            key = session.scalar(select(Instance.path).where(Instance.series_fk == series.id).limit(1))
-            if key is None:
-                continue
-            header = pydicom.dcmread(files.local_path(key), stop_before_pixels=True)
-            samples.append(
-                SeriesSample(
-                    series.series_instance_uid,
-                    facts_from_dataset(header, calling_ae_title=series.calling_ae_title, peer_address=peer),
-                )
-            )
-    return samples
+    settings = settings_of(ctx)
+    with session_scope(index_sessions(settings)) as session:
+        return samples_from_index(session, HostFiles(settings), study_uid, peer)
 
 
 @rules_app.command("test")
@@ -171,18 +140,7 @@ def test(
             f"[red]nothing to test[/red]: {target} is neither readable DICOM nor a study in the index"
         )
         raise typer.Exit(1)
-    report: list[dict[str, Any]] = []
-    for sample in samples:
-        # As the router does: series- and study-triggered rules together, on each series.
-        decision = evaluate_rules(rules.rules, sample.facts)
-        report.append(
-            {
-                "series_instance_uid": sample.series_instance_uid,
-                "applied": [rule.name for rule in decision.applied],
-                "shadow": [rule.name for rule in decision.shadowed],
-                "explanation": decision.explain(),
-            }
-        )
+    report = explain_rules(rules, samples)
     if as_json:
         print_json(report)
         return

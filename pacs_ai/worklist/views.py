@@ -74,7 +74,12 @@ def worklist_rows(session: Session, now: datetime) -> list[dict[str, Any]]:
     for study in studies:
         patient = session.get(Patient, study.patient_fk) if study.patient_fk is not None else None
         draft = latest.get(study.id)
-        status = draft.status.value if draft is not None else _job_status(_jobs_of(session, study))
+        jobs = _jobs_of(session, study) if draft is None else []
+        status = draft.status.value if draft is not None else _job_status(jobs)
+        # Why a study has no draft: its failed analyses' reasons, shown on the worklist.
+        failure = "; ".join(
+            f"{job.analyzer}: {job.error or 'failed'}" for job in jobs if job.state == JobState.FAILED
+        )
         age = (now - study.first_received_at).total_seconds()
         rows.append(
             {
@@ -93,6 +98,7 @@ def worklist_rows(session: Session, now: datetime) -> list[dict[str, Any]]:
                 "age": format_age(age),
                 "draft_id": draft.id if draft else None,
                 "draft_version": draft.version if draft else None,
+                "failure_reason": failure[:300] or None,
             }
         )
     rows.sort(key=lambda r: (r["status"] not in _OPEN, _priority_rank(r["ai_priority"]), -r["age_seconds"]))
