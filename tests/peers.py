@@ -979,3 +979,54 @@ def caddy_bearer_proxy(upstream: str, bearer_token: str, directory: Path) -> Ite
         yield f"http://{LOOPBACK}:{port}", access_log
     finally:
         _stop_process(proc, group=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Headless Chromium (Debian's chromium and chromium-driver), driven by selenium
+# --------------------------------------------------------------------------------------------
+
+CHROMIUM_BINARY = Path("/usr/bin/chromium")
+CHROMEDRIVER_BINARY = Path("/usr/bin/chromedriver")
+
+
+@contextlib.contextmanager
+def chromium(
+    profile_dir: Path, *, window_size: tuple[int, int] = (1600, 1000), page_load_timeout: float = 40.0
+) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile in ``profile_dir``: a ``selenium`` ``webdriver.Chrome``.
+
+    Only loopback resolves, so a page that asks a CDN for something fails instead of leaving the
+    machine; background networking, updates and sync are off; the browser console is kept
+    (``driver.get_log("browser")``).  The browser quits when the block ends.
+    """
+    from selenium import webdriver  # selenium is a test-only dependency; benchmarks import this module
+    from selenium.webdriver.chrome.service import Service
+
+    for binary, package in ((CHROMIUM_BINARY, "chromium"), (CHROMEDRIVER_BINARY, "chromium-driver")):
+        if not binary.exists():
+            raise PeerError(f"{binary} is missing: install the Debian package {package} (scripts/test does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM_BINARY)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--window-size={window_size[0]},{window_size[1]}",
+        # Only loopback resolves: a request to a CDN fails instead of leaving the machine.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        f"--user-data-dir={profile_dir}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER_BINARY)))
+    driver.set_page_load_timeout(page_load_timeout)
+    try:
+        yield driver
+    finally:
+        driver.quit()

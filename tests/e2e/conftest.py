@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
-from tests.peers import OrthancServer
+from tests.peers import OrthancServer, chromium
 from tests.service import PacsAiService
 
 #: Both ways pacs-ai is deployed: embedded defaults, and PostgreSQL + Redis servers.
@@ -24,6 +25,13 @@ def chest_phantom(tmp_path_factory: pytest.TempPathFactory) -> PhantomTruth:
     return write_chest_phantom(
         tmp_path_factory.mktemp("phantom"), slices=60, size=256, pixel_spacing_mm=1.5, slice_spacing_mm=5.0
     )
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile (:func:`tests.peers.chromium`): a selenium driver."""
+    with chromium(tmp_path / "chromium-profile") as driver:
+        yield driver
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ or from an admin (who may not sign), are refused.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ import httpx
 import pydicom
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -40,44 +37,10 @@ from tests.service import PacsAiService
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 TIMEOUT = 30
 RADIOLOGIST = ("rad1", "Radiologist^Rita", "correct horse battery")
 ADMIN = ("admin1", "Admin^Adam", "staple battery horse")
 SIGNED_IMPRESSION = "Lung volumes within normal limits. Signed in the end-to-end test."
-
-
-def _require(binary: str, package: str) -> None:
-    if shutil.which(binary) is None:
-        pytest.fail(f"{binary} is missing: install the Debian package {package} (scripts/test installs it)")
-
-
-@pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    _require(CHROMIUM, "chromium")
-    _require(CHROMEDRIVER, "chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(TIMEOUT)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _enhanced_srs(orthanc: OrthancServer, study_uid: str, into: Path) -> dict[str, Path]:
@@ -186,6 +149,7 @@ def test_study_is_drafted_reviewed_in_the_browser_signed_and_sent(
     assert refused.status_code == 403, refused.text
 
     # The radiologist reviews and signs in the browser.
+    browser.set_window_size(1280, 1600)  # the whole study page in its screenshot
     wait = WebDriverWait(browser, TIMEOUT)
     browser.get(f"{base}/")
     wait.until(expected_conditions.presence_of_element_located((By.ID, "username")))

@@ -101,7 +101,7 @@ def encoded(volume: Volume, result: AnalysisResult, tmp_path_factory: pytest.Tem
     return encode(volume, result, tmp_path_factory.mktemp("out"))
 
 
-def _require(tool: str) -> None:
+def require_validator(tool: str) -> None:
     """Skip (not fail) when a validator is not installed, saying how to install it."""
     if tool == "dciodvfy":
         if not peers.DCIODVFY_BINARY.is_file():
@@ -151,17 +151,17 @@ def test_source_headers_have_no_pixel_data(volume: Volume) -> None:
 
 
 def test_seg_passes_dciodvfy(encoded: Encoded) -> None:
-    _require("dciodvfy")
+    require_validator("dciodvfy")
     assert peers.dciodvfy_errors(encoded.seg_path) == []
 
 
 def test_sr_passes_dciodvfy(encoded: Encoded) -> None:
-    _require("dciodvfy")
+    require_validator("dciodvfy")
     assert peers.dciodvfy_errors(encoded.sr_path) == []
 
 
 def test_sr_parses_with_dsrdump(encoded: Encoded) -> None:
-    _require("dsrdump")
+    require_validator("dsrdump")
     completed = peers.dsrdump(encoded.sr_path)
     assert completed.returncode == 0, completed.stderr
     assert "error" not in completed.stderr.lower()
@@ -428,6 +428,6 @@ def test_empty_label_map_still_gives_valid_seg_and_sr(encoded: Encoded, tmp_path
     )
     again = encode(encoded.volume, empty, tmp_path)
     assert int(again.seg.NumberOfFrames) == len(encoded.volume.headers) * len(empty.segments)
-    _require("dciodvfy")
+    require_validator("dciodvfy")
     assert peers.dciodvfy_errors(again.seg_path) == []
     assert peers.dciodvfy_errors(again.sr_path) == []

@@ -25,6 +25,7 @@ from pacs_ai.analyze.volume import Volume
 from pacs_ai.encode import EquipmentInfo, build_measurement_report, write_dataset
 from pacs_ai.encode.results import build_results
 from tests import peers
+from tests.integration.test_encode_dicom_validation import require_validator
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498.77."
 EQUIPMENT = EquipmentInfo(device_serial_number="TEST-0001", institution_name="Test Hospital")
@@ -71,17 +72,6 @@ def sr_path(built: list[tuple[str, Dataset]], tmp_path_factory: pytest.TempPathF
     return path
 
 
-def _require(tool: str) -> None:
-    if tool == "dciodvfy":
-        if not peers.DCIODVFY_BINARY.is_file():
-            pytest.skip(f"{peers.DCIODVFY_BINARY} not found; install it with: apt-get install dicom3tools")
-        return
-    try:
-        peers.dcmtk(tool)
-    except peers.PeerError as exc:
-        pytest.skip(f"validator not available: {exc}")
-
-
 def _concept(item: Dataset) -> str:
     return item.ConceptNameCodeSequence[0].CodeMeaning
 
@@ -111,12 +101,12 @@ def test_classifier_result_gives_an_sr_and_no_seg(built: list[tuple[str, Dataset
 
 
 def test_sr_passes_dciodvfy(sr_path: Path) -> None:
-    _require("dciodvfy")
+    require_validator("dciodvfy")
     assert peers.dciodvfy_errors(sr_path) == []
 
 
 def test_sr_parses_with_dsrdump(sr_path: Path) -> None:
-    _require("dsrdump")
+    require_validator("dsrdump")
     completed = peers.dsrdump(sr_path, "--print-all-codes")
     assert completed.returncode == 0, completed.stderr
     assert "error" not in completed.stderr.lower()
@@ -251,7 +241,7 @@ def test_dx_with_orientation_and_imager_spacing_has_projection_descriptors(
     assert float(descriptors["Horizontal Pixel Spacing"].MeasuredValueSequence[0].NumericValue) == 0.175
     assert float(descriptors["Vertical Pixel Spacing"].MeasuredValueSequence[0].NumericValue) == 0.2
     assert sr.PatientAge == "062Y"  # a valid optional value is kept
-    _require("dciodvfy")
+    require_validator("dciodvfy")
     assert peers.dciodvfy_errors(path) == []
 
 

@@ -11,9 +11,7 @@ the ``pacs-ai studies list`` command are the real ones.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +34,7 @@ from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.profiles import Profile
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.service import CeleryTaskQueue
+from tests.integration.test_cli import pacs_ai
 from tests.peers import require_shared_data
 from workers.factory import create_app
 
@@ -166,17 +165,8 @@ def _recovered_time_limits(settings: Settings, sessions: sessionmaker[Session]) 
 
 
 def _pacs_ai(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    environment["PACS_AI_DATA_DIR"] = str(settings.data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "pacs_ai.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=REPO_ROOT,
-        timeout=120,
-        check=False,
-    )
+    """``pacs-ai ARGS`` in a shell that knows only this index's data directory."""
+    return pacs_ai(*args, PACS_AI_DATA_DIR=str(settings.data_dir))
 
 
 def test_findings_raise_the_study_priority_and_the_worklist_shows_it_first(
