@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -23,7 +23,6 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -36,8 +35,6 @@ from tests.e2e.ohif import OHIF_PACKAGE, REPO, ViewerServer, npm_package
 from tests.integration.synthetic_ct import lung_labels, lung_result, make_ct_series, volume_from_headers
 from tests.peers import OrthancServer, orthanc_dicomweb_config
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOTS = REPO / ".cache" / "ohif-screenshots"
 TIMEOUT = 40.0
 PANE = '[data-cy="viewport-pane"]'
@@ -55,37 +52,6 @@ def ohif_dist() -> Path:
         return npm_package(OHIF_PACKAGE) / "dist"
     except RuntimeError as exc:
         pytest.fail(f"cannot get {OHIF_PACKAGE} from the npm registry: {exc}")
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not Path(binary).exists():
-            pytest.fail(f"{binary} missing; install Debian chromium and chromium-driver (scripts/test does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1600,1000",
-        # Only loopback resolves: a request to a CDN fails instead of leaving the machine.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(TIMEOUT)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(what: str, condition: Callable[[], object], timeout: float = TIMEOUT) -> object:
