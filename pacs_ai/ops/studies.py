@@ -230,6 +230,26 @@ def study_timeline(session: Session, study: Study) -> list[TimelineStep]:
                 )
             )
     jobs = list(session.scalars(select(Job).where(Job.series_fk.in_(list(series_uids))).order_by(Job.id)))
+    # A series whose decision left no audit event (older data, a job opened by hand): from its rows.
+    decided = {e.object_uid for e in events if e.action in _ROUTING_EVENTS}
+    for series in series_list:
+        if series.series_instance_uid in decided:
+            continue
+        first_job = min((j.created_at for j in jobs if j.series_fk == series.id), default=None)
+        if first_job is not None:
+            steps.append(
+                TimelineStep(first_job, "routed", f"series {series.series_instance_uid}: jobs opened")
+            )
+        elif series.routing_state != RoutingState.RECEIVING and series.last_received_at is not None:
+            state = series.routing_state.value
+            steps.append(
+                TimelineStep(
+                    series.last_received_at,
+                    state,
+                    f"series {series.series_instance_uid}: {series.routing_detail or state}",
+                    problem=series.routing_state == RoutingState.UNMATCHED,
+                )
+            )
     for job in jobs:
         name = f"job {job.id} ({job.profile}/{job.analyzer} v{job.version})"
         steps.append(
@@ -256,15 +276,21 @@ def study_timeline(session: Session, study: Study) -> list[TimelineStep]:
     results = list(
         session.scalars(select(Result).where(Result.job_fk.in_([j.id for j in jobs])).order_by(Result.id))
     )
+    # A job's analysis results; report SRs recorded later under the job are the "drafted" step's.
+    finished = {job.id: job for job in jobs}
     encoded: dict[int, list[Result]] = {}
     for result in results:
-        encoded.setdefault(result.job_fk, []).append(result)
+        job = finished[result.job_fk]
+        if job.finished_at is None or result.created_at <= job.finished_at:
+            encoded.setdefault(result.job_fk, []).append(result)
     for job_id, job_results in encoded.items():
+        took = (finished[job_id].timings or {}).get("encode_seconds")
         steps.append(
             TimelineStep(
                 max(r.created_at for r in job_results),
                 "encoded",
                 f"job {job_id}: " + ", ".join(f"{r.kind} {r.sop_instance_uid}" for r in job_results),
+                took if isinstance(took, int | float) else None,
             )
         )
     for delivery, result in session.execute(
