@@ -28,7 +28,7 @@ from pacs_ai import metrics
 from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
-from pacs_ai.index.workers import take_lost_workers
+from pacs_ai.index.workers import forget_silent_workers, take_lost_workers
 from pacs_ai.logging_setup import configure_logging
 from pacs_ai.process import SignalledStop, die_with_parent
 from pacs_ai.receive.balance import AssociationLoads
@@ -332,6 +332,15 @@ class Supervisor:
         self._next_lost_worker_check = now + self.settings.worker_heartbeat_seconds
         with session_scope(self.scheduler.sessions) as session:
             lost = take_lost_workers(session, self.settings.worker_stale_after_seconds)
+            # Hosts gone for good: lost (or stopped) for worker_forget_after_hours, no longer listed.
+            for gone in forget_silent_workers(session, self.settings.worker_forget_after_hours):
+                log.warning(
+                    "worker %s on %s forgotten: %s since %s",
+                    gone.node,
+                    gone.hostname,
+                    gone.state,
+                    gone.last_heartbeat,
+                )
         for node in lost:
             log.error(
                 "worker %s sent no heartbeat for %g s: marked lost, its running jobs queued again",

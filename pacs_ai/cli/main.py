@@ -37,7 +37,7 @@ from pacs_ai.cli.rules import rules_app
 from pacs_ai.cli.status import status
 from pacs_ai.cli.studies import studies_app
 from pacs_ai.cli.users import users_app
-from pacs_ai.cli.worker import worker
+from pacs_ai.cli.worker import worker, workers_app
 from pacs_ai.cli.worklist import worklist_app
 from pacs_ai.config import SETTINGS_FILE_ENV, inherit_service_settings, load_settings
 from pacs_ai.index.db import session_scope, upgrade_schema
@@ -58,6 +58,7 @@ app.add_typer(worklist_app, name="worklist")
 app.add_typer(reports_app, name="reports")
 app.add_typer(drafts_app, name="drafts")
 app.add_typer(config_app, name="config")
+app.add_typer(workers_app, name="workers")
 
 
 @app.callback()

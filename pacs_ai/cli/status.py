@@ -17,7 +17,8 @@ unhealthy (``problems`` says why), so monitoring can call it as it is.
   ``models_loaded``, ``jobs_running`` (jobs the index shows it running), ``state`` (starting, ready,
   stopped, lost), ``stale`` (no heartbeat for ``worker_stale_after_seconds``; a problem), ``last_heartbeat``,
   ``seconds_since_heartbeat``, ``answering`` and ``tasks_active`` (from a broadcast over the broker; null
-  when the broker is unreachable);
+  when the broker is unreachable); a worker lost or stopped more than ``worker_forget_after_hours`` ago
+  is no longer listed (``pacs-ai workers forget`` removes one at once);
 * ``storage``: ``url`` (where studies and results live) and ``error`` (null when a test object could be
   written and deleted; else why not: unreachable, credentials refused, no bucket; a problem);
 * ``broker``: ``url`` (password masked), ``reachable``, ``error``;
@@ -106,7 +107,7 @@ def _node_status(settings: Settings, sessions: sessionmaker[Session], node: str,
     Healthy: the index shows it ready with a fresh heartbeat and it answers a
     broadcast over the broker.
     """
-    found = [n for n in _worker_nodes(settings, sessions, ask_broker=True) if n["node"] == node]
+    found = [n for n in worker_nodes(settings, sessions, ask_broker=True) if n["node"] == node]
     problems = []
     if not found:
         problems.append(f"no worker {node} in the index (not started, or not registered yet)")
@@ -123,7 +124,7 @@ def _node_status(settings: Settings, sessions: sessionmaker[Session], node: str,
         print_json(report)
     else:
         if found:
-            _print_worker_nodes(found)
+            print_worker_nodes(found)
         for problem in problems:
             console.print(f"[red]problem[/red] {problem}")
     raise typer.Exit(0 if not problems else 1)
@@ -165,7 +166,7 @@ def collect_status(settings: Settings, sessions: sessionmaker[Session] | None = 
     if service is not None and not broker["reachable"]:
         problems.append(f"the broker is unreachable: {broker['error']}")
 
-    nodes = _worker_nodes(settings, sessions, broker["reachable"]) if sessions is not None else []
+    nodes = worker_nodes(settings, sessions, broker["reachable"]) if sessions is not None else []
     live = [n for n in nodes if n["state"] == WorkerState.READY.value and not n["stale"]]
     markers = sorted(n["node"] for n in live)
     expected = [w for w in (service.get("workers", []) if service else [])]
@@ -274,17 +275,25 @@ def _queue_lengths(settings: Settings) -> dict[str, int | None]:
     return lengths
 
 
-def _worker_nodes(
-    settings: Settings, sessions: sessionmaker[Session], ask_broker: bool
+def worker_nodes(
+    settings: Settings, sessions: sessionmaker[Session], ask_broker: bool, *, everything: bool = False
 ) -> list[dict[str, Any]]:
     """Every worker on every host from the index; ``answering`` and ``tasks_active`` from the broker.
 
     The index has what each worker last reported (and keeps a dead one, marked
-    stale); the broker says which of them answer right now (a broadcast with a
-    short timeout; null when the broker is unreachable).
+    stale, for ``worker_forget_after_hours``; ``everything`` lists those lost or
+    stopped longer ago too); the broker says which of them answer right now (a
+    broadcast with a short timeout; null when the broker is unreachable).
     """
     with session_scope(sessions) as session:
-        nodes = [view.as_dict() for view in list_workers(session, settings.worker_stale_after_seconds)]
+        nodes = [
+            view.as_dict()
+            for view in list_workers(
+                session,
+                settings.worker_stale_after_seconds,
+                None if everything else settings.worker_forget_after_hours,
+            )
+        ]
     active = _active_tasks(settings) if ask_broker and nodes else None
     for node in nodes:
         node["answering"] = None if active is None else node["node"] in active
@@ -338,7 +347,7 @@ def _print_text(report: dict[str, Any]) -> None:
         f"local workers: {len(workers['ready'])} of {len(workers['expected'])} ready"
         + (f" ({ready})" if ready else "")
     )
-    _print_worker_nodes(report["worker_nodes"])
+    print_worker_nodes(report["worker_nodes"])
     storage = report["storage"]
     console.print(
         f"storage: {storage['url']} "
@@ -371,7 +380,8 @@ def _print_text(report: dict[str, Any]) -> None:
         console.print(f"[red]problem[/red] {problem}")
 
 
-def _print_worker_nodes(nodes: list[dict[str, Any]]) -> None:
+def print_worker_nodes(nodes: list[dict[str, Any]]) -> None:
+    """The workers of every host as one table (``status``, ``status --node``, ``workers list``)."""
     if not nodes:
         console.print("workers (all hosts): none registered")
         return

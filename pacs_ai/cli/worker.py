@@ -1,10 +1,14 @@
-"""``pacs-ai worker``: run a Celery worker node on this host, e.g. a GPU server.
+"""``pacs-ai worker``: run a Celery worker node on this host, e.g. a GPU server; ``pacs-ai workers``.
 
 The host needs only what every pacs-ai process shares: the index (``database_url``),
 the broker (``broker_url``) and the store of studies and results.  Before it
 takes any work the command checks that the index exists with the schema this
 version expects and that the broker answers, and says what to fix otherwise
 (exit 1).  ``pacs-ai serve`` starts its local workers with this same command.
+
+``pacs-ai workers list`` lists the workers of every host the index knows (lost
+and stopped ones too, however long ago); ``pacs-ai workers forget NAME@HOST``
+removes one whose host is gone for good (see :func:`forget`).
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from typing import Annotated
 import typer
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from celery.signals import worker_process_shutdown
 from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_ai import metrics
-from pacs_ai.cli.common import console, settings_of
+from pacs_ai.cli.common import JsonOption, cli_actor, console, index_sessions, print_json, settings_of
+from pacs_ai.cli.status import print_worker_nodes, worker_nodes
 from pacs_ai.config import Settings
-from pacs_ai.index.db import alembic_config, make_engine
+from pacs_ai.index.db import alembic_config, make_engine, session_scope
+from pacs_ai.index.models import Job, WorkerNode, utcnow
+from pacs_ai.index.workers import forget_worker, is_beating
 
 #: The queues a worker can serve (``workers.factory.QUEUES``; that module is imported only to run a
 #: worker, since it loads the analyzers and torch, which other ``pacs-ai`` verbs do not need).
@@ -32,6 +39,12 @@ QUEUE_NAMES = ("dispatch", "cpu", "gpu")
 
 #: Seconds to wait for the broker before refusing to start.
 BROKER_CHECK_SECONDS = 10.0
+#: Seconds ``workers forget`` waits for the worker to answer a ping over the broker.
+PING_SECONDS = 2.0
+
+workers_app = typer.Typer(
+    help="Worker nodes of every host: list, forget one gone for good.", no_args_is_help=True
+)
 
 
 def parse_queues(value: str) -> list[str]:
@@ -105,37 +118,10 @@ def worker(
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         argv += ["--logfile", str(logfile)]
-    exporter = start_metrics(settings)
     from workers.factory import create_app  # loads the analyzers and torch: only when running a worker
 
-    try:
-        exit_code = create_app(settings).worker_main(argv)
-    finally:
-        if exporter is not None:
-            exporter.stop()
+    exit_code = create_app(settings).worker_main(argv)
     raise typer.Exit(exit_code or 0)
-
-
-def start_metrics(settings: Settings) -> metrics.Exporter | None:
-    """This worker's Prometheus exporter, on a host of its own; None under ``pacs-ai serve``.
-
-    A worker that ``pacs-ai serve`` started inherits PROMETHEUS_MULTIPROC_DIR:
-    the service's exporter shows it.  Otherwise the worker and its pool
-    processes count under ``data_dir/run/metrics`` (emptied now: one worker
-    per data directory) and /metrics answers on ``worker_metrics_port``.
-    """
-    if metrics.is_multiprocess():
-        return None
-    metrics.use_directory(settings.metrics_dir, clean=True)
-    if not settings.metrics_enabled:
-        return None
-    return metrics.start_exporter(settings.metrics_host, settings.worker_metrics_port)
-
-
-@worker_process_shutdown.connect
-def _forget_pool_process(pid: int | None = None, **_: object) -> None:
-    """A pool process exiting: its live gauges (GPU memory) stop counting."""
-    metrics.mark_process_dead(pid or os.getpid())
 
 
 def startup_problems(settings: Settings) -> list[str]:
@@ -191,3 +177,119 @@ def _broker_problem(settings: Settings) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure to connect means the broker cannot be used
         return f"the broker {maybe_sanitize_url(url)} cannot be reached: {exc}"
     return None
+
+
+@workers_app.command("list")
+def list_command(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every worker of every host the index knows, lost and stopped ones included; whether each answers."""
+    settings = settings_of(ctx)
+    sessions = index_sessions(settings)
+    nodes = worker_nodes(settings, sessions, ask_broker=True, everything=True)
+    if as_json:
+        print_json(nodes)
+    else:
+        print_worker_nodes(nodes)
+
+
+@workers_app.command("forget")
+def forget(
+    ctx: typer.Context,
+    node: Annotated[
+        str, typer.Argument(metavar="NAME@HOST", help="The node, as `pacs-ai workers list` shows it.")
+    ],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Forget it even if it still beats or answers (it registers again)."),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Forget a worker whose host is gone for good: its row goes, jobs it still held are queued again.
+
+    Refused (exit 1) while the worker still beats (a heartbeat within
+    ``worker_stale_after_seconds``) or answers a ping over the broker: stop it
+    first, or give ``--force``.  Audited as ``worker.forgotten``.
+    """
+    settings = settings_of(ctx)
+    sessions = index_sessions(settings)
+    with session_scope(sessions) as session:
+        row = session.scalar(select(WorkerNode).where(WorkerNode.node == node))
+        beating = row is not None and is_beating(row, utcnow(), settings.worker_stale_after_seconds)
+        host = row.hostname if row is not None else None
+    if row is None:
+        console.print(f"[red]no worker {node} in the index[/red]; `pacs-ai workers list` shows the names")
+        raise typer.Exit(1)
+    if not force:
+        alive = []
+        if beating:
+            alive.append(
+                f"it beat within worker_stale_after_seconds ({settings.worker_stale_after_seconds:g} s)"
+            )
+        if _answers_ping(settings, node):
+            alive.append("it answers over the broker")
+        if alive:
+            console.print(
+                f"[red]worker {node} on {host} is still running[/red] ({'; '.join(alive)}): stop it "
+                f"on {host} first (it is then `stopped`), or give --force to forget it anyway (it "
+                "registers again at its next heartbeat, and the jobs it runs are queued again)"
+            )
+            raise typer.Exit(1)
+    with session_scope(sessions) as session:
+        forgotten = forget_worker(
+            session, node, actor=cli_actor(), reason="forced" if force else "host gone (not beating)"
+        )
+    if forgotten is None:  # forgotten by someone else meanwhile
+        console.print(f"[red]no worker {node} in the index[/red] (forgotten meanwhile)")
+        raise typer.Exit(1)
+    enqueued = _enqueue_jobs(settings, sessions, forgotten.jobs_queued_again)
+    if as_json:
+        print_json({**forgotten.as_dict(), "enqueued": enqueued})
+        return
+    console.print(
+        f"forgot worker {node} on {forgotten.hostname} ({forgotten.state}, last heartbeat "
+        f"{forgotten.seconds_since_heartbeat:g} s ago)"
+    )
+    if forgotten.jobs_queued_again:
+        console.print(f"queued again: job(s) {', '.join(map(str, forgotten.jobs_queued_again))}")
+        if not enqueued:
+            console.print(
+                "[yellow]the broker could not be reached[/yellow]: the jobs are queued in the index and "
+                "`pacs-ai serve` sends them when it (re)starts"
+            )
+
+
+def _answers_ping(settings: Settings, node: str) -> bool:
+    """Whether ``node`` answers a ping over the broker (False when the broker cannot be reached)."""
+    from workers.factory import create_app
+
+    app = create_app(settings)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=PING_SECONDS)
+            replies = app.control.ping(destination=[node], timeout=PING_SECONDS, connection=connection)
+    except Exception:  # noqa: BLE001 - no broker: the heartbeat alone decides
+        return False
+    return any(node in reply for reply in replies or [])
+
+
+def _enqueue_jobs(settings: Settings, sessions: sessionmaker[Session], job_ids: list[int]) -> bool:
+    """Send the jobs handed back to the broker; False (they stay queued in the index) if it is down."""
+    if not job_ids:
+        return True
+    from kombu.exceptions import OperationalError
+
+    from pacs_ai.route.assembly import JobTicket
+    from pacs_ai.service import CeleryTaskQueue
+    from workers.factory import create_app
+
+    with session_scope(sessions) as session:
+        tickets = [JobTicket.of(job) for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))]
+    app = create_app(settings)
+    app.conf.broker_connection_timeout = 3
+    app.conf.broker_connection_max_retries = 0
+    queue = CeleryTaskQueue(app)
+    try:
+        for ticket in tickets:
+            queue.enqueue_analysis(ticket)
+    except (OperationalError, OSError):
+        return False
+    return True

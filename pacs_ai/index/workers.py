@@ -6,6 +6,13 @@ only trace of a worker that another host needs.  A worker whose heartbeat is
 older than ``worker_stale_after_seconds`` and that did not stop cleanly is
 *stale*: the receiver's scheduler marks it ``lost`` and hands its running jobs to
 another worker (:func:`take_lost_workers`), and ``pacs-ai status`` reports it.
+
+A worker whose host is gone for good is *forgotten* (:func:`forget_worker`):
+by ``pacs-ai workers forget``, or by the receiver once it has been lost or
+stopped for ``worker_forget_after_hours`` (:func:`forget_silent_workers`).  Its
+row goes, the jobs it still held are queued again (each once: one ``UPDATE``
+takes them), and the audit trail keeps what it was (``worker.forgotten``).  A
+forgotten worker that comes back simply registers again.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from pacs_ai.index.audit import record_audit
 from pacs_ai.index.models import Job, JobState, WorkerNode, WorkerState, utcnow
 
 #: States of a worker that is supposed to be alive and beating.
 LIVE_STATES = (WorkerState.STARTING, WorkerState.READY)
+#: States of a worker that is not expected to beat: forgotten after ``worker_forget_after_hours``.
+SILENT_STATES = (WorkerState.LOST, WorkerState.STOPPED)
 
 
 def register_worker(
@@ -104,6 +114,105 @@ def is_stale(worker: WorkerNode, now: datetime, stale_after_seconds: float) -> b
     return now - worker.heartbeat_at > timedelta(seconds=stale_after_seconds)
 
 
+def is_beating(worker: WorkerNode, now: datetime, stale_after_seconds: float) -> bool:
+    """True for a worker that says it is alive and beat within ``stale_after_seconds``."""
+    return worker.state in LIVE_STATES and not is_stale(worker, now, stale_after_seconds)
+
+
+def hand_back_running_jobs(session: Session, node: str) -> list[int]:
+    """Queue the jobs ``node`` is running again (``queued``, unclaimed); their ids, to enqueue.
+
+    One ``UPDATE`` takes them: of two callers at once (the scheduler finding the
+    worker lost, an administrator forgetting it) only one gets each job, so no
+    job is enqueued twice.
+    """
+    taken = session.scalars(
+        update(Job)
+        .where(Job.state == JobState.RUNNING, Job.claimed_by == node)
+        .values(state=JobState.QUEUED, claimed_by=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return sorted(taken)
+
+
+@dataclass(frozen=True)
+class ForgottenWorker:
+    """A worker removed from the index, as it was, and the jobs it held that were queued again."""
+
+    node: str
+    hostname: str
+    state: str
+    last_heartbeat: str
+    seconds_since_heartbeat: float
+    jobs_queued_again: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def forget_worker(session: Session, node: str, *, actor: str, reason: str) -> ForgottenWorker | None:
+    """Remove ``node``'s row, queue the jobs it held again and audit it; None if there is no such worker.
+
+    Whether the worker may be forgotten (not beating) is the caller's decision;
+    the caller commits and then enqueues ``jobs_queued_again``.
+    """
+    worker = session.scalar(select(WorkerNode).where(WorkerNode.node == node).with_for_update())
+    if worker is None:
+        return None
+    now = utcnow()
+    forgotten = ForgottenWorker(
+        node=worker.node,
+        hostname=worker.hostname,
+        state=worker.state.value,
+        last_heartbeat=worker.heartbeat_at.isoformat(),
+        seconds_since_heartbeat=round((now - worker.heartbeat_at).total_seconds(), 1),
+        jobs_queued_again=hand_back_running_jobs(session, node),
+    )
+    record_audit(
+        session,
+        actor=actor,
+        action="worker.forgotten",
+        object_type="worker",
+        object_uid=node,
+        detail={
+            "reason": reason,
+            "hostname": forgotten.hostname,
+            "state": forgotten.state,
+            "queues": list(worker.queues or []),
+            "last_heartbeat": forgotten.last_heartbeat,
+            "jobs_queued_again": forgotten.jobs_queued_again,
+        },
+    )
+    session.delete(worker)
+    return forgotten
+
+
+def forget_silent_workers(session: Session, forget_after_hours: float | None) -> list[ForgottenWorker]:
+    """Forget workers lost or stopped more than ``forget_after_hours`` ago (the receiver's housekeeping).
+
+    A lost worker's jobs were handed back when it was marked lost, and a stopped
+    one holds none, so normally nothing is queued again here.
+    """
+    if forget_after_hours is None:
+        return []
+    cutoff = utcnow() - timedelta(hours=forget_after_hours)
+    nodes = session.scalars(
+        select(WorkerNode.node).where(WorkerNode.state.in_(SILENT_STATES), WorkerNode.heartbeat_at < cutoff)
+    ).all()
+    forgotten = []
+    for node in nodes:
+        gone = forget_worker(
+            session,
+            node,
+            actor="service",
+            reason=f"lost or stopped for more than worker_forget_after_hours ({forget_after_hours:g})",
+        )
+        if gone is not None:
+            forgotten.append(gone)
+    return forgotten
+
+
 def take_lost_workers(session: Session, stale_after_seconds: float) -> list[str]:
     """Mark stale live workers ``lost`` and return their node names (their jobs are to be handed back)."""
     cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
@@ -140,9 +249,16 @@ class WorkerView:
         return dict(self.__dict__)
 
 
-def list_workers(session: Session, stale_after_seconds: float) -> list[WorkerView]:
-    """Every worker the index knows, by host then node, with its running jobs counted from the jobs table."""
+def list_workers(
+    session: Session, stale_after_seconds: float, forget_after_hours: float | None = None
+) -> list[WorkerView]:
+    """Every worker the index knows, by host then node, with its running jobs counted from the jobs table.
+
+    With ``forget_after_hours``, workers lost or stopped longer ago are left out
+    (the receiver forgets them; ``pacs-ai status`` no longer reports them).
+    """
     now = utcnow()
+    cutoff = now - timedelta(hours=forget_after_hours) if forget_after_hours is not None else None
     running = dict(
         session.execute(
             select(Job.claimed_by, func.count(Job.id))
@@ -152,6 +268,8 @@ def list_workers(session: Session, stale_after_seconds: float) -> list[WorkerVie
     )
     views = []
     for worker in session.scalars(select(WorkerNode).order_by(WorkerNode.hostname, WorkerNode.node)):
+        if cutoff is not None and worker.state in SILENT_STATES and worker.heartbeat_at < cutoff:
+            continue
         models = sorted({name for names in (worker.processes or {}).values() for name in names})
         views.append(
             WorkerView(

@@ -113,6 +113,8 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
         assert row["state"] == "ready" and row["queues"] == ["cpu"] and row["answering"] is True
         assert row["device"]["type"] == "cpu" and row["device"]["memory_mb"] > 0  # type: ignore[index]
         assert row["pid"] == worker.pid and row["concurrency"] == 1
+        refused = pacs_ai("workers", "forget", node, **{k: v for k, v in env.items() if "PACS_AI" in k})
+        assert refused.returncode == 1 and "answers over the broker" in refused.stdout
     finally:
         os.killpg(worker.pid, signal.SIGTERM)  # a warm shutdown
         worker.wait(timeout=60)
@@ -121,3 +123,11 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
         (stopped,) = session.query(WorkerNode).all()
         assert stopped.state.value == "stopped" and stopped.stopped_at is not None
         assert stopped.heartbeat_at > stopped.started_at
+    # Stopped for good (its host retired): forgotten, without --force.
+    forgotten = pacs_ai(
+        "workers", "forget", node, "--json", **{k: v for k, v in env.items() if "PACS_AI" in k}
+    )
+    assert forgotten.returncode == 0, forgotten.stdout
+    assert json.loads(forgotten.stdout)["state"] == "stopped"
+    with session_scope(sessions) as session:
+        assert session.query(WorkerNode).count() == 0
