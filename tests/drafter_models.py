@@ -31,7 +31,8 @@ from transformers.utils import is_torchvision_available
 
 from pacs_ai.report.drafters.template import TemplateDrafter
 from pacs_ai.report.drafters.transformers_backend import images_only_processor
-from pacs_ai.report.prompts import impression_prompt
+from pacs_ai.report.evidence import Evidence
+from pacs_ai.report.prompts import impression_prompt, report_prompt
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -72,9 +73,12 @@ def draft_corpus() -> list[str]:
 
 
 def build_tokenizer(
-    extra_special: Sequence[str] = (), named: dict[str, str] | None = None, vocab_size: int = 600
+    extra_special: Sequence[str] = (),
+    named: dict[str, str] | None = None,
+    vocab_size: int = 600,
+    corpus: Sequence[str] | None = None,
 ) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE trained on :func:`draft_corpus`: decodes exactly what it encodes.
+    """A byte-level BPE trained on ``corpus`` (:func:`draft_corpus` by default): decodes what it encodes.
 
     ``named`` are special tokens the processor reads as tokenizer attributes (``boi_token``, ...).
     """
@@ -87,7 +91,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(draft_corpus(), trainer)
+    tokenizer.train_from_iterator(draft_corpus() if corpus is None else corpus, trainer)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, extra_special_tokens=named or {}
     )
@@ -242,11 +246,45 @@ IMAGE_TEXT_FAMILIES: dict[str, Callable[[Path], Path]] = {
 
 
 def train_impression_model(directory: Path, *, steps: int = 250, seed: int = 0) -> Path:
-    """A Llama trained on (impression prompt -> template impression) until it answers them as the template.
+    """A Llama trained on (impression prompt -> template impression) until it answers them as the template."""
+    pairs = [
+        (impression_prompt(findings, None), impression) for findings, impression in impression_examples()
+    ]
+    return train_model(directory, pairs, build_tokenizer(), steps=steps, seed=seed)
+
+
+def train_report_model(directory: Path, evidence: Evidence, *, steps: int = 120, seed: int = 0) -> Path:
+    """A Llama trained to answer ``evidence``'s report prompt with a report of its own.
+
+    Its report is the template's with the findings' lines in reverse order:
+    every statement is one the guardrails accept, and the text is not the
+    template's, so a test can tell the model's draft from the template fallback.
+    """
+    answer = model_report(evidence)
+    prompt = report_prompt(evidence)
+    tokenizer = build_tokenizer(vocab_size=800, corpus=[prompt + answer])
+    return train_model(directory, [(prompt, answer)], tokenizer, steps=steps, seed=seed)
+
+
+def model_report(evidence: Evidence) -> str:
+    """The answer :func:`train_report_model` teaches: the template's report, findings lines reversed."""
+    text = TemplateDrafter().draft_report(evidence)
+    lines = [line for line in text.findings.splitlines() if line.strip()]
+    return "FINDINGS:\n" + "\n".join(reversed(lines)) + "\nIMPRESSION:\n" + text.impression
+
+
+def train_model(
+    directory: Path,
+    pairs: Sequence[tuple[str, str]],
+    tokenizer: transformers.PreTrainedTokenizerFast,
+    *,
+    steps: int,
+    seed: int = 0,
+) -> Path:
+    """A small Llama trained on (prompt -> answer) pairs until it answers them as given.
 
     Loss on the answer tokens only; the answer ends with EOS so generation stops.
     """
-    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         **_text_config(
@@ -256,22 +294,31 @@ def train_impression_model(directory: Path, *, steps: int = 250, seed: int = 0) 
     )
     model = transformers.LlamaForCausalLM(config)
     rows = []
-    for findings, impression in impression_examples():
-        prompt_ids = tokenizer(impression_prompt(findings, None))["input_ids"]
-        answer_ids = [*tokenizer(impression)["input_ids"], 1]
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        answer_ids = [*tokenizer(answer)["input_ids"], 1]
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
+    if width > config.max_position_embeddings:
+        raise ValueError(f"a training example of {width} tokens is longer than the model's context")
     input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     lengths = torch.tensor([len(ids) for ids, _ in rows])
     attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    # One thread: a model this small gains nothing from more, and on a busy machine (CI runs
+    # servers beside the tests) two threads made a step 30 times slower (4 s instead of 0.12 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return _save(directory, model, tokenizer)
 

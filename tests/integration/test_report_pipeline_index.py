@@ -8,6 +8,7 @@ the Celery task is a thin wrapper around these calls (the e2e test runs it).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,70 @@ def test_unreachable_llm_falls_back_to_the_template(tmp_path: Path, phantom_dir:
         assert draft is not None and draft.backend == "template"
         assert draft.fallback_reason and "openai backend failed" in draft.fallback_reason
         assert draft.guardrail and draft.guardrail["requested_backend"] == "openai"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """A tiny model on one thread: two threads of a busy 2-core machine made each step 30 times slower."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_trained_models_whole_report_is_kept_in_the_draft_sr(
+    tmp_path: Path, phantom_dir: Path, one_torch_thread: None
+) -> None:
+    """A Llama trained here (seconds) on this study's report prompt drafts the whole report; the pipeline
+    keeps it: the draft SR (TID 2000, unverified, the model as its device observer) carries the model's
+    text, which is not the template's, with the guardrails passed; dciodvfy and dsrdump find it clean."""
+    pytest.importorskip("transformers")
+    from pacs_ai.report.drafters.template import TemplateDrafter
+    from pacs_ai.report.evidence import evidence_from_findings
+    from pacs_ai.report.prompts import parse_report
+    from tests.drafter_models import model_report, train_report_model
+
+    model_dir = tmp_path / "report-llama"
+    report = f"{{backend: transformers, params: {{model_dir: '{model_dir}', max_new_tokens: 320}}}}"
+    settings, sessions, _, job_id = _setup(tmp_path, phantom_dir, report=report)
+    run_job(settings, sessions, job_id)
+    # The evidence the pipeline drafts from: this series' header and the job's findings.
+    with session_scope(sessions) as session:
+        findings = [dict(session.get(Job, job_id).findings or {})]  # type: ignore[union-attr]
+    header = pydicom.dcmread(sorted(phantom_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    evidence = evidence_from_findings(header, findings, header_fields=settings.report_header_fields)
+    train_report_model(model_dir, evidence)
+    taught = parse_report(model_report(evidence))
+    assert taught.findings != TemplateDrafter().draft_report(evidence).findings
+
+    pipeline = ReportPipeline(settings, sessions)
+    outcome = pipeline.draft_study(pipeline.study_to_draft(job_id) or -1)
+    assert outcome.status == "drafted", outcome.detail
+    with session_scope(sessions) as session:
+        draft = session.get(ReportDraft, outcome.draft_id)
+        assert draft is not None
+        assert (draft.backend, draft.model, draft.fallback_reason) == ("transformers", model_dir.name, None)
+        assert draft.guardrail is not None and draft.guardrail["passed"] is True
+        assert (draft.findings_text, draft.impression_text) == (taught.findings, taught.impression)
+        sr_path = HostFiles(settings).local_path(
+            session.scalars(select(Result.path).where(Result.sop_instance_uid == draft.draft_sr_uid)).one()
+        )
+    sr = pydicom.dcmread(sr_path)
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    assert dciodvfy_errors(sr_path) == []
+    dumped = dsrdump(sr_path, "+Pl")  # long texts in full
+    assert dumped.returncode == 0 and dumped.stderr == ""
+    assert f'="transformers {model_dir.name}"' in dumped.stdout  # the device observer: backend and model
+    assert '="AI draft, not verified' in dumped.stdout
+    # The model's lines, in the model's order.
+    first, last = taught.findings.splitlines()[0], taught.findings.splitlines()[-1]
+    assert dumped.stdout.index(first) < dumped.stdout.index(last)
 
 
 @pytest.mark.parametrize(
