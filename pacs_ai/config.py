@@ -269,8 +269,6 @@ class Settings(BaseSettings):
     #: Port of the exporter of ``pacs-ai worker`` on a host of its own (the workers ``pacs-ai serve``
     #: starts are in its exporter).
     worker_metrics_port: int = Field(default=9181, gt=0, lt=65536)
-    #: Also serve /metrics on the worklist web app, to signed-in administrators only.
-    worklist_metrics: bool = False
     #: Seconds between two readings of the broker's queues, the index and the disk by the scheduler.
     metrics_sample_seconds: float = Field(default=15.0, gt=0)
 

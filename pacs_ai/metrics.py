@@ -288,8 +288,10 @@ def _metrics() -> _Metrics:
 
 
 def metric_names() -> list[str]:
-    """The names of every metric family pacs-ai exports (for the README, alert rules and tests)."""
-    return sorted(metric.describe()[0].name for metric in vars(_metrics()).values())
+    """Every metric pacs-ai exports, as queries name it (counters with ``_total``; histograms without
+    ``_bucket``, ``_sum`` and ``_count``): for the README, the alert rules and the tests."""
+    families = [metric.describe()[0] for metric in vars(_metrics()).values()]
+    return sorted(f"{f.name}_total" if f.type == "counter" else f.name for f in families)
 
 
 # --- instrumentation: one call per event at the places that know it ---------------------------------
