@@ -16,7 +16,7 @@ Pages, server-rendered like the rest of the worklist:
 The buttons post (CSRF-checked) to ``/admin/jobs/{id}/retry``, ``/admin/jobs/{id}/cancel`` and
 ``/admin/studies/{uid}/reprocess``, which call the very functions the CLI verbs call
 (:mod:`pacs_ai.ops`), audited with the logged-in user.  JSON: ``/api/audit`` (filters as the
-page), ``/api/admin/status``, ``/api/admin/studies/{uid}/timeline``.
+page), ``/api/admin/status``, ``/api/admin/studies`` and ``/api/admin/studies/{uid}/timeline``.
 """
 
 from __future__ import annotations
@@ -223,6 +223,21 @@ def router(ctx: WorklistContext) -> APIRouter:
             return console(
                 request, "admin_studies.html", user, rows=rows, show=show, q=q, filters=STUDY_FILTERS
             )
+
+    @routes.get("/api/admin/studies")
+    def api_studies(request: Request, show: str = "all", q: str = "") -> Response:
+        """The studies page as JSON: each study's series with routing decisions, jobs, deliveries."""
+        if show not in STUDY_FILTERS:
+            return JSONResponse(
+                {"detail": f"show must be one of {', '.join(STUDY_FILTERS)}"}, status_code=400
+            )
+        with session_scope(sessions) as db:
+            user = admin_user(request, db)
+            rows = study_rows(db, show=show, text=q.strip()[:64] or None)
+            viewed(db, user, "studies", show=show, studies=len(rows), api=True)
+        for row in rows:
+            row["first_received_at"] = row["first_received_at"].isoformat()
+        return JSONResponse({"studies": rows})
 
     @routes.get("/admin/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str) -> HTMLResponse:
