@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     profiles_dir: Path = Field(default_factory=_default_profiles_dir)
     #: A series is ready when no instance arrived for this long (profiles may override).
     quiet_period_seconds: float = Field(default=3.0, ge=0)
+    #: A series that an association stored into and then ended by A-ABORT or a lost connection
+    #: (not A-RELEASE) waits this long for the sender to send it again on an association that is
+    #: released; without such a resend it is marked incomplete and not analysed automatically.
+    resend_window_seconds: float = Field(default=600.0, ge=0)
     #: How often the scheduler looks for ready series and undelivered results.
     scheduler_interval_seconds: float = Field(default=0.5, gt=0)
     #: Named result destinations (DICOM C-STORE, DICOMweb STOW-RS or a folder);

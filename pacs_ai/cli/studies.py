@@ -5,14 +5,15 @@
 ``first_received_at``, ``ai_priority``, ``ai_priority_reason``, ``ai_priority_at``), ``series``
 (``series_instance_uid``, ``modality``, ``series_description``, ``series_number``, ``instances``,
 ``purged_instances``, ``last_received_at``, ``calling_ae_title``, ``routing_state``,
-``routing_detail``), ``jobs`` (``id``, ``series_instance_uid``, ``profile``, ``analyzer``,
-``analyzer_version``, ``version``, ``rule``, ``routing_priority``, ``state``, ``attempts``,
-``error``, ``created_at``, ``started_at``, ``finished_at``, ``timings``), ``results`` (``id``,
-``job``, ``kind``, ``sop_instance_uid``, ``series_instance_uid``, ``path``, ``purged_at``,
-``deliveries``: ``destination``, ``state``, ``attempts``, ``last_status``, ``last_error``,
-``sent_at``), ``drafts`` (``id``, ``version``, ``status``, ``backend``, ``model``,
-``fallback_reason``, ``created_at``, ``decided_at``, ``decided_by``).  Exit 1 when no study
-matches, or when an accession number matches several (name one by its UID).
+``routing_detail``, ``interrupted_at``, ``interrupted_instances``), ``jobs`` (``id``,
+``series_instance_uid``, ``profile``, ``analyzer``, ``analyzer_version``, ``version``, ``rule``,
+``routing_priority``, ``state``, ``attempts``, ``error``, ``created_at``, ``started_at``,
+``finished_at``, ``timings``), ``results`` (``id``, ``job``, ``kind``, ``sop_instance_uid``,
+``series_instance_uid``, ``path``, ``purged_at``, ``deliveries``: ``destination``, ``state``,
+``attempts``, ``last_status``, ``last_error``, ``sent_at``), ``drafts`` (``id``, ``version``,
+``status``, ``backend``, ``model``, ``fallback_reason``, ``created_at``, ``decided_at``,
+``decided_by``).  Exit 1 when no study matches, or when an accession number matches several
+(name one by its UID).
 """
 
 from __future__ import annotations
@@ -46,15 +47,18 @@ def studies_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 "ai_priority": priority,
                 "ai_priority_reason": reason,
                 "series": n,
+                "incomplete_series": int(incomplete or 0),
                 "first_received_at": at,
             }
-            for uid, accession, priority, reason, n, at in session.execute(
+            for uid, accession, priority, reason, n, incomplete, at in session.execute(
                 select(
                     Study.study_instance_uid,
                     Study.accession_number,
                     Study.ai_priority,
                     Study.ai_priority_reason,
                     func.count(Series.id),
+                    # Series an aborted association cut short: held for a resend, or incomplete.
+                    func.count(Series.interrupted_at),
                     Study.first_received_at,
                 )
                 .join(Series, Series.study_fk == Study.id, isouter=True)
@@ -72,6 +76,7 @@ def studies_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
             "ai_priority",
             "ai_priority_reason",
             "series",
+            "incomplete_series",
             "first_received_at",
         ],
         "Studies",
@@ -164,6 +169,10 @@ def describe_study(session: Session, study: Study) -> dict[str, Any]:
                 "calling_ae_title": series.calling_ae_title,
                 "routing_state": series.routing_state.value,
                 "routing_detail": series.routing_detail,
+                # An association storing into it ended without A-RELEASE: held for a resend, or
+                # (routing_state "incomplete") never analysed as it is unless reprocessed.
+                "interrupted_at": series.interrupted_at,
+                "interrupted_instances": series.interrupted_instances,
             }
             for series, count, purged in series_rows
         ],
@@ -237,13 +246,14 @@ def _print_study(report: dict[str, Any]) -> None:
     console.print(f"  ai_priority: {priority}{reason}")
     _table(
         "Series",
-        report["series"],
+        [{**series, "interrupted": _interrupted(series)} for series in report["series"]],
         [
             "series_instance_uid",
             "modality",
             "instances",
             "purged_instances",
             "routing_state",
+            "interrupted",
             "routing_detail",
         ],
     )
@@ -271,6 +281,14 @@ def _print_study(report: dict[str, Any]) -> None:
     _table(
         "Report drafts", report["drafts"], ["id", "version", "status", "backend", "decided_by", "decided_at"]
     )
+
+
+def _interrupted(series: dict[str, Any]) -> str:
+    """What an association that ended without A-RELEASE left of the series ("" when none did)."""
+    if series["interrupted_at"] is None:
+        return ""
+    held = "" if series["routing_state"] == "incomplete" else ", held for a resend"
+    return f"aborted after {series['interrupted_instances']} at {series['interrupted_at']:%H:%M:%S}{held}"
 
 
 def _timings(timings: dict[str, Any] | None) -> str:

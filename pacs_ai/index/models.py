@@ -120,6 +120,9 @@ class RoutingState(enum.StrEnum):
     ROUTED = "routed"  # one or more profiles matched; jobs exist
     UNMATCHED = "unmatched"  # no profile matched; the reason is recorded
     DISCARDED = "discarded"  # a routing rule said to ignore it; the rule and reason are recorded
+    #: An association storing into it was aborted and no complete resend came within the resend
+    #: window: not analysed unless forced (``pacs-ai reprocess``); the reason is recorded.
+    INCOMPLETE = "incomplete"
 
 
 class Series(Base):
@@ -147,6 +150,13 @@ class Series(Base):
         Enum(RoutingState, native_enum=False, length=16), default=RoutingState.RECEIVING
     )
     routing_detail: Mapped[str | None] = mapped_column(Text)
+    #: When the last association that stored into the series ended by A-ABORT or a lost
+    #: connection (not A-RELEASE); None once a later association storing into it was released.
+    #: The router holds the series for ``resend_window_seconds`` from then (see
+    #: :mod:`pacs_ai.route.assembly`).
+    interrupted_at: Mapped[datetime | None] = mapped_column()
+    #: Instances of the series that interrupted association had acknowledged.
+    interrupted_instances: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

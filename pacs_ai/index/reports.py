@@ -61,6 +61,23 @@ class User(Base):
     locked_until: Mapped[datetime | None] = mapped_column()
 
 
+class LoginAttempts(Base):
+    """Worklist login attempts of one client address in its current minute, shared by every web process.
+
+    One row per address (see :class:`pacs_ai.worklist.sessions.LoginThrottle`);
+    rows of addresses silent for a while are deleted by the throttle itself.
+    """
+
+    __tablename__ = "login_attempts"
+
+    #: The client address (after trusted proxies), as the audit records it.
+    client: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Start of the current one-minute window of this address.
+    window_start: Mapped[datetime] = mapped_column()
+    #: Attempts in that window, refused ones included.
+    attempts: Mapped[int] = mapped_column(Integer)
+
+
 class WorklistSession(Base):
     """One worklist login (see :mod:`pacs_ai.worklist.sessions`); ended by logout, expiry or disabling."""
 

@@ -31,6 +31,10 @@ type's limit (A-ASSOCIATE-RQ :data:`MAX_ASSOCIATE_RQ_BYTES`, command sets
 stream to the spool and stop being written once past ``maximum_instance_bytes``
 or when the disk nears ``min_free_disk_mb``, and are then answered 0xA700.
 Every data set gets a DIMSE status, logged and audited when it is a failure.
+An association that ends otherwise than by A-RELEASE marks the series it stored
+into interrupted, and a released one completes them again
+(:meth:`StoreHandler.association_ended`): the router holds an interrupted
+series for a resend instead of analysing it as complete.
 
 When less than ``refuse_associations_below_free_mb`` is free on the spool's
 disk, new associations are rejected (transient, local limit exceeded), logged
@@ -440,8 +444,12 @@ class AssociationServer:
             connection.close()
             self._connection_ended(threading.current_thread())
 
-    def store(self, data_set: _DataSetFile, sender: Sender) -> tuple[int, str | None]:
+    def store(
+        self, data_set: _DataSetFile, sender: Sender, stored_series: Counter[str] | None = None
+    ) -> tuple[int, str | None]:
         """File a complete data set; the temporary file is gone afterwards.
+
+        A stored instance is counted in ``stored_series`` under its series.
 
         Whatever goes wrong becomes a failure status, logged and audited: an
         exception escaping the store (a decoder's RecursionError, zlib.error)
@@ -456,6 +464,7 @@ class AssociationServer:
                 sop_class=command.affected_sop_class_uid,
                 sop_instance=command.affected_sop_instance_uid,
                 received=data_set.received(),
+                stored_series=stored_series,
             )
         except Exception as exc:
             log.debug("storing %s failed", printable(command.affected_sop_instance_uid), exc_info=True)
@@ -677,6 +686,8 @@ class _Association:
         self.holds_slot = False
         #: Instances this association had acknowledged (for the record of an aborted one).
         self.stored = 0
+        #: Instances acknowledged per Series Instance UID: the series an abort leaves interrupted.
+        self.stored_series: Counter[str] = Counter()
 
     def run(self) -> None:
         outcome = "aborted"
@@ -731,10 +742,18 @@ class _Association:
                 self._log(outcome)
                 if outcome != "released":
                     # What it stored is kept (acknowledged); its series may lack what was not sent.
-                    detail = {"reason": why or "ended", "instances_stored": str(self.stored)}
+                    detail = {
+                        "reason": why or "ended",
+                        "instances_stored": str(self.stored),
+                        "series": str(len(self.stored_series)),
+                    }
                     self.server.record_association_event(
                         "association.aborted", self.sender, self.peer, detail
                     )
+                # Series an abort cut short wait for a resend; a release completes them.
+                self.server.handler.association_ended(
+                    self.stored_series, self.sender, released=outcome == "released", reason=why
+                )
 
     def close(self) -> None:
         """Close the connection (its TLS layer included)."""
@@ -993,7 +1012,7 @@ class _Association:
             self.server.refuse(self.sender, command, refusal)
             self._respond(context_id, command, refusal.status, refusal.reason)
             return
-        status, comment = self.server.store(data_set, self.sender)
+        status, comment = self.server.store(data_set, self.sender, self.stored_series)
         self.stored += status == STATUS_SUCCESS
         if status == STATUS_SUCCESS:
             metrics.instance_stored(self.calling_ae, data_set.data_set_bytes, time.monotonic() - started)

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from pacs_ai.index.ingest import (
     record_duplicate,
     record_new_instance,
 )
-from pacs_ai.index.models import Instance, Series, Study
+from pacs_ai.index.models import Instance, RoutingState, Series, Study, utcnow
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -173,8 +174,13 @@ class StoreHandler:
         sop_class: str,
         sop_instance: str,
         received: ReceivedBytes | None = None,
+        stored_series: Counter[str] | None = None,
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
+
+        On Success (a new instance or a duplicate) the instance's Series
+        Instance UID is counted in ``stored_series``: the association's record
+        of what it stored, for :meth:`association_ended`.
 
         ``received`` (the file's first bytes, as the listener kept them) spares
         reading the header back from the file; see
@@ -184,7 +190,9 @@ class StoreHandler:
         caller always discards the temporary file (or name) afterwards.
         """
         try:
-            self._store(temp_path, sender, sop_class, sop_instance, received)
+            series_uid = self._store(temp_path, sender, sop_class, sop_instance, received)
+            if stored_series is not None:
+                stored_series[series_uid] += 1
             return STATUS_SUCCESS, None
         except InstanceRejected as rejected:
             self.record_rejection(sender, sop_instance, rejected)
@@ -206,7 +214,8 @@ class StoreHandler:
         sop_class: str,
         sop_instance: str,
         received: ReceivedBytes | None,
-    ) -> None:
+    ) -> str:
+        """Store or refuse (:class:`InstanceRejected`) one instance; returns its Series Instance UID."""
         if self.spool.free_bytes() < self.min_free_bytes:
             raise InstanceRejected(
                 STATUS_OUT_OF_RESOURCES,
@@ -247,6 +256,7 @@ class StoreHandler:
         log.debug(
             "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, sender
         )
+        return header.series_instance_uid
 
     def _index_new(self, header: InstanceHeader, final_path: Path, sender: Sender) -> None:
         size = final_path.stat().st_size
@@ -332,6 +342,93 @@ class StoreHandler:
                 )
         except Exception:  # the refusal itself must still reach the sender
             log.exception("could not record the refusal of %s", sop_instance)
+
+    def association_ended(
+        self, stored_series: Counter[str], sender: Sender, *, released: bool, reason: str | None = None
+    ) -> None:
+        """Record how an association that stored instances of ``stored_series`` ended.
+
+        Not released (A-ABORT, a lost connection, a timeout, a protocol error):
+        each series it stored into is marked interrupted now, with how many of
+        its instances this association had acknowledged, and audited
+        (``series.interrupted``); the router holds it for the resend window.
+        Released: the series it stored into that were interrupted are complete
+        again (``series.resent``); one marked incomplete meanwhile is reopened,
+        so the router takes it as it takes any arrival.  A released
+        association storing into no interrupted series costs one read, no write.
+        """
+        if not stored_series:
+            return
+        uids = list(stored_series)
+        try:
+            if released:
+                self._clear_interruptions(uids, sender)
+            else:
+                self._record_interruption(stored_series, sender, reason or "ended without A-RELEASE")
+        except Exception:  # the association is over either way; the router then routes as before
+            log.exception("could not record how the association from %s ended", sender)
+
+    def _record_interruption(self, stored_series: Counter[str], sender: Sender, reason: str) -> None:
+        now = utcnow()
+        with self.gate.begin() as connection:
+            for series_uid, count in stored_series.items():
+                connection.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid == series_uid)
+                    .values(interrupted_at=now, interrupted_instances=count)
+                )
+                record_audit(
+                    connection,
+                    actor=f"dicom:{sender.ae_title}"[:128],
+                    action="series.interrupted",
+                    object_type="series",
+                    object_uid=series_uid,
+                    detail={"instances": count, "reason": reason},
+                )
+        log.warning(
+            "association from %s ended without A-RELEASE (%s) after storing into %d series; they wait "
+            "%.0f s for a resend",
+            sender,
+            reason,
+            len(stored_series),
+            self.settings.resend_window_seconds,
+        )
+
+    def _clear_interruptions(self, series_uids: list[str], sender: Sender) -> None:
+        with self.gate.engine.connect() as connection:  # a read: no write lock in the common case
+            interrupted = connection.execute(
+                select(Series.id, Series.series_instance_uid, Series.routing_state).where(
+                    Series.series_instance_uid.in_(series_uids), Series.interrupted_at.is_not(None)
+                )
+            ).all()
+        if not interrupted:
+            return
+        with self.gate.begin() as connection:
+            for series_id, series_uid, state in interrupted:
+                connection.execute(
+                    update(Series)
+                    .where(Series.id == series_id)
+                    .values(interrupted_at=None, interrupted_instances=None)
+                )
+                if state == RoutingState.INCOMPLETE:
+                    # Held back as incomplete: now it is whole, route it as a new arrival.
+                    connection.execute(
+                        update(Instance).where(Instance.series_fk == series_id).values(routed=False)
+                    )
+                    connection.execute(
+                        update(Series)
+                        .where(Series.id == series_id)
+                        .values(routing_state=RoutingState.RECEIVING)
+                    )
+                record_audit(
+                    connection,
+                    actor=f"dicom:{sender.ae_title}"[:128],
+                    action="series.resent",
+                    object_type="series",
+                    object_uid=series_uid,
+                    detail={"was": state.value},
+                )
+        log.info("association from %s completed %d interrupted series", sender, len(interrupted))
 
 
 def held_elsewhere(connection: Connection, header: InstanceHeader) -> str | None:

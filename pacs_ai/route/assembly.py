@@ -114,8 +114,15 @@ def route_ready_series(
     rules: RuleSet | None = None,
     files: HostFiles | None = None,
     require_uploaded: bool = False,
+    resend_window_seconds: float = 600.0,
 ) -> RoutingPass:
     """Route every series with unrouted instances whose quiet period is over.
+
+    A series an association stored into and then ended without A-RELEASE
+    (``Series.interrupted_at``, set by the listener) is held for
+    ``resend_window_seconds`` from then: a resend on an association that is
+    released clears the mark and the series is routed as usual; without one
+    it is marked incomplete (:func:`_mark_incomplete`) and not analysed.
 
     ``files`` reads an instance's header for the rules (instance keys as local
     files: the receiver's spool).  With ``require_uploaded`` (a remote object
@@ -158,6 +165,11 @@ def route_ready_series(
         series.instance_count = (
             session.scalar(select(func.count(Instance.id)).where(Instance.series_fk == series_id)) or 0
         )
+        if series.interrupted_at is not None:
+            if series.interrupted_at > now - timedelta(seconds=resend_window_seconds):
+                continue  # cut short by an aborted association: wait for the sender's resend
+            _mark_incomplete(session, series, last_received, resend_window_seconds)
+            continue
         if rules is not None:
             if series.study_fk in waiting_studies and any(
                 rule.trigger == "study" and rule.enabled for rule in rules.rules
@@ -445,6 +457,56 @@ def _notification_payload(series: Series, study: Study, rule: str, plan: SeriesP
         "profiles": [step.profile.name for step in plan.process],
         "originals_to": sorted(plan.originals),
     }
+
+
+def _mark_incomplete(
+    session: Session, series: Series, last_received: datetime, resend_window_seconds: float
+) -> None:
+    """No complete resend came for an interrupted series: recorded as incomplete, never analysed as is.
+
+    Its unrouted instances are decided (so the router does not come back to
+    them every pass), no job is opened, the reason is in ``routing_detail``
+    (``pacs-ai studies show``) and the audit (``series.incomplete``).  A later
+    released association storing into it reopens it (see
+    :meth:`pacs_ai.receive.store.StoreHandler.association_ended`);
+    ``pacs-ai reprocess`` analyses it as it is.
+    """
+    session.execute(
+        update(Instance)
+        .where(
+            Instance.series_fk == series.id,
+            Instance.routed.is_(False),
+            Instance.received_at <= last_received,
+        )
+        .values(routed=True)
+    )
+    series.last_received_at = last_received
+    series.routing_state = RoutingState.INCOMPLETE
+    series.routing_detail = (
+        f"association aborted after {series.interrupted_instances or 0} instance(s) of this series "
+        f"({series.instance_count} received in all); no complete resend within "
+        f"resend_window_seconds={resend_window_seconds:g}: not analysed automatically "
+        "(`pacs-ai reprocess` analyses it as it is)"
+    )
+    record_audit(
+        session,
+        actor="router",
+        action="series.incomplete",
+        object_type="series",
+        object_uid=series.series_instance_uid,
+        detail={
+            "reason": "association aborted",
+            "instances_in_aborted_association": series.interrupted_instances,
+            "instances": series.instance_count,
+            "resend_window_seconds": resend_window_seconds,
+        },
+    )
+    log.warning(
+        "series %s incomplete: association aborted after %s instance(s), no resend within %g s",
+        series.series_instance_uid,
+        series.interrupted_instances,
+        resend_window_seconds,
+    )
 
 
 def _record_unmatched(session: Session, series: Series) -> None:

@@ -139,6 +139,13 @@ def reopen_series(
             .values(routed=False)
             .execution_options(synchronize_session=False)
         )
+        # Asked for by name: a series an aborted association left incomplete is analysed as it is.
+        session.execute(
+            update(Series)
+            .where(Series.id.in_(ids), Series.interrupted_at.is_not(None))
+            .values(interrupted_at=None, interrupted_instances=None)
+            .execution_options(synchronize_session=False)
+        )
     reopened = list(session.scalars(select(Series.series_instance_uid).where(Series.id.in_(ids))))
     record_audit(
         session,

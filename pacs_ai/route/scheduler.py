@@ -166,6 +166,7 @@ class Scheduler:
                 rules=rules,
                 files=self.files,
                 require_uploaded=self.uploader.enabled,
+                resend_window_seconds=self.settings.resend_window_seconds,
             )
         for ticket in routing.new_jobs:
             self.queue.enqueue_analysis(ticket)
