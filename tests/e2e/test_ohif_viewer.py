@@ -4,7 +4,10 @@ The ``@ohif/app`` 3.13.2 production build (``npm pack`` from the npm registry
 into the gitignored ``.cache/npm``) is served by :class:`~tests.e2e.ohif.ViewerServer`
 with our own ``app-config.js`` and a same-origin proxy to Orthanc's DICOMweb
 plugin; headless Chromium (selenium) opens the study, the SEG (answering the
-"open this Segmentation?" prompt), the measurement SR and the draft report.
+"open this Segmentation?" prompt), the measurement SR, tracks it (OHIF hydrates
+the detected nodules into its measurements panel, one row each, and a click on
+a row shows the nodule's slice), goes through the SR's groups to a nodule's
+values, and opens the draft report.
 Chromium resolves no host but loopback, so nothing can come from a CDN.
 Screenshots of every step are kept in ``.cache/ohif-screenshots/`` (gitignored).
 """
@@ -22,7 +25,7 @@ import requests
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -36,6 +39,9 @@ from tests.integration.synthetic_ct import lung_labels, lung_result, make_ct_ser
 from tests.peers import OrthancServer, orthanc_dicomweb_config
 
 SCREENSHOTS = REPO / ".cache" / "ohif-screenshots"
+NODULE = Code("27925004", "SCT", "Nodule")
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 TIMEOUT = 40.0
 PANE = '[data-cy="viewport-pane"]'
 
@@ -147,6 +153,36 @@ class Viewer:
     def panel(self, data_cy: str) -> None:
         self.driver.find_element(By.CSS_SELECTOR, f'[data-cy="{data_cy}"]').click()
 
+    def click_data_cy(self, data_cy: str) -> None:
+        """Click the element ``data-cy`` names once it is shown (a prompt's button, say)."""
+
+        def clicked() -> bool:
+            try:
+                for element in self.driver.find_elements(By.CSS_SELECTOR, f'[data-cy="{data_cy}"]'):
+                    if element.is_displayed():
+                        element.click()
+                        return True
+            except StaleElementReferenceException:
+                pass
+            return False
+
+        self.wait(f"the {data_cy!r} element", clicked)
+
+    def visible(self, data_cy: str) -> bool:
+        return any(
+            e.is_displayed() for e in self.driver.find_elements(By.CSS_SELECTOR, f'[data-cy="{data_cy}"]')
+        )
+
+    def overlay(self, pane: int, corner: str) -> str:
+        """The text of viewport ``pane``'s overlay corner (``bottom-right`` shows "I:13 (13/24)")."""
+        try:
+            element = self.driver.find_elements(By.CSS_SELECTOR, PANE)[pane].find_element(
+                By.CSS_SELECTOR, f'[data-cy="viewport-overlay-{corner}"]'
+            )
+            return str(element.text)
+        except (IndexError, StaleElementReferenceException, NoSuchElementException):
+            return ""
+
     def assert_no_error(self, step: str) -> None:
         page = self.text()
         for sign in ("Something went wrong", "Error boundary", 'data-type="error"'):
@@ -163,6 +199,11 @@ class Viewer:
         assert not about_results, f"console errors after {step}: {about_results}"
 
 
+def _nearest_slice(headers: list[Dataset], z: float) -> Dataset:
+    """The axial source image whose plane is nearest ``z`` (where the SR draws a box centred there)."""
+    return min(headers, key=lambda header: abs(float(header.ImagePositionPatient[2]) - z))
+
+
 def test_ohif_shows_seg_measurements_and_draft(
     ohif_dist: Path, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
@@ -172,8 +213,14 @@ def test_ohif_shows_seg_measurements_and_draft(
     result = lung_result(volume, lung_labels(volume.voxels.shape))
     middle = volume.headers[len(volume.headers) // 2]
     z = float(middle.ImagePositionPatient[2])
-    result.detections = [
-        DetectionSpec(Code("27925004", "SCT", "Nodule"), 0.87, (-30.0, -10.0, z - 3), (-18.0, 2.0, z + 3))
+    z_low = float(volume.headers[6].ImagePositionPatient[2])
+    result.detections = [  # a nodule in each lung, on slices of their own
+        DetectionSpec(
+            NODULE, 0.87, (-30.0, -10.0, z - 3), (-18.0, 2.0, z + 3), RIGHT_LUNG, 0.5, "right lung"
+        ),
+        DetectionSpec(
+            NODULE, 0.64, (12.0, 0.0, z_low - 2), (20.0, 8.0, z_low + 2), LEFT_LUNG, 0.5, "left lung"
+        ),
     ]
     equipment = EquipmentInfo()
     (_, seg), (_, sr) = build_results(volume, result, key="ohif-test", equipment=equipment)
@@ -228,7 +275,40 @@ def test_ohif_shows_seg_measurements_and_draft(
             viewer.shot("3-measurements")
             viewer.assert_no_error("opening the measurement SR")
             assert "Attenuation Coefficient" in viewer.text()
-            # The SR viewport's arrows go from one measurement group to the next: to the nodule.
+            # Track the SR's measurements: OHIF asks as the SR opens ("continue tracking measurements
+            # for this study?"; a click elsewhere dismisses the question for good), hydrates the
+            # nodules (their Image Regions) into its measurements panel, one row per nodule, and a
+            # click on a row shows the nodule's slice.
+            viewer.wait("OHIF's tracking prompt", lambda: viewer.visible("yes-hydrate-btn"))
+            viewer.click_data_cy("yes-hydrate-btn")
+            viewer.panel("trackedMeasurements-btn")
+            rows = '[data-cy="trackedMeasurements-panel"] [data-cy="data-row"]'
+            viewer.wait("a row per nodule", lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 2)
+            viewer.shot("3b-measurements-panel")
+            panel = browser.find_element(By.CSS_SELECTOR, '[data-cy="trackedMeasurements-panel"]').text
+            for detection in result.detections:
+                assert detection.finding_site is not None
+                assert detection.finding_site.meaning in panel, panel
+            for index, detection in enumerate(result.detections):
+                browser.find_elements(By.CSS_SELECTOR, rows)[index].find_element(
+                    By.CSS_SELECTOR, '[data-cy="data-row-title"]'
+                ).click()
+                instance = int(_nearest_slice(volume.headers, detection.center_mm[2]).InstanceNumber)
+                viewer.wait(
+                    f"the slice of nodule {index + 1}",
+                    lambda n=instance: f"I:{n} (" in viewer.overlay(1, "bottom-right"),
+                )
+                viewer.shot(f"3c-nodule-{index + 1}")
+                assert detection.finding.meaning in browser.find_elements(By.CSS_SELECTOR, rows)[index].text
+            viewer.assert_no_error("tracking the nodules")
+
+            # The SR itself again, in the same viewport: its arrows go from one measurement group to
+            # the next, to the nodule with its values.
+            viewer.open_until(
+                "AI lung measurements",
+                "the SR again",
+                lambda: f"{right_volume:.2f} mL" in viewer.text(),
+            )
             for _ in range(4):
                 if "Width: 12.00 mm" in viewer.text():
                     break
@@ -237,9 +317,10 @@ def test_ohif_shows_seg_measurements_and_draft(
                 time.sleep(1)
             viewer.wait("the nodule", lambda: "Width: 12.00 mm" in viewer.text())
             assert "Certainty of Finding: 0.87" in viewer.text()
-            viewer.shot("3b-nodule")
+            viewer.shot("3f-sr-nodule")
 
             viewer.pane(0)  # the CT with its SEG, still loaded
+            viewer.panel("panelSegmentation-btn")
             viewer.wait(
                 "the segment labels after the SR",
                 lambda: "Right lung" in viewer.text() and "Left lung" in viewer.text(),
