@@ -36,7 +36,7 @@ from pacs_ai.index.models import (
 )
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.report.pipeline import ReportPipeline
-from pacs_ai.route.assembly import JobTicket, Notification, route_ready_series
+from pacs_ai.route.assembly import JobTicket, Notification, RoutingPass, route_ready_series
 from pacs_ai.route.profile_set import ProfileSet
 from pacs_ai.storage.files import HostFiles
 from pacs_ai.storage.uploader import Uploader
@@ -85,6 +85,9 @@ class Scheduler:
         #: Puts acknowledged instances into a remote object store (nothing to do with the embedded one).
         self.uploader = Uploader(settings, sessions)
         self._upload_thread: threading.Thread | None = None
+        self._stop_uploading = threading.Event()
+        #: Held by a routing pass: the scheduler's and the uploader's thread both route.
+        self._routing = threading.Lock()
 
     def recover(self) -> int:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""
@@ -153,27 +156,10 @@ class Scheduler:
         return [ticket.job_id for ticket in handed]
 
     def run_once(self) -> None:
-        self._start_uploads()
-        profiles = self.profiles.refresh()
-        rules = self.profiles.rules
+        self.start_uploads()
         now = utcnow()
-        with session_scope(self.sessions) as session:
-            routing = route_ready_series(
-                session,
-                profiles,
-                now=now,
-                default_quiet_seconds=self.settings.quiet_period_seconds,
-                rules=rules,
-                files=self.files,
-                require_uploaded=self.uploader.enabled,
-                resend_window_seconds=self.settings.resend_window_seconds,
-            )
-        for ticket in routing.new_jobs:
-            self.queue.enqueue_analysis(ticket)
-        for delivery_id in routing.new_deliveries:
-            self.queue.enqueue_delivery(delivery_id)
-        for notification in routing.notifications:
-            self.queue.enqueue_notification(notification)
+        self.route(now)
+        rules = self.profiles.rules
         if rules is not None and rules.off_peak.contains(local_time_of_day()):
             self.release_held_jobs()
 
@@ -226,26 +212,71 @@ class Scheduler:
         metrics.record_sample(sample, [state.value for state in WorkerState])
         return sample
 
-    def _start_uploads(self) -> None:
+    def route(self, now: datetime | None = None) -> RoutingPass:
+        """Route the series that are ready and queue the jobs, deliveries and notifications that opened.
+
+        Called by every scheduler pass, and by the uploader's thread the moment
+        an upload pass has put the last waiting instance into the object store
+        (a series waits for its last upload; see :meth:`_upload_forever`).  One
+        routing pass at a time: two at once could both open jobs for the same series.
+        """
+        with self._routing:
+            profiles = self.profiles.refresh()
+            with session_scope(self.sessions) as session:
+                routing = route_ready_series(
+                    session,
+                    profiles,
+                    now=now or utcnow(),
+                    default_quiet_seconds=self.settings.quiet_period_seconds,
+                    rules=self.profiles.rules,
+                    files=self.files,
+                    require_uploaded=self.uploader.enabled,
+                    resend_window_seconds=self.settings.resend_window_seconds,
+                )
+            # Queued after the commit: a row always exists before its message does.
+            for ticket in routing.new_jobs:
+                self.queue.enqueue_analysis(ticket)
+            for delivery_id in routing.new_deliveries:
+                self.queue.enqueue_delivery(delivery_id)
+            for notification in routing.notifications:
+                self.queue.enqueue_notification(notification)
+        return routing
+
+    def start_uploads(self) -> None:
         """Run the uploader on a thread of its own, so uploads never hold up routing and deliveries.
 
-        Started with the first pass, so after a restart what was left to upload goes first:
-        nothing of it is routed before it is in the store.
+        Started by the first pass (:meth:`run_once`), so after a restart what was left to upload
+        goes first: nothing of it is routed before it is in the store.  Nothing to do for the
+        embedded storage.
         """
         if not self.uploader.enabled or (self._upload_thread is not None and self._upload_thread.is_alive()):
             return
+        self._stop_uploading.clear()
         self._upload_thread = threading.Thread(target=self._upload_forever, name="uploader", daemon=True)
         self._upload_thread.start()
 
+    def stop_uploads(self, timeout: float | None = None) -> None:
+        """Stop the uploader's thread after its current pass (what is not uploaded waits in the spool)."""
+        self._stop_uploading.set()
+        if self._upload_thread is not None:
+            self._upload_thread.join(timeout)
+
     def _upload_forever(self) -> None:
-        while True:
+        while not self._stop_uploading.is_set():
             try:
                 outcome = self.uploader.run_once()
             except Exception:  # the index unreachable, say: try again next interval
                 log.exception("upload pass failed")
                 outcome = None
+            if outcome is not None and outcome.uploaded and outcome.error is None:
+                # Everything acknowledged so far is in the store: a quiet series whose last
+                # instance just landed is routed now, not at the next scheduler pass.
+                try:
+                    self.route()
+                except Exception:  # the scheduler's own pass tries again
+                    log.exception("routing after uploads failed")
             if outcome is None or outcome.error is not None or not outcome.uploaded:
-                monotonic_clock.sleep(self.settings.scheduler_interval_seconds)
+                self._stop_uploading.wait(self.settings.scheduler_interval_seconds)
 
     def retain_if_due(self) -> RetentionRun | None:
         """Run retention when its interval has passed and a retention limit is configured."""

@@ -1,5 +1,5 @@
-"""Durability with an object store: spool first, upload after, routing only once uploaded; the backlog limit;
-and migration 0006 turning recorded host paths into storage keys."""
+"""Durability with an object store: spool first, upload after, routing only once uploaded (and at once
+then); the backlog limit; and migration 0006 turning recorded host paths into storage keys."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ from sqlalchemy import select, text
 
 from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
-from pacs_ai.index.models import AuditEvent, Instance, RoutingState, Series, utcnow
+from pacs_ai.index.models import AuditEvent, Instance, Job, RoutingState, Series, utcnow
 from pacs_ai.receive.headers import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.route.assembly import route_ready_series
+from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.storage import open_storage
 from pacs_ai.storage.uploader import Uploader
 from tests.integration.synthetic_ct import make_ct_series, write_series
 from tests.integration.test_reprocess_index import SENDER
 from tests.object_store import SeaweedS3, storage_settings
-from tests.peers import free_port
+from tests.peers import free_port, wait_for
+from workers.factory import create_app
+from workers.task_queue import CeleryTaskQueue
 
 
 def _store(handler: StoreHandler, sources: list[Path], incoming: Path) -> list[tuple[int, str | None]]:
@@ -99,6 +102,75 @@ def test_unreachable_store_fills_the_backlog_then_instances_are_refused_and_noth
     # With the backlog empty, the refused instances are accepted when sent again.
     again = _store(StoreHandler(restarted), sources[3:], tmp_path / "again")
     assert [status for status, _ in again] == [STATUS_SUCCESS] * 2
+
+
+#: A profile taking any CT series (the synthetic one has no body part) to the built-in lung analyzer.
+_ANY_CT = """
+name: any-ct
+match:
+  modality: [CT]
+analyzers:
+  - name: ct-chest-lung
+    queue: cpu
+destinations: []
+"""
+
+
+def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """The uploader's thread routes as soon as it has put the last waiting instance into the store.
+
+    The scheduler's own pass never runs here (its interval is ten minutes), so only the upload
+    can have routed the series; the job is opened after every instance is in the store.
+    """
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "any-ct.yaml").write_text(_ANY_CT)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        fsync=False,
+        min_free_disk_mb=0,
+        profiles_dir=profiles,
+        quiet_period_seconds=0,
+        scheduler_interval_seconds=600,
+        broker_url="memory://",
+        **storage_settings(object_store),
+    )
+    settings.data_dir.mkdir()
+    upgrade_schema(settings.effective_database_url)
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    sources = write_series(make_ct_series(4, 16, 16), tmp_path / "sources")
+    assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
+        STATUS_SUCCESS
+    ] * 4
+
+    def routing_state() -> RoutingState:
+        with session_scope(sessions) as session:
+            return session.scalars(select(Series.routing_state)).one()
+
+    assert routing_state() == RoutingState.RECEIVING
+    app = create_app(settings)
+    scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
+    scheduler.start_uploads()
+    try:
+        wait_for(lambda: routing_state() == RoutingState.ROUTED, timeout=60, description="the series routed")
+    finally:
+        scheduler.stop_uploads(timeout=60)
+    with session_scope(sessions) as session:
+        uploaded = session.scalars(select(Instance.uploaded_at)).all()
+        job = session.scalars(select(Job)).one()
+        assert len(uploaded) == 4 and None not in uploaded
+        assert max(uploaded) <= job.created_at, "a job opened before its series was in the store"
+        job_id = job.id
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("cpu")
+        try:
+            message = queue.get(timeout=5)
+            assert message.payload[0] == [job_id]
+            message.ack()
+        finally:
+            queue.close()
 
 
 def test_migration_0006_turns_spool_and_results_paths_into_keys(tmp_path: Path) -> None:
