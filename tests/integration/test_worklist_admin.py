@@ -1,6 +1,6 @@
 """The admin console against a real index and a real Redis broker: pages, roles, CSRF, actions, audit.
 
-Three studies in one SQLite index:
+Three studies in one index (SQLite, and a PostgreSQL server's database):
 
 * analysed: a phantom CT analysed by the real job runner, with a report draft
   (``worklist_study.py``);
@@ -16,8 +16,10 @@ message is looked for.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +47,7 @@ from tests.integration.worklist_study import (
     add_users,
     index_analysed_study,
 )
-from tests.service import REDIS_TEST_URL
+from tests.service import REDIS_TEST_URL, PostgresDatabase
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -76,15 +78,27 @@ def _study_of_series(sessions: sessionmaker[Session], series_id: int) -> str:
         return series.study.study_instance_uid
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("admin")
     broker = f"{REDIS_TEST_URL}/{random.randint(1, 15)}"
     redis.Redis.from_url(broker).flushdb()
     profiles = base / "profiles"
     profiles.mkdir()
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(PostgresDatabase()).url if request.param == "postgresql" else None
+        yield _populate(base, broker, profiles, database)
+
+
+def _populate(base: Path, broker: str, profiles: Path, database_url: str | None) -> Env:
+    """The three studies of the module docstring in a fresh index."""
     settings = Settings(
-        data_dir=base / "data", fsync=False, uid_prefix=UID_PREFIX, broker_url=broker, profiles_dir=profiles
+        data_dir=base / "data",
+        fsync=False,
+        uid_prefix=UID_PREFIX,
+        broker_url=broker,
+        profiles_dir=profiles,
+        database_url=database_url,
     )
     upgrade_schema(settings.effective_database_url)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
