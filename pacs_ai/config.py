@@ -29,9 +29,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from pacs_ai.dispatch.destinations import Destination
-from pacs_ai.receive.retrieve import QueryRetrievePeer
-from pacs_ai.receive.security import KnownPeer, ListenerTls
+from pacs_ai.peer_settings import Destination, KnownPeer, ListenerTls, QueryRetrievePeer
 
 CONFIG_FILE_ENV = "PACS_AI_CONFIG_FILE"
 #: Names the file with the settings of ``pacs-ai serve``, for its children.
@@ -125,7 +123,7 @@ class Settings(BaseSettings):
     #: How often the scheduler looks for ready series and undelivered results.
     scheduler_interval_seconds: float = Field(default=0.5, gt=0)
     #: Named result destinations (DICOM C-STORE, DICOMweb STOW-RS or a folder);
-    #: see :mod:`pacs_ai.dispatch.destinations`.
+    #: see :mod:`pacs_ai.peer_settings`.
     destinations: dict[str, Destination] = Field(default_factory=dict)
     #: PACS that ``pacs-ai reprocess`` may query (C-FIND) and retrieve from (C-MOVE), tried in this
     #: order; each must know pacs-ai's listener as a move destination (see :mod:`pacs_ai.receive.retrieve`).

@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from pacs_ai.analyze.volume import VoxelLimit
 from pacs_ai.analyze.volume_memory import process_volume_memory
-from pacs_ai.analyze.warmup import warm_up
 from pacs_ai.config import Settings
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import Job
+from pacs_ai.jobs.warmup import warm_up
 from pacs_ai.logging_setup import quiet_noisy_libraries
 from pacs_ai.models.engine import loaded_model_names
 from workers.heartbeat import NodePresence, ProcessModels

@@ -69,14 +69,15 @@ from pacs_ai.analyze.base import (
     MeasurementSpec,
     SegmentSpec,
 )
+from pacs_ai.config import Settings, load_settings
+from pacs_ai.models import ModelError
 from pacs_ai.models.boxes import patient_boxes
 from pacs_ai.models.labels import code_for, is_background, normalise
+from pacs_ai.models.store import ModelStore, RegisteredModel, UnknownModelError, model_title, output_names
 
 if TYPE_CHECKING:
     from pacs_ai.analyze.volume import Volume
-    from pacs_ai.config import Settings
     from pacs_ai.models.engine import ModelEngine, Prediction
-    from pacs_ai.models.store import RegisteredModel
 
 #: CID 7162 Algorithm Family.
 DCM_ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
@@ -313,20 +314,17 @@ class MonaiBundleAnalyzer:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from pacs_ai.config import load_settings
-
             self._settings = load_settings()
         return self._settings
 
     def _engine(self) -> ModelEngine:
+        # Imported here, not at the top: the engine imports torch, which a worker that never runs a
+        # model (and `pacs-ai profiles validate`) should not pay for.
         from pacs_ai.models.engine import engine_for
 
         return engine_for(self.settings)
 
     def _registered(self, name: str) -> RegisteredModel:
-        from pacs_ai.models import ModelError
-        from pacs_ai.models.store import ModelStore, UnknownModelError
-
         try:
             return ModelStore(self.settings.effective_models_dir).get(name)
         except UnknownModelError as exc:
@@ -341,9 +339,6 @@ class MonaiBundleAnalyzer:
         registered, overrides or ``keep`` entries naming labels the model does
         not have, and labels that would have no code.
         """
-        from pacs_ai.models import ModelError
-        from pacs_ai.models.store import ModelStore, model_title, output_names
-
         try:
             p = MonaiBundleParams.parse(params)
         except InvalidParameters as exc:
@@ -370,8 +365,7 @@ class MonaiBundleAnalyzer:
         return load_series(paths)
 
     def analyze(self, volume: Volume, params: dict[str, Any]) -> AnalysisResult:
-        from pacs_ai.models.loaded import InfererOverrides
-        from pacs_ai.models.store import UnknownModelError, model_title, output_names
+        from pacs_ai.models.loaded import InfererOverrides  # torch and MONAI: only when a model runs
 
         p = MonaiBundleParams.parse(params)
         registered = self._registered(p.model)

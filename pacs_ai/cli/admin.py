@@ -25,7 +25,6 @@ from pacs_ai.cli.common import (
     settings_of,
 )
 from pacs_ai.dispatch.check import check_destination
-from pacs_ai.dispatch.destinations import DicomDestination
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import (
@@ -38,6 +37,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.ops.audit import audit_row, search_audit
+from pacs_ai.peer_settings import DicomDestination
 
 
 def _report_enqueued(done: bool, as_json: bool) -> None:

@@ -24,10 +24,10 @@ from pacs_ai.cli.studies import describe_study
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.check import check_destination
 from pacs_ai.dispatch.cstore import send_files
-from pacs_ai.dispatch.destinations import DicomDestination
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import DeliveryState, Job, JobState, RoutingState, Study
+from pacs_ai.peer_settings import DicomDestination
 from pacs_ai.synthetic.phantom import write_chest_phantom
 
 #: The calling AE title of the demo's C-STORE (add it to allowed_calling_ae_titles where those are set).

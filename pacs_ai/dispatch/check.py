@@ -10,8 +10,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_ai.dispatch.cstore import tls_context
-from pacs_ai.dispatch.destinations import Destination, DicomDestination, DicomWebDestination
 from pacs_ai.dispatch.stow import http_session
+from pacs_ai.peer_settings import Destination, DicomDestination, DicomWebDestination
 
 
 def check_destination(destination: Destination, *, calling_ae_title: str) -> str | None:

@@ -13,8 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
 
-from pacs_ai.dispatch.destinations import DicomDestination, TlsOptions
 from pacs_ai.dispatch.errors import DeliveryError
+from pacs_ai.peer_settings import DicomDestination, TlsOptions
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import metrics
 from pacs_ai.config import Settings
-from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.dispatch.senders import send
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Result, utcnow
+from pacs_ai.peer_settings import Destination
 from pacs_ai.storage.base import StorageError
 from pacs_ai.storage.files import HostFiles
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from pacs_ai.dispatch.destinations import FolderDestination
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.durable import fsync_directory, fsync_file
+from pacs_ai.peer_settings import FolderDestination
 
 log = logging.getLogger(__name__)
 

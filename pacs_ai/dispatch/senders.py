@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from pacs_ai.dispatch.cstore import send_files
-from pacs_ai.dispatch.destinations import Destination
 from pacs_ai.dispatch.folder import copy_files
 from pacs_ai.dispatch.stow import stow_files
+from pacs_ai.peer_settings import Destination
 
 Sender = Callable[..., None]
 

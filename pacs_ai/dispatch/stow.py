@@ -10,8 +10,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
-from pacs_ai.dispatch.destinations import DicomWebDestination
 from pacs_ai.dispatch.errors import DeliveryError
+from pacs_ai.peer_settings import DicomWebDestination
 
 log = logging.getLogger(__name__)
 

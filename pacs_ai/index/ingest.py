@@ -27,7 +27,35 @@ from sqlalchemy.sql.dml import Insert
 
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.models import Instance, Patient, RoutingState, Series, Study, utcnow
-from pacs_ai.receive.headers import InstanceHeader
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What is recorded about one instance (read from its header by :mod:`pacs_ai.receive.headers`).
+
+    Patient name is stored, never logged.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    series_number: int | None
+    instance_number: int | None
+    image_type: str | None
+    slice_thickness: float | None
 
 
 @dataclass(frozen=True)

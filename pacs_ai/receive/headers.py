@@ -16,6 +16,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import RE_VALID_UID, UID
 
+from pacs_ai.index.ingest import InstanceHeader
+
 #: Storage statuses (PS3.4 B.2.3) the listener answers with.
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -47,32 +49,6 @@ class ReceivedBytes:
     whole: bool = False
     data_set_offset: int | None = None
     transfer_syntax_uid: str | None = None
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """What is recorded about one instance.  Patient name is stored, never logged."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str | None
-    patient_birth_date: str | None
-    patient_sex: str | None
-    accession_number: str | None
-    study_date: str | None
-    study_description: str | None
-    modality: str | None
-    body_part_examined: str | None
-    series_description: str | None
-    series_number: int | None
-    instance_number: int | None
-    image_type: str | None
-    slice_thickness: float | None
 
 
 #: The attributes read, by keyword; tags looked up once here (a lookup by keyword per access costs more).

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 
-from pydantic import BaseModel, ConfigDict, Field
 from pydicom import Dataset
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -34,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs_ai.dispatch.cstore import tls_context
-from pacs_ai.dispatch.destinations import TlsOptions
+from pacs_ai.peer_settings import QueryRetrievePeer
 
 #: Modalities of derived objects, which pacs-ai neither analyses nor needs to fetch back: among
 #: them its own earlier results (SEG, SR), key object selections and presentation states.
@@ -42,25 +41,6 @@ DERIVED_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "REG", "RTSTRUCT", "DOC
 
 _PENDING = frozenset({0xFF00, 0xFF01})
 _DICOM_DATE = re.compile(r"^\d{8}$")
-
-
-class QueryRetrievePeer(BaseModel):
-    """A PACS that pacs-ai may query (C-FIND) and retrieve from (C-MOVE), e.g. for ``pacs-ai reprocess``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(gt=0, lt=65536)
-    tls: TlsOptions | None = None
-    #: Seconds to wait for the PACS to connect or to send its next response (a C-MOVE sends a
-    #: pending response after each instance, so this does not limit the length of a retrieval).
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    #: The AE title the PACS knows pacs-ai's listener by; None uses pacs-ai's own ``ae_title``.
-    move_destination: str | None = Field(default=None, min_length=1, max_length=16)
-
-    def describe(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
 class RetrieveError(Exception):

@@ -14,47 +14,12 @@ import ipaddress
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pacs_ai.peer_settings import KnownPeer, ListenerTls
 
 #: Addresses whose callers can only be processes of this machine.
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-class KnownPeer(BaseModel):
-    """A sender the listener accepts: its calling AE title and where it may call from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ae_title: str = Field(min_length=1, max_length=16)
-    #: Networks (CIDR) the peer calls from; empty allows any address.
-    networks: list[str] = Field(default_factory=list)
-    #: Subject of the client certificate it must present over TLS (``CN=ct1,O=Hospital``, in
-    #: the certificate's order); None accepts any certificate the CA signed (or plain TCP).
-    certificate_subject: str | None = None
-
-    @field_validator("networks")
-    @classmethod
-    def _networks_parse(cls, value: list[str]) -> list[str]:
-        for network in value:
-            ipaddress.ip_network(network, strict=False)  # raises with the offending text
-        return value
-
-
-class ListenerTls(BaseModel):
-    """DICOM TLS for the listener (the BCP 195 profile of PS3.15 B.9 as Python's ssl offers it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    certificate_file: Path
-    private_key_file: Path
-    #: CA certificates that client certificates must chain to; set it to require a client
-    #: certificate (mutual TLS); None accepts any client without a certificate.
-    ca_file: Path | None = None
-    #: Port of the TLS listener; None (or the plain ``listen_port``) makes the one port TLS only.
-    port: int | None = Field(default=None, gt=0, lt=65536)
 
 
 def server_tls_context(tls: ListenerTls) -> ssl.SSLContext:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.dispatch.destinations import DicomDestination, DicomWebDestination, FolderDestination, TlsOptions
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.dispatch.senders import send
+from pacs_ai.peer_settings import DicomDestination, DicomWebDestination, FolderDestination, TlsOptions
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
 from tests.peers import OrthancServer, orthanc_dicomweb_config, orthanc_tls_config, self_signed_certificate
 

@@ -11,9 +11,8 @@ import pytest
 from sqlalchemy import select, text
 
 from pacs_ai.index.db import WriteGate, make_engine, make_write_gate, upgrade_schema
-from pacs_ai.index.ingest import NewInstanceInsert, Sender, ensure_series, instance_row
+from pacs_ai.index.ingest import InstanceHeader, NewInstanceInsert, Sender, ensure_series, instance_row
 from pacs_ai.index.models import Instance
-from pacs_ai.receive.headers import InstanceHeader
 from tests.unit.test_index_write_gate import _gate_is_held
 
 SENDER = Sender("CT_SCANNER", "10.0.0.7")

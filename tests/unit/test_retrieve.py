@@ -8,10 +8,10 @@ import pytest
 from pydicom import Dataset
 
 from pacs_ai.encode.results import PreviousResult, versioned
+from pacs_ai.peer_settings import QueryRetrievePeer
 from pacs_ai.receive.retrieve import (
     MoveOutcome,
     MoveProgress,
-    QueryRetrievePeer,
     SeriesMatch,
     date_range,
     dicom_date,

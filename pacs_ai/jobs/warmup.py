@@ -1,4 +1,4 @@
-"""Warming a worker up before it takes real work.
+"""Warming a worker up before it takes real work: a small job of its own (so it sits in jobs/).
 
 The first job a fresh worker process runs pays one-off costs: imports of the
 pixel decoders and image libraries, highdicom loading its tables of the DICOM

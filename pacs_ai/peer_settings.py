@@ -1,7 +1,10 @@
-"""Where results (and forwarded originals) can go, as configuration.
+"""The network peers in the settings: where results go, who may call the listener, which PACS to query.
 
-Three kinds, told apart by ``type`` (``dicom`` when absent, so older settings
-keep working):
+These are configuration models only, so that :mod:`pacs_ai.config` can hold them without
+importing a feature package; the code that acts on them lives with its feature.
+
+Result destinations, three kinds told apart by ``type`` (``dicom`` when absent, so older
+settings keep working):
 
 * ``dicom``: a DICOM peer that receives by C-STORE, optionally over TLS;
 * ``dicomweb``: a DICOMweb server that receives by STOW-RS;
@@ -12,14 +15,28 @@ from ``retry_backoff_seconds``); a delivery that used them up stays in the
 index as FAILED, visible and replayable.  The sender for each kind is in its
 own module (``cstore``, ``stow``, ``folder``) and registered in
 :mod:`pacs_ai.dispatch.senders`.
+
+The listener's known peers and DICOM TLS (:class:`KnownPeer`, :class:`ListenerTls`) are
+checked and applied by :mod:`pacs_ai.receive.security`; the PACS that ``pacs-ai reprocess``
+queries and retrieves from (:class:`QueryRetrievePeer`) is used by :mod:`pacs_ai.receive.retrieve`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class RetryPolicy(BaseModel):
@@ -113,3 +130,56 @@ Destination = Annotated[
     | Annotated[FolderDestination, Tag("folder")],
     Discriminator(_kind),
 ]
+
+
+class KnownPeer(BaseModel):
+    """A sender the listener accepts: its calling AE title and where it may call from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    #: Networks (CIDR) the peer calls from; empty allows any address.
+    networks: list[str] = Field(default_factory=list)
+    #: Subject of the client certificate it must present over TLS (``CN=ct1,O=Hospital``, in
+    #: the certificate's order); None accepts any certificate the CA signed (or plain TCP).
+    certificate_subject: str | None = None
+
+    @field_validator("networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # raises with the offending text
+        return value
+
+
+class ListenerTls(BaseModel):
+    """DICOM TLS for the listener (the BCP 195 profile of PS3.15 B.9 as Python's ssl offers it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    certificate_file: Path
+    private_key_file: Path
+    #: CA certificates that client certificates must chain to; set it to require a client
+    #: certificate (mutual TLS); None accepts any client without a certificate.
+    ca_file: Path | None = None
+    #: Port of the TLS listener; None (or the plain ``listen_port``) makes the one port TLS only.
+    port: int | None = Field(default=None, gt=0, lt=65536)
+
+
+class QueryRetrievePeer(BaseModel):
+    """A PACS that pacs-ai may query (C-FIND) and retrieve from (C-MOVE), e.g. for ``pacs-ai reprocess``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    tls: TlsOptions | None = None
+    #: Seconds to wait for the PACS to connect or to send its next response (a C-MOVE sends a
+    #: pending response after each instance, so this does not limit the length of a retrieval).
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    #: The AE title the PACS knows pacs-ai's listener by; None uses pacs-ai's own ``ae_title``.
+    move_destination: str | None = Field(default=None, min_length=1, max_length=16)
+
+    def describe(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
