@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
 from tests.e2e.conftest import NO_DRAFT_REPORTS, orthanc_destination
+from tests.e2e.metrics_scrape import samples, value
 from tests.e2e.test_redelivery import assert_one_result_set
 from tests.object_store import SeaweedS3, storage_environment
-from tests.peers import OrthancServer, _stop_process, storescu, wait_for
+from tests.peers import OrthancServer, _stop_process, free_port, storescu, wait_for
 from tests.service import REPO_ROOT, PacsAiService, start_worker
 
 pytestmark = pytest.mark.e2e
@@ -78,11 +80,12 @@ class WorkerHost:
     root: Path
     environment: dict[str, str]
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, metrics_port: int | None = None) -> subprocess.Popen[bytes]:
         data = self.root / name
         data.mkdir()
         os.chown(data, self.user.pw_uid, self.user.pw_gid)
         env = {**self.environment, "PACS_AI_DATA_DIR": str(data)}
+        env["PACS_AI_WORKER_METRICS_PORT"] = str(metrics_port or free_port())
         return start_worker(env, f"{name}@gpu-host", data, **_as_user(self.user))
 
     def logs(self) -> str:
@@ -244,7 +247,8 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
             os.killpg(workers[0].pid, signal.SIGKILL)  # the worker and its pool process, mid-analysis
             workers[0].wait()
 
-            workers.append(host.start("second"))
+            second_metrics = free_port()
+            workers.append(host.start("second", metrics_port=second_metrics))
             stage("first worker killed")
             assert_one_result_set(orthanc, phantom.study_uid, tmp_path)
             stage("one result set in the PACS")
@@ -264,6 +268,22 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
             assert report["storage"]["error"] is None
 
             stage("status checked")
+            # Prometheus scrapes each host: the job ran on the worker host, the deliveries on the receiver.
+            worker_text = httpx.get(f"http://127.0.0.1:{second_metrics}/metrics", timeout=10).text
+            on_worker = samples(worker_text)
+            assert value(on_worker, "pacs_ai_jobs_total", outcome="succeeded") == 1, worker_text
+            ((analyzer,),) = receiver.query("SELECT DISTINCT analyzer FROM jobs")
+            for step in ("fetch", "load", "analyze", "encode", "store", "record"):
+                assert value(on_worker, "pacs_ai_job_stage_seconds_count", stage=step, analyzer=analyzer) == 1
+            on_receiver = samples(receiver.scrape())
+            assert value(on_receiver, "pacs_ai_jobs_total") == 0
+            assert value(on_receiver, "pacs_ai_deliveries_total", destination="pacs", state="sent") == 2
+            assert value(on_receiver, "pacs_ai_ingest_instances_total") == len(phantom.paths)
+            wait_for(
+                lambda: value(samples(receiver.scrape()), "pacs_ai_workers", state="lost") == 1,
+                timeout=30,
+                description="the lost worker in the receiver's metrics",
+            )
             refused, report = _status(receiver, PACS_AI_STORAGE_S3_SECRET_ACCESS_KEY="not-the-secret")
             assert refused == 1 and report["storage"]["error"]
             assert any("storage" in problem for problem in report["problems"])
