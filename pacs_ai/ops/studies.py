@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from pacs_ai.index.models import (
@@ -32,7 +32,7 @@ from pacs_ai.index.models import (
 )
 from pacs_ai.index.reports import ReportDraft, ReportStatus, User
 
-__all__ = ["STUDY_FILTERS", "TimelineStep", "study_rows", "study_timeline"]
+__all__ = ["STUDY_FILTERS", "TimelineStep", "describe_study", "study_rows", "study_timeline"]
 
 #: What :func:`study_rows` can keep: studies with a series in that routing state, or a job or delivery failed.
 STUDY_FILTERS = ("all", *(state.value for state in RoutingState), "failed")
@@ -346,3 +346,122 @@ def study_timeline(session: Session, study: Study) -> list[TimelineStep]:
             )
     steps.sort(key=lambda step: step.at)
     return steps
+
+
+def describe_study(session: Session, study: Study) -> dict[str, Any]:
+    """The study as ``studies show --json`` prints it (keys: :mod:`pacs_ai.cli.studies`); no patient names."""
+    series_rows = session.execute(
+        select(
+            Series,
+            func.count(Instance.id),
+            func.sum(case((Instance.purged_at.is_not(None), 1), else_=0)),
+        )
+        .join(Instance, Instance.series_fk == Series.id, isouter=True)
+        .where(Series.study_fk == study.id)
+        .group_by(Series.id)
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    series_uids = {series.id: series.series_instance_uid for series, _, _ in series_rows}
+    jobs = list(session.scalars(select(Job).where(Job.series_fk.in_(list(series_uids))).order_by(Job.id)))
+    results = list(
+        session.scalars(select(Result).where(Result.job_fk.in_([job.id for job in jobs])).order_by(Result.id))
+    )
+    deliveries: dict[int, list[Delivery]] = {}
+    for delivery in session.scalars(
+        select(Delivery).where(Delivery.result_fk.in_([r.id for r in results])).order_by(Delivery.id)
+    ):
+        deliveries.setdefault(delivery.result_fk, []).append(delivery)
+    drafts = session.execute(
+        select(ReportDraft, User.username)
+        .join(User, User.id == ReportDraft.decided_by_fk, isouter=True)
+        .where(ReportDraft.study_fk == study.id)
+        .order_by(ReportDraft.version)
+    ).all()
+    return {
+        "study": {
+            "study_instance_uid": study.study_instance_uid,
+            "accession_number": study.accession_number,
+            "study_date": study.study_date,
+            "study_description": study.study_description,
+            "first_received_at": study.first_received_at,
+            "ai_priority": study.ai_priority,
+            "ai_priority_reason": study.ai_priority_reason,
+            "ai_priority_at": study.ai_priority_at,
+        },
+        "series": [
+            {
+                "series_instance_uid": series.series_instance_uid,
+                "modality": series.modality,
+                "series_description": series.series_description,
+                "series_number": series.series_number,
+                "instances": count,
+                "purged_instances": int(purged or 0),
+                "last_received_at": series.last_received_at,
+                "calling_ae_title": series.calling_ae_title,
+                "routing_state": series.routing_state.value,
+                "routing_detail": series.routing_detail,
+                # An association storing into it ended without A-RELEASE: held for a resend, or
+                # (routing_state "incomplete") never analysed as it is unless reprocessed.
+                "interrupted_at": series.interrupted_at,
+                "interrupted_instances": series.interrupted_instances,
+            }
+            for series, count, purged in series_rows
+        ],
+        "jobs": [
+            {
+                "id": job.id,
+                "series_instance_uid": series_uids[job.series_fk],
+                "profile": job.profile,
+                "analyzer": job.analyzer,
+                "analyzer_version": job.analyzer_version,
+                "version": job.version,
+                "rule": job.rule,
+                "routing_priority": job.routing_priority,
+                "state": job.state.value,
+                "attempts": job.attempts,
+                "error": job.error,
+                "created_at": job.created_at,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+                "timings": job.timings,
+            }
+            for job in jobs
+        ],
+        "results": [
+            {
+                "id": result.id,
+                "job": result.job_fk,
+                "kind": result.kind,
+                "sop_instance_uid": result.sop_instance_uid,
+                "series_instance_uid": result.series_instance_uid,
+                "path": result.path,
+                "purged_at": result.purged_at,
+                "deliveries": [
+                    {
+                        "destination": d.destination,
+                        "state": d.state.value,
+                        "attempts": d.attempts,
+                        "last_status": d.last_status,
+                        "last_error": d.last_error,
+                        "sent_at": d.sent_at,
+                    }
+                    for d in deliveries.get(result.id, [])
+                ],
+            }
+            for result in results
+        ],
+        "drafts": [
+            {
+                "id": draft.id,
+                "version": draft.version,
+                "status": draft.status.value,
+                "backend": draft.backend,
+                "model": draft.model,
+                "fallback_reason": draft.fallback_reason,
+                "created_at": draft.created_at,
+                "decided_at": draft.decided_at,
+                "decided_by": username,
+            }
+            for draft, username in drafts
+        ],
+    }

@@ -33,7 +33,6 @@ from sqlalchemy.orm import Session
 from pacs_ai.cli.status import (
     collect_status,
 )  # TODO(move): into pacs_ai.ops.status with the CLI's pending edits
-from pacs_ai.cli.studies import describe_study  # TODO(move): into pacs_ai.ops.studies likewise
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Result, Series, Study
@@ -42,7 +41,7 @@ from pacs_ai.ops.audit import audit_row, describe_detail, search_audit
 from pacs_ai.ops.jobs import cancel_jobs, enqueue, reprocess_from_index, retry_jobs, studies_due_for_draft
 from pacs_ai.ops.rules import explain_rules, samples_from_index
 from pacs_ai.ops.status import index_counts
-from pacs_ai.ops.studies import STUDY_FILTERS, study_rows, study_timeline
+from pacs_ai.ops.studies import STUDY_FILTERS, describe_study, study_rows, study_timeline
 from pacs_ai.report.draft_stats import draft_stats
 from pacs_ai.report.records import ReportNotFound
 from pacs_ai.route.rules import RulesError, find_rules_file, load_rules
