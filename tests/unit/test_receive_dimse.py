@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from io import BytesIO
+from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
@@ -139,17 +140,40 @@ def test_storage_private_and_verification_contexts_are_accepted_as_proposed() ->
 
 
 @pytest.mark.parametrize(
-    ("called", "policy", "diagnostic"),
+    ("called", "policy", "diagnostic", "reason_class"),
     [
-        ("OTHER", AcceptorPolicy(ae_title="PACS_AI"), 0x07),
-        ("PACS_AI", AcceptorPolicy(ae_title="PACS_AI", allowed_calling_ae_titles=("MODALITY",)), 0x03),
+        ("OTHER", AcceptorPolicy(ae_title="PACS_AI"), 0x07, "called-ae"),
+        (
+            "PACS_AI",
+            AcceptorPolicy(ae_title="PACS_AI", allowed_calling_ae_titles=("MODALITY",)),
+            0x03,
+            "calling-ae",
+        ),
     ],
 )
-def test_wrong_ae_titles_are_rejected(called: str, policy: AcceptorPolicy, diagnostic: int) -> None:
+def test_wrong_ae_titles_are_rejected(
+    called: str, policy: AcceptorPolicy, diagnostic: int, reason_class: str
+) -> None:
     negotiation = negotiate(
         _association_request(called, [(CT_IMAGE_STORAGE, [ImplicitVRLittleEndian])]), policy
     )
     assert not negotiation.accepted
+    assert negotiation.reason_class == reason_class  # the label of pacs_ai_associations_rejected_total
     reply = A_ASSOCIATE_RJ()
     reply.decode(negotiation.reply)
     assert (reply.result, reply.source, reply.reason_diagnostic) == (0x01, 0x01, diagnostic)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason_class"),
+    [({"over_limit": True}, "association-limit"), ({"low_disk": "spool disk nearly full"}, "low-disk")],
+)
+def test_local_limits_are_transient_rejections_with_their_class(
+    limits: dict[str, Any], reason_class: str
+) -> None:
+    request = _association_request("PACS_AI", [(CT_IMAGE_STORAGE, [ImplicitVRLittleEndian])])
+    negotiation = negotiate(request, AcceptorPolicy(ae_title="PACS_AI"), **limits)
+    assert not negotiation.accepted and negotiation.reason_class == reason_class
+    reply = A_ASSOCIATE_RJ()
+    reply.decode(negotiation.reply)
+    assert (reply.result, reply.source, reply.reason_diagnostic) == (0x02, 0x03, 0x02)
