@@ -8,7 +8,9 @@ could not be deleted, 2 when no retention limit is configured or given.
 ``low_watermark_percent``), ``disk`` (``total_mb``, ``free_mb``, ``used_percent``),
 ``watermark_bytes_wanted``, ``watermark_shortfall_bytes``, ``purged`` and ``kept`` (lists of
 ``study_instance_uid``, ``accession_number``, ``last_received_at``, ``limit``, ``purged``,
-``kept_because``, ``instances``, ``bytes``, ``results``, ``problems``), ``problems``.
+``kept_because``, ``instances``, ``bytes``, ``results``, ``objects_deleted``, ``problems``),
+``storage_deletions`` (earlier failed deletions from the object store tried again: ``deleted``,
+``in_use_again``, ``pending`` with ``count``, ``oldest_failure``, ``last_error``), ``problems``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def _print_run(run: RetentionRun) -> None:
         console.print(
             f"{verb} {outcome.study_instance_uid} (accession {outcome.accession_number or '-'}, "
             f"last received {outcome.last_received_at:%Y-%m-%d %H:%M}): {outcome.instances} instance(s), "
-            f"{outcome.results} result(s), {outcome.bytes / MIB:.1f} MB; {outcome.limit}"
+            f"{outcome.results} result(s), {outcome.bytes / MIB:.1f} MB"
+            + (f", {outcome.objects_deleted} object(s) from the store" if outcome.objects_deleted else "")
+            + f"; {outcome.limit}"
         )
         for problem in outcome.problems:
             console.print(f"  [red]problem[/red] {problem}")
@@ -97,6 +101,14 @@ def _print_run(run: RetentionRun) -> None:
         f"{len(run.purged)} studies {verb} ({freed:.1f} MB), {len(run.kept)} kept"
         + (" (dry run: nothing deleted)" if run.dry_run else "")
     )
+    retried = run.deletions
+    if retried.deleted or retried.in_use_again:
+        console.print(
+            f"deleted {retried.deleted} object(s) earlier passes could not"
+            + (f"; {retried.in_use_again} in use again, kept" if retried.in_use_again else "")
+        )
+    if retried.pending is not None and retried.pending.count:
+        console.print(f"[red]problem[/red] {run.problems[-1]}")
     if run.plan.shortfall_bytes:
         console.print(
             "[yellow]the disk stays above the low watermark[/yellow]: "

@@ -21,6 +21,8 @@ unhealthy (``problems`` says why), so monitoring can call it as it is.
   is no longer listed (``pacs-ai workers forget`` removes one at once);
 * ``storage``: ``url`` (where studies and results live) and ``error`` (null when a test object could be
   written and deleted; else why not: unreachable, credentials refused, no bucket; a problem);
+  ``objects_not_deleted``: ``count``, ``oldest_failure``, ``last_error`` of the objects of purged
+  studies retention could not delete from the storage yet (a problem while ``count`` is not 0);
 * ``broker``: ``url`` (password masked), ``reachable``, ``error``;
 * ``queues``: queue name -> messages waiting, or null each when the broker is unreachable;
 * ``disk``: ``path``, ``total_mb``, ``free_mb``, ``used_percent``, ``refuse_instances_below_mb``,
@@ -41,14 +43,17 @@ import psutil
 import typer
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.cli.common import JsonOption, console, index_sessions, print_json, print_table, settings_of
 from pacs_ai.config import Settings
+from pacs_ai.index import storage_deletions
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, Instance, Job, Series, Study, WorkerState
 from pacs_ai.index.purge import spool_disk_usage
 from pacs_ai.index.retention import DiskUsage
+from pacs_ai.index.storage_deletions import PendingDeletions
 from pacs_ai.index.workers import list_workers
 from pacs_ai.receive.health import listener_capacity_problems
 from pacs_ai.receive.security import open_listener_warning
@@ -187,6 +192,14 @@ def collect_status(settings: Settings, sessions: sessionmaker[Session] | None = 
     storage = _storage(settings)
     if storage["error"] is not None:
         problems.append(f"the storage {storage['url']} fails its check: {storage['error']}")
+    pending = _objects_not_deleted(sessions) if sessions is not None else None
+    storage["objects_not_deleted"] = pending.as_dict() if pending is not None else None
+    if pending is not None and pending.count:
+        problems.append(
+            f"retention could not delete {pending.count} object(s) of purged studies from the storage "
+            f"(since {pending.oldest_failure}; last reason: {pending.last_error}); tried again at every "
+            "retention pass"
+        )
 
     return {
         "healthy": not problems,
@@ -322,6 +335,15 @@ def _storage(settings: Settings) -> dict[str, Any]:
     except (StorageError, ValueError) as exc:
         report["error"] = str(exc)
     return report
+
+
+def _objects_not_deleted(sessions: sessionmaker[Session]) -> PendingDeletions | None:
+    """Objects retention has yet to delete from the storage; None where the index predates the table."""
+    try:
+        with session_scope(sessions) as session:
+            return storage_deletions.summary(session)
+    except SQLAlchemyError:
+        return None
 
 
 def _print_text(report: dict[str, Any]) -> None:

@@ -17,6 +17,15 @@ are deleted before the rows are marked: after a crash in between, the rows
 still say "in the spool", the next pass finds the files gone and marks them.
 Only files inside the spool (and, with ``retention_purge_results``, inside the
 results directory) are ever deleted.
+
+With an object store (``storage_url``: an S3 bucket, a shared folder) the
+study's objects go too: its instances' and, with ``retention_purge_results``,
+its results', up to 1000 per S3 DeleteObjects call, after the rows are marked
+and never while another row still refers to the key (see
+:mod:`pacs_ai.index.storage_deletions`).  Objects the store would not delete
+are recorded with the reason (``pacs-ai purge`` exits 1 and ``pacs-ai status``
+reports them) and tried again at the start of every retention pass.  A bucket's
+own lifecycle rules can be used in addition.
 """
 
 from __future__ import annotations
@@ -57,6 +66,15 @@ from pacs_ai.index.retention import (
     StudyFacts,
     plan_retention,
 )
+from pacs_ai.index.storage_deletions import (
+    PendingDeletions,
+    forget_deletions,
+    pending_deletions,
+    record_failed_deletions,
+    referenced_keys,
+    summary,
+)
+from pacs_ai.storage import Storage, is_embedded, storage_for
 from pacs_ai.storage.keys import RESULTS, spool_path
 
 __all__ = [
@@ -75,6 +93,8 @@ _UNFINISHED_JOBS = (JobState.HELD, JobState.QUEUED, JobState.RUNNING)
 _UNDELIVERED = (DeliveryState.PENDING, DeliveryState.FAILED)
 #: Forwarded originals are spool files: the instances' purge deletes them.
 _SPOOL_RESULT_KIND = "ORIGINAL"
+#: Keys whose deletion failed earlier that one retention pass tries again (the oldest tries first).
+RETRY_DELETIONS_PER_PASS = 10_000
 
 
 def policy_of(settings: Settings, *, older_than_days: float | None = None) -> RetentionPolicy:
@@ -207,6 +227,8 @@ class PurgeOutcome:
     instances: int = 0
     bytes: int = 0
     results: int = 0
+    #: Objects deleted from the object store (none with the embedded storage: the spool is the storage).
+    objects_deleted: int = 0
     #: Files that could not be deleted, and why (the study stays partly in the spool).
     problems: list[str] = field(default_factory=list)
 
@@ -221,6 +243,7 @@ class PurgeOutcome:
             "instances": self.instances,
             "bytes": self.bytes,
             "results": self.results,
+            "objects_deleted": self.objects_deleted,
             "problems": self.problems,
         }
 
@@ -257,28 +280,39 @@ def purge_study(
         .tuples()
         .all()
     )
+    instance_keys = {row_id: key for row_id, key, _ in rows}
     rows = [(row_id, str(spool_path(settings.spool_dir, key)), size) for row_id, key, size in rows]
     deleted = _delete_files(session, Instance, rows, settings.spool_dir, outcome, now)
     outcome.instances = len(deleted)
+    objects = [instance_keys[row_id] for row_id in deleted]
 
     if settings.retention_purge_results:
+        result_keys = dict(
+            session.execute(
+                select(Result.id, Result.path)
+                .join(Job, Job.id == Result.job_fk)
+                .join(Series, Series.id == Job.series_fk)
+                .where(
+                    Series.study_fk == study.study_id,
+                    Result.kind != _SPOOL_RESULT_KIND,
+                    Result.purged_at.is_(None),
+                )
+            )
+            .tuples()
+            .all()
+        )
         results = [
             (result_id, str(path), _size(path))
             for result_id, path in (
-                (result_id, _result_file(settings, key))
-                for result_id, key in session.execute(
-                    select(Result.id, Result.path)
-                    .join(Job, Job.id == Result.job_fk)
-                    .join(Series, Series.id == Job.series_fk)
-                    .where(
-                        Series.study_fk == study.study_id,
-                        Result.kind != _SPOOL_RESULT_KIND,
-                        Result.purged_at.is_(None),
-                    )
-                ).tuples()
+                (result_id, _result_file(settings, key)) for result_id, key in result_keys.items()
             )
         ]
-        outcome.results = len(_delete_files(session, Result, results, settings.results_dir, outcome, now))
+        purged_results = _delete_files(session, Result, results, settings.results_dir, outcome, now)
+        outcome.results = len(purged_results)
+        objects += [result_keys[result_id] for result_id in purged_results]
+
+    if not is_embedded(settings):
+        _delete_objects(session, storage_for(settings), objects, outcome)
 
     outcome.purged = outcome.instances > 0 or outcome.results > 0
     record_audit(
@@ -292,19 +326,85 @@ def purge_study(
             "instances": outcome.instances,
             "results": outcome.results,
             "bytes": outcome.bytes,
+            "objects_deleted": outcome.objects_deleted,
             "last_received_at": study.last_received_at.isoformat(),
             **({"problems": outcome.problems[:20]} if outcome.problems else {}),
         },
     )
-    _remove_empty_directories({Path(path).parent for path in deleted}, settings.spool_dir)
+    _remove_empty_directories({Path(path).parent for path in deleted.values()}, settings.spool_dir)
     return outcome
+
+
+def _delete_objects(session: Session, storage: Storage, keys: list[str], outcome: PurgeOutcome) -> None:
+    """Delete the purged rows' objects from the store, batched; record those it would not delete.
+
+    Runs after the rows are marked (and so locked): a key another row not
+    purged still names is left alone.  A host path recorded before keys is no
+    object of the store.
+    """
+    keys = [key for key in keys if not key.startswith("/")]
+    if not keys:
+        return
+    held = referenced_keys(session, keys)
+    wanted = [key for key in keys if key not in held]
+    failed = storage.delete_many(wanted)
+    record_failed_deletions(session, failed)
+    outcome.objects_deleted = len(wanted) - len(failed)
+    if failed:
+        outcome.problems.append(
+            f"{len(failed)} of {len(wanted)} object(s) not deleted from {storage.description}: "
+            f"{next(iter(failed.values()))}; tried again at the next retention pass"
+        )
+
+
+@dataclass
+class DeletionRetry:
+    """What a retention pass's retry of earlier failed deletions did, and what still waits."""
+
+    deleted: int = 0
+    #: Keys the index needs again (the study was received again): dropped, never deleted.
+    in_use_again: int = 0
+    pending: PendingDeletions | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "deleted": self.deleted,
+            "in_use_again": self.in_use_again,
+            "pending": self.pending.as_dict() if self.pending else None,
+        }
+
+
+def retry_failed_deletions(
+    sessions: sessionmaker[Session], settings: Settings, *, dry_run: bool
+) -> DeletionRetry:
+    """Delete again the objects earlier passes could not (the oldest first); ``dry_run`` only counts."""
+    retry = DeletionRetry()
+    with session_scope(sessions) as session:
+        if not dry_run and not is_embedded(settings):
+            keys = pending_deletions(session, RETRY_DELETIONS_PER_PASS)
+            if keys:
+                held = referenced_keys(session, keys)
+                forget_deletions(session, held)
+                wanted = [key for key in keys if key not in held]
+                failed = storage_for(settings).delete_many(wanted)
+                forget_deletions(session, [key for key in wanted if key not in failed])
+                record_failed_deletions(session, failed)
+                retry.deleted, retry.in_use_again = len(wanted) - len(failed), len(held)
+        retry.pending = summary(session)
+    if retry.deleted or retry.in_use_again:
+        log.info(
+            "retention deleted %d object(s) an earlier pass could not (%d in use again, kept)",
+            retry.deleted,
+            retry.in_use_again,
+        )
+    return retry
 
 
 def _result_file(settings: Settings, key: str) -> Path:
     """The local file of a result key: under ``results_dir`` (a host path recorded before keys as is).
 
-    With a remote store the file is not here (the worker put it in the store); retention leaves
-    the store's copy to the store's own lifecycle rules.
+    With a remote store the file is usually not here (the worker put it in the store); the
+    store's copy is deleted by :func:`_delete_objects`.
     """
     if key.startswith("/"):
         return Path(key)
@@ -318,30 +418,28 @@ def _delete_files(
     root: Path,
     outcome: PurgeOutcome,
     now: datetime,
-) -> list[str]:
+) -> dict[int, str]:
     """Delete the files of ``(row id, path, size)`` rows inside ``root`` and mark those rows purged.
 
     Files that cannot be deleted are added to ``outcome.problems`` and their rows stay unmarked;
-    the bytes of the others are added to ``outcome.bytes``.  Returns the deleted paths.
+    the bytes of the others are added to ``outcome.bytes``.  Returns the deleted rows' ids and paths.
     """
-    deleted_ids: list[int] = []
-    deleted_paths: list[str] = []
+    deleted: dict[int, str] = {}
     for row_id, path, size in rows:
         problem = _delete_inside(Path(path), root)
         if problem:
             outcome.problems.append(problem)
             continue
-        deleted_ids.append(row_id)
-        deleted_paths.append(path)
+        deleted[row_id] = path
         outcome.bytes += size
-    if deleted_ids:
+    if deleted:
         session.execute(
             update(model)
-            .where(model.id.in_(deleted_ids))
+            .where(model.id.in_(list(deleted)))
             .values(purged_at=now)
             .execution_options(synchronize_session=False)
         )
-    return deleted_paths
+    return deleted
 
 
 def _delete_inside(path: Path, root: Path) -> str | None:
@@ -385,6 +483,8 @@ class RetentionRun:
     plan: RetentionPlan
     dry_run: bool
     outcomes: list[PurgeOutcome] = field(default_factory=list)
+    #: Earlier failed deletions from the object store tried again, and what still waits.
+    deletions: DeletionRetry = field(default_factory=DeletionRetry)
 
     @property
     def purged(self) -> list[PurgeOutcome]:
@@ -396,7 +496,15 @@ class RetentionRun:
 
     @property
     def problems(self) -> list[str]:
-        return [problem for o in self.outcomes for problem in o.problems]
+        problems = [problem for o in self.outcomes for problem in o.problems]
+        pending = self.deletions.pending
+        if pending is not None and pending.count:
+            problems.append(
+                f"{pending.count} object(s) of purged studies not deleted from the storage yet (the first "
+                f"failed {pending.oldest_failure}; last reason: {pending.last_error}); tried again at every "
+                "retention pass"
+            )
+        return problems
 
     def as_dict(self) -> dict[str, Any]:
         disk = self.plan.disk
@@ -418,6 +526,7 @@ class RetentionRun:
             "watermark_shortfall_bytes": self.plan.shortfall_bytes,
             "purged": [o.as_dict() for o in self.purged],
             "kept": [o.as_dict() for o in self.kept],
+            "storage_deletions": self.deletions.as_dict(),
             "problems": self.problems,
         }
 
@@ -443,8 +552,9 @@ def run_retention(
 
     ``on_study`` is called after each planned study (progress bars).
     """
+    deletions = retry_failed_deletions(sessions, settings, dry_run=dry_run)
     plan = plan if plan is not None else plan_now(sessions, settings, policy)
-    run = RetentionRun(policy=policy, plan=plan, dry_run=dry_run)
+    run = RetentionRun(policy=policy, plan=plan, dry_run=dry_run, deletions=deletions)
     for decision in [*plan.purge, *plan.kept]:
         study = decision.study
         if dry_run or not decision.purge:
@@ -475,6 +585,8 @@ def run_retention(
         run.outcomes.append(outcome)
         if on_study is not None:
             on_study(outcome)
+    if not dry_run:
+        run.deletions.pending = _pending_now(sessions)
     if not dry_run and plan.shortfall_bytes:
         log.warning(
             "retention cannot bring the spool's disk to %s%%: %.0f MB more are held by studies that must "
@@ -483,3 +595,8 @@ def run_retention(
             plan.shortfall_bytes / (1024 * 1024),
         )
     return run
+
+
+def _pending_now(sessions: sessionmaker[Session]) -> PendingDeletions:
+    with session_scope(sessions) as session:
+        return summary(session)

@@ -74,7 +74,7 @@ class LocalFolderStorage:
             try:
                 self.delete(key)
             except OSError as exc:
-                failed[key] = f"cannot delete {key} in {self.description}: {exc.strerror or exc}"
+                failed[key] = f"cannot delete a file in {self.description}: {exc.strerror or exc}"
             except ValueError as exc:  # not a key (a host path recorded before keys): never deleted here
                 failed[key] = str(exc)
         return failed

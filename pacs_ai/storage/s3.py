@@ -195,10 +195,8 @@ class S3Storage:
                 continue
             for error in answer.get("Errors", []):
                 key = names.get(error.get("Key", ""), error.get("Key", "?"))
-                failed[key] = (
-                    f"cannot delete {key} in {self.description}: "
-                    f"{error.get('Code', '?')} {error.get('Message', '')}".rstrip()
-                )
+                code, message = error.get("Code", "?"), error.get("Message", "")
+                failed[key] = f"{self.description} answered {code} {message}".rstrip()
         return failed
 
     def list(self, prefix: str = "") -> Iterator[str]:
