@@ -115,3 +115,31 @@ def test_no_secret_in_the_compose_file_and_every_variable_in_the_env_example() -
     assert required <= listed, f"missing from .env.example: {sorted(required - listed)}"
     gitignore = (DOCKER_DIR.parent / ".gitignore").read_text(encoding="utf-8").split()
     assert "docker/.env" in gitignore
+
+
+def test_every_pacs_ai_variable_in_docker_names_a_setting() -> None:
+    """A setting renamed or removed in pacs_ai/config.py must not be silently ignored in containers.
+
+    pydantic-settings ignores an environment variable that names no field, so a stale
+    ``PACS_AI_*`` in the compose file, its env example or the Dockerfile would be dropped
+    without a word.  Each one's value is also checked by the Settings model where it is literal.
+    """
+    from pacs_ai.config import Settings
+
+    texts = [
+        COMPOSE_FILE.read_text(encoding="utf-8"),
+        (DOCKER_DIR / "Dockerfile").read_text(encoding="utf-8"),
+    ]
+    texts.append(ENV_EXAMPLE.read_text(encoding="utf-8"))
+    named = {name for text in texts for name in re.findall(r"\bPACS_AI_([A-Z0-9_]+)", text)}
+    # Variables of the compose file itself (interpolated, never seen by pacs-ai as such) name fields too.
+    fields = {name.upper() for name in Settings.model_fields}
+    assert named - {"CONFIG_FILE"} <= fields, f"no such setting: {sorted(named - fields - {'CONFIG_FILE'})}"
+    literal = {
+        key.removeprefix("PACS_AI_").lower(): value
+        for key, value in yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))[
+            "x-pacs-ai-environment"
+        ].items()
+        if not VARIABLE.search(str(value))
+    }
+    Settings.model_validate(literal)  # the literal shared values are valid settings
