@@ -11,7 +11,8 @@ at once, also for a copy of the cookie kept elsewhere.
 Two limits on guessing passwords, both settings:
 
 * :class:`LoginThrottle`: at most ``worklist_login_attempts_per_minute``
-  attempts per client address (any user name), answered 429 beyond;
+  attempts per client address (any user name) in a minute, counted in the
+  index so that every web process shares the count, answered 429 beyond;
 * lockout: ``worklist_lockout_failures`` failed logins of one user name in a
   row lock it for ``worklist_lockout_minutes`` (its password is not even tried
   meanwhile); a successful login resets the count.
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, delete, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import ReturningInsert
 
+from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import utcnow
-from pacs_ai.index.reports import User, WorklistSession
+from pacs_ai.index.reports import LoginAttempts, User, WorklistSession
 from pacs_ai.worklist.users import authenticate
 
 __all__ = [
@@ -112,37 +113,69 @@ def try_login(
         return LoginOutcome(user)
     if known is None:
         return LoginOutcome(None, "wrong")
-    known.failed_logins = (known.failed_logins or 0) + 1
-    if known.failed_logins >= lockout_failures:
-        known.locked_until = now + timedelta(minutes=lockout_minutes)
-        known.failed_logins = 0
-        return LoginOutcome(None, "locked", known.locked_until)
+    # Counted in one statement: failures arriving at once at several web processes are all counted.
+    failures = db.execute(
+        update(User)
+        .where(User.id == known.id)
+        .values(failed_logins=User.failed_logins + 1)
+        .returning(User.failed_logins)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    if failures >= lockout_failures:
+        locked_until = now + timedelta(minutes=lockout_minutes)
+        db.execute(
+            update(User)
+            .where(User.id == known.id)
+            .values(locked_until=locked_until, failed_logins=0)
+            .execution_options(synchronize_session=False)
+        )
+        return LoginOutcome(None, "locked", locked_until)
     return LoginOutcome(None, "wrong")
 
 
 class LoginThrottle:
-    """At most ``per_minute`` login attempts per client address in any 60 s (in this process)."""
+    """At most ``per_minute`` login attempts per client address in each minute, counted in the index.
+
+    Every web process of the worklist (``pacs-ai serve`` may run several, on
+    several hosts) counts in the same ``login_attempts`` row of an address,
+    so the limit holds for the site, not per process.  One atomic
+    ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per attempt counts it
+    and starts a new window once the last one is a minute old (a fixed
+    window: at most twice the limit across a window boundary).  Refused
+    attempts are counted too, so an address that keeps trying stays refused.
+    Rows of addresses silent for two windows are deleted as attempts come,
+    so a flood of addresses leaves a bounded table.
+    """
 
     WINDOW_SECONDS = 60.0
-    #: Addresses remembered at most, the oldest forgotten first: a flood of addresses has bounded cost.
-    MAX_CLIENTS = 10_000
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, sessions: sessionmaker[Session], per_minute: int) -> None:
+        self.sessions = sessions
         self.per_minute = per_minute
-        self._attempts: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
 
     def allow(self, client: str) -> bool:
         """Count an attempt of ``client``; False when it is over the limit (the attempt is not made)."""
-        now = time.monotonic()
-        with self._lock:
-            attempts = self._attempts.pop(client, None) or deque()
-            while attempts and now - attempts[0] >= self.WINDOW_SECONDS:
-                attempts.popleft()
-            allowed = len(attempts) < self.per_minute
-            if allowed:
-                attempts.append(now)
-            self._attempts[client] = attempts  # re-inserted: most recent last
-            while len(self._attempts) > self.MAX_CLIENTS:
-                del self._attempts[next(iter(self._attempts))]
-            return allowed
+        now = utcnow()
+        window = timedelta(seconds=self.WINDOW_SECONDS)
+        with session_scope(self.sessions) as db:
+            attempts = db.execute(_count_attempt(db.get_bind().dialect.name, client[:64], now, window))
+            count = int(attempts.scalar_one())
+            db.execute(delete(LoginAttempts).where(LoginAttempts.window_start < now - 2 * window))
+        return count <= self.per_minute
+
+
+def _count_attempt(dialect: str, client: str, now: datetime, window: timedelta) -> ReturningInsert[int]:
+    """Add one attempt to ``client``'s window (a new window when its last one is over); returns the count."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    table = LoginAttempts.__table__
+    statement = module.insert(LoginAttempts).values(client=client, window_start=now, attempts=1)
+    window_over = table.c.window_start <= now - window
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.client],
+        set_={
+            "attempts": case((window_over, 1), else_=table.c.attempts + 1),
+            "window_start": case(
+                (window_over, literal(now, table.c.window_start.type)), else_=table.c.window_start
+            ),
+        },
+    ).returning(table.c.attempts)

@@ -2,15 +2,18 @@
 
 The real app on a real SQLite index (schema by the migrations), driven with
 Starlette's TestClient; ``client=`` gives each client the address a proxy or
-a browser would have.
+a browser would have.  The shared login throttle is tested on two real web
+processes (uvicorn) sharing the index.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -22,8 +25,10 @@ from pacs_ai.index.db import make_engine, make_session_factory, session_scope, u
 from pacs_ai.index.models import AuditEvent
 from pacs_ai.index.reports import WorklistSession
 from pacs_ai.worklist import WorklistOptions, create_app
+from pacs_ai.worklist.server import run_worklist
 from pacs_ai.worklist.users import set_active
 from tests.integration.worklist_study import ADMIN, RADIOLOGIST, add_users, make_settings
+from tests.peers import free_port, wait_for
 
 COOKIE = "pacs_ai_worklist"
 Index = tuple[Path, sessionmaker[Session]]
@@ -131,3 +136,51 @@ def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(index: Index) -> N
     assert "secure" not in cookie_of(TestClient(app, client=("10.9.9.9", 1)), https)  # not a trusted proxy
     assert "secure" not in cookie_of(TestClient(app, client=("127.0.0.1", 1)), {})
     assert "secure" in cookie_of(TestClient(_app(index, secure_cookies=True), client=("10.9.9.9", 1)), {})
+
+
+def test_the_login_limit_holds_across_two_web_processes(index: Index) -> None:
+    """Two worklist processes (uvicorn, own ports, one index): one count per address for both."""
+    data_dir, sessions = index
+    ports = [free_port(), free_port()]
+    # Behind a TLS proxy on this host, as in production: the address counted is the forwarded one.
+    options = WorklistOptions(login_attempts_per_minute=4, trusted_proxies=("127.0.0.0/8",))
+    fork = multiprocessing.get_context("fork")  # the app is imported already: no start-up to wait for
+    web = [
+        fork.Process(
+            target=run_worklist,
+            args=(make_settings(data_dir), options),
+            kwargs={"host": "127.0.0.1", "port": port},
+            daemon=True,
+        )
+        for port in ports
+    ]
+    for process in web:
+        process.start()
+    try:
+        for port in ports:
+            wait_for(lambda port=port: _answers(port), timeout=60, description=f"worklist on {port}")
+
+        def login(attempt: int, user: tuple[str, str, str]) -> int:
+            url = f"http://127.0.0.1:{ports[attempt % 2]}/api/login"
+            body = {"username": user[0], "password": user[2]}
+            forwarded = {"X-Forwarded-For": "10.66.0.1"}
+            return httpx.post(url, json=body, headers=forwarded, timeout=30).status_code
+
+        # Alternating between the processes: each saw only three, the address made six.
+        answers = [login(attempt, ("intruder", "", "guess")) for attempt in range(6)]
+        assert answers == [401, 401, 401, 401, 429, 429]
+        assert login(0, RADIOLOGIST) == 429 and login(1, RADIOLOGIST) == 429
+        assert _actions(sessions, "intruder")[-2:] == ["auth.throttled", "auth.throttled"]
+    finally:
+        for process in web:
+            process.terminate()
+        for process in web:
+            process.join(15)
+    assert not any(process.is_alive() for process in web)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/login", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -52,7 +52,7 @@ def router(ctx: WorklistContext) -> APIRouter:
     """The login and logout routes on ``ctx``'s index."""
     routes = APIRouter()
     options, sessions = ctx.options, ctx.sessions
-    throttle = LoginThrottle(options.login_attempts_per_minute)
+    throttle = LoginThrottle(sessions, options.login_attempts_per_minute)  # shared by every process
 
     def sign_in(request: Request, username: str, password: str, **extra: Any) -> _SignIn:
         """Throttle, check (with lockout), open the session; every outcome is audited."""
