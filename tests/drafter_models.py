@@ -103,6 +103,16 @@ def _with_image_tokens(image_text: str) -> str:
     return _CHAT_TEMPLATE.replace("IMAGE", image_text)
 
 
+#: Qwen's ChatML: each message between ``<|im_start|>role`` and ``<|im_end|>``, then the assistant's turn
+#: opened (what ``transformers serve`` looks for to read the answer of a Qwen model).
+_CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}IMAGE"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def _text_config(vocab_size: int, **extra: object) -> dict[str, object]:
     return {
         "vocab_size": vocab_size,
@@ -160,8 +170,8 @@ def build_gemma3(directory: Path) -> Path:
 def build_qwen2_5_vl(directory: Path) -> Path:
     """A random Qwen2.5-VL model with ``Qwen2_5_VLProcessor``."""
     start, image, end = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
-    tokenizer = build_tokenizer([start, image, end, "<|video_pad|>"])
-    tokenizer.chat_template = _with_image_tokens(start + image + end)
+    tokenizer = build_tokenizer([start, image, end, "<|video_pad|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = _CHATML_TEMPLATE.replace("IMAGE", start + image + end)
     torch.manual_seed(0)
     config = transformers.Qwen2_5_VLConfig(
         text_config=_text_config(len(tokenizer), rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),

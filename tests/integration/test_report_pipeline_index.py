@@ -8,7 +8,6 @@ the Celery task is a thin wrapper around these calls (the e2e test runs it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,22 +183,11 @@ def test_unreachable_llm_falls_back_to_the_template(tmp_path: Path, phantom_dir:
         assert draft.guardrail and draft.guardrail["requested_backend"] == "openai"
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """A tiny model on one thread: two threads of a busy 2-core machine made each step 30 times slower."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_a_trained_models_whole_report_is_kept_in_the_draft_sr(
-    tmp_path: Path, phantom_dir: Path, one_torch_thread: None
-) -> None:
+def test_a_trained_models_whole_report_is_kept_in_the_draft_sr(tmp_path: Path, phantom_dir: Path) -> None:
     """A Llama trained here (seconds) on this study's report prompt drafts the whole report; the pipeline
     keeps it: the draft SR (TID 2000, unverified, the model as its device observer) carries the model's
     text, which is not the template's, with the guardrails passed; dciodvfy and dsrdump find it clean."""
+    torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from pacs_ai.report.drafters.template import TemplateDrafter
     from pacs_ai.report.evidence import evidence_from_findings
@@ -207,7 +195,9 @@ def test_a_trained_models_whole_report_is_kept_in_the_draft_sr(
     from tests.drafter_models import model_report, train_report_model
 
     model_dir = tmp_path / "report-llama"
-    report = f"{{backend: transformers, params: {{model_dir: '{model_dir}', max_new_tokens: 320}}}}"
+    # One thread: two of a busy 2-core machine make a model this small many times slower.
+    params = f"model_dir: '{model_dir}', max_new_tokens: 320, threads: 1"
+    report = f"{{backend: transformers, params: {{{params}}}}}"
     settings, sessions, _, job_id = _setup(tmp_path, phantom_dir, report=report)
     run_job(settings, sessions, job_id)
     # The evidence the pipeline drafts from: this series' header and the job's findings.
@@ -220,8 +210,10 @@ def test_a_trained_models_whole_report_is_kept_in_the_draft_sr(
     assert taught.findings != TemplateDrafter().draft_report(evidence).findings
 
     pipeline = ReportPipeline(settings, sessions)
+    threads = torch.get_num_threads()
     outcome = pipeline.draft_study(pipeline.study_to_draft(job_id) or -1)
     assert outcome.status == "drafted", outcome.detail
+    assert torch.get_num_threads() == threads  # the profile's thread count held while generating only
     with session_scope(sessions) as session:
         draft = session.get(ReportDraft, outcome.draft_id)
         assert draft is not None
