@@ -21,11 +21,13 @@ from typing import Annotated
 import typer
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from celery.signals import worker_process_shutdown
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.cli.common import JsonOption, cli_actor, console, index_sessions, print_json, settings_of
 from pacs_ai.cli.status import print_worker_nodes, worker_nodes
 from pacs_ai.config import Settings
@@ -118,10 +120,38 @@ def worker(
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         argv += ["--logfile", str(logfile)]
+    exporter = start_metrics(settings, node)
     from workers.factory import create_app  # loads the analyzers and torch: only when running a worker
 
-    exit_code = create_app(settings).worker_main(argv)
+    try:
+        exit_code = create_app(settings).worker_main(argv)
+    finally:
+        if exporter is not None:
+            exporter.stop()
     raise typer.Exit(exit_code or 0)
+
+
+def start_metrics(settings: Settings, node: str) -> metrics.Exporter | None:
+    """This worker's Prometheus exporter, on a host of its own; None under ``pacs-ai serve``.
+
+    A worker that ``pacs-ai serve`` started inherits PROMETHEUS_MULTIPROC_DIR:
+    the service's exporter shows it.  Otherwise the worker and its pool
+    processes count under ``data_dir/run/metrics-NODE`` (emptied now; a
+    directory of its own, so a ``serve`` sharing the data directory keeps its
+    counts) and /metrics answers on ``worker_metrics_port``.
+    """
+    if metrics.is_multiprocess():
+        return None
+    metrics.use_directory(settings.metrics_dir.with_name(f"metrics-{metrics.label(node, 255)}"), clean=True)
+    if not settings.metrics_enabled:
+        return None
+    return metrics.start_exporter(settings.metrics_host, settings.worker_metrics_port)
+
+
+@worker_process_shutdown.connect
+def _forget_pool_process(pid: int | None = None, **_: object) -> None:
+    """A pool process exiting: its live gauges (GPU memory) stop counting."""
+    metrics.mark_process_dead(pid or os.getpid())
 
 
 def startup_problems(settings: Settings) -> list[str]:

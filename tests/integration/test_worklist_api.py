@@ -218,6 +218,21 @@ def test_study_page_shows_draft_measurements_and_overlay_png(app, env) -> None: 
     assert views[-1].object_uid == study.study_uid and views[-1].actor == RADIOLOGIST[0]
 
 
+def test_admins_read_the_metrics_and_radiologists_may_not(app, env) -> None:  # type: ignore[no-untyped-def]
+    _, sessions, _ = env
+    anonymous = TestClient(app).get("/admin/metrics", follow_redirects=False)
+    assert anonymous.status_code in (401, 303) and "pacs_ai_" not in anonymous.text
+    admin = TestClient(app)
+    _login_api(admin, ADMIN[0], ADMIN[2])
+    shown = admin.get("/admin/metrics")
+    assert shown.status_code == 200 and shown.headers["content-type"].startswith("text/plain")
+    assert "# TYPE pacs_ai_ingest_instances_total counter" in shown.text
+    assert _audit(sessions, "admin.view")[-1].detail == {"page": "metrics"}
+    radiologist = TestClient(app)
+    _login_api(radiologist, RADIOLOGIST[0], RADIOLOGIST[2])
+    assert radiologist.get("/admin/metrics").status_code == 403
+
+
 def test_admin_may_not_sign_and_radiologist_may_not_read_the_audit(app, env) -> None:  # type: ignore[no-untyped-def]
     _, sessions, study = env
     draft_id = _new_draft(env)

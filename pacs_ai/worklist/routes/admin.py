@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pacs_ai import metrics
 from pacs_ai.cli.status import (
     collect_status,
 )  # TODO(move): into pacs_ai.ops.status with the CLI's pending edits
@@ -465,5 +466,14 @@ def router(ctx: WorklistContext) -> APIRouter:
                 db, actor=user.username, action="audit.view", object_type="audit", detail={"api": True}
             )
             return JSONResponse({"events": events})
+
+    @routes.get("/admin/metrics")
+    def metrics_text(request: Request) -> Response:
+        """This host's Prometheus metrics as text, for an administrator (Prometheus scrapes metrics_port)."""
+        with session_scope(sessions) as db:
+            user = admin_user(request, db)
+            viewed(db, user, "metrics")
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     return routes
