@@ -31,9 +31,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_ai import metrics
-from pacs_ai.cli.status import (
-    collect_status,
-)  # TODO(move): into pacs_ai.ops.status with the CLI's pending edits
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Delivery, DeliveryState, Job, JobState, Result, Series, Study
@@ -41,7 +38,7 @@ from pacs_ai.index.reports import Role, User
 from pacs_ai.ops.audit import audit_row, describe_detail, search_audit
 from pacs_ai.ops.jobs import cancel_jobs, enqueue, reprocess_from_index, retry_jobs, studies_due_for_draft
 from pacs_ai.ops.rules import explain_rules, samples_from_index
-from pacs_ai.ops.status import index_counts
+from pacs_ai.ops.status import collect_status, index_counts
 from pacs_ai.ops.studies import STUDY_FILTERS, describe_study, study_rows, study_timeline
 from pacs_ai.report.draft_stats import draft_stats
 from pacs_ai.report.records import ReportNotFound
