@@ -37,6 +37,7 @@ from pacs_ai.index.models import Job
 from pacs_ai.jobs.warmup import warm_up
 from pacs_ai.logging_setup import quiet_noisy_libraries
 from pacs_ai.models.engine import loaded_model_names
+from pacs_ai.storage.registry import connect_early
 from workers.heartbeat import NodePresence, ProcessModels
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def _warm_up_pool_process(**_kwargs: Any) -> None:
     if isinstance(app, PacsAiCelery):
         warm_up()
         app.open_index()
+        connect_early(app.settings)  # the storage's client (remote stores), not built by the first job
         process_volume_memory().reserve(app.settings.volume_memory_reserve_mb * 2**20)
         VoxelLimit.set(app.settings.maximum_volume_voxels)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, cast
 
@@ -270,16 +271,24 @@ def _record_replacements(
 
 
 def _store_results(files: HostFiles, study_uid: str, written: list[WrittenResult]) -> list[str]:
-    """Put the written result files into the storage; their keys, in order.
+    """Put the written result files into the storage, all at once; their keys, in order.
 
     The results are in the storage before the index records them, so the
     receiver's dispatch (on any host) finds every result the index names.
+    A SEG and an SR go up side by side (a remote store answers both at once);
+    the first failure is raised once every upload has ended.
     """
-    keys = []
-    for item in written:
-        key = result_key(study_uid, item.sop_instance_uid)
-        files.put_result(key, item.path)
-        keys.append(key)
+    keys = [result_key(study_uid, item.sop_instance_uid) for item in written]
+    if len(written) < 2:
+        for key, item in zip(keys, written, strict=True):
+            files.put_result(key, item.path)
+        return keys
+    with ThreadPoolExecutor(max_workers=len(written), thread_name_prefix="store") as uploads:
+        futures = [
+            uploads.submit(files.put_result, key, item.path) for key, item in zip(keys, written, strict=True)
+        ]
+    for future in futures:
+        future.result()
     return keys
 
 
@@ -307,7 +316,8 @@ def _encode_and_write(
         uid_prefix=settings.uid_prefix,
         version=version,
         previous=previous or (),
-        fsync=settings.fsync,
+        # A staging copy bound for a remote store is not the durable one: the store's copy is.
+        fsync=settings.fsync and files.staging_is_storage(),
     )
 
 

@@ -86,6 +86,10 @@ class HostFiles:
             return local
         return self.settings.effective_worker_cache_dir / "staging" / study_uid
 
+    def staging_is_storage(self) -> bool:
+        """Whether :meth:`staging_dir` is the storage's own folder (so a result written there is stored)."""
+        return self.storage.local_path(f"{RESULTS}/staging") is not None
+
     def put_result(self, key: str, path: Path) -> None:
         """Put a result file written under :meth:`staging_dir` into the storage under ``key``.
 
