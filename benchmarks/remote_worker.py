@@ -159,12 +159,20 @@ def turnaround(
                 )
                 report = _with_store_stages(service, stage_report(service))
             runs[kind].append(report)
-            print(f"run {repeat + 1} {kind:<6} turnaround {report['turnaround']:.2f} s", flush=True)
+            print(
+                f"run {repeat + 1} {kind:<6} turnaround {report['turnaround']:.2f} s "
+                f"(load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     print(
-        f"\nchest CT {args.slices} x {args.size}x{args.size}, quiet period {args.quiet_period:g} s, medians:"
+        f"\nchest CT {args.slices} x {args.size}x{args.size}, quiet period {args.quiet_period:g} s, medians "
+        f"(quiet_period = upload + route: last instance received -> its last upload -> job opened):"
     )
     print(f"{'stage':<14}{'local worker':>14}{'other host':>14}")
-    stages = ("quiet_period", "queue", "fetch", "load", "analyze", "encode", "store", "record", "dispatch")
+    stages = (
+        *("quiet_period", "upload", "route", "queue", "fetch", "load", "analyze", "encode", "store"),
+        *("record", "dispatch"),
+    )
     for stage in (*stages, "turnaround"):
         local = statistics.median(r[stage] for r in runs["local"])
         remote = statistics.median(r[stage] for r in runs["remote"])
@@ -179,11 +187,22 @@ def turnaround(
 
 
 def _with_store_stages(service: PacsAiService, report: dict[str, float]) -> dict[str, float]:
-    """Split the worker's fetch of the series and its store of the results out of "record"."""
+    """Split the worker's fetch of the series and its store of the results out of "record", and
+    the wait for the last upload (last instance received -> last instance in the store) out of
+    "quiet_period" (0 for the local folder, which uploads nothing)."""
     ((timings,),) = service.query("SELECT timings FROM jobs")
     timings = json.loads(timings) if isinstance(timings, str) else timings
     fetch, store = timings.get("fetch_seconds", 0.0), timings.get("store_seconds", 0.0)
-    return {**report, "fetch": fetch, "store": store, "record": report["record"] - fetch - store}
+    ((received, uploaded),) = service.query("SELECT max(received_at), max(uploaded_at) FROM instances")
+    upload = _parse(uploaded) - _parse(received) if uploaded is not None else 0.0
+    return {
+        **report,
+        "upload": upload,
+        "route": report["quiet_period"] - upload,
+        "fetch": fetch,
+        "store": store,
+        "record": report["record"] - fetch - store,
+    }
 
 
 def burst(
