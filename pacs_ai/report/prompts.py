@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from pacs_ai.report.detections import detected_by_term, detection_noun
 from pacs_ai.report.drafters import DrafterError, DraftText
 from pacs_ai.report.drafters.template import context_sentence, format_value, measurement_label, percent
 from pacs_ai.report.evidence import Evidence, StudyContext
@@ -47,13 +48,18 @@ def evidence_facts(evidence: Evidence) -> str:
         lines.append(f"- {site}{measurement_label(m)} {format_value(m.value, m.unit)}")
     for f in evidence.findings:
         state = "AI-detected (present)" if f.present else "not detected (absent)"
-        numbers = []
+        numbers = [f"size {format_value(f.size_mm, 'mm')}"] if f.size_mm is not None else []
         if f.probability is not None:
-            numbers.append(f"probability {percent(f.probability)}")
+            numbers.append(f"{'score' if f.kind == 'detection' else 'probability'} {percent(f.probability)}")
         if f.threshold is not None:
             numbers.append(f"threshold {percent(f.threshold)}")
         site = f", site {f.site}" if f.site else ""
         lines.append(f"- Finding {f.name}{site}: {state}{' (' + ', '.join(numbers) + ')' if numbers else ''}")
+    for found in detected_by_term(evidence).values():  # a detector's boxes: how many to state
+        if found:
+            by = f" by {found[0].model}" if found[0].model else ""
+            noun = detection_noun(found[0], len(found))
+            lines.append(f"- {len(found)} {noun} detected{by}: state this number or every one of them")
     for s in evidence.segments:
         lines.append(f"- Segmented: {s.label}")
     if evidence.prior_report:

@@ -16,6 +16,7 @@ from pacs_ai.jobs.run import _findings
 from pacs_ai.report.drafters.template import TemplateDrafter
 from pacs_ai.report.evidence import evidence_from_findings
 from pacs_ai.report.guardrails import check_draft, check_text
+from pacs_ai.report.prompts import evidence_facts
 
 NODULE = Code("27925004", "SCT", "Nodule")
 MODEL = "Lung nodule CT detection"
@@ -71,6 +72,13 @@ def test_template_draft_states_every_nodule_and_passes_the_guardrails() -> None:
     assert "Left lung: pulmonary nodule 7.5 mm, score 61%." in draft.findings
     assert draft.impression == "AI-detected, unverified: 2 pulmonary nodules, largest 12.0 mm (right lung)."
     assert check_draft(draft.findings, draft.impression, evidence).passed
+
+
+def test_language_model_prompt_lists_each_nodule_and_their_number() -> None:
+    facts = evidence_facts(evidence_from_findings(None, detector_job(*TWO)))
+    assert "- Finding Nodule, site right lung: AI-detected (present) (size 12.0 mm, score 87%" in facts
+    assert "- Finding Nodule, site left lung: AI-detected (present) (size 7.5 mm, score 61%" in facts
+    assert f"- 2 pulmonary nodules detected by {MODEL}: state this number or every one of them" in facts
 
 
 @pytest.mark.parametrize(
