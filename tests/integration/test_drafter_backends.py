@@ -42,7 +42,7 @@ pytest.importorskip("openai")
 from transformers.utils import is_torchvision_available  # noqa: E402
 
 from pacs_ai.report.draft import UNVERIFIED_HEADER, draft_impression, draft_report  # noqa: E402
-from pacs_ai.report.drafters import DrafterConfig, get_drafter  # noqa: E402
+from pacs_ai.report.drafters import DrafterConfig, DrafterError, get_drafter  # noqa: E402
 from pacs_ai.report.drafters.template import TemplateDrafter  # noqa: E402
 from pacs_ai.report.evidence import evidence_from_findings  # noqa: E402
 from pacs_ai.report.prompts import report_prompt  # noqa: E402
@@ -156,6 +156,23 @@ def test_transformers_image_text_to_text_families_draft_from_key_images(family, 
     assert "no FINDINGS and IMPRESSION sections" in draft.fallback_reason, draft.fallback_reason
     no_image = draft_report(evidence, drafter=drafter)
     assert "was given no key image" in no_image.fallback_reason
+
+
+@pytest.mark.skipif(is_torchvision_available(), reason="the fallback is for hosts without torchvision")
+def test_a_processor_that_cannot_load_says_why(tmp_path):
+    """The image-only fallback is for a missing video processor only; other failures say what is missing."""
+    qwen = IMAGE_TEXT_FAMILIES["qwen2_5_vl"](tmp_path / "qwen")
+    (qwen / "tokenizer.json").unlink()
+    drafter = get_drafter("transformers", {"model_dir": str(qwen), "task": "image-text-to-text"})
+    with pytest.raises(DrafterError, match="Qwen2_5_VLProcessor without its video processor failed too"):
+        drafter._load()
+    # A family without a video processor is not retried: its own error is the reason.
+    gemma = IMAGE_TEXT_FAMILIES["gemma3"](tmp_path / "gemma")
+    (gemma / "tokenizer.json").unlink()
+    drafter = get_drafter("transformers", {"model_dir": str(gemma), "task": "image-text-to-text"})
+    with pytest.raises(DrafterError, match="cannot load the model in .*gemma") as refused:
+        drafter._load()
+    assert "video processor" not in str(refused.value)
 
 
 def _free_port() -> int:
