@@ -11,9 +11,8 @@ starts, and the files of a child that exits are marked dead
 
 prometheus-client chooses multiprocess mode when it is first imported, from
 the environment.  So this module imports it only once the process knows its
-directory (:func:`use_directory`, or inherited from the parent), and every
-instrumentation call below is a no-op-cheap function that builds the metrics
-on first use.
+directory (:func:`use_directory`, or inherited from the parent): the metrics
+are built at the first instrumentation call, never at import.
 
 Labels carry AE titles, analyzer, model, queue and destination names, DIMSE
 status codes and reason classes only: never a name, an ID, a UID, a date or
@@ -29,7 +28,7 @@ import re
 import shutil
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -446,14 +445,3 @@ def gpu_memory() -> None:
         device = f"cuda:{index}"
         gauge.labels(device, "allocated").set(torch.cuda.memory_allocated(index))
         gauge.labels(device, "reserved").set(torch.cuda.memory_reserved(index))
-
-
-@contextlib.contextmanager
-def serving(host: str, port: int, enabled: bool = True) -> Iterator[Exporter | None]:
-    """:func:`start_exporter` for the ``with`` block (None when disabled or the port is taken)."""
-    exporter = start_exporter(host, port) if enabled else None
-    try:
-        yield exporter
-    finally:
-        if exporter is not None:
-            exporter.stop()

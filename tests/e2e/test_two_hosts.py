@@ -279,10 +279,19 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
             assert value(on_receiver, "pacs_ai_jobs_total") == 0
             assert value(on_receiver, "pacs_ai_deliveries_total", destination="pacs", state="sent") == 2
             assert value(on_receiver, "pacs_ai_ingest_instances_total") == len(phantom.paths)
+            # The receiver put every instance into the object store; nothing waits for it any more.
+            uploaded = value(on_receiver, "pacs_ai_storage_uploads_total", outcome="uploaded")
+            assert uploaded == len(phantom.paths)
             wait_for(
-                lambda: value(samples(receiver.scrape()), "pacs_ai_workers", state="lost") == 1,
+                lambda: (
+                    (scraped := samples(receiver.scrape()))
+                    and value(scraped, "pacs_ai_workers", state="lost") == 1
+                    and value(scraped, "pacs_ai_workers", state="ready") >= 1
+                    and ("pacs_ai_storage_backlog_instances", frozenset()) in scraped
+                    and value(scraped, "pacs_ai_storage_backlog_instances") == 0
+                ),
                 timeout=30,
-                description="the lost worker in the receiver's metrics",
+                description="the lost worker and the empty upload backlog in the receiver's metrics",
             )
             refused, report = _status(receiver, PACS_AI_STORAGE_S3_SECRET_ACCESS_KEY="not-the-secret")
             assert refused == 1 and report["storage"]["error"]
