@@ -319,3 +319,21 @@ def test_audit_search_is_written_for_people(app, env: Env) -> None:  # type: ign
     api = client.get("/api/audit", params={"action": "job.failed", "object": "1.2.3.quoted"}).json()["events"]
     assert [e["detail"]["job"] for e in api] == [99]
     assert _events(env, "audit.view")[-1].actor == ADMIN[0]
+
+
+def test_the_timeline_ends_with_the_signature(app, env: Env) -> None:  # type: ignore[no-untyped-def]
+    radiologist = TestClient(app)
+    token = radiologist.post(
+        "/api/login", json={"username": RADIOLOGIST[0], "password": RADIOLOGIST[2]}
+    ).json()
+    draft = radiologist.get(f"/api/studies/{env.analysed}").json()["draft"]
+    signed = radiologist.post(
+        f"/api/studies/{env.analysed}/accept",
+        json={"draft_id": draft["id"]},
+        headers={"X-CSRF-Token": token["csrf_token"]},
+    )
+    assert signed.status_code == 200, signed.text
+    admin, _ = _login(app, ADMIN)
+    timeline = admin.get(f"/api/admin/studies/{env.analysed}/timeline").json()["timeline"]
+    assert timeline[-1]["stage"] == "signed" and f"signed by {RADIOLOGIST[0]}" in timeline[-1]["what"]
+    assert timeline[-1]["took_seconds"] > 0  # from the draft to the signature
