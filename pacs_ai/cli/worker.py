@@ -308,8 +308,8 @@ def _enqueue_jobs(settings: Settings, sessions: sessionmaker[Session], job_ids: 
     from kombu.exceptions import OperationalError
 
     from pacs_ai.route.assembly import JobTicket
-    from pacs_ai.service import CeleryTaskQueue
     from workers.factory import create_app
+    from workers.task_queue import CeleryTaskQueue
 
     with session_scope(sessions) as session:
         tickets = [JobTicket.of(job) for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))]

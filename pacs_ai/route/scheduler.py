@@ -35,6 +35,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
+from pacs_ai.index.workers import hand_back_running_jobs
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, RoutingPass, route_ready_series
 from pacs_ai.route.profile_set import ProfileSet
@@ -140,15 +141,14 @@ class Scheduler:
         )
 
     def requeue_jobs_of(self, worker: str) -> list[int]:
-        """Hand the running jobs of a worker that died back to the queue."""
+        """Hand the running jobs of a worker that died back to the queue.
+
+        One ``UPDATE`` takes them (:func:`~pacs_ai.index.workers.hand_back_running_jobs`), so a job
+        that ``pacs-ai workers forget`` hands back at the same moment is enqueued once, not twice.
+        """
         with session_scope(self.sessions) as session:
-            jobs = session.scalars(
-                select(Job).where(Job.state == JobState.RUNNING, Job.claimed_by == worker)
-            ).all()
-            for job in jobs:
-                job.state = JobState.QUEUED
-                job.claimed_by = None
-            handed = [JobTicket.of(job) for job in jobs]
+            taken = hand_back_running_jobs(session, worker)
+            handed = [JobTicket.of(job) for job in session.scalars(select(Job).where(Job.id.in_(taken)))]
         for ticket in handed:
             self.queue.enqueue_analysis(ticket)
         if handed:

@@ -179,3 +179,42 @@ def _settings_file(directory: Path, line: str) -> Path:
     path = directory / "settings.yaml"
     path.write_text(f"data_dir: {directory}\nbroker_url: {NO_BROKER}\n{line}\n", encoding="utf-8")
     return path
+
+
+def test_a_lost_workers_job_reaches_the_broker_once_whoever_hands_it_back(tmp_path: Path) -> None:
+    """The scheduler finding the worker lost and an administrator forgetting it: one message in Redis."""
+    import random
+
+    import redis
+
+    from pacs_ai.config import Settings
+    from pacs_ai.route.scheduler import Scheduler
+    from tests.service import REDIS_TEST_URL
+    from workers.factory import create_app
+    from workers.task_queue import CeleryTaskQueue
+
+    broker = f"{REDIS_TEST_URL}/{random.randint(1, 15)}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    sessions = _index(tmp_path)
+    gone = "pacs-ai-gpu@gpu-server-9"
+    with session_scope(sessions) as session:
+        _worker(session, gone, silent_for=timedelta(minutes=5), state=WorkerState.READY)
+        job_id = _running_job(session, gone)
+    # The administrator first: the job goes to the broker from the CLI ...
+    result = CliRunner().invoke(
+        app,
+        ["workers", "forget", gone, "--json"],
+        env={"PACS_AI_DATA_DIR": str(tmp_path), "PACS_AI_BROKER_URL": broker},
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(result.output)["jobs_queued_again"] == [job_id] and json.loads(result.output)["enqueued"]
+    )
+    # ... then the scheduler, which found the worker lost meanwhile, has nothing left to hand back.
+    settings = Settings(data_dir=tmp_path, broker_url=broker)
+    scheduler = Scheduler(settings, sessions, CeleryTaskQueue(create_app(settings)))
+    assert scheduler.requeue_jobs_of(gone) == []
+    messages = sum(client.llen(key) for key in client.scan_iter("gpu*") if client.type(key) == b"list")
+    assert messages == 1
+    client.flushdb()
