@@ -29,15 +29,19 @@ def certificate_authority(directory: Path, name: str = "test-ca") -> Pair:
     return pair
 
 
-def issue(ca: Pair, directory: Path, common_name: str, *, server: bool) -> Pair:
-    """A certificate for ``common_name`` signed by ``ca``: a server's (IP 127.0.0.1) or a client's."""
+def issue(ca: Pair, directory: Path, common_name: str, *, server: bool, client_too: bool = False) -> Pair:
+    """A certificate for ``common_name`` signed by ``ca``: a server's (IP 127.0.0.1) or a client's.
+
+    ``client_too``: a server's that may also be a client's (a PACS that answers C-MOVE over TLS and
+    opens the C-STORE sub-operations over TLS with the same certificate).
+    """
     pair = Pair(directory / f"{common_name}.crt", directory / f"{common_name}.key")
     request = directory / f"{common_name}.csr"
     extensions = directory / f"{common_name}.ext"
     extensions.write_text(
         "basicConstraints=CA:FALSE\n"
         + (
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+            f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth{',clientAuth' if client_too else ''}\n"
             if server
             else "extendedKeyUsage=clientAuth\n"
         ),
