@@ -325,8 +325,13 @@ class Comparison:
             violations += self.check_claim(claim)
         for number in draft.loose_numbers:
             violations += self.check_loose_number(number)
+        # Without a unit, a number is a count the findings give too ("There are 2 right upper lobe
+        # nodules"); which finding it counts is checked with that finding's claim (site, size, side).
+        counts = {n.value for n in self.evidence.unitless}
         violations += [
-            Violation("numbers", f"{n.text!r} has no unit (in {n.sentence!r})") for n in draft.unitless
+            Violation("numbers", f"{n.text!r} has no unit (in {n.sentence!r})")
+            for n in draft.unitless
+            if n.value not in counts
         ]
         return list(dict.fromkeys(violations))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from test_report_evidence import chest_ct_header, chest_ct_job
 
+from pacs_ai.report.consistency import check_against_findings
 from pacs_ai.report.draft import UNVERIFIED_HEADER, draft_impression, draft_report
 from pacs_ai.report.drafters import DrafterConfig, DraftText
 from pacs_ai.report.drafters.openai_backend import check_endpoint_is_local
@@ -176,3 +177,16 @@ def test_impression_guardrails_read_the_findings_as_evidence():
     assert bad.impression == "Small left pleural effusion."
     good = draft_impression(findings, drafter=FixedAnswerDrafter("", "Small left pleural effusion."))
     assert good.backend == "fixed" and good.guardrails.passed
+
+
+def test_a_count_the_findings_give_may_be_repeated_without_a_unit():
+    """IU X-ray: "There are 2 right upper lobe lung nodules ..." copied into the impression is faithful."""
+    findings = "There are 2 right upper lobe lung nodules, the largest measuring approximately 12 mm."
+    assert check_against_findings(findings, findings) == []
+    [wrong] = check_against_findings("There are 3 right upper lobe lung nodules.", findings)
+    assert (wrong.check, wrong.message) == (
+        "numbers",
+        "'3' has no unit (in 'There are 3 right upper lobe lung nodules.')",
+    )
+    [elsewhere] = check_against_findings("2 left upper lobe lung nodules.", findings)
+    assert elsewhere.check == "laterality"
