@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     #: Instances acknowledged but not yet in the object store, above which the listener answers
     #: C-STORE with 0xA700 (the store unreachable or slower than ingest); 0 never refuses.
     storage_upload_backlog_max: int = Field(default=20000, ge=0)
+    #: How many steps of Linux ``nice`` below the rest of the receiver its upload threads run (0-19):
+    #: uploads take the CPU the listener leaves, so a burst is acknowledged as fast as without a
+    #: store and the uploads catch up after it; 0 runs them at the listener's priority.
+    storage_upload_nice: int = Field(default=10, ge=0, le=19)
     #: Objects of at least this many MiB (a whole-body SEG with a hundred segments) are uploaded to an
     #: S3 store in parts by boto3's managed transfer, each part retried on its own; smaller ones in one
     #: PUT.  S3 allows at most 10,000 parts of at least 5 MiB, so parts of 16 MiB carry objects up to

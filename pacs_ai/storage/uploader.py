@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +39,7 @@ from pacs_ai.storage.base import Storage, StorageError
 from pacs_ai.storage.keys import spool_path
 from pacs_ai.storage.registry import is_embedded, storage_for
 
-__all__ = ["UploadBacklog", "Uploader", "UploadPass"]
+__all__ = ["UploadBacklog", "Uploader", "UploadPass", "lower_thread_priority"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,12 @@ class Uploader:
 
         done: list[int] = []
         error: str | None = None
-        with ThreadPoolExecutor(max_workers=UPLOADS_AT_ONCE, thread_name_prefix="upload") as uploaders:
+        with ThreadPoolExecutor(
+            max_workers=UPLOADS_AT_ONCE,
+            thread_name_prefix="upload",
+            initializer=lower_thread_priority,
+            initargs=(self.settings.storage_upload_nice,),
+        ) as uploaders:
             for row, future in [(row, uploaders.submit(upload, row)) for row in rows]:
                 try:
                     done.append(future.result())
@@ -156,6 +163,22 @@ class Uploader:
         if self._failing_since is None or now - self._failing_since > 60:  # not once per pass
             self._failing_since = now
             log.error("uploading to the object store failed (will retry): %s", outcome.error)
+
+
+def lower_thread_priority(steps: int) -> None:
+    """Run the calling thread ``steps`` of ``nice`` lower (Linux, where a thread has a priority of its own).
+
+    The receiver's uploads then take the CPU its listener leaves: during a burst the listener
+    acknowledges at full speed and the uploads catch up after it (``storage_upload_nice``).
+    Elsewhere, or where the system refuses, the thread keeps its priority.
+    """
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps))
+    except OSError as exc:
+        log.debug("upload thread priority left as it is: %s", exc)
 
 
 class UploadBacklog:
