@@ -17,6 +17,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_ai.synthetic.phantom import PhantomTruth
 from tests.e2e.conftest import BACKENDS
+from tests.e2e.metrics_scrape import samples, value
 from tests.peers import echoscu, storescu
 from tests.service import PacsAiService
 
@@ -66,6 +67,16 @@ def test_missing_type1_uid_is_refused_with_a_status_and_recorded(
     ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
     assert "StudyInstanceUID" in str(detail)
     assert echoscu("127.0.0.1", service.port, service.ae_title), "listener must survive bad input"
+    assert not echoscu("127.0.0.1", service.port, "NOT_PACS_AI")
+    # Prometheus sees the refusal by its status, the echo, and the association refused by its class.
+    scraped = samples(service.scrape())
+    assert value(scraped, "pacs_ai_dimse_responses_total", command="C-STORE", status="0xA900") == 1
+    # The service's own readiness check echoes too.
+    assert value(scraped, "pacs_ai_dimse_responses_total", command="C-ECHO", status="0x0000") >= 2
+    assert value(scraped, "pacs_ai_ingest_instances_total") == 0
+    assert value(scraped, "pacs_ai_store_seconds_count") == 1
+    assert value(scraped, "pacs_ai_associations_total", calling_ae="TEST_SCU") == 1
+    assert value(scraped, "pacs_ai_associations_rejected_total", reason="called-ae") == 1
 
 
 def test_overlong_uid_is_refused_not_shortened(chest_phantom: PhantomTruth, service_factory: Any) -> None:
