@@ -9,6 +9,7 @@ import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
 from tests.e2e.conftest import NO_DRAFT_REPORTS
+from tests.e2e.metrics_scrape import samples, value
 from tests.e2e.test_chest_ct_roundtrip import fetch_results
 from tests.peers import OrthancServer, free_port, storescu, wait_for
 
@@ -44,6 +45,12 @@ def test_bad_profile_parameters_fail_the_job_once_with_the_reason(
     assert error.startswith("profile chest-with-a-typo:") and "treshold" in error
     failed = service.cli("jobs", "list", "--state", "failed", "--json")
     assert failed.returncode == 0 and "treshold" in failed.stdout
+    # Prometheus counts the failure by its class, never by its text.
+    text = service.scrape()
+    scraped = samples(text)
+    assert value(scraped, "pacs_ai_jobs_total", outcome="failed") == 1
+    assert value(scraped, "pacs_ai_job_failures_total", reason="profile") == 1
+    assert "treshold" not in text and "chest-with-a-typo" not in text
 
 
 def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
@@ -79,5 +86,9 @@ def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
         )
         attempts = [n for (n,) in service.query("SELECT attempts FROM deliveries")]
         assert all(n >= 2 for n in attempts), attempts
+        scraped = samples(service.scrape())
+        assert value(scraped, "pacs_ai_deliveries_total", destination="pacs", state="sent") == 2
+        retried = value(scraped, "pacs_ai_deliveries_total", destination="pacs", state="retrying")
+        assert retried == sum(attempts) - 2
         audit = [a for (a,) in service.query("SELECT action FROM audit_events WHERE action LIKE 'result.%'")]
         assert "result.send_failed" in audit and audit.count("result.sent") == 2
