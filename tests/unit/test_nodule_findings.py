@@ -81,6 +81,15 @@ def test_language_model_prompt_lists_each_nodule_and_their_number() -> None:
     assert f"- 2 pulmonary nodules detected by {MODEL}: state this number or every one of them" in facts
 
 
+def test_a_nodule_on_the_midline_is_stated_without_a_side() -> None:
+    evidence = evidence_from_findings(None, detector_job(*TWO, nodule((1.0, 0.0, 60.0), 20.0, 0.12, None)))
+    draft = TemplateDrafter().draft_report(evidence)
+    assert "Side undetermined: pulmonary nodule 20.0 mm, score 12%." in draft.findings
+    assert draft.findings.startswith(f"3 pulmonary nodules detected by {MODEL} (AI-detected, unverified), ")
+    assert "largest 20.0 mm." in draft.findings  # the largest has no site to name
+    assert check_draft(draft.findings, draft.impression, evidence).passed
+
+
 @pytest.mark.parametrize(
     ("text", "check", "says"),
     [

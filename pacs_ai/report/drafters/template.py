@@ -212,7 +212,8 @@ def detection_lines(evidence: Evidence) -> tuple[list[str], list[str]]:
             details = [format_value(f.size_mm, "mm")] if f.size_mm is not None else []
             if f.probability is not None:
                 details.append(f"score {percent(f.probability)}")
-            site = f.site[0].upper() + f.site[1:] if f.site else "Location not determined"
+            # No "not" here: "Location not determined: pulmonary nodule" reads as a negated nodule.
+            site = f.site[0].upper() + f.site[1:] if f.site else "Side undetermined"
             findings.append(f"{site}: {detection_noun(f, 1)} {', '.join(details)}.")
         where = f" ({largest.site})" if largest.site else ""
         impression.append(
