@@ -4,7 +4,7 @@ Sends a generated 300-slice 512x512 chest CT with DCMTK storescu over 4 concurre
 (``--associations``) to a freshly started peer each time, the peers taking turns:
 
 * ``pacs-ai+s3``: ``pacs-ai serve`` with ``storage_url=s3://...`` on a real S3 server (SeaweedFS,
-  started once for the whole run, each run on a prefix of its own).  Success still means fsynced
+  a fresh one for each run: the store the tests start holds about 1 GB).  Success still means fsynced
   in the local spool and indexed; the uploader puts each instance into the store meanwhile, on
   the same two cores.  After the last acknowledgement the run also waits until every instance is
   in the store and reports that wait ("drain"): the store's side of durability.
@@ -19,6 +19,7 @@ Medians of the runs; single runs spread by 20% or more on a shared machine.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -38,27 +39,44 @@ from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
 from tests.object_store import SeaweedS3, storage_environment  # noqa: E402
 from tests.service import PacsAiService  # noqa: E402
 
+#: Seconds the uploads may take after a run before the benchmark stops (the store failing, say).
+DRAIN_TIMEOUT_SECONDS = 300.0
+#: The object store peer with its uploads at the listener's priority (``--compare-nice``).
+SAME_PRIORITY = "pacs-ai+s3 nice0"
+
 
 def object_store_endpoint_factory(
-    store: SeaweedS3, drains: list[float]
+    drains: list[float], upload_nice: int | None = None
 ) -> Callable[..., AbstractContextManager[Endpoint]]:
-    """``pacs-ai serve`` on ``store``; each run appends to ``drains`` how long the uploads took
-    to finish after the last acknowledgement."""
+    """``pacs-ai serve`` on an S3 store of its own (SeaweedFS, started before the run is timed; the
+    store the tests start holds about 1 GB, six runs of the 300-slice CT); each run appends to
+    ``drains`` how long the uploads took to finish after the last acknowledgement.
+    ``upload_nice`` overrides ``storage_upload_nice``."""
     env = {
         "PACS_AI_WORKER_PROCESSES": "0",
         "PACS_AI_LOG_LEVEL": "WARNING",
         "PACS_AI_LISTENER_PROCESSES": str(Settings().listener_processes),
     }
+    if upload_nice is not None:
+        env["PACS_AI_STORAGE_UPLOAD_NICE"] = str(upload_nice)
 
     @contextmanager
     def endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
         data_dir = Path(tempfile.mkdtemp(prefix="pacs-ai-s3-bench-")) / "data"
-        with PacsAiService(data_dir, extra_env={**env, **storage_environment(store)}) as service:
-            yield Endpoint("127.0.0.1", service.port, service.ae_title)
-            acknowledged = time.perf_counter()
-            while service.query("SELECT count(*) FROM instances WHERE uploaded_at IS NULL")[0][0]:
-                time.sleep(0.05)
-            drains.append(time.perf_counter() - acknowledged)
+        with SeaweedS3() as store:
+            service = PacsAiService(data_dir, extra_env={**env, **storage_environment(store)})
+            service.start(timeout=300)  # generous: a shared machine may be busy
+            try:
+                yield Endpoint("127.0.0.1", service.port, service.ae_title)
+                acknowledged = time.perf_counter()
+                while service.query("SELECT count(*) FROM instances WHERE uploaded_at IS NULL")[0][0]:
+                    if time.perf_counter() - acknowledged > DRAIN_TIMEOUT_SECONDS:
+                        waited = f"uploads not done {DRAIN_TIMEOUT_SECONDS:g} s after the run"
+                        raise SystemExit(f"{waited}:\n{service.logs()}")
+                    time.sleep(0.05)
+                drains.append(time.perf_counter() - acknowledged)
+            finally:
+                service.stop()
 
     return endpoint
 
@@ -71,20 +89,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--associations", type=int, nargs="+", default=[4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compare-nice",
+        action="store_true",
+        help="also run the object store with its uploads at the listener's priority (storage_upload_nice 0)",
+    )
     args = parser.parse_args(argv)
 
     drains: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="ingest-data-") as tmp, SeaweedS3() as store:
+    same_priority_drains: list[float] = []
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="ingest-data-") as tmp:
         send_dir = Path(tmp) / "ct"
         write_chest_phantom(
             send_dir, slices=args.slices, size=args.size, pixel_spacing_mm=0.7, slice_spacing_mm=1.0
         )
         peers = {
-            "pacs-ai+s3": object_store_endpoint_factory(store, drains),
+            "pacs-ai+s3": object_store_endpoint_factory(drains),
             "pacs-ai": pacs_ai_endpoint_factory(None, "embedded"),
             "orthanc": orthanc_endpoint,
         }
+        if args.compare_nice:
+            peers[SAME_PRIORITY] = object_store_endpoint_factory(same_priority_drains, upload_nice=0)
         rows = run_interleaved(send_dir, peers, args.associations, args.repeats)
+    loads.append(os.getloadavg()[0])
     print(
         f"C-STORE ingest, {rows[0].instances} instances, DCMTK storescu, loopback, median of "
         f"{args.repeats} runs per peer, peers taking turns; pacs-ai fsync on, SQLite, embedded Redis"
@@ -100,10 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{s3.median / local.median:.2f}x the local folder ({local.median:.0f}/s); "
             f"local folder {local.median / orthanc.median:.2f}x Orthanc"
         )
+        if SAME_PRIORITY in cell:
+            same = cell[SAME_PRIORITY]
+            print(
+                f"  uploads at the listener's priority (storage_upload_nice 0): {same.median:.0f} inst/s = "
+                f"{same.median / orthanc.median:.2f}x Orthanc"
+            )
     print(
         f"uploads finished {statistics.median(drains):.2f} s (median; "
         f"{min(drains):.2f}-{max(drains):.2f}) after the last acknowledgement"
+        + (
+            f"; at the listener's priority {statistics.median(same_priority_drains):.2f} s"
+            if same_priority_drains
+            else ""
+        )
     )
+    print(f"load average (1 min) at the start and the end: {loads[0]:.1f}, {loads[1]:.1f}")
     return 0
 
 
