@@ -21,6 +21,9 @@ import pydicom
 import pytest
 import torch
 
+from pacs_ai.report.drafters.template import TemplateDrafter
+from pacs_ai.report.evidence import evidence_from_findings
+from pacs_ai.report.guardrails import check_draft
 from tests import zoo_bundles
 from tests.e2e.conftest import orthanc_destination
 from tests.e2e.test_model_runtime import codes_in, downloaded_results, write_profiles
@@ -133,6 +136,7 @@ def test_published_bundles_run_end_to_end(
 
     detection_sr = next(p for p in results["SR"] if "nodule" in str(pydicom.dcmread(p).SeriesDescription))
     assert NODULE in codes_in(pydicom.dcmread(detection_sr)), "the nodules are in the SR"
+    check_nodule_findings(service, pydicom.dcmread(detection_sr))
 
     succeeded = cli_json(service, "audit", "--action", "job.succeeded", "--limit", "20")
     jobs = {j["id"]: j["profile"] for j in cli_json(service, "jobs", "list")}
@@ -145,6 +149,31 @@ def test_published_bundles_run_end_to_end(
             f"job peak RSS {timings['peak_rss_mb']:.0f} MB",
             file=sys.stderr,
         )
+
+
+def check_nodule_findings(service: Any, sr: pydicom.Dataset) -> None:
+    """The detector's job record holds each box the SR has, and its template draft passes the guardrails."""
+    (findings,) = [
+        row[0] for row in service.query("SELECT findings FROM jobs WHERE profile = 'zoo-nodules'") if row[0]
+    ]
+    findings = json.loads(findings) if isinstance(findings, str) else findings
+    detections = findings["detections"]
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    regions = [
+        group
+        for group in measurements.ContentSequence
+        if any(item.ConceptNameCodeSequence[0].CodeValue == "111030" for item in group.ContentSequence)
+    ]
+    assert 1 <= len(detections) == len(regions) <= 3, (detections, len(regions))  # max_detections: 3
+    for detection in detections:
+        assert detection["diameter_mm"] == pytest.approx(max(detection["size_mm"]), abs=0.01)
+        side = {"right lung": -1, "left lung": 1}.get(detection["location"], 0)
+        assert side * detection["center_mm"][0] >= 0, detection  # LPS: the patient's right is -x
+    evidence = evidence_from_findings(None, findings)
+    draft = TemplateDrafter().draft_report(evidence)
+    count = len(detections)
+    assert draft.findings.startswith(f"{count} pulmonary nodule{'s' if count > 1 else ''} detected by"), draft
+    assert check_draft(draft.findings, draft.impression, evidence).passed, draft
 
 
 def cli_json_failing(service: Any, *args: str) -> Any:
