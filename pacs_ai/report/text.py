@@ -32,6 +32,12 @@ NEGATION_SCOPE_WORDS = 6
 SIDE_WORDS_BEFORE = 3
 #: ... or at most this many words after it ("effusion at the right base").
 SIDE_WORDS_AFTER = 3
+#: A side word at most this many words after a number governs it ("7.5 mm nodule in the left lung").
+SIDE_WORDS_AFTER_NUMBER = 6
+#: Where the phrase after a number ends: punctuation, a conjunction or a clause word.
+_CLAUSE_END = re.compile(
+    r"[,;:()]|\b(?:and|or|but|however|although|though|whereas|while|compared|versus|vs)\b", re.IGNORECASE
+)
 #: A post-negation trigger at most this many words after the term negates it.
 POST_NEGATION_WORDS = 4
 
@@ -253,10 +259,38 @@ class NumberMention:
     unit: str | None
     #: Half a unit in the last printed digit, in the canonical unit: what the printed precision claims.
     tolerance: float
-    #: Side of the nearest side word before the number in its sentence ("left", "right", "both") or None.
+    #: Side the number is stated for ("left", "right", "both") or None: the side word of the phrase
+    #: after it in its clause ("7.5 mm in the left lung"), else the nearest one before it.
     side: str | None
     sentence: str
     start: int
+
+
+def _number_side(
+    sentence: str, number: re.Match[str], numbers: list[re.Match[str]], claimed: set[int]
+) -> str | None:
+    """The side a number is stated for: the side of the phrase that governs it.
+
+    A side word just after the number in its clause governs it ("12.0 mm in the
+    right lung", "a 7.5 mm nodule in the left upper lobe") and is then no longer
+    available to a later number; otherwise the nearest side word before it that
+    no earlier number governs ("Left lung: 7.5 mm", "right lung nodule measures
+    12.0 mm").  A clause ends at punctuation, a conjunction or the next number,
+    so "12.0 mm in the right lung and 7.5 mm in the left lung" binds each value
+    to its own lung.
+    """
+    later = [n.start() for n in numbers if n.start() >= number.end()]
+    end = min([len(sentence), *later])
+    boundary = _CLAUSE_END.search(sentence, number.end(), end)
+    if boundary is not None:
+        end = boundary.start()
+    for word in SIDE_WORDS.finditer(sentence, number.end(), end):
+        if _words_between(sentence, number.end(), word.start()) <= SIDE_WORDS_AFTER_NUMBER:
+            claimed.add(word.start())
+            return side_of(word.group("side"))
+        break
+    before = [m for m in SIDE_WORDS.finditer(sentence, 0, number.start()) if m.start() not in claimed]
+    return side_of(before[-1].group("side")) if before else None
 
 
 def _number_pattern(extra_units: Iterable[str]) -> tuple[re.Pattern[str], list[tuple[str, float]]]:
@@ -277,7 +311,9 @@ def find_numbers(text: str, extra_units: Iterable[str] = ()) -> list[NumberMenti
     pattern, canon = _number_pattern(extra_units)
     result: list[NumberMention] = []
     for sentence in sentences(_mask(text, _LIST_MARKER)):
-        for match in pattern.finditer(sentence.text):
+        numbers = list(pattern.finditer(sentence.text))
+        claimed: set[int] = set()  # side words a number after them governs ("7.5 mm in the left lung")
+        for match in numbers:
             digits = match.group("int").replace(",", "")
             fraction = match.group("frac") or ""
             value = float(f"{digits}.{fraction}" if fraction else digits)
@@ -288,14 +324,14 @@ def find_numbers(text: str, extra_units: Iterable[str] = ()) -> list[NumberMenti
                 if match.group(f"u{index}") is not None:
                     unit, factor = canonical, unit_factor
                     break
-            sides = [m for m in SIDE_WORDS.finditer(sentence.text, 0, match.start())]
+            side = _number_side(sentence.text, match, numbers, claimed)
             result.append(
                 NumberMention(
                     text=match.group(0),
                     value=value * factor,
                     unit=unit,
                     tolerance=0.5 * 10.0 ** (-len(fraction)) * factor,
-                    side=side_of(sides[-1].group("side")) if sides else None,
+                    side=side,
                     sentence=sentence.text.strip(),
                     start=sentence.start + match.start(),
                 )

@@ -97,6 +97,10 @@ def test_a_nodule_on_the_midline_is_stated_without_a_side() -> None:
         ("3 pulmonary nodules, largest 12.0 mm.", "detections", "states 3 nodules; the evidence has 2"),
         ("Two pulmonary nodules, 12.0 mm and 14.0 mm.", "numbers", "'14.0 mm' matches no value"),
         ("2 pulmonary nodules, largest 12.0 mm. Left lung: nodule 12.0 mm.", "laterality", "right"),
+        # the sides swapped, with the side after the number and before it (each value bound to its own lung)
+        ("12.0 mm in the left lung and 7.5 mm in the right lung.", "laterality", "'12.0 mm' is stated for"),
+        ("Left lung: 12.0 mm. Right lung: 7.5 mm.", "laterality", "'12.0 mm' is stated for the left"),
+        ("A 7.5 mm nodule in the right upper lobe, a 12.0 mm one in the right lung.", "laterality", "7.5"),
         # dropped: fewer nodules than found, or one of them left out
         ("One pulmonary nodule of 12.0 mm.", "detections", "states 1 nodule; the evidence has 2"),
         ("A pulmonary nodule of 12.0 mm in the right lung.", "detections", "accounts for 1 of the 2"),
@@ -115,6 +119,12 @@ def test_guardrails_flag_a_draft_that_invents_or_drops_a_nodule(text: str, check
         "Two pulmonary nodules, the larger 12.0 mm.",
         "Pulmonary nodules of 12.0 mm and 7.5 mm.",
         "2 lung nodules: right lung 12.0 mm, left lung 7.5 mm.",
+        # the side after the number governs it, not the side word of the clause before (issue 22)
+        "12.0 mm in the right lung and 7.5 mm in the left lung.",
+        "Nodules of 12.0 mm in the right lung and 7.5 mm in the left lung.",
+        "Left lung: 7.5 mm. Right lung: 12.0 mm.",
+        "A 12.0 mm nodule in the right lower lobe and a 7.5 mm nodule in the left upper lobe.",
+        "Right lung 12.0 mm and left lung 7.5 mm.",
     ],
 )
 def test_guardrails_accept_faithful_wordings(text: str) -> None:
