@@ -160,6 +160,9 @@ class Evidence:
     segments: tuple[Segment, ...] = ()
     #: "name version" of each analyzer whose results are included.
     algorithms: tuple[str, ...] = ()
+    #: How many analyzer results (succeeded jobs) the evidence was read from, found something or not:
+    #: a draft of a study whose analyzers ran and reported nothing says so instead of saying none ran.
+    analyzers: int = 0
     prior_report: str | None = None
     #: Where the evidence came from: "analyzers" or "findings text".
     source: str = "analyzers"
@@ -360,6 +363,7 @@ def evidence_from_findings(
         findings=tuple(findings),
         segments=tuple(segments),
         algorithms=tuple(algorithms),
+        analyzers=len(jobs),
         prior_report=prior,
     )
 

@@ -13,7 +13,13 @@ import re
 
 from pacs_ai.report.detections import detected_by_term, detection_noun
 from pacs_ai.report.drafters import DrafterError, DraftText
-from pacs_ai.report.drafters.template import context_sentence, format_value, measurement_label, percent
+from pacs_ai.report.drafters.template import (
+    ANALYSIS_RAN_NOTHING_REPORTED,
+    context_sentence,
+    format_value,
+    measurement_label,
+    percent,
+)
 from pacs_ai.report.evidence import Evidence, StudyContext
 
 RULES = (
@@ -43,6 +49,7 @@ def evidence_facts(evidence: Evidence) -> str:
         lines.append(f"- {context}")
     if evidence.context.procedure_code:
         lines.append(f"- Procedure code: {evidence.context.procedure_code} (for context; do not copy it)")
+    context_lines = len(lines)
     for m in evidence.measurements:
         site = f"{m.site}: " if m.site else ""
         lines.append(f"- {site}{measurement_label(m)} {format_value(m.value, m.unit)}")
@@ -62,6 +69,8 @@ def evidence_facts(evidence: Evidence) -> str:
             lines.append(f"- {len(found)} {noun} detected{by}: state this number or every one of them")
     for s in evidence.segments:
         lines.append(f"- Segmented: {s.label}")
+    if len(lines) == context_lines and evidence.analyzers:
+        lines.append(f"- {ANALYSIS_RAN_NOTHING_REPORTED} (state no finding, present or absent)")
     if evidence.prior_report:
         lines.append(f"- Prior report (for context only, do not copy its numbers): {evidence.prior_report}")
     return "\n".join(lines) if lines else "- No analyzer results."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_report_evidence import chest_ct_header
 
 from pacs_ai.analyze.base import AlgorithmInfo, AnalysisResult, Code, DetectionSpec
 from pacs_ai.analyze.monai_bundle import DCM_ARTIFICIAL_INTELLIGENCE, SCT_LEFT_LUNG, SCT_RIGHT_LUNG, box_side
@@ -137,6 +138,12 @@ def test_no_nodule_is_reported_absent_unless_the_profile_asks() -> None:
     assert not silent.findings
     draft = TemplateDrafter().draft_report(silent)
     assert "nodule" not in (draft.findings + draft.impression).lower()
+    # The detector ran: the draft says so (not "no analyzer results"), stating no finding either way.
+    assert draft.findings == draft.impression == "AI analysis ran on this study and reported no findings."
+    assert check_draft(draft.findings, draft.impression, silent).passed
+    assert evidence_facts(silent).startswith("- AI analysis ran on this study and reported no findings.")
+    with_context = TemplateDrafter().draft_report(evidence_from_findings(chest_ct_header(), detector_job()))
+    assert with_context.findings.splitlines()[-1] == "AI analysis ran on this study and reported no findings."
 
     asked = evidence_from_findings(None, detector_job(not_detected=(NODULE,)))
     draft = TemplateDrafter().draft_report(asked)

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 #: The impression for a findings section that asserts nothing abnormal.
 NORMAL_IMPRESSION = "No acute cardiopulmonary abnormality."
+#: Findings and impression of a study whose analyzers ran and gave nothing to state (a detector with no
+#: box above its threshold, its profile not asking to report absence): true, and no negative finding.
+ANALYSIS_RAN_NOTHING_REPORTED = "AI analysis ran on this study and reported no findings."
 #: Findings described with these words are chronic or known and usually stay out of an impression.
 _CHRONIC_WORDS = re.compile(
     r"\b(?:stable|unchanged|chronic|old|healed|calcified|granulom\w*|scar\w*|degenerative|prior|again)\b",
@@ -228,6 +231,7 @@ def template_findings(evidence: Evidence) -> str:
     context = context_sentence(evidence.context)
     if context:
         lines.append(context)
+    context_lines = len(lines)
     by_site: dict[str | None, list[Measurement]] = {}
     for m in sorted(evidence.measurements, key=_site_key):
         by_site.setdefault(m.site, []).append(m)
@@ -242,6 +246,11 @@ def template_findings(evidence: Evidence) -> str:
     if evidence.segments:
         names = ", ".join(dict.fromkeys(s.label for s in evidence.segments))
         lines.append(f"Segmentations (DICOM SEG): {names}.")
+    if len(lines) == context_lines and evidence.analyzers:
+        # The analyzers ran and gave nothing to state (a detector with no box above its threshold whose
+        # profile does not ask to report absence): say so, without turning it into a negative finding.
+        # The model is not named: its title ("Lung nodule CT detection") would read as a nodule.
+        lines.append(ANALYSIS_RAN_NOTHING_REPORTED)
     if evidence.prior_report:
         lines.append("Prior report: supplied; comparison is left to the radiologist.")
     if not lines:
@@ -273,6 +282,8 @@ def template_impression(evidence: Evidence) -> str:
             lines.append(f"No AI-detected abnormality among the findings assessed ({assessed}).")
         elif evidence.measurements or evidence.segments:
             lines.append("Quantitative results only; see findings.")
+        elif evidence.analyzers:
+            lines.append(ANALYSIS_RAN_NOTHING_REPORTED)
         else:
             lines.append("No AI results to summarise.")
     return "\n".join(lines)
