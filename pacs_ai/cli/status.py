@@ -30,7 +30,12 @@ unhealthy (``problems`` says why), so monitoring can call it as it is.
   ``free_disk_mb`` and ``data_dir``: as before;
 * ``index``: counts of ``studies``, ``series``, ``instances``; ``purged_instances``: instance rows
   whose file retention deleted;
-* ``jobs`` and ``deliveries``: state -> count.
+* ``jobs`` and ``deliveries``: state -> count;
+* ``series_attention``: series an aborted association cut short: ``held_for_resend`` (waiting
+  ``resend_window_seconds`` for a resend), ``incomplete`` (no complete resend came; not analysed),
+  ``incomplete_recent`` (of those, aborted in the last ``recent_hours``, 24);
+* ``warnings``: sentences that need a person but not a failed health check (incomplete series of the
+  last 24 h); they do not change ``healthy`` or the exit code.
 """
 
 from __future__ import annotations
@@ -157,10 +162,18 @@ def _print_text(report: dict[str, Any]) -> None:
         f"index: {index['studies']} studies, {index['series']} series, {index['instances']} instances "
         f"({report['purged_instances']} purged)"
     )
+    attention = report["series_attention"]
+    console.print(
+        f"series cut short by an aborted association: {attention['held_for_resend']} held for a resend, "
+        f"{attention['incomplete']} incomplete ({attention['incomplete_recent']} in the last "
+        f"{attention['recent_hours']} h)"
+    )
     console.print(f"jobs: {counts_in_words(report['jobs'])}")
     console.print(f"deliveries: {counts_in_words(report['deliveries'])}")
     if report["healthy"]:
         console.print("[green]healthy[/green]")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/yellow] {warning}")
     for problem in report["problems"]:
         console.print(f"[red]problem[/red] {problem}")
 

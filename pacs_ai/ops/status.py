@@ -12,6 +12,7 @@ where they are asked (a command that does not need them starts faster).
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_ai.config import Settings
 from pacs_ai.index import storage_deletions
 from pacs_ai.index.db import session_scope
-from pacs_ai.index.models import Delivery, Instance, Job, Series, Study, WorkerState
+from pacs_ai.index.models import Delivery, Instance, Job, RoutingState, Series, Study, WorkerState, utcnow
 from pacs_ai.index.purge import spool_disk_usage
 from pacs_ai.index.retention import DiskUsage
 from pacs_ai.index.storage_deletions import PendingDeletions
@@ -33,13 +34,22 @@ from pacs_ai.receive.security import open_listener_warning
 from pacs_ai.receive.server import low_disk_reason
 from pacs_ai.storage import StorageError, open_storage
 
-__all__ = ["collect_status", "counts_in_words", "describe_device", "index_counts", "worker_nodes"]
+__all__ = [
+    "collect_status",
+    "counts_in_words",
+    "describe_device",
+    "index_counts",
+    "series_attention",
+    "worker_nodes",
+]
 
 MIB = 1024 * 1024
 #: Seconds to wait for the broker: status must answer quickly when it is down.
 BROKER_TIMEOUT_SECONDS = 2.0
 #: Seconds to wait for workers to answer the broadcast asking what they run.
 WORKER_REPLY_SECONDS = 1.0
+#: Series marked incomplete in this many hours are a warning of ``status`` (older ones are only counted).
+INCOMPLETE_ATTENTION_HOURS = 24
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session] | None = None) -> dict[str, Any]:
@@ -274,7 +284,8 @@ def describe_device(device: dict[str, Any] | None) -> str:
 
 
 def index_counts(session: Session) -> dict[str, Any]:
-    """``index`` (studies, series, instances), ``purged_instances``, ``jobs`` and ``deliveries`` by state."""
+    """``index`` (studies, series, instances), ``purged_instances``, ``jobs`` and ``deliveries`` by state,
+    and ``series_attention`` with its ``warnings`` (:func:`series_attention`)."""
     jobs = session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
     deliveries = session.execute(
         select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)
@@ -290,4 +301,47 @@ def index_counts(session: Session) -> dict[str, Any]:
         ),
         "jobs": {state.value: n for state, n in jobs},
         "deliveries": {state.value: n for state, n in deliveries},
+        **series_attention(session),
+    }
+
+
+def series_attention(session: Session, now: datetime | None = None) -> dict[str, Any]:
+    """Series an aborted association cut short: held for a resend, and those marked incomplete.
+
+    ``series_attention``: ``held_for_resend`` (the router waits ``resend_window_seconds`` for a
+    resend; nothing to do yet), ``incomplete`` (no complete resend came: not analysed until someone
+    resends or runs ``pacs-ai reprocess``; all the index still holds), ``incomplete_recent`` (those
+    whose association was aborted in the last ``recent_hours``).  ``warnings``: a sentence while
+    ``incomplete_recent`` is not 0.  A warning, not a problem: the service is healthy, a sender's
+    association was not, so ``status`` still exits 0 (a monitor must not page for a sender's abort).
+    """
+    since = (now or utcnow()) - timedelta(hours=INCOMPLETE_ATTENTION_HOURS)
+    interrupted = Series.interrupted_at.is_not(None)
+    held = session.scalar(
+        select(func.count(Series.id)).where(interrupted, Series.routing_state == RoutingState.RECEIVING)
+    )
+    incomplete = session.scalar(
+        select(func.count(Series.id)).where(Series.routing_state == RoutingState.INCOMPLETE)
+    )
+    recent = session.scalar(
+        select(func.count(Series.id)).where(
+            Series.routing_state == RoutingState.INCOMPLETE,
+            func.coalesce(Series.interrupted_at, Series.last_received_at) >= since,
+        )
+    )
+    warnings = []
+    if recent:
+        warnings.append(
+            f"needs attention: {recent} series incomplete (association aborted) in the last "
+            f"{INCOMPLETE_ATTENTION_HOURS} h, see pacs-ai studies list (ask the sender to resend, "
+            "or `pacs-ai reprocess` analyses a series as it is)"
+        )
+    return {
+        "series_attention": {
+            "held_for_resend": held or 0,
+            "incomplete": incomplete or 0,
+            "incomplete_recent": recent or 0,
+            "recent_hours": INCOMPLETE_ATTENTION_HOURS,
+        },
+        "warnings": warnings,
     }

@@ -196,6 +196,7 @@ def test_status_studies_and_timeline_read_as_text(app, env: Env) -> None:  # typ
     assert "Not running: no live" in status.text and "the service is not running" in status.text
     assert "AE title PACSAI" in status.text or "AE title" in status.text
     assert "{'" not in status.text and "\\u0027" not in status.text  # no Python or JSON reprs
+    assert "0 series held for a resend, 0 incomplete (0 in the last 24 h)" in status.text
     assert client.get("/api/admin/status").json()["healthy"] is False
 
     everything = client.get("/admin/studies").text
