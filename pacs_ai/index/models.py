@@ -192,7 +192,7 @@ class Instance(Base):
     purged_at: Mapped[datetime | None] = mapped_column()
     #: When the uploader put the spool file into a remote object store (``storage_url``); None while
     #: only the receiver's spool has it.  Always None with the embedded storage, which is the spool.
-    #: A series is routed only once every instance is uploaded (see ``pacs_ai.storage.uploader``).
+    #: A series is routed only once every instance is uploaded (see ``pacs_ai.receive.uploader``).
     uploaded_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[Series] = relationship(back_populates="instances")

@@ -50,8 +50,8 @@ from pacs_ai.receive.headers import (
     read_header,
 )
 from pacs_ai.receive.spool import Spool, UnsafeIdentifier
+from pacs_ai.receive.uploader import UploadBacklog
 from pacs_ai.storage.keys import spool_key, spool_path
-from pacs_ai.storage.uploader import UploadBacklog
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def route_ready_series(
     ``files`` reads an instance's header for the rules (instance keys as local
     files: the receiver's spool).  With ``require_uploaded`` (a remote object
     store) a series waits until every one of its instances is in the store
-    (``Instance.uploaded_at``, set by :class:`pacs_ai.storage.uploader.Uploader`),
+    (``Instance.uploaded_at``, set by :class:`pacs_ai.receive.uploader.Uploader`),
     so no worker looks for an object the store does not have yet.
 
     Without ``rules`` each profile's own ``match`` criteria decide.  With

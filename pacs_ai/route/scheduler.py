@@ -36,11 +36,11 @@ from pacs_ai.index.models import (
 )
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
 from pacs_ai.index.workers import hand_back_running_jobs
+from pacs_ai.receive.uploader import Uploader
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, RoutingPass, route_ready_series
 from pacs_ai.route.profile_set import ProfileSet
 from pacs_ai.storage.files import HostFiles
-from pacs_ai.storage.uploader import Uploader
 
 log = logging.getLogger(__name__)
 

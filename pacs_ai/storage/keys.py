@@ -4,7 +4,7 @@ Keys are the same on every host: ``instances/<study>/<series>/<sop>.dcm`` for a
 received instance, ``results/<study>/<sop>.dcm`` for a SEG or SR pacs-ai made.
 The listener writes each instance to its local spool first (the spool's
 layout is the key's without ``instances/``); the uploader then puts it in the
-storage under the same key (see :mod:`pacs_ai.storage.uploader`).
+storage under the same key (see :mod:`pacs_ai.receive.uploader`).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, 
 from pacs_ai.index.models import AuditEvent, Instance, Job, RoutingState, Series, utcnow
 from pacs_ai.receive.headers import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from pacs_ai.receive.store import StoreHandler
+from pacs_ai.receive.uploader import Uploader
 from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.storage import open_storage
-from pacs_ai.storage.uploader import Uploader
 from tests.integration.synthetic_ct import make_ct_series, write_series
 from tests.integration.test_reprocess_index import SENDER
 from tests.object_store import SeaweedS3, storage_settings

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pacs_ai.storage.uploader import lower_thread_priority
+from pacs_ai.receive.uploader import lower_thread_priority
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 
