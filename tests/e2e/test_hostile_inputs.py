@@ -879,7 +879,10 @@ def test_a_known_peer_is_served_while_140_slow_connections_are_held(
             slow.append(connection)
         time.sleep(0.5)
         ae = AE(ae_title=GOOD)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.acse_timeout = ae.dimse_timeout = 10
+        # The association stays idle while `pacs-ai status` runs (a new interpreter: 10 s and more
+        # on a loaded 2-core machine); a shorter network timeout made pynetdicom abort it meanwhile.
+        ae.network_timeout = 300
         ae.add_requested_context(Verification)
         dataset = pydicom.dcmread(chest_phantom.paths[0])
         ae.add_requested_context(dataset.SOPClassUID, ExplicitVRLittleEndian)
