@@ -64,6 +64,7 @@ class LocalCache:
     def _fetch_one(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.storage.get_file(key, path)
+        _touch(path)
 
     def evict(self, keep: Collection[Path] = ()) -> int:
         """Delete the least recently used copies until the cache fits; returns the bytes freed."""
@@ -92,9 +93,15 @@ class LocalCache:
 
 
 def _touch(path: Path) -> bool:
-    """Mark ``path`` as just used; False if it is not there."""
+    """Mark ``path`` as just used; False if it is not there.
+
+    The time is the process clock's in nanoseconds: the kernel stamps files with a clock that moves
+    in ticks of several milliseconds, so two uses within one tick looked equally recent and the
+    eviction order fell back to the file names.
+    """
+    now = time.time_ns()
     try:
-        os.utime(path)
+        os.utime(path, ns=(now, now))
     except FileNotFoundError:
         return False
     return True
