@@ -96,12 +96,7 @@ def study_rows(
             )
     return [
         {
-            "study_instance_uid": study.study_instance_uid,
-            "accession_number": study.accession_number,
-            "study_date": study.study_date,
-            "study_description": study.study_description,
-            "first_received_at": study.first_received_at,
-            "ai_priority": study.ai_priority,
+            **_study_fields(study),
             "series": [
                 {
                     "series_instance_uid": series.series_instance_uid,
@@ -379,12 +374,7 @@ def describe_study(session: Session, study: Study) -> dict[str, Any]:
     ).all()
     return {
         "study": {
-            "study_instance_uid": study.study_instance_uid,
-            "accession_number": study.accession_number,
-            "study_date": study.study_date,
-            "study_description": study.study_description,
-            "first_received_at": study.first_received_at,
-            "ai_priority": study.ai_priority,
+            **_study_fields(study),
             "ai_priority_reason": study.ai_priority_reason,
             "ai_priority_at": study.ai_priority_at,
         },
@@ -464,4 +454,16 @@ def describe_study(session: Session, study: Study) -> dict[str, Any]:
             }
             for draft, username in drafts
         ],
+    }
+
+
+def _study_fields(study: Study) -> dict[str, Any]:
+    """What both the studies listing and a study's page say of the study itself."""
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "accession_number": study.accession_number,
+        "study_date": study.study_date,
+        "study_description": study.study_description,
+        "first_received_at": study.first_received_at,
+        "ai_priority": study.ai_priority,
     }
