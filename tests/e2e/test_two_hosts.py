@@ -5,9 +5,10 @@ worker, worklist) and the worker (``pacs-ai worker --queues cpu,gpu``) are
 separate process trees with separate data directories and HOMEs; the worker
 runs as another Unix user who cannot read the receiver's files.  They share a
 real PostgreSQL database, a Redis database and a SeaweedFS S3 bucket; Orthanc
-is the PACS.  A chest CT sent to the receiver comes back as SEG and SR; the
-worker is SIGKILLed during the analysis and another started: the PACS ends up
-with exactly one result set.  ``pacs-ai status`` on the receiver lists the
+is the PACS.  Two workers run on the worker host; a chest CT sent to the
+receiver comes back as SEG and SR: the worker analysing it is SIGKILLed during
+the analysis and the other one takes the job over: the PACS ends up with
+exactly one result set.  ``pacs-ai status`` on the receiver lists the
 workers of both "hosts", marks the dead one, and exits 1 when the object
 store refuses its credentials.
 """
@@ -162,7 +163,10 @@ def _nodes(service: PacsAiService) -> dict[str, dict[str, Any]]:
 
 
 def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
-    orthanc: OrthancServer, tmp_path: Path, worker_host_root: tuple[pwd.struct_passwd, Path]
+    orthanc: OrthancServer,
+    object_store: SeaweedS3,
+    tmp_path: Path,
+    worker_host_root: tuple[pwd.struct_passwd, Path],
 ) -> None:
     user, root = worker_host_root
     started = time.monotonic()
@@ -175,133 +179,133 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
         tmp_path / "phantom", slices=160, size=384, pixel_spacing_mm=1.0, slice_spacing_mm=2.0
     )
     stage("phantom written")
-    with SeaweedS3() as store:
-        storage = storage_environment(store)
-        stage("object store up")
-        receiver = PacsAiService(
-            tmp_path / "receiver",
-            backend="servers",
-            destinations=orthanc_destination(orthanc),
-            extra_env={
-                **storage,
-                **TIMING,
-                **NO_DRAFT_REPORTS,
-                "PACS_AI_WORKER_QUEUES": '["dispatch"]',
-                "PACS_AI_WORKLIST_ENABLED": "false",
-            },
+    # The session's SeaweedFS, under a prefix of this test's own.
+    storage = storage_environment(object_store)
+    receiver = PacsAiService(
+        tmp_path / "receiver",
+        backend="servers",
+        destinations=orthanc_destination(orthanc),
+        extra_env={
+            **storage,
+            **TIMING,
+            **NO_DRAFT_REPORTS,
+            "PACS_AI_WORKER_QUEUES": '["dispatch"]',
+            "PACS_AI_WORKLIST_ENABLED": "false",
+        },
+    )
+    host: WorkerHost | None = None
+    workers: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        receiver.start(timeout=240)  # generous: CI's 2 cores may be busy
+        stage("receiver started")
+        shared = {
+            name: receiver.env[name]
+            for name in (
+                "PACS_AI_DATABASE_URL",
+                "PACS_AI_BROKER_URL",
+                *storage,
+                *TIMING,
+                *NO_DRAFT_REPORTS,
+            )
+        }
+        host = WorkerHost(
+            user,
+            root,
+            {"PATH": os.environ["PATH"], "HOME": str(root / "home"), "LANG": "C.UTF-8", **shared},
         )
-        host: WorkerHost | None = None
-        workers: list[subprocess.Popen[bytes]] = []
-        try:
-            receiver.start(timeout=240)  # generous: CI's 2 cores may be busy
-            stage("receiver started")
-            shared = {
-                name: receiver.env[name]
-                for name in (
-                    "PACS_AI_DATABASE_URL",
-                    "PACS_AI_BROKER_URL",
-                    *storage,
-                    *TIMING,
-                    *NO_DRAFT_REPORTS,
-                )
-            }
-            host = WorkerHost(
-                user,
-                root,
-                {"PATH": os.environ["PATH"], "HOME": str(root / "home"), "LANG": "C.UTF-8", **shared},
-            )
-            # The worker's user cannot read anything of the receiver's.
-            denied = subprocess.run(
-                [sys.executable, "-c", f"import os; os.listdir({str(receiver.data_dir)!r})"],
-                capture_output=True,
-                text=True,
-                **_as_user(user),
-            )
-            assert denied.returncode != 0 and "PermissionError" in denied.stderr
+        # The worker's user cannot read anything of the receiver's.
+        denied = subprocess.run(
+            [sys.executable, "-c", f"import os; os.listdir({str(receiver.data_dir)!r})"],
+            capture_output=True,
+            text=True,
+            **_as_user(user),
+        )
+        assert denied.returncode != 0 and "PermissionError" in denied.stderr
 
-            workers.append(host.start("first"))
-            stage("first worker starting")
-            wait_for(
-                lambda: receiver.worker_is_ready("first@gpu-host"),
-                timeout=180,
-                description="the first worker",
-            )
-            first = _nodes(receiver)["first@gpu-host"]
-            assert first["hostname"] and first["queues"] == ["cpu", "gpu"]
-            assert first["device"]["type"] == "cpu" and first["device"]["cores"]
-            assert first["state"] == "ready" and not first["stale"] and first["answering"] is True
+        # Two workers on the worker host, started together (their start-ups overlap): the one that
+        # claims the analysis is killed, the other takes it over.
+        metrics_ports = {name: free_port() for name in ("first@gpu-host", "second@gpu-host")}
+        for node, port in metrics_ports.items():
+            workers[node] = host.start(node.split("@")[0], metrics_port=port)
+        stage("workers starting")
+        for node in workers:
+            wait_for(lambda node=node: receiver.worker_is_ready(node), timeout=180, description=node)
+        nodes = _nodes(receiver)
+        for node in workers:
+            assert nodes[node]["hostname"] and nodes[node]["queues"] == ["cpu", "gpu"]
+            assert nodes[node]["device"]["type"] == "cpu" and nodes[node]["device"]["cores"]
+            assert nodes[node]["state"] == "ready" and not nodes[node]["stale"]
+            assert nodes[node]["answering"] is True
 
-            stage("first worker ready")
-            sent = storescu("127.0.0.1", receiver.port, receiver.ae_title, phantom.paths)
-            assert sent.returncode == 0, sent.stderr
-            job_id, claimed_by = wait_for(
-                lambda: next(
-                    iter(receiver.query("SELECT id, claimed_by FROM jobs WHERE state = 'RUNNING'")), None
-                ),
-                timeout=90,
-                interval=0.05,
-                description="the analysis to start on the worker host",
-            )
-            assert claimed_by == "first@gpu-host"
-            stage("analysis running")
-            os.killpg(workers[0].pid, signal.SIGKILL)  # the worker and its pool process, mid-analysis
-            workers[0].wait()
+        stage("workers ready")
+        sent = storescu("127.0.0.1", receiver.port, receiver.ae_title, phantom.paths)
+        assert sent.returncode == 0, sent.stderr
+        job_id, victim = wait_for(
+            lambda: next(
+                iter(receiver.query("SELECT id, claimed_by FROM jobs WHERE state = 'RUNNING'")), None
+            ),
+            timeout=90,
+            interval=0.05,
+            description="the analysis to start on the worker host",
+        )
+        assert victim in workers
+        (survivor,) = set(workers) - {victim}
+        stage("analysis running")
+        os.killpg(workers[victim].pid, signal.SIGKILL)  # the worker and its pool process, mid-analysis
+        workers[victim].wait()
+        stage(f"{victim} killed")
+        assert_one_result_set(orthanc, phantom.study_uid, tmp_path)
+        stage("one result set in the PACS")
 
-            second_metrics = free_port()
-            workers.append(host.start("second", metrics_port=second_metrics))
-            stage("first worker killed")
-            assert_one_result_set(orthanc, phantom.study_uid, tmp_path)
-            stage("one result set in the PACS")
+        ((state, attempts, finished_by),) = receiver.query(
+            "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id
+        )
+        assert (state, attempts, finished_by) == ("SUCCEEDED", 2, survivor)
+        assert receiver.query("SELECT count(*) FROM results")[0][0] == 2
+        assert receiver.query("SELECT state, count(*) FROM deliveries GROUP BY state") == [("SENT", 2)]
 
-            ((state, attempts, finished_by),) = receiver.query(
-                "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id
-            )
-            assert (state, attempts, finished_by) == ("SUCCEEDED", 2, "second@gpu-host")
-            assert receiver.query("SELECT count(*) FROM results")[0][0] == 2
-            assert receiver.query("SELECT state, count(*) FROM deliveries GROUP BY state") == [("SENT", 2)]
+        code, report = _status(receiver)
+        nodes = {node["node"]: node for node in report["worker_nodes"]}
+        assert nodes[victim]["state"] == "lost" and nodes[victim]["stale"]
+        assert nodes[survivor]["state"] == "ready" and not nodes[survivor]["stale"]
+        assert any(victim in problem for problem in report["problems"]) and code == 1
+        assert report["storage"]["error"] is None
 
-            code, report = _status(receiver)
-            nodes = {node["node"]: node for node in report["worker_nodes"]}
-            assert nodes["first@gpu-host"]["state"] == "lost" and nodes["first@gpu-host"]["stale"]
-            assert nodes["second@gpu-host"]["state"] == "ready" and not nodes["second@gpu-host"]["stale"]
-            assert any("first@gpu-host" in problem for problem in report["problems"]) and code == 1
-            assert report["storage"]["error"] is None
-
-            stage("status checked")
-            # Prometheus scrapes each host: the job ran on the worker host, the deliveries on the receiver.
-            worker_text = httpx.get(f"http://127.0.0.1:{second_metrics}/metrics", timeout=10).text
-            on_worker = samples(worker_text)
-            assert value(on_worker, "pacs_ai_jobs_total", outcome="succeeded") == 1, worker_text
-            ((analyzer,),) = receiver.query("SELECT DISTINCT analyzer FROM jobs")
-            for step in ("fetch", "load", "analyze", "encode", "store", "record"):
-                assert value(on_worker, "pacs_ai_job_stage_seconds_count", stage=step, analyzer=analyzer) == 1
-            on_receiver = samples(receiver.scrape())
-            assert value(on_receiver, "pacs_ai_jobs_total") == 0
-            assert value(on_receiver, "pacs_ai_deliveries_total", destination="pacs", state="sent") == 2
-            assert value(on_receiver, "pacs_ai_ingest_instances_total") == len(phantom.paths)
-            # The receiver put every instance into the object store; nothing waits for it any more.
-            uploaded = value(on_receiver, "pacs_ai_storage_uploads_total", outcome="uploaded")
-            assert uploaded == len(phantom.paths)
-            wait_for(
-                lambda: (
-                    (scraped := samples(receiver.scrape()))
-                    and value(scraped, "pacs_ai_workers", state="lost") == 1
-                    and value(scraped, "pacs_ai_workers", state="ready") >= 1
-                    and ("pacs_ai_storage_backlog_instances", frozenset()) in scraped
-                    and value(scraped, "pacs_ai_storage_backlog_instances") == 0
-                ),
-                timeout=30,
-                description="the lost worker and the empty upload backlog in the receiver's metrics",
-            )
-            refused, report = _status(receiver, PACS_AI_STORAGE_S3_SECRET_ACCESS_KEY="not-the-secret")
-            assert refused == 1 and report["storage"]["error"]
-            assert any("storage" in problem for problem in report["problems"])
-        except BaseException:
-            print(f"---- receiver logs\n{receiver.stderr_tail()}\n{receiver.logs()}")
-            if host is not None:
-                print(f"---- worker host logs\n{host.logs()}")
-            raise
-        finally:
-            for worker in workers:
-                _stop_process(worker, group=True)
-            receiver.stop()
+        stage("status checked")
+        # Prometheus scrapes each host: the job ran on the worker host, the deliveries on the receiver.
+        worker_text = httpx.get(f"http://127.0.0.1:{metrics_ports[survivor]}/metrics", timeout=10).text
+        on_worker = samples(worker_text)
+        assert value(on_worker, "pacs_ai_jobs_total", outcome="succeeded") == 1, worker_text
+        ((analyzer,),) = receiver.query("SELECT DISTINCT analyzer FROM jobs")
+        for step in ("fetch", "load", "analyze", "encode", "store", "record"):
+            assert value(on_worker, "pacs_ai_job_stage_seconds_count", stage=step, analyzer=analyzer) == 1
+        on_receiver = samples(receiver.scrape())
+        assert value(on_receiver, "pacs_ai_jobs_total") == 0
+        assert value(on_receiver, "pacs_ai_deliveries_total", destination="pacs", state="sent") == 2
+        assert value(on_receiver, "pacs_ai_ingest_instances_total") == len(phantom.paths)
+        # The receiver put every instance into the object store; nothing waits for it any more.
+        uploaded = value(on_receiver, "pacs_ai_storage_uploads_total", outcome="uploaded")
+        assert uploaded == len(phantom.paths)
+        wait_for(
+            lambda: (
+                (scraped := samples(receiver.scrape()))
+                and value(scraped, "pacs_ai_workers", state="lost") == 1
+                and value(scraped, "pacs_ai_workers", state="ready") >= 1
+                and ("pacs_ai_storage_backlog_instances", frozenset()) in scraped
+                and value(scraped, "pacs_ai_storage_backlog_instances") == 0
+            ),
+            timeout=30,
+            description="the lost worker and the empty upload backlog in the receiver's metrics",
+        )
+        refused, report = _status(receiver, PACS_AI_STORAGE_S3_SECRET_ACCESS_KEY="not-the-secret")
+        assert refused == 1 and report["storage"]["error"]
+        assert any("storage" in problem for problem in report["problems"])
+    except BaseException:
+        print(f"---- receiver logs\n{receiver.stderr_tail()}\n{receiver.logs()}")
+        if host is not None:
+            print(f"---- worker host logs\n{host.logs()}")
+        raise
+    finally:
+        for worker in workers.values():
+            _stop_process(worker, group=True)
+        receiver.stop()
