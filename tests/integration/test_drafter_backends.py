@@ -20,16 +20,12 @@ the backend from that directory only, with the hub offline.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +48,8 @@ from tests.drafter_models import (  # noqa: E402
     train_impression_model,
     with_images_only_processor_code,
 )
+from tests.llm_serve import transformers_serve  # noqa: E402, F401 (tests/e2e take it from here)
+from tests.peers import free_port  # noqa: E402
 from tests.unit.test_report_evidence import chest_ct_header, chest_ct_job  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -136,10 +134,23 @@ def offline_hub():
         yield
 
 
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory) -> Callable[[str], Path]:
+    """Each image-text family's model, built once for the module (the local and the served tests share it)."""
+    built: dict[str, Path] = {}
+
+    def model_dir(family: str) -> Path:
+        if family not in built:
+            built[family] = IMAGE_TEXT_FAMILIES[family](tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return model_dir
+
+
 @pytest.mark.parametrize("family", sorted(IMAGE_TEXT_FAMILIES))
-def test_transformers_image_text_to_text_families_draft_from_key_images(family, tmp_path, evidence):
+def test_transformers_image_text_to_text_families_draft_from_key_images(family, family_model, evidence):
     """Gemma 3 (MedGemma), Qwen2.5-VL and LLaVA load from a local directory and read the key image."""
-    model_dir = IMAGE_TEXT_FAMILIES[family](tmp_path / family)
+    model_dir = family_model(family)
     params = {"model_dir": str(model_dir), "task": "image-text-to-text", "max_new_tokens": 6}
     drafter = get_drafter("transformers", params)
     drafter._load()
@@ -175,57 +186,10 @@ def test_a_processor_that_cannot_load_says_why(tmp_path):
     assert "video processor" not in str(refused.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory) -> Path:
     """A Llama trained here on template impressions (once per session; a minute or so on CPU)."""
     return train_impression_model(tmp_path_factory.mktemp("trained-llama"))
-
-
-@contextlib.contextmanager
-def transformers_serve(model_dir: Path | None, *, trust_remote_code: bool = False) -> Iterator[str]:
-    """``transformers serve`` of ``model_dir`` on 127.0.0.1 (OpenAI-compatible, not ours): its /v1 URL.
-
-    Without ``model_dir`` the server loads whichever model directory a request names.
-    """
-    executable = shutil.which("transformers", path=str(Path(sys.executable).parent))
-    if executable is None:
-        pytest.skip("the transformers CLI is not installed (pip install 'transformers[serving]')")
-    port = _free_port()
-    # One torch thread: tiny models gain nothing from more, and on a busy CI machine two threads made
-    # each generation step many times slower.
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [executable, "serve", *([str(model_dir)] if model_dir else []), "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    command += ["--device", "cpu", *(["--trust-remote-code"] if trust_remote_code else [])]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                output = process.stdout.read() if process.stdout else ""
-                pytest.fail(f"transformers serve did not come up:\n{output[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_transformers_trained_model_impression_passes_the_guardrails_and_is_kept(trained_model_dir):
@@ -236,19 +200,6 @@ def test_transformers_trained_model_impression_passes_the_guardrails_and_is_kept
     assert (draft.backend, draft.fallback_reason) == ("transformers", None), draft.fallback_reason
     assert draft.model_id == trained_model_dir.name and draft.guardrails.passed
     assert draft.impression == "Small left pleural effusion."
-
-
-@pytest.fixture(scope="module")
-def model_server() -> Iterator[str]:
-    """One ``transformers serve`` for the module's models, each loaded when a request names it.
-
-    ``--trust-remote-code`` for Qwen2.5-VL without torchvision: the server cannot
-    build its processor (the video processor needs torchvision, and serve has no
-    image-only fallback as our backend does), so the model directory carries its
-    image-only processor as its own code (:func:`with_images_only_processor_code`).
-    """
-    with transformers_serve(None, trust_remote_code=not is_torchvision_available()) as base_url:
-        yield base_url
 
 
 def test_openai_backend_against_transformers_serve_keeps_the_trained_models_impression(
@@ -274,12 +225,16 @@ def test_openai_backend_against_transformers_serve_keeps_the_trained_models_impr
 
 @pytest.mark.parametrize("family", sorted(IMAGE_TEXT_FAMILIES))
 def test_openai_backend_sends_key_images_to_a_served_image_text_model(
-    family, model_server, tmp_path, evidence
+    family, family_model, model_server, tmp_path, evidence
 ):
-    """Gemma 3, Qwen2.5-VL and LLaVA served by ``transformers serve``, given the key image as a data URL."""
-    model_dir = IMAGE_TEXT_FAMILIES[family](tmp_path / family)
+    """Gemma 3, Qwen2.5-VL and LLaVA served by ``transformers serve``, given the key image as a data URL.
+
+    ``model_server`` is the session's one server (tests/integration/conftest.py).
+    """
+    model_dir = family_model(family)
     if family == "qwen2_5_vl" and not is_torchvision_available():
-        model_dir = with_images_only_processor_code(model_dir)
+        # A copy: the local test reads the directory as a site's checkpoint has it, without remote code.
+        model_dir = with_images_only_processor_code(Path(shutil.copytree(model_dir, tmp_path / family)))
     params = {
         "base_url": model_server,
         "model": str(model_dir),
@@ -339,7 +294,7 @@ def test_openai_backend_times_out_and_retries_against_a_silent_peer(evidence):
 
 def test_openai_backend_reports_a_refused_connection(evidence):
     params = {
-        "base_url": f"http://127.0.0.1:{_free_port()}/v1",
+        "base_url": f"http://127.0.0.1:{free_port()}/v1",
         "model": "m",
         "timeout_seconds": 2,
         "max_retries": 0,

@@ -27,7 +27,6 @@ from pacs_ai.worklist.server import worklist_options
 from tests.integration.test_drafter_backends import (  # noqa: F401 (the tiny model fixture)
     VOCABULARY,
     tiny_model_dir,
-    transformers_serve,
 )
 from tests.peers import caddy_bearer_proxy
 
@@ -179,9 +178,13 @@ def test_the_signing_key_is_kept_in_the_data_dir_when_not_set(tmp_path):
 
 
 def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(
-    tmp_path, tiny_model_dir, caplog  # noqa: F811 (the fixture imported above)
+    tmp_path,
+    tiny_model_dir,  # noqa: F811 (the fixture imported above)
+    model_server,
+    caplog,
 ):
-    """``transformers serve`` behind Caddy, which passes on only requests that carry the key.
+    """``transformers serve`` (the session's, tests/integration/conftest.py) behind Caddy, which passes on
+    only requests that carry the key.
 
     The draft comes back through the proxy with the key of ``report_llm_api_key``, Caddy's access log
     shows the header it got, a wrong key is refused there (HTTP 401), and neither key is in our logs,
@@ -200,8 +203,7 @@ def test_the_llm_api_key_setting_reaches_the_openai_endpoint_only(
 
     settings = Settings(data_dir=tmp_path, report_llm_api_key=key)
     with (
-        transformers_serve(tiny_model_dir) as served,
-        caddy_bearer_proxy(urlsplit(served).netloc, key, proxy_dir) as (proxy, access_log),
+        caddy_bearer_proxy(urlsplit(model_server).netloc, key, proxy_dir) as (proxy, access_log),
         caplog.at_level(logging.DEBUG),
     ):
         answer = drafter(settings, f"{proxy}/v1").complete("Small left pleural effusion.")
