@@ -42,7 +42,10 @@ MIB = 1024 * 1024
 
 
 def _storage(store: SeaweedS3, data_dir: Path, **extra: object) -> S3Storage:
-    storage = open_storage(Settings(data_dir=data_dir, **storage_settings(store, **extra)))
+    """The boto3 client's storage (``storage_s3_client``; ``storage_clients.py`` compares the clients)."""
+    storage = open_storage(
+        Settings(data_dir=data_dir, **storage_settings(store, storage_s3_client="boto3", **extra))
+    )
     assert isinstance(storage, S3Storage)
     return storage
 

@@ -134,10 +134,15 @@ class Settings(BaseSettings):
     #: ``results`` under data_dir, the embedded default); ``file:///abs/path`` another local folder
     #: (a mount every host shares); ``s3://bucket/optional/prefix`` an S3-compatible object store.
     storage_url: str | None = None
+    #: The client an ``s3://`` storage talks through: ``obstore`` (Rust object_store; less CPU per
+    #: request, a series fetched concurrently on its async runtime) or ``boto3``.  Same settings, same
+    #: objects: switching needs nothing else (see docs/storage.md).
+    storage_s3_client: Literal["obstore", "boto3"] = "obstore"
     #: The S3 endpoint, e.g. http://127.0.0.1:8333 for SeaweedFS; None is AWS.
     storage_s3_endpoint_url: str | None = None
     storage_s3_region: str | None = None
-    #: Credentials; when unset, boto3's own chain (AWS_* variables, the shared credentials file).
+    #: Credentials; when unset, botocore's chain (AWS_* variables, the shared credentials file, an
+    #: instance role), for either client.
     storage_s3_access_key_id: str | None = None
     storage_s3_secret_access_key: SecretStr | None = None
     #: An AWS shared-credentials file to read the credentials from (its ``default`` profile).
@@ -154,13 +159,16 @@ class Settings(BaseSettings):
     #: store and the uploads catch up after it; 0 runs them at the listener's priority.
     storage_upload_nice: int = Field(default=10, ge=0, le=19)
     #: Objects of at least this many MiB (a whole-body SEG with a hundred segments) are uploaded to an
-    #: S3 store in parts by boto3's managed transfer, each part retried on its own; smaller ones in one
+    #: S3 store as a multipart upload (either client), each part retried on its own; smaller ones in one
     #: PUT.  S3 allows at most 10,000 parts of at least 5 MiB, so parts of 16 MiB carry objects up to
     #: 156 GiB.
     storage_s3_multipart_threshold_mb: int = Field(default=16, ge=5)
     storage_s3_multipart_part_mb: int = Field(default=16, ge=5, le=5120)
     #: Parts of one large object uploaded at once.
     storage_s3_upload_concurrency: int = Field(default=4, ge=1, le=64)
+    #: Objects a worker fetches from a remote store at once (a series is hundreds of small objects,
+    #: each one GET).
+    storage_fetch_concurrency: int = Field(default=16, ge=1, le=128)
     #: A worker's local copies of series it fetched from the store (None: data_dir/cache), at most
     #: ``worker_cache_max_mb``, least recently used evicted first; safe to delete at any time.
     worker_cache_dir: Path | None = None

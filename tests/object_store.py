@@ -9,10 +9,12 @@ refused as they would be by any real store, and creates a bucket.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -41,18 +43,21 @@ def weed_binary() -> str:
 class SeaweedS3:
     """``weed server -s3`` on loopback with one identity and one bucket; stopped and removed on exit."""
 
-    def __init__(self, bucket: str = "pacs-ai") -> None:
+    def __init__(self, bucket: str = "pacs-ai", *, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (CA certificate, server certificate, server key): S3 over HTTPS only."""
         self.bucket = bucket
+        self.tls = tls
         self.host = LOOPBACK
         self.s3_port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="seaweedfs-")
         self.directory = Path(self._dir.name)
         self.log = self.directory / "weed.log"
+        self.metrics_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://{self.host}:{self.s3_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.s3_port}"
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> Any:
         """A boto3 client of the store (for the tests' own checks)."""
@@ -63,6 +68,7 @@ class SeaweedS3:
             aws_secret_access_key=secret_key,
             region_name="us-east-1",
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+            verify=str(self.tls[0]) if self.tls else None,
         )
 
     def start(self) -> SeaweedS3:
@@ -102,8 +108,10 @@ class SeaweedS3:
             f"-s3.port.iceberg={free_port()}",
             f"-s3.port.lance={free_port()}",
             f"-s3.config={config}",
-            f"-metricsPort={free_port()}",
+            f"-metricsPort={self.metrics_port}",
         ]
+        if self.tls:
+            command += [f"-s3.cert.file={self.tls[1]}", f"-s3.key.file={self.tls[2]}"]
         with open(self.log, "wb") as log:
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, start_new_session=True
@@ -128,6 +136,18 @@ class SeaweedS3:
         except BotoCoreError:
             return False
         return True
+
+    def requests_served(self, kind: str) -> int:
+        """S3 requests of ``kind`` (GET, PUT, POST, DELETE, LIST...) the store answered, by its own metrics.
+
+        SeaweedFS counts a DeleteObjects call (whatever its number of keys) as one DELETE.
+        """
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        pattern = re.compile(
+            rf'^SeaweedFS_s3_request_total{{[^}}]*type="{re.escape(kind)}"[^}}]*}} (\S+)$', re.M
+        )
+        return sum(int(float(value)) for value in pattern.findall(text))
 
     def new_prefix(self) -> str:
         """An ``s3://bucket/prefix`` URL no other test uses."""

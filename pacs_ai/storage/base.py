@@ -8,7 +8,7 @@ so any host that can reach the storage can read what another host wrote.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -75,6 +75,14 @@ class Storage(Protocol):
 
     def get_file(self, key: str, destination: Path) -> None:
         """Write the object of ``key`` to ``destination`` (atomically); :class:`StorageKeyMissing` if none."""
+        ...
+
+    def get_files(self, items: Sequence[tuple[str, Path]]) -> None:
+        """:meth:`get_file` for each ``(key, destination)``, several at once where the store allows.
+
+        Raises the first failure; no destination is left half-written.  A
+        worker fetches a series (hundreds of objects) this way.
+        """
         ...
 
     def local_path(self, key: str) -> Path | None:

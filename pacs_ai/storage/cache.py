@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pacs_ai.storage.base import Storage, check_key
@@ -25,9 +24,6 @@ from pacs_ai.storage.base import Storage, check_key
 __all__ = ["LocalCache"]
 
 log = logging.getLogger(__name__)
-
-#: Objects fetched at the same time: a series is hundreds of small objects, each one request.
-FETCHES_AT_ONCE = 8
 
 
 class LocalCache:
@@ -52,19 +48,16 @@ class LocalCache:
         missing = [(key, path) for key, path in zip(keys, paths, strict=True) if not _touch(path)]
         if missing:
             started = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=min(FETCHES_AT_ONCE, len(missing))) as fetchers:
-                for fetched in [fetchers.submit(self._fetch_one, key, path) for key, path in missing]:
-                    fetched.result()
+            for _, path in missing:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.storage.get_files(missing)  # concurrently: storage_fetch_concurrency at once
+            for _, path in missing:
+                _touch(path)
             log.info(
                 "fetched %d object(s) into the cache in %.2f s", len(missing), time.perf_counter() - started
             )
             self.evict(keep=set(paths))
         return paths
-
-    def _fetch_one(self, key: str, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.storage.get_file(key, path)
-        _touch(path)
 
     def evict(self, keep: Collection[Path] = ()) -> int:
         """Delete the least recently used copies until the cache fits; returns the bytes freed."""

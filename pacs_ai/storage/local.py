@@ -61,6 +61,10 @@ class LocalFolderStorage:
         except FileNotFoundError as exc:
             raise StorageKeyMissing(f"{key} is not in {self.description}") from exc
 
+    def get_files(self, items: Sequence[tuple[str, Path]]) -> None:
+        for key, destination in items:  # local copies: nothing to wait for in parallel
+            self.get_file(key, destination)
+
     def exists(self, key: str) -> bool:
         return self.local_path(key).is_file()
 

@@ -20,6 +20,7 @@ from pacs_ai.storage.base import Storage
 from pacs_ai.storage.keys import INSTANCES, RESULTS
 from pacs_ai.storage.local import LocalFolderStorage
 from pacs_ai.storage.s3 import S3Storage
+from pacs_ai.storage.s3_obstore import ObstoreS3Storage
 
 __all__ = ["open_storage", "storage_for", "is_embedded", "connect_early", "BACKENDS"]
 
@@ -33,8 +34,15 @@ def _file_storage(settings: Settings) -> Storage:
     return LocalFolderStorage(path, fsync=settings.fsync)
 
 
+def _s3_storage(settings: Settings) -> Storage:
+    """An S3 store through the client ``storage_s3_client`` names (obstore by default, or boto3)."""
+    if settings.storage_s3_client == "boto3":
+        return S3Storage(settings)
+    return ObstoreS3Storage(settings)
+
+
 #: URL scheme -> backend factory.
-BACKENDS: dict[str, Callable[[Settings], Storage]] = {"file": _file_storage, "s3": S3Storage}
+BACKENDS: dict[str, Callable[[Settings], Storage]] = {"file": _file_storage, "s3": _s3_storage}
 
 
 def is_embedded(settings: Settings) -> bool:
@@ -80,7 +88,8 @@ def storage_for(settings: Settings) -> Storage:
 def connect_early(settings: Settings) -> None:
     """Build this process's storage client now, before a job or a delivery needs it.
 
-    boto3 builds an S3 client in 0.3-0.4 s (it parses the service's model);
+    boto3 builds an S3 client in 0.3-0.4 s (it parses the service's model;
+    obstore's client costs little, but the same call serves both);
     a worker's first job and the receiver's first delivery from a remote
     store paid that inside the turnaround.  Called where a worker process
     warms up.  No request is made: a store that is down must not hold up a
@@ -97,6 +106,7 @@ _STORAGE_FIELDS = {
     "data_dir",
     "fsync",
     "storage_url",
+    "storage_s3_client",
     "storage_s3_endpoint_url",
     "storage_s3_region",
     "storage_s3_access_key_id",
@@ -106,4 +116,5 @@ _STORAGE_FIELDS = {
     "storage_s3_multipart_threshold_mb",
     "storage_s3_multipart_part_mb",
     "storage_s3_upload_concurrency",
+    "storage_fetch_concurrency",
 }
