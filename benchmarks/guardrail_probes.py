@@ -7,9 +7,12 @@
    see ``benchmarks/impressions.py``): the held-out reports' own impressions
    (faithful by definition: their false-alarm rate is the checker's noise
    floor against real radiologists' writing) and the same controlled edits
-   applied to them: sides swapped, a "No X" turned into "X", small/mild
-   turned into large/severe, stable into new, hedges removed, an acute finding
-   the findings do not mention appended.
+   applied to them (``tests/iu_probes.py``, built at run time: the reports'
+   licence allows no derivatives in the repository): sides swapped, a "No X"
+   turned into "X", small/mild turned into large, stable into new, hedges
+   removed, an acute finding the findings do not mention appended.  Edits
+   that leave the impression faithful or are not about the chest are skipped
+   and counted by reason.  ``tests/unit/test_iu_probes.py`` asserts the rates.
 
     PYTHONPATH=. .venv/bin/python benchmarks/guardrail_probes.py [--wheel-dir DIR] [--limit N]
 """
@@ -17,51 +20,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.impressions import find_wheel, held_out, read_reports
+from benchmarks.impressions import held_out, read_reports, wheel_dirs, wheel_path
 from pacs_ai.report.consistency import check_against_findings
+from tests.iu_probes import iu_probes
 from tests.report_probes import Probe, probe_set
-
-ADDED = ("Aortic dissection.", "Pulmonary embolism.", "Small left pneumothorax.", "Metastatic disease.")
-EDITS: tuple[tuple[str, str, str], ...] = (
-    ("laterality", r"\b(left|right)\b", "side"),
-    ("severity", r"\b(small|mild|minimal|tiny|trace)\b", "large"),
-    ("time", r"\b(stable|unchanged|chronic|old|healed)\b", "new"),
-    (
-        "certainty",
-        r"\b(possible|possibly|probable|likely|may represent|suspicious for|concerning for)\s+",
-        "",
-    ),
-)
-
-
-def iu_probes(findings: str, impression: str) -> Iterator[Probe]:
-    """The radiologist's impression (faithful) and its controlled edits (unfaithful)."""
-    yield Probe("radiologist", findings, impression, False, "")
-    for category, pattern, replacement in EDITS:
-        if not re.search(pattern, impression, re.IGNORECASE):
-            continue
-        if replacement == "side":
-            edited = re.sub(
-                pattern,
-                lambda m: {"left": "right", "right": "left"}[m.group(1).lower()],
-                impression,
-                flags=re.IGNORECASE,
-            )
-        else:
-            edited = re.sub(pattern, replacement, impression, count=1, flags=re.IGNORECASE)
-        yield Probe(category, findings, edited, True, pattern)
-    negated = re.match(r"(?i)^\s*no\s+(.{3,60}?)\.", impression)
-    if negated and "acute" not in negated.group(1).lower() and "change" not in negated.group(1).lower():
-        yield Probe("negation", findings, negated.group(1).capitalize() + ".", True, "no X -> X")
-    addition = next((a for a in ADDED if a.split()[-1][:6].lower() not in findings.lower()), None)
-    if addition:
-        yield Probe("unsupported", findings, f"{impression} {addition}", True, addition)
 
 
 def rates(probes: list[Probe]) -> dict[str, tuple[int, int, int, int]]:
@@ -99,22 +65,32 @@ def show(title: str, table: dict[str, tuple[int, int, int, int]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wheel-dir", type=Path, default=Path.home() / ".cache" / "pacs-ai" / "txv")
+    parser.add_argument(
+        "--wheel-dir",
+        type=Path,
+        default=None,
+        help="folder of the torchxrayvision wheel (default: WHEEL_DIRS)",
+    )
     parser.add_argument("--test-percent", type=int, default=20)
     parser.add_argument("--limit", type=int, default=0, help="only the first N held-out IU X-ray reports")
     args = parser.parse_args(argv)
 
     probes = probe_set()
     show(f"probe set ({len(probes)} pairs)", rates(probes))
-    wheels = sorted(args.wheel_dir.glob("torchxrayvision-*.whl")) if args.wheel_dir.is_dir() else []
-    if not wheels:
-        print(f"IU X-ray reports: no torchxrayvision wheel in {args.wheel_dir}; skipped")
+    wheel = wheel_path(args.wheel_dir)
+    if wheel is None:
+        where = " or ".join(str(d) for d in wheel_dirs(args.wheel_dir))
+        print(f"IU X-ray reports: no torchxrayvision wheel in {where}; skipped")
         return 0
-    reports = [r for r in read_reports(find_wheel(args.wheel_dir)) if held_out(r, args.test_percent)]
+    reports = [r for r in read_reports(wheel) if held_out(r, args.test_percent)]
     if args.limit:
         reports = reports[: args.limit]
-    edited = [p for r in reports for p in iu_probes(r.findings, r.impression)]
+    skipped: Counter[str] = Counter()
+    edited = [p for r in reports for p in iu_probes(r.findings, r.impression, skipped)]
     show(f"IU X-ray held-out reports ({len(reports)}) and their edits ({len(edited)} pairs)", rates(edited))
+    print("  edits skipped (not unfaithful, or not about the chest; see tests/iu_probes.py):")
+    for reason, count in sorted(skipped.items()):
+        print(f"    {reason:<28} {count:>4}")
     return 0
 
 

@@ -2,13 +2,14 @@
 
 The Indiana University chest X-ray collection's 3,955 reports (findings and
 impression as XML, CC BY-NC-ND 4.0) ship inside the ``torchxrayvision`` wheel
-as ``torchxrayvision/data/NLMCXR_reports.tgz``.  The wheel is downloaded once
-with pip's ordinary client (never installed) and read in place::
+as ``torchxrayvision/data/NLMCXR_reports.tgz``.  ``scripts/bootstrap`` downloads
+the wheel with pip's ordinary client, without its dependencies and never
+installed, into ``.venv/share/pacs-ai-data/``; it is read in place from there
+(or from ``~/.cache/pacs-ai/txv``, or ``--wheel-dir``)::
 
-    .venv/bin/pip download --no-deps torchxrayvision -d ~/.cache/pacs-ai/txv
-    PYTHONPATH=. .venv/bin/python benchmarks/impressions.py --wheel-dir ~/.cache/pacs-ai/txv
+    PYTHONPATH=. .venv/bin/python benchmarks/impressions.py
 
-After that the script works offline.  Reports with both a findings and an
+The script works offline.  Reports with both a findings and an
 impression section are split deterministically (SHA-256 of the report id;
 ``--test-percent`` of them, default 20, are held out; the retrieval drafter
 indexes the others, and nothing else here learns from them).
@@ -52,6 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPORTS_MEMBER = "torchxrayvision/data/NLMCXR_reports.tgz"
+#: The wheel's version scripts/bootstrap fetches.
+TXV_VERSION = "1.5.7"
+#: Where the wheel is looked for: scripts/bootstrap's data folder of the venv, then the user's cache.
+WHEEL_DIRS = (Path(sys.prefix) / "share" / "pacs-ai-data", Path.home() / ".cache" / "pacs-ai" / "txv")
 CONSTANT_IMPRESSION = "No acute cardiopulmonary abnormality."
 #: Guardrail checks that mean the impression says the opposite of its findings.
 CONTRADICTIONS = frozenset({"negation", "laterality", "severity", "time", "certainty", "numbers", "location"})
@@ -64,14 +69,30 @@ class Report:
     impression: str
 
 
-def find_wheel(directory: Path) -> Path:
-    wheels = sorted(directory.glob("torchxrayvision-*.whl"))
-    if not wheels:
+def wheel_dirs(directory: Path | None = None) -> tuple[Path, ...]:
+    """Where the wheel is looked for: ``directory`` if given, else :data:`WHEEL_DIRS`."""
+    return (directory,) if directory is not None else WHEEL_DIRS
+
+
+def wheel_path(directory: Path | None = None) -> Path | None:
+    """The newest torchxrayvision wheel in the first of :func:`wheel_dirs` that has one, or None."""
+    for folder in wheel_dirs(directory):
+        wheels = sorted(folder.glob("torchxrayvision-*.whl")) if folder.is_dir() else []
+        if wheels:
+            return wheels[-1]
+    return None
+
+
+def find_wheel(directory: Path | None = None) -> Path:
+    """:func:`wheel_path`, or exit saying how to fetch the wheel."""
+    wheel = wheel_path(directory)
+    if wheel is None:
+        where = " or ".join(str(d) for d in wheel_dirs(directory))
         raise SystemExit(
-            f"no torchxrayvision wheel in {directory}; fetch it once with\n"
-            f"  .venv/bin/pip download --no-deps torchxrayvision -d {directory}"
+            f"no torchxrayvision wheel in {where}; scripts/bootstrap fetches it, or once by hand:\n"
+            f"  .venv/bin/pip download --no-deps torchxrayvision=={TXV_VERSION} -d {wheel_dirs(directory)[0]}"
         )
-    return wheels[-1]
+    return wheel
 
 
 def _clean(text: str | None) -> str:
@@ -142,7 +163,12 @@ def _timed(method: str, test: list[Report], suggest: Callable[[Report], str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wheel-dir", type=Path, default=Path.home() / ".cache" / "pacs-ai" / "txv")
+    parser.add_argument(
+        "--wheel-dir",
+        type=Path,
+        default=None,
+        help="folder of the torchxrayvision wheel (default: WHEEL_DIRS)",
+    )
     parser.add_argument("--test-percent", type=int, default=20)
     parser.add_argument("--limit", type=int, default=0, help="score only the first N held-out reports")
     parser.add_argument(

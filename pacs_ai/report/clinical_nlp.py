@@ -18,7 +18,13 @@ per process (:func:`pipeline`); building it takes about a second.
 Qualifiers are read in a window around the concept: from the previous
 boundary (a comma, "and", "or", "with", another concept) to the next one, so
 "small right pleural effusion and large left pneumothorax" gives the effusion
-"small, right" and the pneumothorax "large, left".
+"small, right" and the pneumothorax "large, left".  A short comma-separated
+head or tail naming no other concept still belongs to the concept ("mild,
+age-indeterminate wedge deformity"; "..., unchanged"), and concepts joined by
+a slash share their window ("bibasilar atelectasis/airspace disease").  Time
+words outside every concept's window ("new appearance of the chest", "stable
+postoperative changes") are kept as the text's loose times.  Sentences end at
+".", "!", "?" and at ".." or "..." (IU X-ray reports write "abnormality.. ").
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ NORMAL_LABEL = "NORMAL:"
 WINDOW_BOUNDARIES = frozenset(
     {",", ";", ":", "and", "or", "with", "but", "which", "without", "while", "whereas", "nor", "."}
 )
+#: Words just before a time word (within LOOSE_TIME_NEGATION_TOKENS) that rule it out ("no new ...").
+LOOSE_TIME_NEGATIONS = frozenset({"no", "not", "without", "nothing", "none", "neither", "nor"})
+LOOSE_TIME_NEGATION_TOKENS = 3
+#: Time phrases that date something rather than say it changed ("related to recent pregnancy",
+#: "improved since the prior study").
+WHEN_NOT_WHAT = frozenset({"recent", "recently", "since the prior"})
+#: Words that make a sentence a condition or a question rather than a statement about the patient.
+CONDITIONAL_WORDS = frozenset({"if", "whether", "?"})
 #: "2." or "2)" opening a numbered item of a list, anywhere in the text ("1. No effusion. 2. Stable.").
 _LIST_MARKER = re.compile(r"\d{1,2}[.)](?:\s|$)")
 #: A comma-separated tail this short and naming no concept still qualifies the concept before it.
@@ -113,6 +127,9 @@ class TextReading:
     loose_numbers: tuple[NumberMention, ...]
     #: Numbers written without a unit (list markers such as "2." before a sentence are not numbers).
     unitless: tuple[NumberMention, ...] = ()
+    #: Time words qualifying no concept ("new appearance of the chest", "stable postoperative changes"):
+    #: (time value, sentence), less those ruled out ("no new ...") or in a conditional sentence.
+    loose_times: tuple[tuple[str, str], ...] = ()
 
 
 @cache
@@ -135,6 +152,10 @@ def _target_rules() -> list[TargetRule]:
     for concept in vocabulary().concepts.values():
         forms = dict.fromkeys(form for synonym in concept.synonyms for form in plural_forms(synonym))
         rules += [TargetRule(form, concept.name) for form in forms]
+        rules += [
+            TargetRule(f"{concept.name} pattern {index}", concept.name, pattern=pattern)
+            for index, pattern in enumerate(concept.patterns)
+        ]
     for index, statement in enumerate(context_data()["normal_statements"]):
         rules.append(
             TargetRule(f"normal statement {index}", f"{NORMAL_LABEL}{index}", pattern=statement["pattern"])
@@ -171,9 +192,12 @@ def pipeline() -> Language:
     from medspacy.context import ConText, ConTextRule
     from medspacy.section_detection import Sectionizer, SectionRule
     from medspacy.target_matcher import TargetMatcher
+    from spacy.pipeline import Sentencizer
 
     nlp = spacy.blank("en")
-    nlp.add_pipe("sentencizer")
+    # ".." and "..." end a sentence as "." does ("No acute abnormality.. Small effusion."): spaCy keeps
+    # them as one token, which its default punctuation list does not have.
+    nlp.add_pipe("sentencizer", config={"punct_chars": [*Sentencizer.default_punct_chars, "..", "..."]})
     matcher: TargetMatcher = nlp.add_pipe("medspacy_target_matcher")  # type: ignore[assignment]
     matcher.add(_target_rules())
     context: ConText = nlp.add_pipe("medspacy_context", config={"rules": None})  # type: ignore[assignment]
@@ -210,6 +234,14 @@ def _window(doc: Doc, ent: Span, ents: list[Span]) -> tuple[int, int]:
     start = ent.start
     while start > sentence.start and doc[start - 1].lower_ not in WINDOW_BOUNDARIES:
         start -= 1
+    # "Mild, age-indeterminate wedge deformity": a short head before a comma with no other concept
+    # qualifies this one (coordinate adjectives), as a short tail does below.
+    if start > sentence.start and doc[start - 1].text == ",":
+        head = start - 1
+        while head > sentence.start and doc[head - 1].lower_ not in WINDOW_BOUNDARIES:
+            head -= 1
+        if start - 1 - head <= TRAILING_QUALIFIER_TOKENS and not any(head <= o.start < start for o in ents):
+            start = head
     end = ent.end
     while end < sentence.end and doc[end].lower_ not in WINDOW_BOUNDARIES:
         end += 1
@@ -220,14 +252,42 @@ def _window(doc: Doc, ent: Span, ents: list[Span]) -> tuple[int, int]:
             tail += 1
         if tail - end - 1 <= TRAILING_QUALIFIER_TOKENS and not any(end < o.start < tail for o in ents):
             end = tail
+    linked = _slash_linked(doc, ent, ents)
+    if linked:
+        # "atelectasis/airspace disease": either concept, qualified by the words around the pair.
+        first, last = min(o.start for o in linked), max(o.end for o in linked)
+        start = min(start, _window(doc, doc[first:last], [o for o in ents if o not in linked])[0])
+        end = max(end, _window(doc, doc[first:last], [o for o in ents if o not in linked])[1])
     for other in ents:
-        if other is ent or other.sent != sentence:
+        if other is ent or other.sent != sentence or other in linked:
             continue
         if other.end <= ent.start:
             start = max(start, other.end)
         elif other.start >= ent.end:
             end = min(end, other.start)
     return start, end
+
+
+def _slash_linked(doc: Doc, ent: Span, ents: list[Span]) -> list[Span]:
+    """The concepts joined to ``ent`` by slashes ("atelectasis/airspace disease"), ``ent`` included.
+
+    Empty when there are none.
+    """
+    group = [ent]
+    changed = True
+    while changed:
+        changed = False
+        for other in ents:
+            if other in group or other.sent != ent.sent:
+                continue
+            if any(
+                (other.end + 1 == g.start and doc[other.end].text == "/")
+                or (g.end + 1 == other.start and doc[g.end].text == "/")
+                for g in group
+            ):
+                group.append(other)
+                changed = True
+    return group if len(group) > 1 else []
 
 
 def _qualify(matches: list[tuple[str, int, int]], start: int, end: int) -> dict[str, set[str]]:
@@ -305,7 +365,35 @@ def read_text(text: str) -> TextReading:
             )
         )
     loose = tuple(n for n in numbers if id(n) not in bound)
-    return TextReading(tuple(claims), loose, unitless)
+    return TextReading(tuple(claims), loose, unitless, _loose_times(doc, ents, matches))
+
+
+def _loose_times(
+    doc: Doc, ents: list[Span], matches: list[tuple[str, int, int]]
+) -> tuple[tuple[str, str], ...]:
+    """Time words outside every concept's window: what a sentence says of the study as a whole.
+
+    "New appearance of the chest" and "stable postoperative changes" name no concept of the vocabulary
+    but still say whether something changed.  Ruled out ("no new ...", "without interval change" is a
+    stable phrase of its own) or in a conditional sentence ("... to determine if this is a chronic
+    appearance") they say nothing.
+    """
+    # A normal statement ("new normal chest") says nothing of a course: its time words stay loose.
+    windows = [_window(doc, ent, ents) for ent in ents if not ent.label_.startswith(NORMAL_LABEL)]
+    found = []
+    for label, start, end in matches:
+        group, _, value = label.partition(":")
+        if group != "time" or any(w_start <= start and end <= w_end for w_start, w_end in windows):
+            continue
+        if doc[start:end].text.lower() in WHEN_NOT_WHAT:
+            continue
+        sentence = doc[start].sent
+        before = {t.lower_ for t in doc[max(sentence.start, start - LOOSE_TIME_NEGATION_TOKENS) : start]}
+        words = {t.lower_ for t in sentence}
+        if before & LOOSE_TIME_NEGATIONS or words & CONDITIONAL_WORDS:
+            continue
+        found.append((value, sentence.text.strip()))
+    return tuple(dict.fromkeys(found))
 
 
 def split_sections(text: str) -> dict[str, str]:

@@ -11,12 +11,19 @@ radiologist would check the same way:
   that side, and must be ruled out there (itself or a broader concept: "the
   lungs are clear" rules out consolidation).  Umbrella statements ("no acute
   cardiopulmonary abnormality") may be negated unless the evidence has one of
-  their concepts present and not stable or chronic;
+  their concepts present and not stable or chronic; a diagnosis may be ruled
+  out when the evidence rules out a finding it may follow from and asserts
+  none ("no evidence of pneumonia" after "no focal consolidation");
 * **diagnoses**: a diagnosis the vocabulary lets follow from a finding
   (pneumonia from consolidation or airspace opacity) is accepted only hedged
   ("may represent pneumonia") and on the finding's side;
 * **laterality**: a side (left, right, bilateral) must be a side the evidence
-  gives that concept; a bilateral finding must not become one-sided;
+  gives that concept; a bilateral finding must not become one-sided; side,
+  zone and certainty must hold for one finding of the evidence together ("right
+  upper lobe mass" and "possible mass on the left" do not make "left upper
+  lobe mass"); a concept without a side in a sentence that names one side
+  ("left 7th rib irregularity with pleural thickening") must not be a concept
+  the evidence has on the other side only;
 * **location**: a lung zone (upper, middle, lower; lobes, bases, apices) must be
   one the evidence gives;
 * **severity**: a size or severity word must match the evidence's (trace and
@@ -24,7 +31,9 @@ radiologist would check the same way:
 * **certainty**: a definite statement needs a definite one in the evidence
   (possible -> definite is not allowed; the reverse is);
 * **time**: new, worse, better, stable, chronic and acute must be what the
-  evidence says (stable and chronic are compatible);
+  evidence says (stable and chronic are compatible); a summary ("lung
+  disease") and a sentence naming no concept ("new appearance of the chest")
+  may not state a change (new, worse) the evidence does not have;
 * **numbers**: a value with a unit must be one of the evidence's values at the
   printed precision, bound to the same concept (or a related one) and side.
 
@@ -54,6 +63,11 @@ TIME_COMPATIBLE = {
     "stable": {"stable", "chronic"},
     "chronic": {"chronic", "stable"},
 }
+#: Time words that say something changed; summaries ("new lung disease") and sentences naming no concept
+#: ("new appearance of the chest") are held to these.
+CHANGE_TIMES = frozenset({"new", "worse"})
+#: Evidence time words that support a statement of change.
+CHANGED_EVIDENCE = frozenset({"new", "worse", "acute"})
 #: Time words that make an evidence finding not acute for "no acute ..." statements.
 NOT_ACUTE_TIMES = frozenset({"stable", "chronic", "better"})
 
@@ -186,6 +200,15 @@ class Comparison:
         # A normal statement ("clear lungs") restates absences; only a contradiction counts against it.
         if draft.normal or self._summary(draft.concept) or self.ruled_out(draft):
             return []
+        # A pertinent negative: "no evidence of pneumonia" where the findings rule out consolidation,
+        # a finding pneumonia may follow from, and assert none of those findings on the draft's side.
+        sources = (
+            self.vocab.concepts[draft.concept].may_follow_from if draft.concept in self.vocab.concepts else ()
+        )
+        if any(self.ruled_out(replace(draft, concept=s)) for s in sources) and not any(
+            self.conflicting(replace(draft, concept=s)) for s in sources
+        ):
+            return []
         return [
             Violation(
                 "unsupported", f"{_where(draft)} rules out {draft.concept}, which the findings do not mention"
@@ -231,6 +254,23 @@ class Comparison:
                     f"the findings have {_describe(support)}",
                 )
             )
+        elif _sentence_side_against(draft, support):
+            violations.append(
+                Violation(
+                    "laterality",
+                    f"{draft.text!r} is in a sentence about the {'/'.join(sorted(draft.sentence_sides))} "
+                    f"({_where(draft)}); the findings have {_describe(support)}",
+                )
+            )
+        elif _pooled_qualifiers_hold(draft, support) and not _one_claim_supports(draft, support):
+            violations.append(
+                Violation(
+                    "laterality" if draft.sides else "location",
+                    f"no one finding has {draft.text!r} as {_where(draft)} places it "
+                    f"({'/'.join(sorted(draft.sides | draft.zones))}"
+                    f"{'' if draft.uncertain else ', certain'}); the findings have {_describe(support)}",
+                )
+            )
         violations += self._check_qualifiers(draft, support)
         violations += self._check_numbers(draft, support)
         return violations
@@ -266,11 +306,14 @@ class Comparison:
             )
         times = {t for c in support for t in c.time}
         allowed_times = {n for t in times for n in TIME_COMPATIBLE[t]}
-        if draft.time and not self._summary(draft.concept) and not draft.time <= allowed_times:
+        # A summary ("chronic changes", "stable lung disease") may restate its findings' course loosely,
+        # but not claim a change ("new lung disease") the findings do not state.
+        stated = draft.time & CHANGE_TIMES if self._summary(draft.concept) else draft.time
+        if stated and not stated <= allowed_times:
             violations.append(
                 Violation(
                     "time",
-                    f"{_where(draft)} calls {draft.concept} {'/'.join(sorted(draft.time))}; "
+                    f"{_where(draft)} calls {draft.concept} {'/'.join(sorted(stated))}; "
                     f"the findings say {'/'.join(sorted(times)) or 'nothing about its course'}",
                 )
             )
@@ -325,6 +368,7 @@ class Comparison:
             violations += self.check_claim(claim)
         for number in draft.loose_numbers:
             violations += self.check_loose_number(number)
+        violations += self.check_loose_times(draft.loose_times)
         # Without a unit, a number is a count the findings give too ("There are 2 right upper lobe
         # nodules"); which finding it counts is checked with that finding's claim (site, size, side).
         counts = {n.value for n in self.evidence.unitless}
@@ -334,6 +378,21 @@ class Comparison:
             if n.value not in counts
         ]
         return list(dict.fromkeys(violations))
+
+    def check_loose_times(self, times: Iterable[tuple[str, str]]) -> list[Violation]:
+        """A change stated of no concept ("new appearance of the chest") needs something new or worse."""
+        changed = any(c.time & CHANGED_EVIDENCE for c in self.asserted) or any(
+            value in CHANGE_TIMES for value, _ in self.evidence.loose_times
+        )
+        if changed:
+            return []
+        return [
+            Violation(
+                "time", f"{sentence!r} states a change ({value}); the findings describe nothing new or worse"
+            )
+            for value, sentence in times
+            if value in CHANGE_TIMES
+        ]
 
     def check_loose_number(self, number: NumberMention) -> list[Violation]:
         references = [n for c in self.evidence.claims for n in c.numbers] + list(self.evidence.loose_numbers)
@@ -352,6 +411,45 @@ def _inherit_sentence_side(claim: Claim) -> Claim:
     if claim.sides or len(claim.sentence_sides) != 1:
         return claim
     return replace(claim, sides=claim.sentence_sides)
+
+
+def _sentence_side_against(draft: Claim, support: list[Claim]) -> bool:
+    """An unsided draft claim in a sentence naming one side, where the findings have it only on the other.
+
+    "Irregularity of the posterior left 7th rib with underlying pleural thickening" against findings
+    with the pleural thickening on the right.  Evidence without a side, or on both sides, never counts
+    against it: the side word may belong to another word of the sentence.
+    """
+    if draft.sides or len(draft.sentence_sides) != 1 or "both" in draft.sentence_sides:
+        return False
+    return all(c.side_set for c in support) and not any(draft.sentence_sides & c.side_set for c in support)
+
+
+def _pooled_qualifiers_hold(draft: Claim, support: list[Claim]) -> bool:
+    """Zone and certainty hold over all findings together (else those checks report the draft)."""
+    zones_hold = not draft.zones or draft.zones <= {z for c in support for z in c.zones}
+    return zones_hold and (draft.uncertain or not all(c.uncertain for c in support))
+
+
+def _one_claim_supports(draft: Claim, support: list[Claim]) -> bool:
+    """Whether one finding of the evidence has the draft's side, zone and certainty together.
+
+    Pooled over all findings, "right upper lobe mass" and "possible mass on the left" would let a
+    draft say "left upper lobe mass".  An evidence claim without a side or zone leaves that open.
+    """
+    if not draft.sides and not draft.zones:
+        return True
+    if "both" in draft.sides:
+        # Bilateral may be pooled from a left and a right finding; any sided finding may be one of them.
+        return any(
+            (not c.zones or draft.zones <= c.zones) and (draft.uncertain or not c.uncertain) for c in support
+        )
+    return any(
+        (not c.sides or _sides_compatible(draft, [c]))
+        and (not c.zones or draft.zones <= c.zones)
+        and (draft.uncertain or not c.uncertain)
+        for c in support
+    )
 
 
 def _stem(word: str) -> str:

@@ -57,6 +57,9 @@ class Concept:
     summary: bool = False
     #: Concepts of the evidence this diagnosis may follow from, hedged only (see the YAML header).
     may_follow_from: tuple[str, ...] = ()
+    #: Regular expressions over lower-case report text for phrasings with words in between
+    #: ("heart size is mildly enlarged"), read by the report reader besides the synonyms.
+    patterns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +118,7 @@ def parse_vocabulary(document: dict[str, Any]) -> Vocabulary:
             acute=bool(entry.get("acute", False)),
             summary=bool(entry.get("summary", False)),
             may_follow_from=_as_tuple(entry, "may_follow_from", name),
+            patterns=tuple(p.strip() for p in entry.get("patterns") or []),
         )
     phrases: dict[str, str] = {}
     for concept in concepts.values():
