@@ -25,7 +25,8 @@ radiologist would check the same way:
   ("left 7th rib irregularity with pleural thickening") must not be a concept
   the evidence has on the other side only;
 * **location**: a lung zone (upper, middle, lower; lobes, bases, apices) must be
-  one the evidence gives;
+  one the evidence gives (an evidence finding without one takes the one zone
+  its sentence gives: "right basilar opacity, likely atelectasis");
 * **severity**: a size or severity word must match the evidence's (trace and
   small are one step apart and both fine; small -> moderate or large is not);
 * **certainty**: a definite statement needs a definite one in the evidence
@@ -116,7 +117,9 @@ class Comparison:
     def __init__(self, evidence: TextReading, vocab: Vocabulary | None = None) -> None:
         self.vocab = vocab or vocabulary()
         self.evidence = evidence
-        self.asserted = [_inherit_sentence_side(c) for c in evidence.claims if c.asserted]
+        self.asserted = _inherit_sentence_zone(
+            [_inherit_sentence_side(c) for c in evidence.claims if c.asserted]
+        )
         self.negated = [c for c in evidence.claims if not c.present and not c.hypothetical]
 
     # -- what the evidence says about a concept -----------------------------------------------------------
@@ -411,6 +414,20 @@ def _inherit_sentence_side(claim: Claim) -> Claim:
     if claim.sides or len(claim.sentence_sides) != 1:
         return claim
     return replace(claim, sides=claim.sentence_sides)
+
+
+def _inherit_sentence_zone(claims: list[Claim]) -> list[Claim]:
+    """An evidence claim without a zone takes the one zone the other claims of its sentence give.
+
+    "Persistent right basilar opacity, likely atelectasis": the atelectasis is basilar too.
+    """
+    zones: dict[str, set[str]] = {}
+    for claim in claims:
+        zones.setdefault(claim.sentence, set()).update(claim.zones)
+    return [
+        replace(c, zones=frozenset(zones[c.sentence])) if not c.zones and len(zones[c.sentence]) == 1 else c
+        for c in claims
+    ]
 
 
 def _sentence_side_against(draft: Claim, support: list[Claim]) -> bool:

@@ -22,9 +22,9 @@ from tests.report_probes import Probe
 CATCH_TARGET = 0.98
 #: Every category must stay at or above this (laterality, negation and severity are at 95-97.4%).
 CATEGORY_FLOOR = 0.95
-#: The radiologists' own impressions flagged: 19.6% (mostly statements their findings do not make).
+#: The radiologists' own impressions flagged: 19.1% (mostly statements their findings do not make).
 #: The 3% target is not met on real reports; this bound keeps it from growing.
-RADIOLOGIST_FALSE_ALARMS = 0.21
+RADIOLOGIST_FALSE_ALARMS = 0.20
 CATEGORIES = {"laterality", "severity", "time", "certainty", "negation", "unsupported"}
 
 

@@ -84,3 +84,9 @@ def test_a_pertinent_negative_follows_from_ruling_out_its_finding():
     assert checks(
         "No evidence of pneumonia.", "No consolidation on the left. Right lower lobe consolidation."
     )
+
+
+def test_an_interpretation_of_an_opacity_shares_its_zone():
+    findings = "Persistent right basilar opacity, likely atelectasis. No pleural effusion."
+    assert not checks("Possible right basilar atelectasis.", findings)
+    assert "location" in checks("Possible right upper lobe atelectasis.", findings)
