@@ -143,6 +143,12 @@ class KnownPeer(BaseModel):
     #: Subject of the client certificate it must present over TLS (``CN=ct1,O=Hospital``, in
     #: the certificate's order); None accepts any certificate the CA signed (or plain TCP).
     certificate_subject: str | None = None
+    #: This peer ends its associations with A-ABORT instead of A-RELEASE (some modalities always
+    #: do): its A-ABORT then ends the series it stored into as a release would, instead of
+    #: holding them for ``resend_window_seconds`` and marking them incomplete.  Audited on each
+    #: such association (``association.aborted`` with ``treated_as: released``).  A dropped
+    #: connection, a timeout or a protocol error still interrupts its series.
+    abort_ends_series_normally: bool = False
 
     @field_validator("networks")
     @classmethod

@@ -101,10 +101,15 @@ class WriteGate:
         self._local = threading.local()
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
+    def begin(self, *, flush: bool = True) -> Iterator[Connection]:
         """Like ``engine.begin()``, entered once no other gated transaction is open.
 
         On leaving without an error the transaction is committed and on the disk.
+        With ``flush=False`` (on an engine whose commits do not flush) it is
+        committed but reaches the disk only with the next flushed commit or
+        checkpoint: for writes that a process being killed does not lose (the
+        kernel has them) and that a flushed commit always follows when it
+        matters (see :class:`pacs_ai.index.associations.AssociationMark`).
         """
         if self.lock_path is None:
             with self.engine.begin() as connection:
@@ -117,7 +122,8 @@ class WriteGate:
         # held for a one-row insert).
         with self.engine.connect() as connection, _write_lock(descriptor), connection.begin():
             yield connection
-        self._flush_commits()
+        if flush:
+            self._flush_commits()
 
     @property
     def has_dbapi_path(self) -> bool:
@@ -149,6 +155,10 @@ class WriteGate:
                         cursor.execute("ROLLBACK")
                     raise
                 cursor.execute("COMMIT")
+        self._flush_commits()
+
+    def flush(self) -> None:
+        """Put the commits of :meth:`begin` with ``flush=False`` on the disk now."""
         self._flush_commits()
 
     def _flush_commits(self) -> None:

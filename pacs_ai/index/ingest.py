@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
@@ -259,12 +259,18 @@ class NewInstanceInsert:
     their type conversions (``bind_processor``) are still SQLAlchemy's, taken
     from the same ``Instance`` model at the first row; only the execution is
     the DBAPI's.  Used inside :meth:`pacs_ai.index.db.WriteGate.begin_dbapi`.
+
+    ``statement`` and ``table`` run another insert the same way (the
+    listener's ``receiving_series`` rows); :meth:`execute` is then True if
+    the statement returned a row.
     """
 
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, statement: Insert | None = None, table: Table | None = None) -> None:
         if not dialect.positional:  # pragma: no cover - SQLite's sqlite3 is positional (qmark)
             raise ValueError(f"{dialect.name} does not use positional parameters")
         self.dialect = dialect
+        self.statement = statement if statement is not None else _insert_if_new_statement(dialect.name)
+        self.table: Table = table if table is not None else Instance.__table__  # type: ignore[assignment]
         self._compiled: tuple[list[str], str, list[tuple[str, Any]]] | None = None
 
     def execute(self, cursor: Any, row: dict[str, Any]) -> bool:
@@ -277,10 +283,9 @@ class NewInstanceInsert:
     def _compiled_for(self, row: dict[str, Any]) -> tuple[list[str], str, list[tuple[str, Any]]]:
         """Compiled for the columns of the first row: every row from :func:`instance_row` has the same."""
         if self._compiled is None or self._compiled[0] != list(row):
-            statement = _insert_if_new_statement(self.dialect.name)
-            compiled = statement.compile(dialect=self.dialect, column_keys=list(row))
+            compiled = self.statement.compile(dialect=self.dialect, column_keys=list(row))
             assert compiled.positiontup is not None
-            columns = Instance.__table__.c
+            columns = self.table.c
             binds = [(key, columns[key].type.bind_processor(self.dialect)) for key in compiled.positiontup]
             self._compiled = (list(row), compiled.string, binds)
         return self._compiled

@@ -365,3 +365,31 @@ class WorkerNode(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None] = mapped_column()
+
+
+class ReceivingSeries(Base):
+    """A series an open association has stored into: written at its first instance, deleted at the end.
+
+    The listener writes one row per series per association, before that
+    series' first instance of the association is acknowledged, and deletes the
+    association's rows when it ends (released or not).  A row whose listener
+    process is gone (killed, power lost: nothing ran at the association's end)
+    is found by :func:`pacs_ai.index.associations.interrupt_dead_associations`
+    and its series is treated as one an aborted association cut short.  The
+    process is named by host name, boot id, pid and start time, so neither a
+    reused pid nor a reboot is mistaken for it.
+    """
+
+    __tablename__ = "receiving_series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    #: The listener process: host name, the kernel's boot id, pid and start time (seconds after boot).
+    host: Mapped[str] = mapped_column(String(255))
+    boot_id: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    process_started: Mapped[float] = mapped_column(Float)
+    #: The association's number within that process.
+    association: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)

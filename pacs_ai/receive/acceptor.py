@@ -33,7 +33,7 @@ from pynetdicom.service_class import StorageServiceClass, VerificationServiceCla
 from pynetdicom.sop_class import uid_to_service_class
 
 from pacs_ai.receive.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from pacs_ai.receive.security import KnownPeer, check_known_peer
+from pacs_ai.receive.security import KnownPeer, check_known_peer, matching_peer
 
 #: The DICOM application context (PS3.7 A.2.1); the only one there is.
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
@@ -84,6 +84,8 @@ class Negotiation:
     #: The kind of rejection, for metrics: protocol-version, application-context, called-ae,
     #: calling-ae, unknown-peer, peer-mismatch, association-limit or low-disk.
     reason_class: str = ""
+    #: The known peer the accepted caller matched (None when no peers are named).
+    known_peer: KnownPeer | None = None
 
 
 def negotiate(
@@ -193,6 +195,7 @@ def negotiate(
             if cx.result == 0x00
         },
         peer_maximum_pdu_length=request.maximum_length_received or 0,
+        known_peer=matching_peer(policy.known_peers, calling, peer_address, certificate_subject),
     )
 
 

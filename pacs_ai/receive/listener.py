@@ -116,8 +116,11 @@ def serve(
 
     tls_context = server_tls_context(settings.listener_tls) if settings.listener_tls else None
     tls_socket = open_tls_socket(settings)
+    handler = StoreHandler(settings)
+    # A listener process killed with associations open left their series marked as being received.
+    handler.interrupt_dead_associations()
     server = AssociationServer(
-        StoreHandler(settings),
+        handler,
         acceptor_policy(settings),
         listening_socket,
         server_options(settings),

@@ -72,17 +72,28 @@ def check_known_peer(
     named = [peer for peer in peers if peer.ae_title == calling_ae]
     if not named:
         return PeerRefusal(f"calling AE title {calling_ae!r} is not a known peer", unknown_ae=True)
-    for peer in named:
-        if peer.networks and not _in_networks(address, peer.networks):
-            continue
-        if peer.certificate_subject is not None and _normal(peer.certificate_subject) != _normal(subject):
-            continue
+    if matching_peer(peers, calling_ae, address, subject) is not None:
         return None
     return PeerRefusal(
         f"known peer {calling_ae!r} called from {address} with certificate subject {subject!r}, "
         "which its entry does not allow",
         unknown_ae=False,
     )
+
+
+def matching_peer(
+    peers: tuple[KnownPeer, ...], calling_ae: str, address: str | None, subject: str | None
+) -> KnownPeer | None:
+    """The first of ``peers`` whose entry the caller matches (AE title, network, certificate), or None."""
+    for peer in peers:
+        if peer.ae_title != calling_ae:
+            continue
+        if peer.networks and not _in_networks(address, peer.networks):
+            continue
+        if peer.certificate_subject is not None and _normal(peer.certificate_subject) != _normal(subject):
+            continue
+        return peer
+    return None
 
 
 def _in_networks(address: str | None, networks: list[str]) -> bool:

@@ -34,7 +34,11 @@ Every data set gets a DIMSE status, logged and audited when it is a failure.
 An association that ends otherwise than by A-RELEASE marks the series it stored
 into interrupted, and a released one completes them again
 (:meth:`StoreHandler.association_ended`): the router holds an interrupted
-series for a resend instead of analysing it as complete.
+series for a resend instead of analysing it as complete.  A known peer with
+``abort_ends_series_normally`` has its A-ABORT count as a release (audited).
+Each association also leaves a durable trace of the series it is storing into
+(:class:`~pacs_ai.index.associations.AssociationMark`), so that the series of
+a listener process killed mid-association are found interrupted too.
 
 When less than ``refuse_associations_below_free_mb`` is free on the spool's
 disk, new associations are rejected (transient, local limit exceeded), logged
@@ -61,8 +65,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_ai import metrics
+from pacs_ai.index.associations import AssociationMark
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.ingest import Sender
+from pacs_ai.peer_settings import KnownPeer
 from pacs_ai.process import StopRequest
 from pacs_ai.receive.acceptor import (
     ABORT_INVALID_PARAMETER,
@@ -167,6 +173,10 @@ class _AbortAssociation(Exception):
 
 class _PeerClosed(ConnectionError):
     """The peer closed the connection (or the listener shut it down to stop)."""
+
+
+#: Why an association ended when the peer sent A-ABORT (the audit's reason).
+PEER_ABORT = "the peer sent A-ABORT"
 
 
 def low_disk_reason(free_bytes: int, refuse_below_free_mb: int) -> str | None:
@@ -445,11 +455,17 @@ class AssociationServer:
             self._connection_ended(threading.current_thread())
 
     def store(
-        self, data_set: _DataSetFile, sender: Sender, stored_series: Counter[str] | None = None
+        self,
+        data_set: _DataSetFile,
+        sender: Sender,
+        stored_series: Counter[str] | None = None,
+        mark: AssociationMark | None = None,
     ) -> tuple[int, str | None]:
         """File a complete data set; the temporary file is gone afterwards.
 
-        A stored instance is counted in ``stored_series`` under its series.
+        A stored instance is counted in ``stored_series`` under its series;
+        ``mark`` is the association's trace in the index (see
+        :meth:`StoreHandler.store`).
 
         Whatever goes wrong becomes a failure status, logged and audited: an
         exception escaping the store (a decoder's RecursionError, zlib.error)
@@ -465,6 +481,7 @@ class AssociationServer:
                 sop_instance=command.affected_sop_instance_uid,
                 received=data_set.received(),
                 stored_series=stored_series,
+                mark=mark,
             )
         except Exception as exc:
             log.debug("storing %s failed", printable(command.affected_sop_instance_uid), exc_info=True)
@@ -688,6 +705,10 @@ class _Association:
         self.stored = 0
         #: Instances acknowledged per Series Instance UID: the series an abort leaves interrupted.
         self.stored_series: Counter[str] = Counter()
+        #: The series it stores into, durably (``receiving_series``), in case the process dies.
+        self.mark: AssociationMark | None = None
+        #: The known peer the caller matched at negotiation, if any are named.
+        self.known_peer: KnownPeer | None = None
 
     def run(self) -> None:
         outcome = "aborted"
@@ -707,7 +728,7 @@ class _Association:
             if outcome == "released":
                 self._await_close()
             if outcome == "aborted":
-                why = "the peer sent A-ABORT"
+                why = PEER_ABORT
         except _AbortAssociation as abort:
             why = str(abort)[:200]
             log.warning("aborting association from %s (%s): %s", self.calling_ae, self.peer, abort)
@@ -740,6 +761,13 @@ class _Association:
                 self.server.release_slot(self.peer_address)
             if self.contexts:
                 self._log(outcome)
+                # A known peer that always ends with A-ABORT may have it count as a release.
+                abort_as_release = (
+                    outcome == "aborted"
+                    and why == PEER_ABORT
+                    and self.known_peer is not None
+                    and self.known_peer.abort_ends_series_normally
+                )
                 if outcome != "released":
                     # What it stored is kept (acknowledged); its series may lack what was not sent.
                     detail = {
@@ -747,12 +775,18 @@ class _Association:
                         "instances_stored": str(self.stored),
                         "series": str(len(self.stored_series)),
                     }
+                    if abort_as_release:
+                        detail["treated_as"] = "released (known peer: abort_ends_series_normally)"
                     self.server.record_association_event(
                         "association.aborted", self.sender, self.peer, detail
                     )
                 # Series an abort cut short wait for a resend; a release completes them.
                 self.server.handler.association_ended(
-                    self.stored_series, self.sender, released=outcome == "released", reason=why
+                    self.stored_series,
+                    self.sender,
+                    released=outcome == "released" or abort_as_release,
+                    reason=why,
+                    mark=self.mark,
                 )
 
     def close(self) -> None:
@@ -872,6 +906,8 @@ class _Association:
             return False
         metrics.association_accepted(self.calling_ae)
         self.contexts = negotiation.contexts
+        self.known_peer = negotiation.known_peer
+        self.mark = AssociationMark(self.calling_ae)
         self.peer_maximum_pdu_length = negotiation.peer_maximum_pdu_length
         return True
 
@@ -1012,7 +1048,7 @@ class _Association:
             self.server.refuse(self.sender, command, refusal)
             self._respond(context_id, command, refusal.status, refusal.reason)
             return
-        status, comment = self.server.store(data_set, self.sender, self.stored_series)
+        status, comment = self.server.store(data_set, self.sender, self.stored_series, self.mark)
         self.stored += status == STATUS_SUCCESS
         if status == STATUS_SUCCESS:
             metrics.instance_stored(self.calling_ae, data_set.data_set_bytes, time.monotonic() - started)

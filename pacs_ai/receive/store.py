@@ -12,12 +12,14 @@ blocks on fsync and on the index while the other associations' threads go on.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
 
 from pacs_ai.config import Settings
+from pacs_ai.index.associations import (
+    AssociationMark,
+    interrupt_dead_associations,
+    mark_insert_statement,
+)
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import WriteGate, make_write_gate
 from pacs_ai.index.ingest import (
@@ -39,7 +46,7 @@ from pacs_ai.index.ingest import (
     record_duplicate,
     record_new_instance,
 )
-from pacs_ai.index.models import Instance, RoutingState, Series, Study, utcnow
+from pacs_ai.index.models import Instance, ReceivingSeries, RoutingState, Series, Study, utcnow
 from pacs_ai.receive.headers import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -62,6 +69,8 @@ class _PendingRow:
     path: str
     size: int
     sender: Sender
+    #: The association's trace, when this row's series has no ``receiving_series`` row of it yet.
+    mark: AssociationMark | None = None
     done: bool = False
     inserted: bool = False
 
@@ -74,6 +83,8 @@ class GroupCommit:
     Here the first thread to arrive commits every row waiting at that moment;
     rows arriving meanwhile wait and go in the next commit.  Every instance is
     still acknowledged only after the commit holding its row is on the disk.
+    The first instance of a series in an association carries that series'
+    ``receiving_series`` row (:class:`AssociationMark`) into the same commit.
     """
 
     def __init__(self, gate: WriteGate, series_ids: SeriesIds) -> None:
@@ -84,16 +95,32 @@ class GroupCommit:
         self._committing = False
         #: The DBAPI path's statement, on SQLite only (see :meth:`WriteGate.begin_dbapi`).
         self._insert = NewInstanceInsert(gate.engine.dialect) if gate.has_dbapi_path else None
+        self._mark_insert = (
+            NewInstanceInsert(gate.engine.dialect, mark_insert_statement(), ReceivingSeries.__table__)  # type: ignore[arg-type]
+            if gate.has_dbapi_path
+            else None
+        )
         #: What the DBAPI (sqlite3) raises: its errors reach here unwrapped on the DBAPI path.
         self._dbapi_error: type[Exception] = gate.engine.dialect.loaded_dbapi.Error
 
-    def insert(self, header: InstanceHeader, *, path: str, size: int, sender: Sender) -> bool:
+    def insert(
+        self,
+        header: InstanceHeader,
+        *,
+        path: str,
+        size: int,
+        sender: Sender,
+        mark: AssociationMark | None = None,
+    ) -> bool:
         """Commit a new instance's row; False if it was not inserted (a duplicate, or any error).
 
         The caller then records it the slow way, one instance per transaction,
-        which tells duplicates apart and raises what went wrong.
+        which tells duplicates apart and raises what went wrong.  ``mark``'s
+        row for the series goes in the same commit, if the series needs one.
         """
-        row = _PendingRow(header, path, size, sender)
+        series_uid = header.series_instance_uid
+        needs_mark = mark is not None and mark.series_to_mark(series_uid)
+        row = _PendingRow(header, path, size, sender, mark if needs_mark else None)
         with self._changed:
             self._pending.append(row)
             while self._committing and not row.done:
@@ -120,6 +147,9 @@ class GroupCommit:
                 inserted = self._insert_on_dbapi(self._insert, batch, known_series_ids)
             else:
                 with self._gate.begin() as connection:
+                    for row in batch:
+                        if row.mark is not None:
+                            row.mark.write(connection, row.header.series_instance_uid)
                     inserted = [
                         insert_instance_if_new(
                             connection,
@@ -136,6 +166,8 @@ class GroupCommit:
             return
         for row, was_inserted in zip(batch, inserted, strict=True):
             row.inserted = was_inserted
+            if row.mark is not None:  # committed, whether or not the instance was new
+                row.mark.written(row.header.series_instance_uid)
 
     def _insert_on_dbapi(
         self, statement: NewInstanceInsert, batch: list[_PendingRow], series_ids: list[int]
@@ -146,6 +178,10 @@ class GroupCommit:
             for row, series_id in zip(batch, series_ids, strict=True)
         ]
         with self._gate.begin_dbapi() as cursor:
+            for pending in batch:
+                if pending.mark is not None:
+                    assert self._mark_insert is not None
+                    self._mark_insert.execute(cursor, pending.mark.row(pending.header.series_instance_uid))
             return [statement.execute(cursor, row) for row in rows]
 
 
@@ -166,6 +202,19 @@ class StoreHandler:
         # instance's sender waits for its response.
         configure_mappers()
 
+    def interrupt_dead_associations(self) -> int:
+        """Series a listener process of this host left mid-association when it died: interrupted now.
+
+        Run when a listener process starts (see :mod:`pacs_ai.index.associations`);
+        the routing pass runs the same.  A failure is logged: the routing pass tries again.
+        """
+        try:
+            with self.gate.begin() as connection:
+                return interrupt_dead_associations(connection)
+        except Exception:
+            log.exception("could not look for associations a dead listener process left open")
+            return 0
+
     def store(
         self,
         temp_path: Path,
@@ -175,12 +224,17 @@ class StoreHandler:
         sop_instance: str,
         received: ReceivedBytes | None = None,
         stored_series: Counter[str] | None = None,
+        mark: AssociationMark | None = None,
     ) -> tuple[int, str | None]:
         """File the complete Part 10 file at ``temp_path``; return (status, error comment).
 
         On Success (a new instance or a duplicate) the instance's Series
         Instance UID is counted in ``stored_series``: the association's record
-        of what it stored, for :meth:`association_ended`.
+        of what it stored, for :meth:`association_ended`.  With ``mark`` (the
+        association's trace in the index), the first instance of each series
+        in the association writes that series' ``receiving_series`` row in the
+        transaction of its own index row: once per series per association,
+        never per instance, and no commit of its own.
 
         ``received`` (the file's first bytes, as the listener kept them) spares
         reading the header back from the file; see
@@ -190,7 +244,7 @@ class StoreHandler:
         caller always discards the temporary file (or name) afterwards.
         """
         try:
-            series_uid = self._store(temp_path, sender, sop_class, sop_instance, received)
+            series_uid = self._store(temp_path, sender, sop_class, sop_instance, received, mark)
             if stored_series is not None:
                 stored_series[series_uid] += 1
             return STATUS_SUCCESS, None
@@ -214,6 +268,7 @@ class StoreHandler:
         sop_class: str,
         sop_instance: str,
         received: ReceivedBytes | None,
+        mark: AssociationMark | None = None,
     ) -> str:
         """Store or refuse (:class:`InstanceRejected`) one instance; returns its Series Instance UID."""
         if self.spool.free_bytes() < self.min_free_bytes:
@@ -246,26 +301,28 @@ class StoreHandler:
                 raise InstanceRejected(STATUS_CANNOT_UNDERSTAND, elsewhere)
         if self.spool.place_new(temp_path, final_path):
             try:
-                self._index_new(header, final_path, sender)
+                self._index_new(header, final_path, sender, mark)
             except BaseException:
                 # Not indexed means not accepted: take the name back so nothing half-recorded remains.
                 final_path.unlink(missing_ok=True)
                 raise
         else:
-            self._store_over_existing_name(header, temp_path, final_path, sender)
+            self._store_over_existing_name(header, temp_path, final_path, sender, mark)
         log.debug(
             "stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, sender
         )
         return header.series_instance_uid
 
-    def _index_new(self, header: InstanceHeader, final_path: Path, sender: Sender) -> None:
+    def _index_new(
+        self, header: InstanceHeader, final_path: Path, sender: Sender, mark: AssociationMark | None = None
+    ) -> None:
         size = final_path.stat().st_size
         key = spool_key(self.spool.root, final_path)  # the index records storage keys, not paths
-        if self.group_commit.insert(header, path=key, size=size, sender=sender):
+        if self.group_commit.insert(header, path=key, size=size, sender=sender, mark=mark):
             return
         for attempt in range(2):
             try:
-                with self.gate.begin() as connection:
+                with _marking(self.gate, mark, header.series_instance_uid) as connection:
                     record_new_instance(
                         connection,
                         header,
@@ -276,7 +333,7 @@ class StoreHandler:
                     )
                 return
             except IntegrityError:
-                with self.gate.begin() as connection:
+                with _marking(self.gate, mark, header.series_instance_uid) as connection:
                     existing = find_instance(connection, header.sop_instance_uid)
                     if existing is not None:
                         if existing[1] == key or not spool_path(self.spool.root, existing[1]).exists():
@@ -295,13 +352,18 @@ class StoreHandler:
                     raise
 
     def _store_over_existing_name(
-        self, header: InstanceHeader, temp_path: Path, final_path: Path, sender: Sender
+        self,
+        header: InstanceHeader,
+        temp_path: Path,
+        final_path: Path,
+        sender: Sender,
+        mark: AssociationMark | None = None,
     ) -> None:
         """The spool already has a file of this name: a duplicate, or an unindexed leftover."""
         # The first copy's association holds a lock on its file until it is indexed (or its name
         # taken back): waiting for it makes keep-first hold when two copies arrive at once.
         wait_for_first_copy(final_path)
-        with self.gate.begin() as connection:
+        with _marking(self.gate, mark, header.series_instance_uid) as connection:
             existing = find_instance(connection, header.sop_instance_uid)
             if existing is not None:
                 instance_id, existing_path = existing[0], spool_path(self.spool.root, existing[1])
@@ -320,7 +382,7 @@ class StoreHandler:
                 return
         # A file never acknowledged (a crash between rename and commit): this copy replaces it.
         self.spool.replace(temp_path, final_path)
-        self._index_new(header, final_path, sender)
+        self._index_new(header, final_path, sender, mark)
 
     def record_rejection(self, sender: Sender, sop_instance: str, rejected: InstanceRejected) -> None:
         log.warning(
@@ -344,7 +406,13 @@ class StoreHandler:
             log.exception("could not record the refusal of %s", sop_instance)
 
     def association_ended(
-        self, stored_series: Counter[str], sender: Sender, *, released: bool, reason: str | None = None
+        self,
+        stored_series: Counter[str],
+        sender: Sender,
+        *,
+        released: bool,
+        reason: str | None = None,
+        mark: AssociationMark | None = None,
     ) -> None:
         """Record how an association that stored instances of ``stored_series`` ended.
 
@@ -354,23 +422,32 @@ class StoreHandler:
         (``series.interrupted``); the router holds it for the resend window.
         Released: the series it stored into that were interrupted are complete
         again (``series.resent``); one marked incomplete meanwhile is reopened,
-        so the router takes it as it takes any arrival.  A released
-        association storing into no interrupted series costs one read, no write.
+        so the router takes it as it takes any arrival.  Either way the
+        association's ``receiving_series`` rows (``mark``) are deleted in the
+        same transaction: a released association storing into no interrupted
+        series costs one read and that one delete, whatever its instance count.
         """
-        if not stored_series:
+        marked = mark is not None and bool(mark.marked)
+        if not stored_series and not marked:
             return
         uids = list(stored_series)
         try:
             if released:
-                self._clear_interruptions(uids, sender)
+                self._clear_interruptions(uids, sender, mark if marked else None)
             else:
-                self._record_interruption(stored_series, sender, reason or "ended without A-RELEASE")
+                self._record_interruption(
+                    stored_series, sender, reason or "ended without A-RELEASE", mark if marked else None
+                )
         except Exception:  # the association is over either way; the router then routes as before
             log.exception("could not record how the association from %s ended", sender)
 
-    def _record_interruption(self, stored_series: Counter[str], sender: Sender, reason: str) -> None:
+    def _record_interruption(
+        self, stored_series: Counter[str], sender: Sender, reason: str, mark: AssociationMark | None
+    ) -> None:
         now = utcnow()
         with self.gate.begin() as connection:
+            if mark is not None:
+                mark.clear(connection)
             for series_uid, count in stored_series.items():
                 connection.execute(
                     update(Series)
@@ -385,6 +462,8 @@ class StoreHandler:
                     object_uid=series_uid,
                     detail={"instances": count, "reason": reason},
                 )
+        if not stored_series:
+            return
         log.warning(
             "association from %s ended without A-RELEASE (%s) after storing into %d series; they wait "
             "%.0f s for a resend",
@@ -394,16 +473,22 @@ class StoreHandler:
             self.settings.resend_window_seconds,
         )
 
-    def _clear_interruptions(self, series_uids: list[str], sender: Sender) -> None:
-        with self.gate.engine.connect() as connection:  # a read: no write lock in the common case
-            interrupted = connection.execute(
-                select(Series.id, Series.series_instance_uid, Series.routing_state).where(
-                    Series.series_instance_uid.in_(series_uids), Series.interrupted_at.is_not(None)
-                )
-            ).all()
-        if not interrupted:
-            return
-        with self.gate.begin() as connection:
+    def _clear_interruptions(
+        self, series_uids: list[str], sender: Sender, mark: AssociationMark | None
+    ) -> None:
+        interrupted: list[tuple[int, str, RoutingState]] = []
+        if mark is None:
+            with self.gate.engine.connect() as connection:  # a read: no write lock in the common case
+                interrupted = _interrupted_among(connection, series_uids)
+            if not interrupted:
+                return
+        # Deleting the marks needs no flush of its own: a killed process does not lose the commit
+        # (the kernel has it), and only a power cut before the next flushed commit could.  What a
+        # release completes is flushed before returning, as every other index write of the listener.
+        with self.gate.begin(flush=False) as connection:
+            if mark is not None:
+                mark.clear(connection)
+                interrupted = _interrupted_among(connection, series_uids)
             for series_id, series_uid, state in interrupted:
                 connection.execute(
                     update(Series)
@@ -428,7 +513,39 @@ class StoreHandler:
                     object_uid=series_uid,
                     detail={"was": state.value},
                 )
-        log.info("association from %s completed %d interrupted series", sender, len(interrupted))
+        if interrupted:
+            self.gate.flush()
+            log.info("association from %s completed %d interrupted series", sender, len(interrupted))
+
+
+def _interrupted_among(connection: Connection, series_uids: list[str]) -> list[tuple[int, str, RoutingState]]:
+    """(id, UID, routing state) of those of ``series_uids`` marked interrupted."""
+    if not series_uids:
+        return []
+    rows = connection.execute(
+        select(Series.id, Series.series_instance_uid, Series.routing_state).where(
+            Series.series_instance_uid.in_(series_uids), Series.interrupted_at.is_not(None)
+        )
+    )
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+@contextlib.contextmanager
+def _marking(gate: WriteGate, mark: AssociationMark | None, series_uid: str) -> Iterator[Connection]:
+    """``gate.begin()``, with ``mark``'s row for the series in the same transaction if it needs one.
+
+    The row counts as written once the transaction has committed (whatever
+    the caller did in it); rolled back, the series still needs its row.
+    """
+    needs_mark = mark is not None and mark.series_to_mark(series_uid)
+    with gate.begin() as connection:
+        if needs_mark:
+            assert mark is not None
+            mark.write(connection, series_uid)
+        yield connection
+    if needs_mark:
+        assert mark is not None
+        mark.written(series_uid)
 
 
 def held_elsewhere(connection: Connection, header: InstanceHeader) -> str | None:

@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_ai.analyze.registry import get_analyzer
+from pacs_ai.index.associations import interrupt_dead_associations
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.models import (
     Delivery,
@@ -123,6 +124,10 @@ def route_ready_series(
     ``resend_window_seconds`` from then: a resend on an association that is
     released clears the mark and the series is routed as usual; without one
     it is marked incomplete (:func:`_mark_incomplete`) and not analysed.
+    A series still being received by an association of a listener process
+    of this host that is gone (killed, power lost) is marked interrupted
+    first (:func:`~pacs_ai.index.associations.interrupt_dead_associations`),
+    so it is held the same way.
 
     ``files`` reads an instance's header for the rules (instance keys as local
     files: the receiver's spool).  With ``require_uploaded`` (a remote object
@@ -139,6 +144,7 @@ def route_ready_series(
     row always exists before its message does, so a lost message is
     recovered from the index.
     """
+    interrupt_dead_associations(session, now)
     shortest_quiet = min(
         [
             default_quiet_seconds,
