@@ -13,8 +13,8 @@ The index holds four studies:
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,9 +24,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from typer.testing import CliRunner
 
-from pacs_ai.cli.main import app
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import attempt_delivery
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
@@ -38,18 +36,9 @@ from pacs_ai.route.rules import load_rules
 from pacs_ai.storage.files import HostFiles
 from pacs_ai.storage.keys import spool_path
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from tests.integration.test_cli import REPO_ROOT
+from tests.integration.test_cli import REPO_ROOT, pacs_ai_in_process
 from tests.integration.worklist_study import UID_PREFIX, index_analysed_study
 from tests.retention_setup import RULES_WITH_DISCARD_FALLBACK, archive_and_down_destinations
-
-
-@dataclass(frozen=True)
-class Ran:
-    """A verb's exit code and output, as a finished process gives them."""
-
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @dataclass(frozen=True)
@@ -62,20 +51,13 @@ class Index:
     analysed: str
     analysed_job: int
 
-    def run(self, *args: str, **extra_env: str) -> Ran:
+    def run(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
         """``pacs-ai ARGS`` in this process, with only this index's settings in the environment.
 
         The verbs' output and exit codes are under test, not the interpreter's start-up (seconds of
         CPU a run; tests/integration/test_cli.py runs the real process, ``status`` among its verbs).
-        An exception the CLI does not turn into an exit code fails the test with its traceback.
         """
-        environment: dict[str, str | None] = {
-            name: None for name in os.environ if name.startswith("PACS_AI_")
-        }
-        result = CliRunner().invoke(app, list(args), env={**environment, **self.env, **extra_env})
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return Ran(result.exit_code, result.stdout, result.stderr)
+        return pacs_ai_in_process(*args, **self.env, **extra_env)
 
 
 def _receive(handler: StoreHandler, source: Path, ae_title: str, accession: str) -> str:
@@ -154,7 +136,7 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
     return Index(data_dir, env, delivered, undelivered, receiving, analysed.study_uid, analysed.job_id)
 
 
-def as_json(result: Ran | Any, code: int = 0) -> Any:
+def as_json(result: subprocess.CompletedProcess[str], code: int = 0) -> Any:
     assert result.returncode == code, result.stdout + result.stderr
     return json.loads(result.stdout)
 

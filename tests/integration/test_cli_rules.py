@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from tests.integration.test_cli import DESTINATIONS, REPO_ROOT, pacs_ai
+from tests.integration.test_cli import DESTINATIONS, REPO_ROOT
+from tests.integration.test_cli import pacs_ai_in_process as pacs_ai  # the verbs under test, not the process
 
 RULES = """
 rules:

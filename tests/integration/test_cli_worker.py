@@ -1,5 +1,8 @@
 """``pacs-ai worker`` and the workers in ``pacs-ai status``: refusals, a real worker's life in the index.
 
+``pacs-ai worker`` runs as its own process (a refusal that failed would start a worker); the
+verbs that read the index (``status``, ``workers forget``, ``db upgrade``) run in this process.
+
 The worker runs against a real Redis (127.0.0.1:6379, a database number of its
 own) and a SQLite index; what it writes into the index (starting, ready, its
 device, heartbeats, stopped) is what ``pacs-ai status`` on any host reads.
@@ -19,13 +22,13 @@ import redis
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import WorkerNode
 from pacs_ai.index.workers import register_worker
-from tests.integration.test_cli import pacs_ai
+from tests.integration.test_cli import pacs_ai, pacs_ai_in_process
 from tests.peers import wait_for
 from tests.service import REDIS_TEST_URL, start_worker
 
 
 def _index(data_dir: Path) -> str:
-    assert pacs_ai("db", "upgrade", PACS_AI_DATA_DIR=str(data_dir)).returncode == 0
+    assert pacs_ai_in_process("db", "upgrade", PACS_AI_DATA_DIR=str(data_dir)).returncode == 0
     return f"sqlite:///{data_dir / 'index.sqlite3'}"
 
 
@@ -63,7 +66,7 @@ def test_status_lists_a_silent_worker_of_another_host_as_stale(tmp_path: Path) -
         for worker in session.query(WorkerNode):
             worker.heartbeat_at -= timedelta(minutes=5)
 
-    result = pacs_ai("status", "--json", PACS_AI_DATA_DIR=str(tmp_path))
+    result = pacs_ai_in_process("status", "--json", PACS_AI_DATA_DIR=str(tmp_path))
     assert result.stdout, result.stderr
     report = json.loads(result.stdout)
     assert result.returncode == 1
@@ -78,12 +81,14 @@ def test_status_lists_a_silent_worker_of_another_host_as_stale(tmp_path: Path) -
     assert any("gpu-server-7" in p and "no heartbeat" in p for p in report["problems"])
     assert report["storage"]["error"] is None and report["workers_ready"] == []
 
-    text = pacs_ai("status", PACS_AI_DATA_DIR=str(tmp_path))
+    text = pacs_ai_in_process("status", PACS_AI_DATA_DIR=str(tmp_path))
     assert "pacs-ai-gpu@gpu-server-7" in text.stdout and "stale" in text.stdout
 
-    one = pacs_ai("status", "--node", "pacs-ai-gpu@gpu-server-7", "--json", PACS_AI_DATA_DIR=str(tmp_path))
+    one = pacs_ai_in_process(
+        "status", "--node", "pacs-ai-gpu@gpu-server-7", "--json", PACS_AI_DATA_DIR=str(tmp_path)
+    )
     assert one.returncode == 1 and "no heartbeat" in " ".join(json.loads(one.stdout)["problems"])
-    missing = pacs_ai("status", "--node", "nobody@nowhere", PACS_AI_DATA_DIR=str(tmp_path))
+    missing = pacs_ai_in_process("status", "--node", "nobody@nowhere", PACS_AI_DATA_DIR=str(tmp_path))
     assert missing.returncode == 1 and "no worker nobody@nowhere" in missing.stdout
 
 
@@ -103,7 +108,7 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
     try:
 
         def checked() -> dict[str, object] | None:
-            result = pacs_ai(
+            result = pacs_ai_in_process(
                 "status", "--node", node, "--json", **{k: v for k, v in env.items() if "PACS_AI" in k}
             )
             return json.loads(result.stdout)["worker"] if result.returncode == 0 else None
@@ -113,7 +118,9 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
         assert row["state"] == "ready" and row["queues"] == ["cpu"] and row["answering"] is True
         assert row["device"]["type"] == "cpu" and row["device"]["memory_mb"] > 0  # type: ignore[index]
         assert row["pid"] == worker.pid and row["concurrency"] == 1
-        refused = pacs_ai("workers", "forget", node, **{k: v for k, v in env.items() if "PACS_AI" in k})
+        refused = pacs_ai_in_process(
+            "workers", "forget", node, **{k: v for k, v in env.items() if "PACS_AI" in k}
+        )
         assert refused.returncode == 1 and "answers over the broker" in refused.stdout
     finally:
         os.killpg(worker.pid, signal.SIGTERM)  # a warm shutdown
@@ -124,7 +131,7 @@ def test_a_worker_registers_beats_answers_and_stops_cleanly(tmp_path: Path) -> N
         assert stopped.state.value == "stopped" and stopped.stopped_at is not None
         assert stopped.heartbeat_at > stopped.started_at
     # Stopped for good (its host retired): forgotten, without --force.
-    forgotten = pacs_ai(
+    forgotten = pacs_ai_in_process(
         "workers", "forget", node, "--json", **{k: v for k, v in env.items() if "PACS_AI" in k}
     )
     assert forgotten.returncode == 0, forgotten.stdout

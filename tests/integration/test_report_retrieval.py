@@ -22,7 +22,7 @@ from pacs_ai.index.reports import ReportDraft, ReportStatus, SignedReport
 from pacs_ai.report.draft import draft_impression
 from pacs_ai.report.drafters import DrafterConfig, get_drafter
 from pacs_ai.report.signed_reports import import_reports, read_past_reports
-from tests.integration.test_cli import pacs_ai as run_cli
+from tests.integration.test_cli import pacs_ai_in_process as run_cli
 
 PAST_REPORTS = [
     (
@@ -37,6 +37,7 @@ PAST_REPORTS = [
 
 
 def pacs_ai(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pacs-ai ARGS`` on ``data_dir``, in this process (the verbs are under test, not the process)."""
     return run_cli(*args, PACS_AI_DATA_DIR=str(data_dir), COLUMNS="200")
 
 

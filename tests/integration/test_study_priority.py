@@ -34,7 +34,7 @@ from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.profiles import Profile
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.service import CeleryTaskQueue
-from tests.integration.test_cli import pacs_ai
+from tests.integration.test_cli import pacs_ai_in_process
 from tests.peers import require_shared_data
 from workers.factory import create_app
 
@@ -165,8 +165,8 @@ def _recovered_time_limits(settings: Settings, sessions: sessionmaker[Session]) 
 
 
 def _pacs_ai(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``pacs-ai ARGS`` in a shell that knows only this index's data directory."""
-    return pacs_ai(*args, PACS_AI_DATA_DIR=str(settings.data_dir))
+    """``pacs-ai ARGS`` in a shell that knows only this index's data directory (in this process)."""
+    return pacs_ai_in_process(*args, PACS_AI_DATA_DIR=str(settings.data_dir))
 
 
 def test_findings_raise_the_study_priority_and_the_worklist_shows_it_first(

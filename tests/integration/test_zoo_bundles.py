@@ -27,7 +27,7 @@ from pacs_ai.models.labels import code_for, is_background, label_table
 from pacs_ai.models.loaded import TransformFailed, run_transforms
 from pacs_ai.models.store import ModelStore
 from pacs_ai.models.verify import verify_model
-from tests.integration.test_cli import pacs_ai
+from tests.integration.test_cli import pacs_ai_in_process as pacs_ai
 from tests.zoo_bundles import BUNDLES, published, runnable_copy
 
 CPU = torch.device("cpu")
