@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,14 +39,15 @@ def pacs_ai_in_process(*args: str, **env: str) -> subprocess.CompletedProcess[st
     code fails the test with its traceback.
     """
     environment: dict[str, str | None] = {name: None for name in os.environ if name.startswith("PACS_AI_")}
-    result = CliRunner().invoke(app, list(args), env={**environment, **env})
+    with contextlib.chdir(REPO_ROOT):  # where pacs_ai runs the process
+        result = CliRunner().invoke(app, list(args), env={**environment, **env})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(["pacs-ai", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def test_profiles_validate_passes_with_destinations_configured(tmp_path: Path) -> None:
-    result = pacs_ai(
+    result = pacs_ai_in_process(
         "profiles", "validate", "--json", PACS_AI_DATA_DIR=str(tmp_path), PACS_AI_DESTINATIONS=DESTINATIONS
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -53,14 +55,14 @@ def test_profiles_validate_passes_with_destinations_configured(tmp_path: Path) -
 
 
 def test_profiles_validate_reports_unconfigured_destination_and_bad_files(tmp_path: Path) -> None:
-    result = pacs_ai("profiles", "validate", PACS_AI_DATA_DIR=str(tmp_path))
+    result = pacs_ai_in_process("profiles", "validate", PACS_AI_DATA_DIR=str(tmp_path))
     assert result.returncode == 1
     assert "destination 'pacs' is not configured" in result.stdout
 
     broken = tmp_path / "profiles"
     broken.mkdir()
     (broken / "oops.yaml").write_text("name: oops\nmatch: {modality: CT}\nanalyzers: [{name: no-such}]\n")
-    result = pacs_ai("profiles", "validate", str(broken), "--json", PACS_AI_DATA_DIR=str(tmp_path))
+    result = pacs_ai_in_process("profiles", "validate", str(broken), "--json", PACS_AI_DATA_DIR=str(tmp_path))
     assert result.returncode == 1
     problems = json.loads(result.stdout)["problems"]
     assert any("oops.yaml" in problem and "modality" in problem for problem in problems)
