@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent
 from pacs_ai.models.store import ModelStore
 from pacs_ai.synthetic.phantom import write_chest_phantom
+from tests.integration.test_cli import pacs_ai_in_process
 from tests.model_bundles import (
     write_broken_bundle,
     write_torchscript_classifier,
@@ -30,7 +29,6 @@ from tests.model_bundles import (
 )
 from tests.peers import dciodvfy_errors, dsrdump
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AS = ["SCT", "123037004", "Anatomical Structure"]
 LUNG_SEGMENTS = {
     "1": {
@@ -44,17 +42,8 @@ LUNG_SEGMENTS = {
 
 
 def models_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    environment["PACS_AI_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "pacs_ai.cli.main", "models", *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=REPO_ROOT,
-        timeout=300,
-        check=False,
-    )
+    """``pacs-ai models ARGS`` on ``data_dir`` in this process (the verbs are under test, not the process)."""
+    return pacs_ai_in_process("models", *args, PACS_AI_DATA_DIR=str(data_dir))
 
 
 def _audit_actions(data_dir: Path) -> list[tuple[str, str]]:
