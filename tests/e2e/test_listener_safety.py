@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,29 @@ from tests.service import PacsAiService
 
 pytestmark = pytest.mark.e2e
 
-NO_WORKERS = {"PACS_AI_WORKER_PROCESSES": "0"}
+#: The listener alone: no analysis worker, and no worklist web app (a process these tests never ask).
+NO_WORKERS = {"PACS_AI_WORKER_PROCESSES": "0", "PACS_AI_WORKLIST_ENABLED": "false"}
 
 
-def _association(service: PacsAiService):  # type: ignore[no-untyped-def]
-    ae = AE(ae_title="TEST_SCU")
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsAiService]:
+    """One listener for the tests that send it what it must refuse (its start and stop cost more than
+    the tests): each test calls from an AE title of its own and looks only at what that AE title did."""
+    with PacsAiService(tmp_path_factory.mktemp("listener") / "pacs-ai", extra_env=NO_WORKERS) as service:
+        yield service
+
+
+def _rejection(service: PacsAiService, calling_ae: str) -> str:
+    """The detail of the one refusal the index records of what ``calling_ae`` sent."""
+    ((detail,),) = service.query(
+        "SELECT detail FROM audit_events WHERE action = 'instance.rejected' AND actor = :actor",
+        actor=f"dicom:{calling_ae}",
+    )
+    return str(detail)
+
+
+def _association(service: PacsAiService, calling_ae: str = "TEST_SCU"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5  # a killed peer must not stall the test
     ae.requested_contexts = StoragePresentationContexts[:100]
     assoc = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
@@ -51,48 +70,52 @@ def test_duplicate_instances_are_kept_once_and_recorded(
 
 
 def test_missing_type1_uid_is_refused_with_a_status_and_recorded(
-    chest_phantom: PhantomTruth, service_factory: Any
+    chest_phantom: PhantomTruth, listener: PacsAiService
 ) -> None:
-    service = service_factory(extra_env=NO_WORKERS)
+    service = listener
+    before = samples(service.scrape())
     dataset = pydicom.dcmread(chest_phantom.paths[0])
     dataset.SOPInstanceUID = generate_uid()
     del dataset.StudyInstanceUID
 
-    assoc = _association(service)
+    assoc = _association(service, "TYPE1_SCU")
     status = assoc.send_c_store(dataset)
     assoc.release()
 
     assert status.Status == 0xA900
     assert service.query("SELECT count(*) FROM instances")[0][0] == 0
-    ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
-    assert "StudyInstanceUID" in str(detail)
+    assert "StudyInstanceUID" in _rejection(service, "TYPE1_SCU")
     assert echoscu("127.0.0.1", service.port, service.ae_title), "listener must survive bad input"
     assert not echoscu("127.0.0.1", service.port, "NOT_PACS_AI")
     # Prometheus sees the refusal by its status, the echo, and the association refused by its class.
     scraped = samples(service.scrape())
-    assert value(scraped, "pacs_ai_dimse_responses_total", command="C-STORE", status="0xA900") == 1
+
+    def added(name: str, **labels: str) -> float:
+        return value(scraped, name, **labels) - value(before, name, **labels)
+
+    assert added("pacs_ai_dimse_responses_total", command="C-STORE", status="0xA900") == 1
     # The service's own readiness check echoes too.
     assert value(scraped, "pacs_ai_dimse_responses_total", command="C-ECHO", status="0x0000") >= 2
     assert value(scraped, "pacs_ai_ingest_instances_total") == 0
-    assert value(scraped, "pacs_ai_store_seconds_count") == 1
-    assert value(scraped, "pacs_ai_associations_total", calling_ae="TEST_SCU") == 1
-    assert value(scraped, "pacs_ai_associations_rejected_total", reason="called-ae") == 1
+    assert added("pacs_ai_store_seconds_count") == 1
+    assert value(scraped, "pacs_ai_associations_total", calling_ae="TYPE1_SCU") == 1
+    assert added("pacs_ai_associations_rejected_total", reason="called-ae") == 1
 
 
-def test_overlong_uid_is_refused_not_shortened(chest_phantom: PhantomTruth, service_factory: Any) -> None:
-    service = service_factory(extra_env=NO_WORKERS)
+def test_overlong_uid_is_refused_not_shortened(chest_phantom: PhantomTruth, listener: PacsAiService) -> None:
+    service = listener
     dataset = pydicom.dcmread(chest_phantom.paths[0])
     dataset.SOPInstanceUID = generate_uid()
     dataset.SeriesInstanceUID = dataset.SeriesInstanceUID + ".12345"  # 65+ characters: not a UID
 
-    assoc = _association(service)
+    assoc = _association(service, "LONG_UID_SCU")
     status = assoc.send_c_store(dataset)
     assoc.release()
 
     assert status.Status == 0xC000
     assert service.query("SELECT count(*) FROM instances")[0][0] == 0
-    ((detail,),) = service.query("SELECT detail FROM audit_events WHERE action = 'instance.rejected'")
-    assert "SeriesInstanceUID" in str(detail) and "not a valid UID" in str(detail)
+    detail = _rejection(service, "LONG_UID_SCU")
+    assert "SeriesInstanceUID" in detail and "not a valid UID" in detail
 
 
 def test_nearly_full_disk_refuses_with_out_of_resources(
