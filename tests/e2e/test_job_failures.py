@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
-from tests.e2e.conftest import NO_DRAFT_REPORTS
+from tests.e2e.conftest import NO_DRAFT_REPORTS, NO_WORKLIST
 from tests.e2e.metrics_scrape import samples, value
 from tests.e2e.test_chest_ct_roundtrip import fetch_results
 from tests.peers import OrthancServer, free_port, storescu, wait_for
@@ -31,7 +31,7 @@ def test_bad_profile_parameters_fail_the_job_once_with_the_reason(
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "typo.yaml").write_text(MISCONFIGURED_PROFILE)
-    service = service_factory(profiles_dir=profiles)
+    service = service_factory(profiles_dir=profiles, extra_env=NO_WORKLIST)
 
     sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
     assert sent.returncode == 0, sent.stderr
@@ -66,7 +66,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
             "retry_backoff_seconds": 1.0,
         }
     }
-    service = service_factory(destinations=destination, extra_env=NO_DRAFT_REPORTS)
+    service = service_factory(destinations=destination, extra_env={**NO_DRAFT_REPORTS, **NO_WORKLIST})
     sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
     assert sent.returncode == 0, sent.stderr
 

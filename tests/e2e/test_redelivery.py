@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
-from tests.e2e.conftest import NO_DRAFT_REPORTS, orthanc_destination
+from tests.e2e.conftest import NO_DRAFT_REPORTS, NO_WORKLIST, orthanc_destination
 from tests.e2e.test_chest_ct_roundtrip import COMPREHENSIVE_3D_SR, SEG_STORAGE, fetch_results
 from tests.peers import OrthancServer, storescu, wait_for
 from tests.service import PacsAiService
@@ -43,7 +43,7 @@ def test_killed_worker_leads_to_exactly_one_set_of_results(
     )
     service = service_factory(
         destinations=orthanc_destination(orthanc),
-        extra_env={"PACS_AI_WORKER_PROCESSES": "2", **NO_DRAFT_REPORTS},
+        extra_env={"PACS_AI_WORKER_PROCESSES": "2", **NO_DRAFT_REPORTS, **NO_WORKLIST},
     )
     sent = storescu("127.0.0.1", service.port, service.ae_title, phantom.paths)
     assert sent.returncode == 0, sent.stderr
@@ -75,7 +75,9 @@ def test_unfinished_jobs_are_recovered_from_the_index_after_a_restart(
 ) -> None:
     """The index, not the broker, is the source of truth: a job whose message is gone still runs."""
     destinations = orthanc_destination(orthanc)
-    service = service_factory(destinations=destinations, extra_env={"PACS_AI_WORKER_PROCESSES": "0"})
+    service = service_factory(
+        destinations=destinations, extra_env={"PACS_AI_WORKER_PROCESSES": "0", **NO_WORKLIST}
+    )
     sent = storescu("127.0.0.1", service.port, service.ae_title, chest_phantom.paths)
     assert sent.returncode == 0, sent.stderr
     wait_for(
@@ -86,7 +88,7 @@ def test_unfinished_jobs_are_recovered_from_the_index_after_a_restart(
     service.stop()
     shutil.rmtree(service.data_dir / "redis")  # the broker forgets everything
 
-    with PacsAiService(service.data_dir, destinations=destinations) as restarted:
+    with PacsAiService(service.data_dir, destinations=destinations, extra_env=NO_WORKLIST) as restarted:
         fetch_results(orthanc, chest_phantom.study_uid, tmp_path)
         ((state, attempts),) = restarted.query("SELECT state, attempts FROM jobs")
         assert (state, attempts) == ("SUCCEEDED", 1)
