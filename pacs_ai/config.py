@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     #: (a mount every host shares); ``s3://bucket/optional/prefix`` an S3-compatible object store.
     storage_url: str | None = None
     #: The client an ``s3://`` storage talks through: ``obstore`` (Rust object_store; less CPU per
-    #: request, a series fetched concurrently on its async runtime) or ``boto3``.  Same settings, same
+    #: request, so a worker's fetch of a series costs less) or ``boto3``.  Same settings, same
     #: objects: switching needs nothing else (see docs/storage.md).
     storage_s3_client: Literal["obstore", "boto3"] = "obstore"
     #: The S3 endpoint, e.g. http://127.0.0.1:8333 for SeaweedFS; None is AWS.

@@ -80,6 +80,8 @@ class Uploader:
         self.sessions = sessions
         self.enabled = not is_embedded(settings)
         self.storage = storage if storage is not None else (storage_for(settings) if self.enabled else None)
+        if self.storage is not None:  # a client's own threads (obstore's runtime) upload at our priority too
+            self.storage.start_threads(lambda: lower_thread_priority(settings.storage_upload_nice))
         #: Monotonic time of the next pass that also looks at routed rows: instances received before
         #: a switch to a store, or a purged file received again.  Other passes read only unrouted
         #: rows, which the router's index finds at once.

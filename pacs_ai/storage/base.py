@@ -8,7 +8,7 @@ so any host that can reach the storage can read what another host wrote.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -107,6 +107,16 @@ class Storage(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """The keys that start with ``prefix``, in no promised order."""
+        ...
+
+    def start_threads(self, setup: Callable[[], None]) -> None:
+        """Start the storage's own worker threads, if it has any, from a thread that first runs ``setup``.
+
+        Threads inherit what their creator's ``setup`` set (Linux: the ``nice``
+        value), so the receiver's uploader can run a client's threads at its own
+        lower priority.  Too late once they are running; nothing to do for a
+        storage that works on its callers' threads.
+        """
         ...
 
     def check(self) -> None:

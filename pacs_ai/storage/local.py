@@ -94,6 +94,9 @@ class LocalFolderStorage:
                     if key.startswith(prefix) and not name.startswith(".") and name != "tmp":
                         yield key
 
+    def start_threads(self, setup: Callable[[], None]) -> None:
+        """Nothing to start: files are copied on the callers' threads."""
+
     def check(self) -> None:
         if not self.root.is_dir():
             raise StorageBucketMissing(f"{self.description} does not exist; create it or fix storage_url")

@@ -27,7 +27,7 @@ import io
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,9 @@ class S3Storage:
                     yield item["Key"][len(start) :]
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, "list", prefix) from exc
+
+    def start_threads(self, setup: Callable[[], None]) -> None:
+        """Nothing to start: boto3 works on its callers' threads (and threads they start, for parts)."""
 
     def check(self) -> None:
         self._call("reach the bucket of", "", self.client.head_bucket, Bucket=self.bucket)

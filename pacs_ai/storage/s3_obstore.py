@@ -3,9 +3,9 @@
 The same store, settings and guarantees as :class:`~pacs_ai.storage.s3.S3Storage`
 (boto3; ``storage_s3_client = "boto3"``), with the requests signed, sent and
 read in Rust: a GET of a 0.5 MB instance costs a fraction of boto3's 2-3 ms of
-client CPU, and a worker fetches a series of hundreds of them concurrently on
-obstore's async runtime, at most ``storage_fetch_concurrency`` at once
-(:meth:`ObstoreS3Storage.get_files`).  No HTTP or S3 signing is written here.
+client CPU, and a worker fetches a series of hundreds of them at once, at most
+``storage_fetch_concurrency`` (:meth:`ObstoreS3Storage.get_files`).  No HTTP or
+S3 signing is written here.
 
 ``storage_url`` is ``s3://bucket/optional/prefix``; every key is stored under
 the prefix.  Endpoint (path-style addressing, as SeaweedFS, MinIO and Ceph
@@ -34,18 +34,16 @@ instead of a hang.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import botocore.credentials
@@ -53,7 +51,7 @@ import botocore.session
 import obstore
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
-from obstore.store import S3Store
+from obstore.store import MemoryStore, S3Store
 
 from pacs_ai.config import Settings
 from pacs_ai.storage.base import (
@@ -67,7 +65,6 @@ from pacs_ai.storage.base import (
 from pacs_ai.storage.local import write_atomically
 
 if TYPE_CHECKING:
-    from obstore import GetResult
     from obstore.store import ClientConfig, S3Config, S3Credential
 
 __all__ = ["ObstoreS3Storage"]
@@ -258,41 +255,27 @@ class ObstoreS3Storage:
             raise StorageUnavailable(f"reading {key} from {self.description} failed: {exc}") from exc
 
     def get_files(self, items: Sequence[tuple[str, Path]]) -> None:
-        """Fetch each ``(key, destination)``, ``storage_fetch_concurrency`` at a time on obstore's runtime.
+        """:meth:`get_file` for each ``(key, destination)``, ``storage_fetch_concurrency`` at once.
 
-        The first failure is raised once the fetches under way have stopped;
+        Each runs on a thread of its own, but the request (signing, sending,
+        reading) runs in Rust on obstore's runtime, outside the GIL.  obstore's
+        async API would need no threads, but a process that used it aborts now
+        and then at exit (obstore 0.12.1: 2 of 40 runs here), so it is not used.
+        The first failure is raised and the fetches not yet started are dropped;
         no destination is left half-written.
         """
         if not items:
             return
-        names = [(self._object(key), key, destination) for key, destination in items]
-        _guard_fork()
-        _run(lambda: self._fetch_all(names))
-
-    async def _fetch_all(self, names: list[tuple[str, str, Path]]) -> None:
-        pending = iter(names)
-
-        async def fetcher() -> None:
-            for name, key, destination in pending:  # the fetchers share one iterator: each item once
-                try:
-                    result = await obstore.get_async(self.store, name)
-                    await _write_atomically(destination, result)
-                except ObstoreError as exc:
-                    raise self._translate(exc, "read", key) from exc
-                except FileNotFoundError as exc:
-                    if exc.filename is not None:  # a local folder, not the object, is missing
-                        raise StorageUnavailable(f"cannot write {destination}: {exc}") from exc
-                    raise self._translate(exc, "read", key) from exc
-                except OSError as exc:
-                    raise StorageUnavailable(f"reading {key} from {self.description} failed: {exc}") from exc
-
-        fetchers = [asyncio.ensure_future(fetcher()) for _ in range(min(self.fetch_concurrency, len(names)))]
-        try:
-            await asyncio.gather(*fetchers)
-        finally:
-            for task in fetchers:
-                task.cancel()
-            await asyncio.gather(*fetchers, return_exceptions=True)
+        with ThreadPoolExecutor(
+            max_workers=min(self.fetch_concurrency, len(items)), thread_name_prefix="fetch"
+        ) as fetchers:
+            fetches = [fetchers.submit(self.get_file, key, destination) for key, destination in items]
+            try:
+                for fetch in fetches:
+                    fetch.result()
+            except BaseException:
+                fetchers.shutdown(wait=True, cancel_futures=True)
+                raise
 
     def exists(self, key: str) -> bool:
         name = self._object(key)
@@ -345,6 +328,28 @@ class ObstoreS3Storage:
         except (ObstoreError, OSError) as exc:
             raise self._translate(exc, "list", prefix) from exc
 
+    def start_threads(self, setup: Callable[[], None]) -> None:
+        """Start obstore's runtime from a new thread that first runs ``setup``.
+
+        Their threads do the work of every request of this process (signing,
+        hashing, sending): started so, they run at the priority ``setup`` gives,
+        e.g. the receiver's uploads at ``storage_upload_nice``.  No request is
+        made (a put into an in-memory store starts the runtime).  Too late, and a no-op,
+        once this process made a request through obstore.
+        """
+        global _runtime_pid
+        if _runtime_pid == os.getpid():
+            return
+
+        def start() -> None:
+            setup()
+            obstore.put(MemoryStore(), "start", b"")
+
+        starter = threading.Thread(target=start, name="obstore-start")
+        starter.start()
+        starter.join()
+        _runtime_pid = os.getpid()
+
     def check(self) -> None:
         folder = f"{self.prefix}/check" if self.prefix else "check"
         self._call("reach the bucket of", "", lambda: obstore.list_with_delimiter(self.store, folder))
@@ -393,27 +398,3 @@ class ObstoreS3Storage:
             # No answer at all (refused, reset, timed out) or the store's own failure: worth retrying.
             return StorageUnavailable(f"{what}: {summary}")
         return StorageError(f"{what}: {code or status} {summary}".rstrip())
-
-
-async def _write_atomically(destination: Path, result: GetResult) -> None:
-    """Write a GET's body to ``destination`` whole or not at all (a temporary name, then renamed)."""
-    descriptor, name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            async for chunk in result.stream(min_chunk_size=READ_CHUNK):
-                handle.write(chunk)
-        os.replace(name, destination)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
-def _run(coroutine: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``coroutine()`` to its end from synchronous code (in a thread of its own inside an event loop)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(coroutine())
-        return
-    with ThreadPoolExecutor(max_workers=1) as runner:
-        runner.submit(lambda: asyncio.run(coroutine())).result()

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,12 +236,6 @@ def test_a_series_is_fetched_concurrently_whole_or_not_at_all(
     assert object_store.requests_served("GET") - gets == len(keys)
     assert [path.read_bytes() for _, path in items] == [bytes([n]) * (1000 + n) for n in range(len(keys))]
 
-    # From inside a running event loop (an async caller) too.
-    async def from_a_coroutine() -> None:
-        storage.get_files(items[:3])
-
-    asyncio.run(from_a_coroutine())
-
     # One object missing: the fetch fails naming it, and nothing half-written is left.
     storage.delete(keys[7])
     again = tmp_path / "again"
@@ -271,6 +266,49 @@ def test_obstore_refuses_a_forked_childs_requests_instead_of_hanging(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 3
     assert storage.exists("results/1.2/1.3.dcm"), "the parent still works"
+
+
+_UPLOADER_THREADS = """
+import json, os, sys
+from pathlib import Path
+from pacs_ai.config import Settings
+from pacs_ai.receive.uploader import Uploader
+settings = Settings.model_validate_json(sys.argv[1])
+uploader = Uploader(settings, sessions=None)
+uploader.storage.put_bytes("results/1.2/1.4.dcm", b"x")  # from this (main) thread, at priority 0
+uploader.storage.get_files([("results/1.2/1.4.dcm", Path(sys.argv[2]))])
+threads = {}
+for tid in os.listdir("/proc/self/task"):
+    try:  # a thread that ended since the listing (a fetch thread) has no entry any more
+        name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        threads.setdefault(name, set()).add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+print(json.dumps({name: sorted(values) for name, values in threads.items()}))
+"""
+
+
+def test_obstores_threads_upload_at_the_uploaders_lower_priority(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """obstore signs and sends on its runtime's threads: the receiver's uploader starts them niced."""
+    settings = {
+        "data_dir": str(tmp_path),
+        "storage_upload_nice": 7,
+        **storage_settings(object_store, storage_s3_client="obstore"),
+    }
+    answer = subprocess.run(
+        [sys.executable, "-c", _UPLOADER_THREADS, json.dumps(settings), str(tmp_path / "copy.dcm")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert answer.returncode == 0, answer.stderr
+    threads = json.loads(answer.stdout)
+    assert threads["tokio-rt-worker"] == [7], threads
+    assert threads["python"][0] == 0, "the process itself keeps its priority"
+    assert (tmp_path / "copy.dcm").read_bytes() == b"x"
 
 
 def test_a_series_is_fetched_once_into_a_bounded_cache(
