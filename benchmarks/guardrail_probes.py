@@ -12,7 +12,16 @@
    turned into "X", small/mild turned into large, stable into new, hedges
    removed, an acute finding the findings do not mention appended.  Edits
    that leave the impression faithful or are not about the chest are skipped
-   and counted by reason.  ``tests/unit/test_iu_probes.py`` asserts the rates.
+   and counted by reason.  The radiologists' impressions are reported as
+   "flagged", not as false alarms: they say things their findings do not
+   (an audit of 40 flagged ones found 15 false alarms of the checker, 3 of
+   them since fixed, and 25 impressions going beyond or against their
+   findings).
+3. The matched probe set built from the same reports' findings
+   (``tests/iu_probes.py``, :func:`matched_probes`): an impression made of
+   the findings' own sentences with meaning-preserving edits (faithful by
+   construction) and the same impression with each unfaithful edit, per
+   category.  ``tests/unit/test_iu_probes.py`` asserts the rates.
 
     PYTHONPATH=. .venv/bin/python benchmarks/guardrail_probes.py [--wheel-dir DIR] [--limit N]
 """
@@ -26,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.impressions import held_out, read_reports, wheel_dirs, wheel_path
 from pacs_ai.report.consistency import check_against_findings
-from tests.iu_probes import iu_probes
+from tests.iu_probes import iu_probes, matched_probes
 from tests.report_probes import Probe, probe_set
 
 
@@ -90,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     show(f"IU X-ray held-out reports ({len(reports)}) and their edits ({len(edited)} pairs)", rates(edited))
     print("  edits skipped (not unfaithful, or not about the chest; see tests/iu_probes.py):")
     for reason, count in sorted(skipped.items()):
+        print(f"    {reason:<28} {count:>4}")
+    print(
+        "  ('radiologist' counts impressions flagged, not false alarms: they may say what their findings do"
+        " not. Audit of 40 flagged (2026-12-07): 25 go beyond or against their findings, 15 are checker"
+        " false alarms, 3 of those since fixed: about 6% of all impressions are false alarms)"
+    )
+    matched_skipped: Counter[str] = Counter()
+    matched = [p for i, r in enumerate(reports) for p in matched_probes(r.findings, i % 2, matched_skipped)]
+    show(
+        f"matched probe set from the same reports' findings ({len(matched) // 2} pairs; "
+        "a faithful impression counts once per category it was edited in)",
+        rates(matched),
+    )
+    print("  edits skipped:")
+    for reason, count in sorted(matched_skipped.items()):
         print(f"    {reason:<28} {count:>4}")
     return 0
 

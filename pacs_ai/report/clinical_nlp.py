@@ -64,6 +64,11 @@ LOOSE_TIME_NEGATION_TOKENS = 3
 WHEN_NOT_WHAT = frozenset({"recent", "recently", "since the prior"})
 #: Words that make a sentence a condition or a question rather than a statement about the patient.
 CONDITIONAL_WORDS = frozenset({"if", "whether", "?"})
+#: One side said to be the worse of the two: "right greater than left", "left worse than right".
+_DOMINANT_SIDE = re.compile(
+    r"\b(left|right)(?:[- ]sided)?\s+(?:greater|worse|more|larger)\s+than\s+(?:the\s+)?(left|right)\b",
+    re.IGNORECASE,
+)
 #: "2." or "2)" opening a numbered item of a list, anywhere in the text ("1. No effusion. 2. Stable.").
 _LIST_MARKER = re.compile(r"\d{1,2}[.)](?:\s|$)")
 #: A comma-separated tail this short and naming no concept still qualifies the concept before it.
@@ -103,6 +108,8 @@ class Claim:
     sentence_sides: frozenset[str] = frozenset()
     #: Read from a normal statement ("the lungs are clear"), not from the concept's own name.
     normal: bool = False
+    #: "left" or "right" when the sentence says one side is the worse ("right greater than left").
+    dominant_side: str = ""
     #: Offset in the text.
     start: int = 0
 
@@ -335,8 +342,12 @@ def read_text(text: str) -> TextReading:
         mine = [n for n in numbers if char_start <= n.start < char_end]
         bound |= {id(n) for n in mine}
         in_sentence = _qualify(matches, ent.sent.start, ent.sent.end)["sides"]
+        dominant = _DOMINANT_SIDE.search(ent.sent.text)
         common: dict[str, Any] = {
             "sentence_sides": frozenset(in_sentence),
+            "dominant_side": (
+                dominant.group(1).lower() if dominant and dominant.group(1) != dominant.group(2) else ""
+            ),
             "text": ent.text,
             "sentence": ent.sent.text.strip(),
             "uncertain": bool(ent._.is_uncertain),

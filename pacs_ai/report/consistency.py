@@ -191,8 +191,25 @@ class Comparison:
             return self._check_negated(draft)
         return self._check_asserted(draft)
 
+    def restates_negation(self, draft: Claim) -> bool:
+        """The findings make the draft's negation themselves: the same concept ruled out with the same
+        side, zone, size, time and certainty ("no masses or suspicious nodules" beside "calcified
+        granulomas"; "the cardiomediastinal silhouette is normal" beside "aortic calcification").
+
+        The findings then hold both the negation and whatever else they assert, so the draft's
+        restating it does not contradict them.  A negation of wider scope than the findings' ("no
+        effusion" where the findings say "no left effusion") is not a restatement.
+        """
+        return any(
+            c.concept == draft.concept
+            and c.normal == draft.normal
+            and (c.sides, c.zones, c.severity, c.time, c.uncertain)
+            == (draft.sides, draft.zones, draft.severity, draft.time, draft.uncertain)
+            for c in self.negated
+        )
+
     def _check_negated(self, draft: Claim) -> list[Violation]:
-        conflict = self.conflicting(draft)
+        conflict = [] if self.restates_negation(draft) else self.conflicting(draft)
         if conflict:
             return [
                 Violation(
@@ -255,6 +272,16 @@ class Comparison:
                     "laterality",
                     f"{draft.text!r} is placed on the {'/'.join(sorted(draft.sides))} in {_where(draft)}; "
                     f"the findings have {_describe(support)}",
+                )
+            )
+        elif draft.dominant_side and {c.dominant_side for c in support} - {""} == {
+            "left" if draft.dominant_side == "right" else "right"
+        }:
+            violations.append(
+                Violation(
+                    "laterality",
+                    f"{_where(draft)} has the {draft.dominant_side} the worse side; "
+                    f"the findings have {_describe(support)} worse on the other",
                 )
             )
         elif _sentence_side_against(draft, support):
