@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pacs_ai.synthetic.phantom import PhantomTruth
-from tests.e2e.conftest import NO_DRAFT_REPORTS, orthanc_destination
+from tests.e2e.conftest import NO_DRAFT_REPORTS, NO_WORKLIST, orthanc_destination
 from tests.e2e.test_chest_ct_roundtrip import check_results, fetch_results
 from tests.object_store import SeaweedS3, storage_environment
 from tests.peers import OrthancServer, free_port, storescu, wait_for
@@ -50,7 +50,7 @@ def test_instances_acknowledged_while_the_store_is_down_survive_a_kill_and_reach
     object_store: SeaweedS3, chest_phantom: PhantomTruth, orthanc: OrthancServer, tmp_path: Path
 ) -> None:
     url = object_store.new_prefix()
-    reachable = {**storage_environment(object_store, url), **NO_DRAFT_REPORTS}
+    reachable = {**storage_environment(object_store, url), **NO_DRAFT_REPORTS, **NO_WORKLIST}
     down = {
         **reachable,
         "PACS_AI_STORAGE_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
@@ -153,7 +153,12 @@ def _jobs(service: PacsAiService) -> list[dict[str, Any]]:
 def test_a_worker_that_cannot_reach_the_store_retries_with_backoff_and_says_why(
     object_store: SeaweedS3, chest_phantom: PhantomTruth, orthanc: OrthancServer, tmp_path: Path
 ) -> None:
-    reachable = {**storage_environment(object_store), **NO_DRAFT_REPORTS, "PACS_AI_WORKER_PROCESSES": "0"}
+    reachable = {
+        **storage_environment(object_store),
+        **NO_DRAFT_REPORTS,
+        **NO_WORKLIST,
+        "PACS_AI_WORKER_PROCESSES": "0",
+    }
     with PacsAiService(
         tmp_path / "receiver",
         backend="servers",
