@@ -1,7 +1,8 @@
 """``pacs-ai worker`` and the workers in ``pacs-ai status``: refusals, a real worker's life in the index.
 
-``pacs-ai worker`` runs as its own process (a refusal that failed would start a worker); the
-verbs that read the index (``status``, ``workers forget``, ``db upgrade``) run in this process.
+``pacs-ai worker`` runs as its own process (a refusal that failed would start a worker), but for
+an unknown queue name; the verbs that read the index (``status``, ``workers forget``, ``db
+upgrade``) run in this process.
 
 The worker runs against a real Redis (127.0.0.1:6379, a database number of its
 own) and a SQLite index; what it writes into the index (starting, ready, its
@@ -45,7 +46,8 @@ def test_the_worker_refuses_to_start_and_says_what_to_fix(tmp_path: Path) -> Non
     )
     assert unreachable.returncode == 1 and "cannot be reached" in unreachable.stdout
 
-    unknown = pacs_ai("worker", "--queues", "gpu,video", PACS_AI_DATA_DIR=str(tmp_path))
+    # In this process: the queue names are checked first, and were they not, the missing broker refuses.
+    unknown = pacs_ai_in_process("worker", "--queues", "gpu,video", PACS_AI_DATA_DIR=str(tmp_path))
     assert unknown.returncode == 2 and "video" in unknown.stderr
 
 
