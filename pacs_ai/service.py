@@ -36,7 +36,7 @@ from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.redact import redact_url
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.worklist.server import bind_worklist_socket, worklist_url
-from workers.factory import QUEUES, create_app
+from workers.celery_app import QUEUES, create_client
 from workers.task_queue import CeleryTaskQueue  # the scheduler's queue; importable from here as before
 
 log = logging.getLogger(__name__)
@@ -460,7 +460,7 @@ def serve(settings: Settings) -> None:
 
     with _broker(settings) as (settings, embedded_redis):
         sessions = make_session_factory(make_engine(url))
-        app = create_app(settings)
+        app = create_client(settings)
         scheduler = Scheduler(
             settings,
             sessions,

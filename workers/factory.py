@@ -1,107 +1,31 @@
-"""The Celery application.
+"""The Celery application of a worker process: its tasks and the signals that warm it up.
 
-Queues, one per kind of work:
-
-* ``cpu``: analyses with built-in analyzers (prefetch 1: each is heavy);
-* ``gpu``: model inference; served by GPU workers, or by CPU workers where no GPU exists;
-* ``dispatch``: sending results to destinations (light, network-bound).
-
-A worker takes the next message from its queues in the order of
-:data:`QUEUES` (``queue_order_strategy`` "priority"; within that, message
-priority first): ``dispatch`` comes first, so results already computed go out
-before the worker starts the next analysis or report draft; otherwise a
-study's SEG and SR would wait behind every analysis queued after it.
-
-Tasks are acknowledged late (after they finish) and rejected back to the queue
-when their worker process dies, so a killed worker's task is run by another.
-The broker is only a delivery mechanism: the index holds the state, and the
-scheduler re-enqueues from it what the broker lost.
+Importing this module loads the task bodies (:mod:`workers.tasks`), the
+analyzers and the model engine (torch).  Only a worker imports it; whatever
+only sends tasks or asks the broker uses :mod:`workers.celery_app`, which
+also describes the queues.
 """
 
 from __future__ import annotations
 
-import logging
-from functools import cached_property
 from typing import Any
 
-from celery import Celery, current_app, signals
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, configure_mappers, sessionmaker
+from celery import current_app, signals
 
 from pacs_ai.analyze.volume import VoxelLimit
 from pacs_ai.analyze.volume_memory import process_volume_memory
 from pacs_ai.config import Settings
-from pacs_ai.index.db import make_engine, make_session_factory, session_scope
-from pacs_ai.index.models import Job
 from pacs_ai.jobs.warmup import warm_up
 from pacs_ai.logging_setup import quiet_noisy_libraries
 from pacs_ai.models.engine import loaded_model_names
 from pacs_ai.storage.registry import connect_early
+from workers.celery_app import QUEUES, WARM_UP_TIMEOUT_SECONDS, PacsAiCelery
 from workers.heartbeat import NodePresence, ProcessModels
-
-log = logging.getLogger(__name__)
-
-#: How long a new pool process may take to warm up before Celery counts it as failed to start.
-WARM_UP_TIMEOUT_SECONDS = 60.0
 
 #: This pool process's record of the models it keeps loaded (see :func:`_record_models_loaded`).
 _PROCESS_MODELS = ProcessModels()
 
-#: In the order a worker serves them (see the module docstring).
-QUEUES = ("dispatch", "cpu", "gpu")
-
-
-class PacsAiCelery(Celery):
-    """Celery carrying the pacs-ai settings and a lazily built index session factory."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__("pacs_ai", broker=settings.effective_broker_url)
-        self.settings = settings
-        #: This node's row in the index (set in the worker's main process when it initialises).
-        self.presence: NodePresence | None = None
-        self.conf.update(
-            task_acks_late=True,
-            task_reject_on_worker_lost=True,
-            task_ignore_result=True,
-            task_serializer="json",
-            accept_content=["json"],
-            worker_prefetch_multiplier=1,
-            worker_hijack_root_logger=False,
-            broker_connection_retry_on_startup=True,
-            broker_transport_options={
-                "visibility_timeout": settings.broker_visibility_timeout_seconds,
-                # STAT analyses overtake routine ones (message priority 0 is served first on Redis).
-                "queue_order_strategy": "priority",
-                "priority_steps": [0, 3, 6, 9],
-            },
-            task_default_queue="cpu",
-            task_create_missing_queues=True,
-            worker_send_task_events=False,
-            # A pool process reports for work only after its warm-up (_warm_up_pool_process);
-            # Celery's default of 4 s would kill a process still warming up on a busy machine.
-            worker_proc_alive_timeout=WARM_UP_TIMEOUT_SECONDS,
-        )
-
-    @cached_property
-    def sessions(self) -> sessionmaker[Session]:
-        # Built on first use, inside the worker child process (never across a fork).
-        return make_session_factory(make_engine(self.settings.effective_database_url))
-
-    def open_index(self) -> None:
-        """Connect to the index and set up the ORM now, not in this process's first task.
-
-        The first query of a process configures SQLAlchemy's mappers and opens
-        the connection: about 45 ms that a study's turnaround would otherwise
-        carry.  Best effort: an index that cannot be reached now is reported by
-        the first task that needs it.
-        """
-        try:
-            configure_mappers()
-            with session_scope(self.sessions) as session:
-                session.scalar(select(Job.id).limit(1))
-        except SQLAlchemyError as exc:
-            log.warning("the index could not be opened before the first task: %s", exc)
+__all__ = ["QUEUES", "WARM_UP_TIMEOUT_SECONDS", "PacsAiCelery", "create_app"]
 
 
 @signals.after_setup_logger.connect
@@ -172,6 +96,7 @@ def _warm_up_pool_process(**_kwargs: Any) -> None:
 
 
 def create_app(settings: Settings) -> PacsAiCelery:
+    """The worker's application: :class:`PacsAiCelery` with the tasks of :mod:`workers.tasks` registered."""
     app = PacsAiCelery(settings)
     app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
     return app

@@ -2,15 +2,22 @@
 
 The scheduler of ``pacs-ai serve`` uses it, and so do the administrator
 operations (:mod:`pacs_ai.ops.jobs`: ``pacs-ai retry`` and the admin console's
-retry button) to send work at once instead of waiting for the next start.
+retry button) to send work at once instead of waiting for the next start.  It sends tasks
+by name (:mod:`workers.celery_app`) and imports no task body.
 """
 
 from __future__ import annotations
 
 from pacs_ai.route.assembly import JobTicket, Notification
 from pacs_ai.route.plan import CELERY_PRIORITY
-from workers.factory import PacsAiCelery
-from workers.tasks import ANALYZE_TASK, DELIVER_TASK, DRAFT_TASK, NOTIFY_TASK, analysis_time_limits
+from workers.celery_app import (
+    ANALYZE_TASK,
+    DELIVER_TASK,
+    DRAFT_TASK,
+    NOTIFY_TASK,
+    PacsAiCelery,
+    analysis_time_limits,
+)
 
 __all__ = ["CeleryTaskQueue"]
 

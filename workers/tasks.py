@@ -21,15 +21,19 @@ from pacs_ai.jobs.run import JobNotRunnable, run_job
 from pacs_ai.redact import redact_text, redact_url
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.storage.base import StorageError
+from workers.celery_app import (
+    ANALYZE_TASK,
+    DEFAULT_SOFT_TIME_LIMIT,
+    DELIVER_MANY_TASK,
+    DELIVER_TASK,
+    DRAFT_IF_DUE_TASK,
+    DRAFT_TASK,
+    HARD_TIME_LIMIT_GRACE_SECONDS,
+    NOTIFY_TASK,
+    analysis_time_limits,
+)
 
 log = logging.getLogger(__name__)
-
-ANALYZE_TASK = "pacs_ai.analyze_series"
-DELIVER_TASK = "pacs_ai.deliver_result"
-DELIVER_MANY_TASK = "pacs_ai.deliver_results"
-NOTIFY_TASK = "pacs_ai.notify"
-DRAFT_TASK = "pacs_ai.draft_report"
-DRAFT_IF_DUE_TASK = "pacs_ai.draft_report_if_due"
 
 #: Retries of an analysis that failed with an internal error (not bad input).
 ANALYZE_MAX_RETRIES = 3
@@ -43,23 +47,6 @@ STORAGE_RETRY_MAX_SECONDS = 300
 def storage_retry_countdown(retries: int) -> float:
     """Seconds before retry ``retries + 1`` of a job the storage failed: 5, 10, 20 ... at most 300."""
     return float(min(STORAGE_RETRY_MAX_SECONDS, 5 * 2**retries))
-
-
-#: Time limit of an analysis message that carries none (sent by an older scheduler).
-DEFAULT_SOFT_TIME_LIMIT = 1800.0
-#: The hard limit (the pool kills the process) follows the soft one by this much, so the task
-#: has time to record why it stopped.
-HARD_TIME_LIMIT_GRACE_SECONDS = 60.0
-
-
-def analysis_time_limits(soft_seconds: float) -> dict[str, float]:
-    """Celery options limiting one analysis to ``soft_seconds``: ``soft_time_limit`` and ``time_limit``.
-
-    At the soft limit the task gets :class:`SoftTimeLimitExceeded` and fails
-    the job with the limit in the reason; the hard limit is the backstop for
-    code that does not return to Python in time (a long native call).
-    """
-    return {"soft_time_limit": soft_seconds, "time_limit": soft_seconds + HARD_TIME_LIMIT_GRACE_SECONDS}
 
 
 @shared_task(

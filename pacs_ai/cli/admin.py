@@ -37,6 +37,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.ops.audit import audit_row, search_audit
+from pacs_ai.ops.jobs import cancel_jobs, enqueue, retry_jobs, studies_due_for_draft
 from pacs_ai.peer_settings import DicomDestination
 
 
@@ -66,8 +67,6 @@ def retry(
     profile takes effect), unless --keep-params; ``reprocess`` is the way to
     analyse a series again when its job succeeded (a new result version).
     """
-    from pacs_ai.ops.jobs import enqueue, retry_jobs  # here: Celery and the report pipeline load slowly
-
     settings = settings_of(ctx)
     with session_scope(index_sessions(settings)) as session:
         outcome = retry_jobs(session, settings, job_ids, actor=cli_actor(), keep_params=keep_params)
@@ -92,8 +91,6 @@ def cancel(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel jobs that have not finished; a running one stops being retried and its results are not sent."""
-    from pacs_ai.ops.jobs import cancel_jobs, enqueue, studies_due_for_draft  # slow imports: see retry
-
     settings = settings_of(ctx)
     sessions = index_sessions(settings)
     with session_scope(sessions) as session:
@@ -120,8 +117,6 @@ def send(
     as_json: JsonOption = False,
 ) -> None:
     """Send a study's results again (same SOP Instance UIDs, so the PACS replaces rather than duplicates)."""
-    from pacs_ai.ops.jobs import enqueue  # slow imports: see retry
-
     settings = settings_of(ctx)
     unknown = sorted(set(to or []) - set(settings.destinations))
     if unknown:

@@ -22,6 +22,7 @@ import typer
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from celery.signals import worker_process_shutdown
+from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,10 +35,12 @@ from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, session_scope
 from pacs_ai.index.models import Job, WorkerNode, utcnow
 from pacs_ai.index.workers import forget_worker, is_beating
+from pacs_ai.route.assembly import JobTicket
+from workers.celery_app import QUEUES, create_client
+from workers.task_queue import CeleryTaskQueue
 
-#: The queues a worker can serve (``workers.factory.QUEUES``; that module is imported only to run a
-#: worker, since it loads the analyzers and torch, which other ``pacs-ai`` verbs do not need).
-QUEUE_NAMES = ("dispatch", "cpu", "gpu")
+#: The queues a worker can serve.
+QUEUE_NAMES = QUEUES
 
 #: Seconds to wait for the broker before refusing to start.
 BROKER_CHECK_SECONDS = 10.0
@@ -198,9 +201,7 @@ def _broker_problem(settings: Settings) -> str | None:
             "no broker: the embedded one runs only inside `pacs-ai serve` on the receiver; set broker_url "
             "(PACS_AI_BROKER_URL) to the receiver's Redis"
         )
-    from workers.factory import create_app
-
-    app = create_app(settings)
+    app = create_client(settings)
     try:
         with app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=BROKER_CHECK_SECONDS)
@@ -289,9 +290,7 @@ def forget(
 
 def _answers_ping(settings: Settings, node: str) -> bool:
     """Whether ``node`` answers a ping over the broker (False when the broker cannot be reached)."""
-    from workers.factory import create_app
-
-    app = create_app(settings)
+    app = create_client(settings)
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=PING_SECONDS)
@@ -305,15 +304,9 @@ def _enqueue_jobs(settings: Settings, sessions: sessionmaker[Session], job_ids: 
     """Send the jobs handed back to the broker; False (they stay queued in the index) if it is down."""
     if not job_ids:
         return True
-    from kombu.exceptions import OperationalError
-
-    from pacs_ai.route.assembly import JobTicket
-    from workers.factory import create_app
-    from workers.task_queue import CeleryTaskQueue
-
     with session_scope(sessions) as session:
         tickets = [JobTicket.of(job) for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))]
-    app = create_app(settings)
+    app = create_client(settings)
     app.conf.broker_connection_timeout = 3
     app.conf.broker_connection_max_retries = 0
     queue = CeleryTaskQueue(app)

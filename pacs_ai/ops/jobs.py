@@ -25,7 +25,7 @@ from pacs_ai.route.assembly import JobTicket
 from pacs_ai.route.profiles import AnalyzerStep, ProfileError, load_profiles
 from pacs_ai.route.reprocess import find_indexed_studies, reopen_series
 from pacs_ai.storage.files import HostFiles
-from workers.factory import create_app
+from workers.celery_app import create_client
 from workers.task_queue import CeleryTaskQueue
 
 __all__ = [
@@ -52,7 +52,7 @@ def enqueue(
     """
     if not jobs and not deliveries and not drafts:
         return True
-    app = create_app(settings)
+    app = create_client(settings)
     app.conf.broker_connection_timeout = BROKER_TIMEOUT_SECONDS
     app.conf.broker_connection_max_retries = 0
     queue = CeleryTaskQueue(app)

@@ -5,8 +5,9 @@ index counts (:func:`index_counts`): whether ``pacs-ai serve`` runs for this
 data directory, its listener, the workers of every host (from the index, and
 whether they answer over the broker), the queues, the storage check, the
 broker and the disk, with the problems found as sentences.  The keys are
-listed in :mod:`pacs_ai.cli.status`.  The broker and Celery are imported
-where they are asked (a command that does not need them starts faster).
+listed in :mod:`pacs_ai.cli.status`.  The broker is asked through the
+Celery application without its tasks (:mod:`workers.celery_app`): no analyzer,
+model or torch is imported for a status.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from amqp.exceptions import ChannelError
+from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +36,7 @@ from pacs_ai.receive.health import listener_capacity_problems
 from pacs_ai.receive.security import open_listener_warning
 from pacs_ai.receive.server import low_disk_reason
 from pacs_ai.storage import StorageError, open_storage
+from workers.celery_app import QUEUES, create_client
 
 __all__ = [
     "collect_status",
@@ -168,10 +172,6 @@ def _disk(settings: Settings, usage: DiskUsage | None) -> dict[str, Any] | None:
 
 def _broker(settings: Settings) -> tuple[dict[str, Any], dict[str, int | None]]:
     """The broker's URL (no password), whether it answers, and each queue's waiting messages."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    from workers.factory import QUEUES
-
     url = settings.effective_broker_url
     broker: dict[str, Any] = {"url": maybe_sanitize_url(url), "reachable": False, "error": None}
     queues: dict[str, int | None] = dict.fromkeys(QUEUES)
@@ -188,11 +188,7 @@ def _broker(settings: Settings) -> tuple[dict[str, Any], dict[str, int | None]]:
 
 
 def _queue_lengths(settings: Settings) -> dict[str, int | None]:
-    from amqp.exceptions import ChannelError
-
-    from workers.factory import QUEUES, create_app
-
-    app = create_app(settings)
+    app = create_client(settings)
     lengths: dict[str, int | None] = {}
     with app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
@@ -233,10 +229,8 @@ def worker_nodes(
 
 def _active_tasks(settings: Settings) -> dict[str, list[Any]] | None:
     """Node name -> tasks it runs, from the workers that answer a broadcast within the timeout."""
-    from workers.factory import create_app
-
     try:
-        replies = create_app(settings).control.inspect(timeout=WORKER_REPLY_SECONDS).active()
+        replies = create_client(settings).control.inspect(timeout=WORKER_REPLY_SECONDS).active()
     except Exception:  # noqa: BLE001 - no answer from the broker is reported as "not asked"
         return None
     return dict(replies or {})
