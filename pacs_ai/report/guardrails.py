@@ -9,7 +9,12 @@ template draft can be shown to the radiologist:
   a value of the evidence (measurement, probability or threshold as a
   percentage, patient age, a threshold named in a measurement's name) within
   the precision it is printed with (half a unit in its last digit), after
-  unit conversion (2.5 L = 2500 mL); a unit of another kind fails;
+  unit conversion (2.5 L = 2500 mL); a unit of another kind fails.  A number
+  whose clause names a measurement before it ("Perc15 -869 HU", "probability
+  91%"; :func:`reference_names`) must be the value of THAT measurement, on the
+  side the sentence states, not any value of its unit: a value moved from one
+  measurement to another ("Left lung: ..., Perc15 -857 HU" where -857 HU is the
+  left lung's mean lung density) fails;
 * **laterality** (:func:`check_laterality`): a value stated for one side must
   be that side's measurement; a finding placed on a side must be on that side
   in the evidence;
@@ -39,7 +44,8 @@ from dataclasses import dataclass
 
 from pacs_ai.report.consistency import check_against_findings
 from pacs_ai.report.detections import check_detections, count_statements
-from pacs_ai.report.evidence import Evidence
+from pacs_ai.report.drafters.template import format_value, measurement_label, percent
+from pacs_ai.report.evidence import Evidence, Measurement
 from pacs_ai.report.prompts import IMPRESSION_INSTRUCTION, REPORT_INSTRUCTION
 from pacs_ai.report.quantitative import is_laa950, laa950_band
 from pacs_ai.report.text import (
@@ -64,6 +70,12 @@ class Reference:
     unit: str
     label: str
     side: str | None = None
+    #: What a draft may call it (lower case, :func:`reference_names`); empty: nothing names it.
+    names: frozenset[str] = frozenset()
+    #: Where it is, for messages ("left lung", "pneumothorax"); None when nowhere in particular.
+    where: str | None = None
+    #: The value as messages print it (as the template drafter prints it); empty: :func:`_fmt`.
+    shown: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,13 +93,68 @@ def _fmt(value: float, unit: str) -> str:
     return f"{text} {DISPLAY_UNITS.get(unit, unit)}"
 
 
+#: A code is a name drafts may use when it has letters ("LAA950", "PERC15"), not a bare number (SNOMED).
+_NAME_CODE = re.compile(r"[A-Za-z][A-Za-z0-9.]{2,}")
+#: What names a finding's numbers: its probability (a detection's "score") and its threshold, a box's size.
+PROBABILITY_NAMES = frozenset({"probability", "score"})
+THRESHOLD_NAMES = frozenset({"threshold"})
+SIZE_NAMES = frozenset({"size"})
+AGE_NAMES = frozenset({"age"})
+
+
+def reference_names(m: Measurement) -> frozenset[str]:
+    """What a draft may call a measurement, in lower case: derived from the measurement, not listed.
+
+    Its short name as the drafts and prompts print it (:func:`measurement_label`:
+    "volume", "mean lung density", "%LAA-950", "Perc15"), its recorded name
+    ("Attenuation Coefficient", "15th percentile of lung density"), with its
+    derivation ("mean attenuation coefficient"), its code where the code is a
+    word (the lung analyzer's "LAA950", "PERC15"), those without the "%" sign
+    or hyphen ("LAA-950", "LAA950") and the initials of a short name of three
+    or more words ("MLD").
+    """
+    label = measurement_label(m)
+    names = {label, m.name}
+    if m.derivation:
+        names.add(f"{m.derivation} {m.name}")
+    if m.code and _NAME_CODE.fullmatch(m.code):
+        names.add(m.code)
+    for name in list(names):
+        names.add(name.lstrip("%"))
+        if " " not in name:  # a one-word name with a hyphen is also written without it ("LAA950")
+            names.add(name.lstrip("%").replace("-", ""))
+    words = label.split()
+    if len(words) >= 3 and all(w.isalpha() for w in words):
+        names.add("".join(w[0] for w in words))
+    return frozenset(n.strip().lower() for n in names if re.search(r"[A-Za-z]", n))
+
+
+def _where(m: Measurement) -> str | None:
+    """The site of a measurement as messages say it ("left lung"; the lungs as a whole: "both lungs")."""
+    if not m.site:
+        return None
+    if m.side == "both" and m.site.strip().lower() in ("lung", "lungs"):
+        return "both lungs"
+    return m.site.lower()
+
+
 def reference_values(evidence: Evidence) -> list[Reference]:
     """Every number the evidence holds, in canonical units (see :mod:`pacs_ai.report.text`)."""
     refs: list[Reference] = []
     for m in evidence.measurements:
         unit, factor = canonical_unit(m.unit)
         site = f"{m.site} " if m.site else ""
-        refs.append(Reference(m.value * factor, unit, f"{site}{m.name}".strip(), m.side))
+        refs.append(
+            Reference(
+                m.value * factor,
+                unit,
+                f"{site}{m.name}".strip(),
+                m.side,
+                reference_names(m),
+                _where(m),
+                format_value(m.value, m.unit),
+            )
+        )
         # Thresholds named in a measurement's name ("... below -950 HU") may be quoted.
         refs += [
             Reference(n.value, n.unit, f"threshold in {m.name!r}")
@@ -95,15 +162,23 @@ def reference_values(evidence: Evidence) -> list[Reference]:
             if n.unit is not None
         ]
     for f in evidence.findings:
+        name = f.name.lower()
         if f.probability is not None:
-            refs.append(Reference(100.0 * f.probability, "%", f"probability of {f.name}", f.side))
+            label, shown = f"probability of {f.name}", percent(f.probability)
+            refs.append(Reference(100.0 * f.probability, "%", label, f.side, PROBABILITY_NAMES, name, shown))
         if f.threshold is not None:
-            refs.append(Reference(100.0 * f.threshold, "%", f"threshold of {f.name}", f.side))
+            label, shown = f"threshold of {f.name}", percent(f.threshold)
+            refs.append(Reference(100.0 * f.threshold, "%", label, f.side, THRESHOLD_NAMES, name, shown))
         if f.size_mm is not None:  # a detected box's size
             where = f" ({f.site})" if f.site else ""
-            refs.append(Reference(f.size_mm, "mm", f"size of {f.name}{where}", f.side))
+            label, shown = f"size of {f.name}{where}", format_value(f.size_mm, "mm")
+            refs.append(
+                Reference(f.size_mm, "mm", label, f.side, SIZE_NAMES, f"{name}{where.lower()}", shown)
+            )
     if evidence.context.patient_age_years is not None:
-        refs.append(Reference(float(evidence.context.patient_age_years), "year", "patient age"))
+        refs.append(
+            Reference(float(evidence.context.patient_age_years), "year", "patient age", None, AGE_NAMES)
+        )
     return refs
 
 
@@ -162,9 +237,86 @@ def _candidates(number: NumberMention, refs: Iterable[Reference]) -> list[Refere
     ]
 
 
+def _name_patterns(refs: Iterable[Reference]) -> dict[str, re.Pattern[str]]:
+    """A pattern per name of ``refs``: the name as a whole word (a "%" or "-" inside belongs to it)."""
+    names = {name for r in refs for name in r.names}
+    return {
+        name: re.compile(rf"(?<![\w%-]){re.escape(name)}(?![\w%-])", re.IGNORECASE) for name in sorted(names)
+    }
+
+
+def _named(lead: str, patterns: dict[str, re.Pattern[str]]) -> tuple[str, str] | None:
+    """(name, as written) of the measurement name nearest the end of ``lead``, the longest there."""
+    best: tuple[int, int, str, str] | None = None
+    for name, pattern in patterns.items():
+        for match in pattern.finditer(lead):
+            key = (match.end(), match.end() - match.start(), name, match.group())
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return (best[2], best[3]) if best else None
+
+
+def _side_fits(stated: str | None, side: str | None) -> bool:
+    return stated is None or side is None or stated == side
+
+
+def _listed(refs: list[Reference], places: bool = False) -> str:
+    """Values for a message: "-869 HU", or "-869 HU (left lung), -934 HU (right lung)" from several places."""
+    places = places or len({r.where for r in refs}) > 1
+    return ", ".join(
+        (r.shown or _fmt(r.value, r.unit)) + (f" ({r.where})" if places and r.where else "") for r in refs
+    )
+
+
+def check_named_number(
+    n: NumberMention, refs: list[Reference], patterns: dict[str, re.Pattern[str]]
+) -> Violation | None:
+    """A number whose clause names a measurement before it must be that measurement's value.
+
+    The name is the one nearest the number in the words of its clause before
+    it (:attr:`NumberMention.lead`); the value must match a measurement of that
+    name and of the number's unit at its printed precision, on the side the
+    sentence states (:attr:`NumberMention.side`) when it states one.  A name
+    none of whose measurements has the number's unit binds nothing (the unit
+    check speaks), nor does a value stated for a side that has none of it but
+    another side has (:func:`check_laterality` says so).
+    """
+    found = _named(n.lead, patterns)
+    if found is None or n.unit is None:
+        return None
+    name, written = found
+    named = [r for r in refs if name in r.names and r.unit == n.unit]
+    on_side = [r for r in named if _side_fits(n.side, r.side)]
+    if not named or _candidates(n, on_side):
+        return None
+    by_value = _candidates(n, refs)
+    if by_value and not any(_side_fits(n.side, r.side) for r in by_value):
+        return None  # the value of another side: a laterality violation
+    places = {r.where for r in on_side}
+    if on_side and len(places) == 1 and None not in places:
+        place = str(places.pop())
+        target = f"{written} of {place}" if place.startswith("both") else f"{written} of the {place}"
+    elif n.side is not None:
+        target = f"{written} of {'both sides' if n.side == 'both' else f'the {n.side} side'}"
+    else:
+        target = written
+    if on_side:
+        return Violation("numbers", f"{n.text!r} is given for {target}; the evidence has {_listed(on_side)}")
+    return Violation(
+        "numbers",
+        f"{n.text!r} is given for {target}; the evidence has {written} only elsewhere: "
+        f"{_listed(named, places=True)}",
+    )
+
+
 def check_numbers(text: str, evidence: Evidence) -> list[Violation]:
-    """Every number has a unit and is a value of the evidence at its printed precision."""
+    """Every number has a unit and is a value of the evidence at its printed precision.
+
+    A number whose clause names a measurement must be the value of that
+    measurement (:func:`check_named_number`).
+    """
     refs = reference_values(evidence)
+    patterns = _name_patterns(refs)
     violations = []
     counts = {c.start for c in count_statements(text, evidence)}  # checked by check_detections
     for n in find_numbers(text, _extra_units(evidence)):
@@ -174,6 +326,9 @@ def check_numbers(text: str, evidence: Evidence) -> list[Violation]:
             violations.append(Violation("numbers", f"{n.text!r} has no unit (in {n.sentence!r})"))
             continue
         if _candidates(n, refs):
+            named = check_named_number(n, refs, patterns)
+            if named is not None:
+                violations.append(named)
             continue
         other_units = sorted(
             {r.unit for r in refs if abs(r.value - n.value) <= n.tolerance + 1e-9} - {n.unit}

@@ -16,7 +16,9 @@ assertion, so errors make the guardrails stricter, not looser.
 
 Numbers must carry a unit (see :data:`UNITS`); a number glued to letters
 ("Perc15", "LAA-950", "15th", "T4") is part of a name, not a value.
-Probabilities are written as percentages.
+Probabilities are written as percentages.  Each number keeps the side it is
+stated for and the words of its clause before it (:attr:`NumberMention.lead`),
+where the guardrails look for the measurement it is given for.
 """
 
 from __future__ import annotations
@@ -264,6 +266,22 @@ class NumberMention:
     side: str | None
     sentence: str
     start: int
+    #: The words of its clause before it: from the previous number, comma, colon or semicolon of its
+    #: sentence (or the sentence's start) up to the number ("Left lung: volume 411 mL, Perc15 -869 HU"
+    #: gives " Perc15 " for -869 HU).  The guardrails read the measurement it names here.
+    lead: str = ""
+
+
+#: What ends the clause before a number (besides the previous number): a comma, colon or semicolon.
+_LEAD_BOUNDARY = re.compile(r"[,;:]")
+
+
+def _lead(sentence: str, number: re.Match[str], previous_end: int) -> str:
+    """The words between the clause start (previous number or :data:`_LEAD_BOUNDARY`) and ``number``."""
+    start = previous_end
+    for boundary in _LEAD_BOUNDARY.finditer(sentence, previous_end, number.start()):
+        start = boundary.end()
+    return sentence[start : number.start()]
 
 
 def _number_side(
@@ -313,6 +331,7 @@ def find_numbers(text: str, extra_units: Iterable[str] = ()) -> list[NumberMenti
     for sentence in sentences(_mask(text, _LIST_MARKER)):
         numbers = list(pattern.finditer(sentence.text))
         claimed: set[int] = set()  # side words a number after them governs ("7.5 mm in the left lung")
+        previous_end = 0
         for match in numbers:
             digits = match.group("int").replace(",", "")
             fraction = match.group("frac") or ""
@@ -334,6 +353,8 @@ def find_numbers(text: str, extra_units: Iterable[str] = ()) -> list[NumberMenti
                     side=side,
                     sentence=sentence.text.strip(),
                     start=sentence.start + match.start(),
+                    lead=_lead(sentence.text, match, previous_end),
                 )
             )
+            previous_end = match.end()
     return result
