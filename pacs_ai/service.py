@@ -99,8 +99,19 @@ def plan_workers(
     return specs
 
 
+#: Where the NVIDIA kernel driver lists the GPUs it drives; without it CUDA has no device.
+NVIDIA_DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
 def _cuda_device_count() -> int:
-    import torch  # only here: the supervisor needs torch for nothing else
+    """GPUs CUDA can use here: 0 without the NVIDIA driver, else torch's count.
+
+    Importing torch costs the supervisor several seconds of CPU at every start
+    (and more at exit), so it is asked only where a driver is present.
+    """
+    if not NVIDIA_DRIVER_GPUS.is_dir():
+        return 0
+    import torch  # only here, and only with a driver: the supervisor needs torch for nothing else
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 

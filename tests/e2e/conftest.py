@@ -17,8 +17,8 @@ BACKENDS = ["embedded", "servers"]
 
 #: For tests about the analysis results (SEG and SR) only: no AI draft report is written or sent.
 NO_DRAFT_REPORTS = {"PACS_AI_REPORT_DRAFTS_ENABLED": "false"}
-#: For tests that never open the worklist web app: ``serve`` starts no process for it (the worklist
-#: imports torch and MONAI, through pacs_ai.ops.jobs and workers.factory: a core for a while at each start).
+#: For tests that never open the worklist web app: ``serve`` starts one process fewer (a web
+#: process's start-up and exit cost a second or two of a core on the shared CI machine).
 NO_WORKLIST = {"PACS_AI_WORKLIST_ENABLED": "false"}
 
 

@@ -68,3 +68,30 @@ def test_cli_web_app_listener_and_scheduler_import_no_model_library():
     assert done.returncode == 0, done.stderr[-3000:]
     # {library: the first module whose import brought it in}
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {}
+
+
+_SUPERVISOR_PROBE = """
+import json, sys
+from pacs_ai.config import Settings
+from pacs_ai.service import worker_specs
+specs = worker_specs(Settings(worker_processes=1))
+print(json.dumps([name for name in sys.argv[1:] if name in sys.modules]))
+"""
+
+
+def test_serve_plans_its_workers_without_torch_on_a_machine_without_an_nvidia_driver():
+    """The supervisor counts GPUs with torch only where the NVIDIA driver lists some."""
+    from pacs_ai.service import NVIDIA_DRIVER_GPUS
+
+    if NVIDIA_DRIVER_GPUS.is_dir():
+        return  # a GPU machine: torch is how the supervisor counts its devices
+    done = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR_PROBE, *HEAVY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
