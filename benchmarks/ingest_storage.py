@@ -43,15 +43,18 @@ from tests.service import PacsAiService  # noqa: E402
 DRAIN_TIMEOUT_SECONDS = 300.0
 #: The object store peer with its uploads at the listener's priority (``--compare-nice``).
 SAME_PRIORITY = "pacs-ai+s3 nice0"
+#: The object store peer with SeaweedFS niced (``--store-nice``).
+STORE_APART = "pacs-ai+s3 store-niced"
 
 
 def object_store_endpoint_factory(
-    drains: list[float], upload_nice: int | None = None
+    drains: list[float], upload_nice: int | None = None, store_nice: int = 0
 ) -> Callable[..., AbstractContextManager[Endpoint]]:
     """``pacs-ai serve`` on an S3 store of its own (SeaweedFS, started before the run is timed; the
     store the tests start holds about 1 GB, six runs of the 300-slice CT); each run appends to
     ``drains`` how long the uploads took to finish after the last acknowledgement.
-    ``upload_nice`` overrides ``storage_upload_nice``."""
+    ``upload_nice`` overrides ``storage_upload_nice``; ``store_nice`` runs SeaweedFS that many steps
+    below normal priority (``--store-nice``)."""
     env = {
         "PACS_AI_WORKER_PROCESSES": "0",
         "PACS_AI_LOG_LEVEL": "WARNING",
@@ -63,7 +66,7 @@ def object_store_endpoint_factory(
     @contextmanager
     def endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
         data_dir = Path(tempfile.mkdtemp(prefix="pacs-ai-s3-bench-")) / "data"
-        with SeaweedS3() as store:
+        with SeaweedS3(nice=store_nice) as store:
             service = PacsAiService(data_dir, extra_env={**env, **storage_environment(store)})
             service.start(timeout=300)  # generous: a shared machine may be busy
             try:
@@ -94,10 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the object store with its uploads at the listener's priority (storage_upload_nice 0)",
     )
+    parser.add_argument(
+        "--store-nice",
+        type=int,
+        default=0,
+        help="also run the object store peer with SeaweedFS at this nice value: on one machine, a stand-in "
+        "for the store on a host of its own, whose CPU the receiver does not share (0: not run)",
+    )
     args = parser.parse_args(argv)
 
     drains: list[float] = []
     same_priority_drains: list[float] = []
+    store_apart_drains: list[float] = []
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="ingest-data-") as tmp:
         send_dir = Path(tmp) / "ct"
@@ -111,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.compare_nice:
             peers[SAME_PRIORITY] = object_store_endpoint_factory(same_priority_drains, upload_nice=0)
+        if args.store_nice:
+            peers[STORE_APART] = object_store_endpoint_factory(store_apart_drains, store_nice=args.store_nice)
         rows = run_interleaved(send_dir, peers, args.associations, args.repeats)
     loads.append(os.getloadavg()[0])
     print(
@@ -128,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s3.median / local.median:.2f}x the local folder ({local.median:.0f}/s); "
             f"local folder {local.median / orthanc.median:.2f}x Orthanc"
         )
+        if STORE_APART in cell:
+            apart = cell[STORE_APART]
+            print(
+                f"  SeaweedFS at nice {args.store_nice} (the store's CPU not taken from the receiver): "
+                f"{apart.median:.0f} inst/s = {apart.median / orthanc.median:.2f}x Orthanc; uploads finished "
+                f"{statistics.median(store_apart_drains):.2f} s after the last acknowledgement"
+            )
         if SAME_PRIORITY in cell:
             same = cell[SAME_PRIORITY]
             print(

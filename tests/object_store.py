@@ -43,10 +43,15 @@ def weed_binary() -> str:
 class SeaweedS3:
     """``weed server -s3`` on loopback with one identity and one bucket; stopped and removed on exit."""
 
-    def __init__(self, bucket: str = "pacs-ai", *, tls: tuple[Path, Path, Path] | None = None) -> None:
-        """``tls``: (CA certificate, server certificate, server key): S3 over HTTPS only."""
+    def __init__(
+        self, bucket: str = "pacs-ai", *, tls: tuple[Path, Path, Path] | None = None, nice: int = 0
+    ) -> None:
+        """``tls``: (CA certificate, server certificate, server key): S3 over HTTPS only.
+        ``nice``: run the server that many steps below normal priority (a benchmark's stand-in for a
+        store on a machine of its own: it takes only the CPU the receiver leaves)."""
         self.bucket = bucket
         self.tls = tls
+        self.nice = nice
         self.host = LOOPBACK
         self.s3_port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="seaweedfs-")
@@ -87,6 +92,7 @@ class SeaweedS3:
         data.mkdir()
         ports = {name: free_port() for name in ("master", "volume", "filer")}
         command = [
+            *(["nice", "-n", str(self.nice)] if self.nice else []),
             weed_binary(),
             "server",
             f"-dir={data}",
