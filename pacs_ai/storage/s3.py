@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import boto3
 import botocore.session
@@ -46,39 +45,23 @@ from pacs_ai.storage.base import (
     StorageError,
     StorageKeyMissing,
     StorageUnavailable,
-    check_key,
 )
 from pacs_ai.storage.local import write_atomically
+from pacs_ai.storage.s3_objects import CREDENTIAL_CODES, MIB, NO_CREDENTIALS, S3Objects
 
 __all__ = ["S3Storage"]
 
-#: Error codes of S3 (and its imitations) meaning the credentials were refused.
-_CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "InvalidToken",
-    "ExpiredToken",
-    "403",
-    "Forbidden",
-}
+#: Error codes boto3 gives a refusal of the credentials as (a HEAD's answer has no body, only its status).
+_CREDENTIAL_CODES = CREDENTIAL_CODES | {"403", "Forbidden"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
-#: Keys one DeleteObjects request may name (S3's limit).
-DELETE_BATCH = 1000
-MIB = 1024 * 1024
 
 
-class S3Storage:
+class S3Storage(S3Objects):
     """Objects in one bucket under one prefix of an S3-compatible store."""
 
     def __init__(self, settings: Settings) -> None:
-        url = urlsplit(settings.storage_url or "")
-        if url.scheme != "s3" or not url.netloc:
-            raise ValueError(f"storage_url {settings.storage_url!r} is not s3://bucket[/prefix]")
-        self.bucket = url.netloc
-        self.prefix = url.path.strip("/")
+        super().__init__(settings)
         endpoint = settings.storage_s3_endpoint_url
-        self.description = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint}" if endpoint else "")
         core = botocore.session.Session()
         if settings.storage_s3_credentials_file is not None:
             core.set_config_variable("credentials_file", str(settings.storage_s3_credentials_file))
@@ -118,13 +101,6 @@ class S3Storage:
             max_concurrency=settings.storage_s3_upload_concurrency,
         )
         self.fetch_concurrency = settings.storage_fetch_concurrency
-
-    def _object(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def local_path(self, key: str) -> None:
-        return None
 
     def put_file(self, key: str, path: Path) -> None:
         with open(path, "rb") as body:
@@ -191,16 +167,7 @@ class S3Storage:
         with the same reason; the other calls are still made.
         """
         failed: dict[str, str] = {}
-        pending = list(dict.fromkeys(keys))
-        for start in range(0, len(pending), DELETE_BATCH):
-            names: dict[str, str] = {}
-            for key in pending[start : start + DELETE_BATCH]:
-                try:
-                    names[self._object(key)] = key
-                except ValueError as exc:
-                    failed[key] = str(exc)
-            if not names:
-                continue
+        for names in self._deletion_batches(keys, failed):
             batch = list(names.values())
             try:
                 answer = self._call(
@@ -220,7 +187,7 @@ class S3Storage:
         return failed
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
+        start = self.start
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=start + prefix
         )
@@ -250,10 +217,7 @@ class S3Storage:
         """The StorageError saying what went wrong, in words an operator can act on."""
         what = f"cannot {action} {key or self.bucket} in {self.description}"
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return StorageCredentialsRefused(
-                f"{what}: no credentials (set storage_s3_access_key_id and storage_s3_secret_access_key, "
-                f"storage_s3_credentials_file, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
-            )
+            return StorageCredentialsRefused(f"{what}: {NO_CREDENTIALS}")
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))

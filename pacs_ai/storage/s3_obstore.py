@@ -44,7 +44,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
-from urllib.parse import urlsplit
 
 import botocore.credentials
 import botocore.session
@@ -60,28 +59,17 @@ from pacs_ai.storage.base import (
     StorageError,
     StorageKeyMissing,
     StorageUnavailable,
-    check_key,
 )
 from pacs_ai.storage.local import write_atomically
+from pacs_ai.storage.s3_objects import CREDENTIAL_CODES, MIB, NO_CREDENTIALS, S3Objects
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config, S3Credential
 
 __all__ = ["ObstoreS3Storage"]
 
-#: Keys one DeleteObjects request may name (S3's limit).
-DELETE_BATCH = 1000
-MIB = 1024 * 1024
 #: Bytes a GET's body is written in: an instance is one piece, a large SEG is streamed.
 READ_CHUNK = MIB
-#: Error codes of S3 (and its imitations) meaning the credentials were refused.
-_CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "InvalidToken",
-    "ExpiredToken",
-}
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
 #: How long refreshable credentials (an instance role) are trusted before botocore is asked again.
@@ -150,17 +138,12 @@ def _guard_fork() -> None:
         )
 
 
-class ObstoreS3Storage:
+class ObstoreS3Storage(S3Objects):
     """Objects in one bucket under one prefix of an S3-compatible store, through obstore."""
 
     def __init__(self, settings: Settings) -> None:
-        url = urlsplit(settings.storage_url or "")
-        if url.scheme != "s3" or not url.netloc:
-            raise ValueError(f"storage_url {settings.storage_url!r} is not s3://bucket[/prefix]")
-        self.bucket = url.netloc
-        self.prefix = url.path.strip("/")
+        super().__init__(settings)
         endpoint = settings.storage_s3_endpoint_url
-        self.description = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint}" if endpoint else "")
         timeout = timedelta(seconds=settings.storage_timeout_seconds)
         client: ClientConfig = {
             "connect_timeout": timeout,
@@ -209,13 +192,6 @@ class ObstoreS3Storage:
         self.part_size = settings.storage_s3_multipart_part_mb * MIB
         self.upload_concurrency = settings.storage_s3_upload_concurrency
         self.fetch_concurrency = settings.storage_fetch_concurrency
-
-    def _object(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def local_path(self, key: str) -> None:
-        return None
 
     def put_file(self, key: str, path: Path) -> None:
         size = os.stat(path).st_size
@@ -298,16 +274,7 @@ class ObstoreS3Storage:
         already gone then count as removed.  The other calls are still made.
         """
         failed: dict[str, str] = {}
-        pending = list(dict.fromkeys(keys))
-        for start in range(0, len(pending), DELETE_BATCH):
-            names: dict[str, str] = {}
-            for key in pending[start : start + DELETE_BATCH]:
-                try:
-                    names[self._object(key)] = key
-                except ValueError as exc:
-                    failed[key] = str(exc)
-            if not names:
-                continue
+        for names in self._deletion_batches(keys, failed):
             try:
                 self._call("delete objects of", "", partial(obstore.delete, self.store, list(names)))
             except StorageError as exc:
@@ -315,7 +282,7 @@ class ObstoreS3Storage:
         return failed
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
+        start = self.start
         # object_store lists whole path segments: ask for the folder, keep the keys that start with prefix.
         folder = (start + prefix).rpartition("/")[0]
         _guard_fork()
@@ -380,16 +347,13 @@ class ObstoreS3Storage:
         status = int(status_match.group(1)) if status_match else None
         code = code_match.group(1) if code_match else ""
         if self._chain is not None and not self._chain.found:
-            return StorageCredentialsRefused(
-                f"{what}: no credentials (set storage_s3_access_key_id and storage_s3_secret_access_key, "
-                f"storage_s3_credentials_file, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
-            )
+            return StorageCredentialsRefused(f"{what}: {NO_CREDENTIALS}")
         if code == "NoSuchBucket" or (status == 404 and not key):
             return StorageBucketMissing(f"{what}: the bucket {self.bucket!r} does not exist")
         if isinstance(exc, FileNotFoundError) or status == 404:
             return StorageKeyMissing(f"{what}: no such object")
         refused = isinstance(exc, PermissionDeniedError | UnauthenticatedError)
-        if refused or code in _CREDENTIAL_CODES or status == 403:
+        if refused or code in CREDENTIAL_CODES or status == 403:
             return StorageCredentialsRefused(
                 f"{what}: the store refused the credentials ({code or status}); check the access key id "
                 f"and secret"
