@@ -205,19 +205,7 @@ def interrupt_dead_associations(db: Session | Connection, now: datetime | None =
                 Instance.series_fk == series_id, Instance.received_at >= opened_at
             )
         )
-        db.execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(interrupted_at=now, interrupted_instances=count or 0)
-        )
-        record_audit(
-            db,
-            actor=f"dicom:{calling_ae}"[:128],
-            action="series.interrupted",
-            object_type="series",
-            object_uid=series_uid,
-            detail={"instances": count or 0, "reason": PROCESS_GONE_REASON},
-        )
+        mark_series_interrupted(db, series_uid, count or 0, calling_ae, PROCESS_GONE_REASON, now)
         marked += 1
     if marked:
         log.warning(
@@ -225,3 +213,26 @@ def interrupt_dead_associations(db: Session | Connection, now: datetime | None =
             marked,
         )
     return marked
+
+
+def mark_series_interrupted(
+    db: Connection | Session, series_uid: str, instances: int, calling_ae: str, reason: str, now: datetime
+) -> None:
+    """Hold ``series_uid`` as interrupted (``instances`` of it came in the cut association) and audit why.
+
+    The router holds such a series for ``resend_window_seconds`` and then marks
+    it incomplete unless a released association completes it.
+    """
+    db.execute(
+        update(Series)
+        .where(Series.series_instance_uid == series_uid)
+        .values(interrupted_at=now, interrupted_instances=instances)
+    )
+    record_audit(
+        db,
+        actor=f"dicom:{calling_ae}"[:128],
+        action="series.interrupted",
+        object_type="series",
+        object_uid=series_uid,
+        detail={"instances": instances, "reason": reason},
+    )

@@ -33,6 +33,7 @@ from pacs_ai.index.associations import (
     AssociationMark,
     interrupt_dead_associations,
     mark_insert_statement,
+    mark_series_interrupted,
 )
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import WriteGate, make_write_gate
@@ -449,19 +450,7 @@ class StoreHandler:
             if mark is not None:
                 mark.clear(connection)
             for series_uid, count in stored_series.items():
-                connection.execute(
-                    update(Series)
-                    .where(Series.series_instance_uid == series_uid)
-                    .values(interrupted_at=now, interrupted_instances=count)
-                )
-                record_audit(
-                    connection,
-                    actor=f"dicom:{sender.ae_title}"[:128],
-                    action="series.interrupted",
-                    object_type="series",
-                    object_uid=series_uid,
-                    detail={"instances": count, "reason": reason},
-                )
+                mark_series_interrupted(connection, series_uid, count, sender.ae_title, reason, now)
         if not stored_series:
             return
         log.warning(
