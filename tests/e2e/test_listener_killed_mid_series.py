@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from pacs_ai.index.associations import PROCESS_GONE_REASON
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent, Job, ReceivingSeries, RoutingState, Series
-from pacs_ai.synthetic.phantom import write_chest_phantom
+from tests.integration.test_receive_listener_killed import _series
 from tests.peers import dcmtk, wait_for
 from tests.service import PacsAiService
 
@@ -35,15 +35,6 @@ pytestmark = pytest.mark.e2e
 
 #: Long enough for the control series to be routed well inside it, short enough to wait out.
 RESEND_WINDOW = 20.0
-
-
-def _series(directory: Path, slices: int, seed: int) -> tuple[list[Path], str, str]:
-    write_chest_phantom(
-        directory, slices=slices, size=64, pixel_spacing_mm=4.0, slice_spacing_mm=5.0, seed=seed
-    )
-    files = sorted(directory.glob("*.dcm"))
-    first = pydicom.dcmread(files[0])
-    return files, str(first.SOPClassUID), str(first.SeriesInstanceUID)
 
 
 def _storescu(service: PacsAiService, files: list[Path]) -> None:
