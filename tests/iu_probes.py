@@ -28,7 +28,11 @@ it does not make the impression unfaithful or is not about the chest:
   "no new fracture" still rules the fracture out);
 * ``conditional`` (time, severity, certainty): the word is in a condition or
   a question ("to determine if this is a chronic appearance"), not in a
-  statement about the patient.
+  statement about the patient;
+* ``still hedged`` (certainty): the sentence keeps another hedge once the
+  first is removed ("Possible opacity versus technique" -> "opacity versus
+  technique" still gives two readings; "suspicious for potential malignancy"
+  -> "potential malignancy"), so it states nothing as certain.
 
 Skips are printed beside the rates by ``benchmarks/guardrail_probes.py``, so
 the denominators stay visible.
@@ -54,7 +58,15 @@ EDITS: tuple[tuple[str, str, str], ...] = (
         "",
     ),
 )
-SKIP_REASONS = ("both sides", "other exam", "masked", "ruled out", "conditional")
+SKIP_REASONS = ("both sides", "other exam", "masked", "ruled out", "conditional", "still hedged")
+#: Hedges left in a sentence after the certainty edit removed its first one (the ConText uncertainty
+#: triggers of pacs_ai/report/data/radiology_context.yaml that reports write).
+HEDGE = re.compile(
+    r"\b(?:possible|possibly|probable|probably|likely|may|might|could|suspicious|suspicion|concerning|"
+    r"concern for|suggest\w*|versus|vs|questionable|question of|potential|presumed|equivocal|"
+    r"indeterminate|cannot (?:be )?(?:excluded|exclude|ruled out)|not excluded|favou?red|and/or)\b",
+    re.IGNORECASE,
+)
 #: A side naming an extremity, the body part of an examination other than the chest ("right foot").
 OTHER_EXAM = re.compile(
     r"\b(?:left|right)\s+(?:elbows?|forearms?|wrists?|hands?|fingers?|thumbs?|knees?|ankles?|foot|feet|"
@@ -96,6 +108,10 @@ def _word_skip(impression: str, match: re.Match[str], category: str) -> str | No
         return "conditional"
     if category == "time" and NEGATED_BEFORE.search(impression[start : match.start()]):
         return "ruled out"
+    if category == "certainty" and sentence:
+        rest = sentence.group()[: match.start() - start] + sentence.group()[match.end() - start :]
+        if HEDGE.search(rest):
+            return "still hedged"
     return None
 
 

@@ -73,6 +73,18 @@ _DOMINANT_SIDE = re.compile(
 _LIST_MARKER = re.compile(r"\d{1,2}[.)](?:\s|$)")
 #: A comma-separated tail this short and naming no concept still qualifies the concept before it.
 TRAILING_QUALIFIER_TOKENS = 3
+#: Words that name nothing: left out of the words a concept's or side's phrase is compared by.
+FUNCTION_WORDS = frozenset(
+    re.split(
+        r"\s+",
+        "a an the of in on at to is are was were be been being there this that these those it its as by for "
+        "from no not without any seen noted identified present demonstrated visualized evidence may might "
+        "could can will would should which has have had also represent representing possible possibly "
+        "probable probably likely suggest suggesting suggestive consistent compatible",
+    )
+)
+#: A side pair ("left and right", "right or left"): both sides, whichever comes first.
+_SIDE_PAIR_WORDS = frozenset({"and", "or", "&"})
 #: Report sections the sectionizer recognises (title words -> section).
 SECTION_TITLES = {
     "findings": ("findings", "finding", "report", "description"),
@@ -112,6 +124,9 @@ class Claim:
     dominant_side: str = ""
     #: Offset in the text.
     start: int = 0
+    #: The other words of its phrase (window), lower case, singular, function words and its own words
+    #: left out ("No XXXX infiltrates" -> {"xxxx"}): what tells this mention from others of its concept.
+    words: frozenset[str] = frozenset()
 
     @property
     def asserted(self) -> bool:
@@ -127,6 +142,28 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Mention:
+    """A side or severity word and the words of its phrase ("prosthetic right shoulder", "nipple ring on
+    left", "mild chronic changes")."""
+
+    #: "sides", "severity" or "time".
+    group: str
+    #: "left", "right" or "both"; a severity level "1" ... "4"; a time value ("new", "stable", ...).
+    value: str
+    #: Content words of its phrase (see :func:`content_words`), the qualifier word left out.
+    words: frozenset[str]
+    sentence: str
+    #: Inside the window of a concept of the vocabulary (then that concept's own checks cover it).
+    in_concept: bool
+    #: A time word ruled out ("no new ...") or in a condition or question: it states no course.
+    ruled_out: bool = False
+
+    @property
+    def side_set(self) -> frozenset[str]:
+        return frozenset({"left", "right"}) if self.value == "both" else frozenset({self.value})
+
+
+@dataclass(frozen=True)
 class TextReading:
     """Every claim of a text, and the numbers no concept in their sentence takes."""
 
@@ -137,6 +174,8 @@ class TextReading:
     #: Time words qualifying no concept ("new appearance of the chest", "stable postoperative changes"):
     #: (time value, sentence), less those ruled out ("no new ...") or in a conditional sentence.
     loose_times: tuple[tuple[str, str], ...] = ()
+    #: Every side and severity word with its phrase (:func:`_mentions`).
+    mentions: tuple[Mention, ...] = ()
 
 
 @cache
@@ -323,6 +362,77 @@ def _longest(matches: Iterable[tuple[int, int, int]], vocab: Any) -> list[tuple[
     return kept
 
 
+def content_words(text: str) -> frozenset[str]:
+    """The words of ``text`` that name something: lower case, a plural "s" dropped, function words out.
+
+    The de-identification's "XXXX" stays a word: it stands for one.
+    """
+    words = (w[:-1] if len(w) > 4 and w.endswith("s") else w for w in re.findall(r"[a-z]+", text.lower()))
+    return frozenset(w for w in words if w not in FUNCTION_WORDS)
+
+
+def _mentions(
+    doc: Doc, matches: list[tuple[str, int, int]], windows: list[tuple[int, int]]
+) -> tuple[Mention, ...]:
+    """Each side, severity and time word with the words of its phrase: back to the previous boundary (or
+    side or severity word) and on to the next one.  A time word reaches over "but" and other time words
+    ("Heart size is upper limits of normal but stable": stable {heart, size, upper, limit, normal}); one
+    ruled out ("no new ...") or in a condition or question is marked so.
+
+    "Prosthetic right shoulder" gives right {prosthetic, shoulder}; "Clear right lung XXXX. In the left
+    lower lobe ..." gives right {clear, lung, xxxx} and left {lower, lobe, ...}.  A side or size word may
+    qualify a structure the vocabulary does not know (shoulder, nipple, quadrant, "chronic changes"); its
+    phrase's words tell which.
+    """
+    found = []
+    for group in ("sides", "severity", "time"):
+        found += _group_mentions(doc, matches, windows, group)
+    return tuple(found)
+
+
+def _group_mentions(
+    doc: Doc, matches: list[tuple[str, int, int]], windows: list[tuple[int, int]], group: str
+) -> list[Mention]:
+    sides = sorted(
+        (s, e, label.partition(":")[2]) for label, s, e in matches if label.startswith(f"{group}:")
+    )
+    found = []
+    boundaries = WINDOW_BOUNDARIES - {"but"} if group == "time" else WINDOW_BOUNDARIES
+    for index, (start, end, side) in enumerate(sides):
+        sentence = doc[start].sent
+        before = start
+        previous_end = sides[index - 1][1] if index and group != "time" else sentence.start
+        while before > max(sentence.start, previous_end) and doc[before - 1].lower_ not in boundaries:
+            before -= 1
+        after = end
+        next_start = sides[index + 1][0] if index + 1 < len(sides) and group != "time" else sentence.end
+        while after < min(sentence.end, next_start) and doc[after].lower_ not in boundaries:
+            after += 1
+        if group == "sides" and _in_side_pair(doc, start, end, sides):
+            continue
+        # Qualifier words (new, chronic, large, ...) and the de-identification's "XXXX" tell no structure.
+        qualifier_words = {doc[s:e].text.lower() for label, s, e in matches if not label.startswith("zones:")}
+        words = content_words(f"{doc[before:start].text} {doc[end:after].text}") - qualifier_words - {"xxxx"}
+        in_concept = any(w_start <= start and end <= w_end for w_start, w_end in windows)
+        preceding = {t.lower_ for t in doc[max(sentence.start, start - LOOSE_TIME_NEGATION_TOKENS) : start]}
+        ruled_out = group == "time" and bool(
+            preceding & LOOSE_TIME_NEGATIONS
+            or {t.lower_ for t in sentence} & CONDITIONAL_WORDS
+            or doc[start:end].text.lower() in WHEN_NOT_WHAT
+        )
+        found.append(Mention(group, side, words, sentence.text.strip(), in_concept, ruled_out))
+    return found
+
+
+def _in_side_pair(doc: Doc, start: int, end: int, sides: list[tuple[int, int, str]]) -> bool:
+    """Whether the side word at ``start:end`` is one of a pair naming both sides ("left and right")."""
+    return any(
+        (s == end + 1 and doc[end].lower_ in _SIDE_PAIR_WORDS)
+        or (e + 1 == start and doc[start - 1].lower_ in _SIDE_PAIR_WORDS)
+        for s, e, _ in sides
+    )
+
+
 def read_text(text: str) -> TextReading:
     """Every :class:`Claim` of ``text`` (findings or impression), and the numbers bound to no concept."""
     nlp = pipeline()
@@ -363,9 +473,11 @@ def read_text(text: str) -> TextReading:
                 Claim(concept=concept, present=False, normal=True, **common) for concept in negated_concepts
             ]
             continue
+        words = content_words(f"{doc[start : ent.start].text} {doc[ent.end : end].text}")
         claims.append(
             Claim(
                 concept=ent.label_,
+                words=words - content_words(ent.text),
                 present=not ent._.is_negated,
                 sides=frozenset(qualifiers["sides"]),
                 zones=frozenset(qualifiers["zones"]),
@@ -376,7 +488,14 @@ def read_text(text: str) -> TextReading:
             )
         )
     loose = tuple(n for n in numbers if id(n) not in bound)
-    return TextReading(tuple(claims), loose, unitless, _loose_times(doc, ents, matches))
+    windows = [_window(doc, ent, ents) for ent in ents if not ent.label_.startswith(NORMAL_LABEL)]
+    return TextReading(
+        tuple(claims),
+        loose,
+        unitless,
+        _loose_times(doc, ents, matches),
+        _mentions(doc, matches, windows),
+    )
 
 
 def _loose_times(

@@ -37,6 +37,15 @@ radiologist would check the same way:
   may not state a change (new, worse) the evidence does not have;
 * **numbers**: a value with a unit must be one of the evidence's values at the
   printed precision, bound to the same concept (or a related one) and side.
+* **phrases outside the vocabulary**: a side or size word qualifying what no
+  concept names ("prosthetic left shoulder", "nipple ring on right", "large
+  chronic changes") must be the side or size the findings give the phrase
+  with the most words in common (two at least, or all of a shorter one);
+  a concept asserted with the words of a phrase the findings rule out ("No
+  XXXX infiltrates" -> "XXXX infiltrates") and of none they state it with is
+  a negation; a hedged reading of a certain finding in the findings' own
+  words ("rib deformities, possibly old fractures" -> "old fractures") stays
+  hedged.
 
 What the draft states and the evidence does not is reported as unsupported:
 an impression adds nothing the findings lack.
@@ -48,7 +57,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from pacs_ai.report.clinical_nlp import Claim, TextReading, read_text
+from pacs_ai.report.clinical_nlp import Claim, Mention, TextReading, content_words, read_text
 from pacs_ai.report.text import DISPLAY_UNITS, NumberMention
 from pacs_ai.report.violations import Violation
 from pacs_ai.report.vocabulary import ABNORMALITY, ACUTE_SUMMARY, Vocabulary, vocabulary
@@ -258,6 +267,15 @@ class Comparison:
                 )
             ]
         violations: list[Violation] = []
+        negated = self._negated_as_phrased(draft, support)
+        if negated:
+            violations.append(
+                Violation(
+                    "negation",
+                    f"{_where(draft)} asserts {draft.text!r} as the findings rule it out "
+                    f"({'; '.join(dict.fromkeys(c.sentence for c in negated))!r})",
+                )
+            )
         if by_rule and not draft.uncertain:
             violations.append(
                 Violation(
@@ -305,6 +323,34 @@ class Comparison:
         violations += self._check_numbers(draft, support)
         return violations
 
+    def _negated_as_phrased(self, draft: Claim, support: list[Claim]) -> list[Claim]:
+        """Findings ruling out the draft's concept with every word the draft qualifies it by, where no
+        finding stating it has those words.
+
+        "No XXXX infiltrates" (a masked "new" or "other") beside "persistent patchy infiltrate in the
+        right middle lobe": the draft's "XXXX infiltrates" is the negated phrase, not the stated one.
+        """
+        if not draft.words or any(draft.words <= c.words for c in support):
+            return []
+        return [
+            c for c in self.negated if c.concept == draft.concept and not c.normal and draft.words <= c.words
+        ]
+
+    def _hedged_reading(self, draft: Claim, support: list[Claim]) -> bool:
+        """The findings state something certain and hedge, in the same sentence, the reading of it the
+        draft states in the findings' own words ("Bilateral rib deformities are noted, possibly old
+        fractures" -> "old fractures"; "foreign body which may represent a bullet fragment" -> "which a
+        bullet fragment").  The certain finding then supports the draft's concept only through the hedged
+        reading.  Summaries ("changes of chronic lung disease") are not held to it.
+        """
+        if self._summary(draft.concept):
+            return False
+        words = content_words(draft.text)
+        same = [c for c in support if content_words(c.text) == words]
+        certain = [c for c in support if not c.uncertain]
+        sentences = {c.sentence for c in same}
+        return bool(same) and all(c.uncertain for c in same) and all(c.sentence in sentences for c in certain)
+
     def _check_qualifiers(self, draft: Claim, support: list[Claim]) -> list[Violation]:
         violations = []
         zones = {z for c in support for z in c.zones}
@@ -326,7 +372,9 @@ class Comparison:
                     f"the findings say {_levels(frozenset(levels)) if levels else 'no size or severity'}",
                 )
             )
-        if not draft.uncertain and all(c.uncertain for c in support):
+        if not draft.uncertain and (
+            all(c.uncertain for c in support) or self._hedged_reading(draft, support)
+        ):
             violations.append(
                 Violation(
                     "certainty",
@@ -390,10 +438,52 @@ class Comparison:
                 )
         return violations
 
+    def check_mention(self, mention: Mention) -> list[Violation]:
+        """A side or size word qualifying what no concept of the vocabulary names ("prosthetic left
+        shoulder", "nipple ring on right", "stomach is right-sided", "large chronic changes") must be one
+        the findings give the same words.
+
+        The findings' words of that group whose phrases share the most words with the draft's are its
+        match; the draft's side must be among theirs, its size level one of theirs or a neighbour (trace ~
+        small).  Words the findings never put beside such a word leave it open.
+        """
+        if mention.in_concept or mention.ruled_out or not mention.words:
+            return []
+        overlap = [
+            (len(mention.words & m.words), m)
+            for m in self.evidence.mentions
+            if m.group == mention.group and not m.ruled_out
+        ]
+        best = max((n for n, _ in overlap), default=0)
+        # One shared word of several ("chronic appearance of the left lung" / "chronic appearing right
+        # basilar markings") is no match; a phrase of one word must share it.
+        if best < min(2, len(mention.words)):
+            return []
+        matched = [m for n, m in overlap if n == best]
+        if mention.group == "sides":
+            holds = mention.side_set <= frozenset().union(*(m.side_set for m in matched))
+        elif mention.group == "time":
+            holds = any(mention.value in TIME_COMPATIBLE[m.value] for m in matched)
+        else:
+            holds = any(int(mention.value) in SEVERITY_NEIGHBOURS[int(m.value)] for m in matched)
+        if holds:
+            return []
+        what = mention.value if mention.group != "severity" else _levels(frozenset({int(mention.value)}))
+        check = {"sides": "laterality"}.get(mention.group, mention.group)
+        return [
+            Violation(
+                check,
+                f"{what} in {mention.sentence!r}; the findings have "
+                f"{'; '.join(dict.fromkeys(m.sentence for m in matched))!r}",
+            )
+        ]
+
     def check(self, draft_text: str) -> list[Violation]:
         """Every way ``draft_text`` goes beyond or against the evidence."""
         draft = read_text(draft_text)
         violations: list[Violation] = []
+        for mention in draft.mentions:
+            violations += self.check_mention(mention)
         for claim in draft.claims:
             violations += self.check_claim(claim)
         for number in draft.loose_numbers:

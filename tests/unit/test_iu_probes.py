@@ -22,15 +22,17 @@ from tests.report_probes import Probe
 CATCH_TARGET = 0.98
 #: Every category must stay at or above this (laterality, negation and severity are at 95-97.4%).
 CATEGORY_FLOOR = 0.95
-#: The radiologists' own impressions flagged: 18.4% (mostly statements their findings do not make: an
+#: The radiologists' own impressions flagged: 18.2% (mostly statements their findings do not make: an
 #: audit of 40 flagged ones found 25 going beyond or against their findings, 15 checker false alarms).
 #: They are not faithful to their findings by construction; this bound keeps the figure from growing.
 RADIOLOGIST_FALSE_ALARMS = 0.20
 #: Issue 22's targets, on the matched probe set built from the reports' findings (tests/iu_probes.py).
 MATCHED_CATCH_TARGET = 0.98
 MATCHED_FALSE_ALARM_TARGET = 0.03
-#: Per category of the matched set (certainty 13/18, laterality 154/163, severity 72/75 at 2026-12-07).
-MATCHED_CATEGORY_FLOOR = 0.70
+#: Per category of the matched set, issue 22's 98% (at 2026-12-07: certainty 16/16, laterality 163/163,
+#: negation 281/282, severity 75/75, time 103/103; 13/18, 154/163, 276/282, 72/75, 100/103 before the
+#: checks of phrases outside the vocabulary, with 2 certainty edits since skipped as still hedged).
+MATCHED_CATEGORY_FLOOR = 0.98
 CATEGORIES = {"laterality", "severity", "time", "certainty", "negation", "unsupported"}
 
 
@@ -114,6 +116,20 @@ def test_edits_that_keep_the_meaning_are_skipped_not_counted() -> None:
     made = list(iu_probes("Stable old rib fracture.", "No old rib fracture is seen.", skipped))
     assert "time" not in {p.category for p in made}
     assert skipped["time: ruled out"] == 1
+    # Removing the first hedge leaves another: still two readings, nothing stated as certain.
+    made = list(
+        iu_probes(
+            "Possible opacity at the right apex.",
+            "Possible opacity at the right apex versus technique.",
+            skipped,
+        )
+    )
+    assert "certainty" not in {p.category for p in made}
+    assert skipped["certainty: still hedged"] == 1
+    made = list(
+        iu_probes("Probable scarring at the right apex.", "Probable scarring at the right apex.", skipped)
+    )
+    assert [p.impression for p in made if p.category == "certainty"] == ["scarring at the right apex."]
     made = list(iu_probes("Small right effusion.", "Small right effusion", skipped))
     sides = [p.impression for p in made if p.category == "laterality"]
     assert sides == ["Small left effusion"]
