@@ -174,8 +174,10 @@ class TextReading:
     #: Time words qualifying no concept ("new appearance of the chest", "stable postoperative changes"):
     #: (time value, sentence), less those ruled out ("no new ...") or in a conditional sentence.
     loose_times: tuple[tuple[str, str], ...] = ()
-    #: Every side and severity word with its phrase (:func:`_mentions`).
+    #: Every side, severity and time word with its phrase (:func:`_mentions`).
     mentions: tuple[Mention, ...] = ()
+    #: Every sentence, with whether it names a concept of the vocabulary (or makes a normal statement).
+    sentences: tuple[tuple[str, bool], ...] = ()
 
 
 @cache
@@ -495,6 +497,7 @@ def read_text(text: str) -> TextReading:
         unitless,
         _loose_times(doc, ents, matches),
         _mentions(doc, matches, windows),
+        tuple((sent.text.strip(), any(ent.sent == sent for ent in ents)) for sent in doc.sents),
     )
 
 

@@ -45,7 +45,9 @@ radiologist would check the same way:
   XXXX infiltrates" -> "XXXX infiltrates") and of none they state it with is
   a negation; a hedged reading of a certain finding in the findings' own
   words ("rib deformities, possibly old fractures" -> "old fractures") stays
-  hedged.
+  hedged; a sentence naming no concept may not state what a findings
+  sentence with all its words (two at least) rules out, or the reverse ("No
+  displacement of the fissure" -> "Displacement of the fissure").
 
 What the draft states and the evidence does not is reported as unsupported:
 an impression adds nothing the findings lack.
@@ -59,7 +61,7 @@ from dataclasses import replace
 
 from pacs_ai.report.clinical_nlp import Claim, Mention, TextReading, content_words, read_text
 from pacs_ai.report.text import DISPLAY_UNITS, NumberMention
-from pacs_ai.report.violations import Violation
+from pacs_ai.report.violations import Check, Violation
 from pacs_ai.report.vocabulary import ABNORMALITY, ACUTE_SUMMARY, Vocabulary, vocabulary
 
 #: Severity levels that may stand for each other (trace ~ small).
@@ -78,6 +80,8 @@ TIME_COMPATIBLE = {
 CHANGE_TIMES = frozenset({"new", "worse"})
 #: Evidence time words that support a statement of change.
 CHANGED_EVIDENCE = frozenset({"new", "worse", "acute"})
+#: The check a side, severity or time word of a phrase outside the vocabulary is reported under.
+MENTION_CHECKS: dict[str, Check] = {"sides": "laterality", "severity": "severity", "time": "time"}
 #: Time words that make an evidence finding not acute for "no acute ..." statements.
 NOT_ACUTE_TIMES = frozenset({"stable", "chronic", "better"})
 
@@ -469,14 +473,34 @@ class Comparison:
         if holds:
             return []
         what = mention.value if mention.group != "severity" else _levels(frozenset({int(mention.value)}))
-        check = {"sides": "laterality"}.get(mention.group, mention.group)
         return [
             Violation(
-                check,
+                MENTION_CHECKS[mention.group],
                 f"{what} in {mention.sentence!r}; the findings have "
                 f"{'; '.join(dict.fromkeys(m.sentence for m in matched))!r}",
             )
         ]
+
+    def check_bare_sentence(self, sentence: str) -> list[Violation]:
+        """A sentence naming no concept of the vocabulary ("Displacement of the minor fissure") must not
+        turn a findings sentence with all its words (two at least) from ruled out to stated or back.
+        """
+        words = content_words(sentence) - {"xxxx"}
+        if len(words) < MIN_SHARED_WORDS:
+            return []
+        matched = [s for s, _ in self.evidence.sentences if words <= content_words(s)]
+        if not matched:
+            return []
+        negated = _negated(sentence, words)
+        if all(_negated(s, words) != negated for s in matched):
+            return [
+                Violation(
+                    "negation",
+                    f"{sentence!r} {'rules out' if negated else 'states'} what the findings "
+                    f"{'state' if negated else 'rule out'} ({'; '.join(matched)!r})",
+                )
+            ]
+        return []
 
     def check(self, draft_text: str) -> list[Violation]:
         """Every way ``draft_text`` goes beyond or against the evidence."""
@@ -484,6 +508,9 @@ class Comparison:
         violations: list[Violation] = []
         for mention in draft.mentions:
             violations += self.check_mention(mention)
+        for sentence, names_concept in draft.sentences:
+            if not names_concept:
+                violations += self.check_bare_sentence(sentence)
         for claim in draft.claims:
             violations += self.check_claim(claim)
         for number in draft.loose_numbers:
@@ -521,6 +548,29 @@ class Comparison:
         return [
             Violation("numbers", f"{number.text!r} in {number.sentence!r} matches no value in the findings")
         ]
+
+
+#: Words a sentence naming no concept must share with a findings sentence to be compared with it.
+MIN_SHARED_WORDS = 2
+_NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|nor|neither)\b", re.IGNORECASE)
+#: A negation closing what it rules out: "... not seen", "... is absent", "... has resolved".
+_CLOSING_NEGATION = re.compile(
+    r"^\W*(?:(?:is|are|was|were|has|have)\s+)?(?:not\b|absent\b|no longer\b|resolved\b)", re.IGNORECASE
+)
+
+
+def _negated(sentence: str, words: frozenset[str]) -> bool:
+    """Whether ``sentence`` rules out what ``words`` name: a negation before the first of them ("No
+    displacement of the fissure") or a closing one after the last ("... projectile not seen").  A
+    negation of other words ("Right shoulder: negative for fracture") does not count.
+    """
+    spots = [m for m in re.finditer(r"[a-z]+", sentence.lower()) if content_words(m.group()) & words]
+    if not spots:
+        return False
+    return bool(
+        _NEGATION.search(sentence[: spots[0].start()])
+        or _CLOSING_NEGATION.search(sentence[spots[-1].end() :])
+    )
 
 
 def _inherit_sentence_side(claim: Claim) -> Claim:

@@ -4,9 +4,9 @@ The matched IU X-ray probe set (tests/iu_probes.py) showed edits the concept rea
 size or time word qualifying a structure the vocabulary does not know ("prosthetic left shoulder",
 "nipple ring on right", "large chronic changes", "upper limits of normal but new"), a negation removed
 where the findings state the concept in other words elsewhere ("No XXXX infiltrates" beside a persistent
-infiltrate), a hedged reading of a certain finding made definite ("rib deformities, possibly old
-fractures" -> "old fractures"), and phrases the vocabulary lacked.  The sentences here are written for
-these tests."""
+infiltrate) or from a sentence naming no concept ("No displacement of the fissure"), a hedged reading of
+a certain finding made definite ("rib deformities, possibly old fractures" -> "old fractures"), and
+phrases the vocabulary lacked.  The sentences here are written for these tests."""
 
 from __future__ import annotations
 
@@ -92,6 +92,18 @@ def test_a_time_word_of_a_phrase_outside_the_vocabulary_must_be_the_findings_cou
     assert "time" in checks("New increased lung volumes consistent with emphysema.", findings)
     # Ruled out, a time word states no course.
     assert "time" not in checks("No new increased lung volumes.", findings)
+
+
+def test_a_sentence_naming_no_concept_keeps_the_findings_negation():
+    findings = "Opacity in the right lower lobe. No displacement of the minor fissure."
+    assert not checks("No displacement of the minor fissure.", findings)
+    assert "negation" in checks("Displacement of the minor fissure.", findings)
+    findings = "Displacement of the minor fissure. Clear lungs."
+    assert "negation" in checks("No displacement of the minor fissure.", findings)
+    # A negation after the words ("not seen") is one too; one of other words ("negative for
+    # fracture") is not about them.
+    assert not checks("Discrete projectile not seen.", "No discrete projectile visualized.")
+    assert not checks("Right shoulder.", "Right shoulder: negative for dislocation.")
 
 
 @pytest.mark.parametrize("qualifier", ["XXXX", "other", "additional"])
