@@ -144,9 +144,11 @@ def test_the_login_limit_holds_across_two_web_processes(index: Index) -> None:
     ports = [free_port(), free_port()]
     # Behind a TLS proxy on this host, as in production: the address counted is the forwarded one.
     options = WorklistOptions(login_attempts_per_minute=4, trusted_proxies=("127.0.0.0/8",))
-    fork = multiprocessing.get_context("fork")  # the app is imported already: no start-up to wait for
+    # Fresh interpreters, as `pacs-ai worklist` starts them: a fork of this many-threaded test process
+    # (torch, storage clients) can inherit a lock another thread held and hang (seen once in CI).
+    spawn = multiprocessing.get_context("spawn")
     web = [
-        fork.Process(
+        spawn.Process(
             target=run_worklist,
             args=(make_settings(data_dir), options),
             kwargs={"host": "127.0.0.1", "port": port},
