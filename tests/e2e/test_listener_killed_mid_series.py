@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from pacs_ai.index.associations import PROCESS_GONE_REASON
 from pacs_ai.index.db import make_engine, make_session_factory, session_scope
 from pacs_ai.index.models import AuditEvent, Job, ReceivingSeries, RoutingState, Series
 from tests.integration.test_receive_listener_killed import _series
-from tests.peers import dcmtk, wait_for
+from tests.peers import storescu, wait_for
 from tests.service import PacsAiService
 
 pytestmark = pytest.mark.e2e
@@ -38,15 +37,8 @@ RESEND_WINDOW = 20.0
 
 
 def _storescu(service: PacsAiService, files: list[Path]) -> None:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    completed = subprocess.run(
-        [dcmtk("storescu"), "-aet", "MODALITY", "-aec", service.ae_title, "127.0.0.1", str(service.port)]
-        + [str(path) for path in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=environment,
+    completed = storescu(
+        "127.0.0.1", service.port, service.ae_title, files, calling_aet="MODALITY", timeout=120
     )
     assert completed.returncode == 0, completed.stderr
 

@@ -39,7 +39,7 @@ from pacs_ai.receive.listener import open_listening_socket
 from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.profiles import Profile
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from tests.peers import dcmtk, wait_for
+from tests.peers import storescu, wait_for
 
 PROFILE = Profile.model_validate(
     {"name": "chest-ct", "match": {"modality": ["CT"]}, "analyzers": [{"name": "ct-chest-lung"}]}
@@ -203,16 +203,7 @@ def _send(association: Association, files: list[Path]) -> None:
 
 
 def _storescu(listener: Listener, calling_ae: str, files: list[Path]) -> None:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    completed = subprocess.run(
-        [dcmtk("storescu"), "-aet", calling_ae, "-aec", AE_TITLE, "127.0.0.1", str(listener.port)]
-        + [str(path) for path in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=environment,
-    )
+    completed = storescu("127.0.0.1", listener.port, AE_TITLE, files, calling_aet=calling_ae, timeout=120)
     assert completed.returncode == 0, completed.stderr
 
 
