@@ -158,6 +158,14 @@ class Settings(BaseSettings):
     #: uploads take the CPU the listener leaves, so a burst is acknowledged as fast as without a
     #: store and the uploads catch up after it; 0 runs them at the listener's priority.
     storage_upload_nice: int = Field(default=10, ge=0, le=19)
+    #: Milliseconds without a new instance after which the uploader starts on the ones acknowledged
+    #: before: while a burst is arriving, its uploads (and, with a store on the receiver's host or a
+    #: busy network, the store's own work) wait, so the senders are acknowledged at the local
+    #: folder's rate.  0 uploads at once.  Never longer than ``storage_upload_max_hold_seconds``.
+    storage_upload_hold_ms: int = Field(default=0, ge=0, le=10000)
+    #: Seconds an acknowledged instance waits at most for the burst it came in to end before it
+    #: is uploaded anyway (a receiver that never goes quiet still uploads).
+    storage_upload_max_hold_seconds: float = Field(default=2.0, ge=0)
     #: Objects of at least this many MiB (a whole-body SEG with a hundred segments) are uploaded to an
     #: S3 store as a multipart upload (either client), each part retried on its own; smaller ones in one
     #: PUT.  S3 allows at most 10,000 parts of at least 5 MiB, so parts of 16 MiB carry objects up to

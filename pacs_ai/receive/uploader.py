@@ -13,7 +13,9 @@ what is still to upload, so after any restart the uploader first uploads
 what was left.  While the store is unreachable or slower than ingest the
 backlog grows; past ``storage_upload_backlog_max`` the listener refuses new
 instances with 0xA700 and the reason (:class:`UploadBacklog`), and senders
-retry later.
+retry later.  With ``storage_upload_hold_ms`` the uploads of a burst wait
+until it is over (:meth:`Uploader.hold_seconds`), for receivers whose CPU
+the uploads, or a store on the same host, would take from the listener.
 """
 
 from __future__ import annotations
@@ -120,6 +122,27 @@ class Uploader:
         self._log(outcome)
         metrics.uploads(outcome.uploaded, outcome.failed)
         return outcome
+
+    def hold_seconds(self) -> float:
+        """How long to wait before the next pass: while instances are still arriving
+        (``storage_upload_hold_ms``), up to ``storage_upload_max_hold_seconds`` after the oldest
+        pending one was acknowledged; 0 when the pass should run now."""
+        quiet = self.settings.storage_upload_hold_ms / 1000
+        if not self.enabled or quiet <= 0:
+            return 0.0
+        arrivals = select(func.min(Instance.received_at), func.max(Instance.received_at)).where(
+            Instance.uploaded_at.is_(None), Instance.purged_at.is_(None), Instance.routed.is_(False)
+        )
+        with session_scope(self.sessions) as session:
+            oldest, newest = session.execute(arrivals).one()
+        if newest is None:
+            return 0.0
+        now = utcnow()
+        since_newest = (now - newest).total_seconds()
+        since_oldest = (now - oldest).total_seconds()
+        if since_newest >= quiet or since_oldest >= self.settings.storage_upload_max_hold_seconds:
+            return 0.0
+        return min(quiet - since_newest, self.settings.storage_upload_max_hold_seconds - since_oldest)
 
     def backlog(self) -> int:
         """Instances acknowledged and not yet in the object store (0 with the embedded storage)."""

@@ -264,6 +264,10 @@ class Scheduler:
     def _upload_forever(self) -> None:
         while not self._stop_uploading.is_set():
             try:
+                hold = self.uploader.hold_seconds()
+                if hold > 0:
+                    self._stop_uploading.wait(hold)
+                    continue
                 outcome = self.uploader.run_once()
             except Exception:  # the index unreachable, say: try again next interval
                 log.exception("upload pass failed")

@@ -173,6 +173,70 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
             queue.close()
 
 
+def test_uploads_wait_while_a_burst_arrives_and_never_longer_than_the_longest_hold(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """``storage_upload_hold_ms``: nothing is uploaded until no instance has arrived for that long,
+    unless the oldest waiting one has waited ``storage_upload_max_hold_seconds``; then the uploader's
+    thread uploads (and routes) as usual."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "any-ct.yaml").write_text(_ANY_CT)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        fsync=False,
+        min_free_disk_mb=0,
+        profiles_dir=profiles,
+        quiet_period_seconds=0,
+        scheduler_interval_seconds=600,
+        broker_url="memory://",
+        storage_upload_hold_ms=2000,
+        storage_upload_max_hold_seconds=30,
+        **storage_settings(object_store),
+    )
+    settings.data_dir.mkdir()
+    upgrade_schema(settings.effective_database_url)
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    sources = write_series(make_ct_series(3, 16, 16), tmp_path / "sources")
+    assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
+        STATUS_SUCCESS
+    ] * 3
+    uploader = Uploader(settings, sessions)
+
+    def received(newest_ago: float, oldest_ago: float) -> None:
+        with session_scope(sessions) as session:
+            ids = sorted(session.scalars(select(Instance.id)))
+            now = utcnow()
+            for instance_id, ago in zip(ids, [oldest_ago, newest_ago, newest_ago], strict=True):
+                session.get_one(Instance, instance_id).received_at = now - timedelta(seconds=ago)
+
+    received(newest_ago=0.5, oldest_ago=1.0)
+    assert 1.0 <= uploader.hold_seconds() <= 1.5  # until two seconds after the newest
+    received(newest_ago=0.5, oldest_ago=29.8)
+    assert 0 < uploader.hold_seconds() <= 0.2  # until the oldest has waited thirty seconds
+    received(newest_ago=0.5, oldest_ago=31.0)
+    assert uploader.hold_seconds() == 0  # the oldest waited long enough: a stream never holds forever
+    received(newest_ago=2.5, oldest_ago=3.0)
+    assert uploader.hold_seconds() == 0  # the burst is over
+    assert Uploader(settings.model_copy(update={"storage_upload_hold_ms": 0}), sessions).hold_seconds() == 0
+
+    received(newest_ago=0.0, oldest_ago=0.0)
+    app = create_app(settings)
+    scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
+    scheduler.start_uploads()
+    try:
+        wait_for(
+            lambda: uploader.backlog() == 0, timeout=60, interval=0.05, description="the instances uploaded"
+        )
+    finally:
+        scheduler.stop_uploads(timeout=60)
+    with session_scope(sessions) as session:
+        rows = session.execute(select(Instance.received_at, Instance.uploaded_at)).all()
+        held = min(uploaded for _, uploaded in rows) - max(arrived for arrived, _ in rows)
+        assert held >= timedelta(seconds=1.9), held
+        assert session.scalars(select(Series.routing_state)).one() == RoutingState.ROUTED
+
+
 def test_migration_0006_turns_spool_and_results_paths_into_keys(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
     command.upgrade(alembic_config(url), "0005")
