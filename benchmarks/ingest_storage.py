@@ -45,16 +45,21 @@ DRAIN_TIMEOUT_SECONDS = 300.0
 SAME_PRIORITY = "pacs-ai+s3 nice0"
 #: The object store peer with SeaweedFS niced (``--store-nice``).
 STORE_APART = "pacs-ai+s3 store-niced"
+#: The object store peer holding its uploads until a burst is over (``--upload-hold-ms``).
+HOLDING = "pacs-ai+s3 hold"
 
 
 def object_store_endpoint_factory(
-    drains: list[float], upload_nice: int | None = None, store_nice: int = 0
+    drains: list[float],
+    upload_nice: int | None = None,
+    store_nice: int = 0,
+    upload_hold_ms: int | None = None,
 ) -> Callable[..., AbstractContextManager[Endpoint]]:
     """``pacs-ai serve`` on an S3 store of its own (SeaweedFS, started before the run is timed; the
     store the tests start holds about 1 GB, six runs of the 300-slice CT); each run appends to
     ``drains`` how long the uploads took to finish after the last acknowledgement.
     ``upload_nice`` overrides ``storage_upload_nice``; ``store_nice`` runs SeaweedFS that many steps
-    below normal priority (``--store-nice``)."""
+    below normal priority (``--store-nice``); ``upload_hold_ms`` overrides ``storage_upload_hold_ms``."""
     env = {
         "PACS_AI_WORKER_PROCESSES": "0",
         "PACS_AI_LOG_LEVEL": "WARNING",
@@ -62,6 +67,8 @@ def object_store_endpoint_factory(
     }
     if upload_nice is not None:
         env["PACS_AI_STORAGE_UPLOAD_NICE"] = str(upload_nice)
+    if upload_hold_ms is not None:
+        env["PACS_AI_STORAGE_UPLOAD_HOLD_MS"] = str(upload_hold_ms)
 
     @contextmanager
     def endpoint(keep_files: bool = False) -> Iterator[Endpoint]:
@@ -104,9 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the object store peer with SeaweedFS at this nice value: on one machine, a stand-in "
         "for the store on a host of its own, whose CPU the receiver does not share (0: not run)",
     )
+    parser.add_argument(
+        "--upload-hold-ms",
+        type=int,
+        default=0,
+        help="also run the object store peer with storage_upload_hold_ms at this value: its uploads wait "
+        "until no instance has arrived for that long (0: not run)",
+    )
     args = parser.parse_args(argv)
 
     drains: list[float] = []
+    holding_drains: list[float] = []
     same_priority_drains: list[float] = []
     store_apart_drains: list[float] = []
     loads = [os.getloadavg()[0]]
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             peers[SAME_PRIORITY] = object_store_endpoint_factory(same_priority_drains, upload_nice=0)
         if args.store_nice:
             peers[STORE_APART] = object_store_endpoint_factory(store_apart_drains, store_nice=args.store_nice)
+        if args.upload_hold_ms:
+            peers[HOLDING] = object_store_endpoint_factory(holding_drains, upload_hold_ms=args.upload_hold_ms)
         rows = run_interleaved(send_dir, peers, args.associations, args.repeats)
     loads.append(os.getloadavg()[0])
     print(
@@ -147,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"  SeaweedFS at nice {args.store_nice} (the store's CPU not taken from the receiver): "
                 f"{apart.median:.0f} inst/s = {apart.median / orthanc.median:.2f}x Orthanc; uploads finished "
                 f"{statistics.median(store_apart_drains):.2f} s after the last acknowledgement"
+            )
+        if HOLDING in cell:
+            holding = cell[HOLDING]
+            print(
+                f"  uploads held until {args.upload_hold_ms} ms without a new instance "
+                f"(storage_upload_hold_ms): {holding.median:.0f} inst/s = "
+                f"{holding.median / orthanc.median:.2f}x Orthanc, {holding.median / local.median:.2f}x the "
+                f"local folder; uploads finished {statistics.median(holding_drains):.2f} s after the last "
+                "acknowledgement"
             )
         if SAME_PRIORITY in cell:
             same = cell[SAME_PRIORITY]
