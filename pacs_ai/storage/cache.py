@@ -12,11 +12,12 @@ again.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from pacs_ai.storage.base import Storage, check_key
@@ -50,7 +51,8 @@ class LocalCache:
             started = time.perf_counter()
             for _, path in missing:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self.storage.get_files(missing)  # concurrently: storage_fetch_concurrency at once
+            with _collection_paused():
+                self.storage.get_files(missing)  # concurrently: storage_fetch_concurrency at once
             for _, path in missing:
                 _touch(path)
             log.info(
@@ -83,6 +85,28 @@ class LocalCache:
             if freed:
                 log.info("cache %s: evicted %d MB of least recently used copies", self.directory, freed >> 20)
             return freed
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a series is fetched.
+
+    The fetch's threads create many short-lived container objects (futures,
+    request handles), which start a collection every few hundred; each holds
+    the GIL that every other fetch thread waits for to write its object, and
+    in a worker with millions of live objects the collections, not the store,
+    took most of the fetch: 0.7-1.3 s for 300 objects against 0.39 s with
+    collection paused (SeaweedFS, same machine).  Nothing here makes
+    reference cycles worth collecting early; the next collection after the
+    fetch takes whatever there is.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _touch(path: Path) -> bool:

@@ -145,7 +145,9 @@ class S3Storage(S3Objects):
         """:meth:`get_file` for each item, in ``storage_fetch_concurrency`` threads (boto3 is synchronous)."""
         if not items:
             return
-        with ThreadPoolExecutor(max_workers=min(self.fetch_concurrency, len(items))) as fetchers:
+        with ThreadPoolExecutor(
+            max_workers=min(self.fetch_concurrency, len(items)), thread_name_prefix="fetch"
+        ) as fetchers:
             for fetched in [fetchers.submit(self.get_file, key, path) for key, path in items]:
                 fetched.result()
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -360,3 +362,41 @@ def test_the_cache_fetch_raises_the_storage_error(s3_client: str, tmp_path: Path
     with pytest.raises(StorageUnavailable):
         cache.fetch([instance_key("1.2", "1.3", "1.4")])
     assert not list((tmp_path / "cache").rglob("*.dcm")), "nothing half-fetched is left"
+
+
+def test_no_garbage_collection_runs_on_the_fetch_threads(
+    s3_client: str, object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """A worker's series fetch pauses Python's cyclic collector (see ``pacs_ai.storage.cache``) and
+    turns it back on after, also when the fetch fails; with the threshold at 1 every allocation of a
+    fetch thread would otherwise start a collection."""
+    settings = Settings(
+        data_dir=tmp_path / "data", **storage_settings(object_store, storage_s3_client=s3_client)
+    )
+    storage = open_storage(settings)
+    keys = [instance_key("1.2", "1.3", f"1.4.{index}") for index in range(40)]
+    source = tmp_path / "object.dcm"
+    source.write_bytes(b"\x01" * 50_000)
+    for key in keys:
+        storage.put_file(key, source)
+    on_fetch_threads: list[str] = []
+
+    def watch(phase: str, _info: dict[str, int]) -> None:
+        name = threading.current_thread().name
+        if phase == "start" and name.startswith("fetch"):
+            on_fetch_threads.append(name)
+
+    cache = LocalCache(storage, tmp_path / "cache", 2**30)
+    threshold = gc.get_threshold()
+    gc.callbacks.append(watch)
+    gc.set_threshold(1)
+    try:
+        assert [path.read_bytes() for path in cache.fetch(keys)] == [source.read_bytes()] * len(keys)
+        assert gc.isenabled()
+        with pytest.raises(StorageError):
+            cache.fetch([instance_key("1.2", "1.3", "1.5")])  # not in the store
+        assert gc.isenabled()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(watch)
+    assert on_fetch_threads == []
