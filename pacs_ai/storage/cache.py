@@ -93,12 +93,14 @@ def _collection_paused() -> Iterator[None]:
 
     The fetch's threads create many short-lived container objects (futures,
     request handles), which start a collection every few hundred; each holds
-    the GIL that every other fetch thread waits for to write its object, and
-    in a worker with millions of live objects the collections, not the store,
-    took most of the fetch: 0.7-1.3 s for 300 objects against 0.39 s with
-    collection paused (SeaweedFS, same machine).  Nothing here makes
-    reference cycles worth collecting early; the next collection after the
-    fetch takes whatever there is.
+    the GIL that every other fetch thread waits for to write its object.  In a
+    worker (millions of live objects) 300 objects took 0.7-1.3 s to fetch,
+    against 0.34-0.44 s in a fresh process; with collection paused 0.39 s in
+    one run, and 0.58 and 0.74 s (medians of 3) in two runs together with
+    :func:`workers.factory._freeze_what_is_loaded`.  The rest of the
+    difference is not explained yet.  Nothing here makes reference cycles
+    worth collecting early; the next collection after the fetch takes
+    whatever there is.
     """
     was_enabled = gc.isenabled()
     gc.disable()
