@@ -10,6 +10,7 @@ from pathlib import Path
 from alembic import command
 from pydicom import dcmread
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
@@ -116,14 +117,12 @@ destinations: []
 """
 
 
-def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
-    object_store: SeaweedS3, tmp_path: Path
-) -> None:
-    """The uploader's thread routes as soon as it has put the last waiting instance into the store.
-
-    The scheduler's own pass never runs here (its interval is ten minutes), so only the upload
-    can have routed the series; the job is opened after every instance is in the store.
-    """
+def _received_series(
+    object_store: SeaweedS3, tmp_path: Path, instances: int, **extra: object
+) -> tuple[Settings, sessionmaker[Session]]:
+    """An index and spool on ``object_store`` that have received one CT series of ``instances``, not
+    yet uploaded; any CT is routed at once (no quiet period) and only an upload triggers routing
+    (the scheduler's own interval is ten minutes)."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "any-ct.yaml").write_text(_ANY_CT)
@@ -136,14 +135,27 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
         scheduler_interval_seconds=600,
         broker_url="memory://",
         **storage_settings(object_store),
+        **extra,
     )
     settings.data_dir.mkdir()
     upgrade_schema(settings.effective_database_url)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
-    sources = write_series(make_ct_series(4, 16, 16), tmp_path / "sources")
+    sources = write_series(make_ct_series(instances, 16, 16), tmp_path / "sources")
     assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
         STATUS_SUCCESS
-    ] * 4
+    ] * instances
+    return settings, sessions
+
+
+def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """The uploader's thread routes as soon as it has put the last waiting instance into the store.
+
+    The scheduler's own pass never runs here (its interval is ten minutes), so only the upload
+    can have routed the series; the job is opened after every instance is in the store.
+    """
+    settings, sessions = _received_series(object_store, tmp_path, 4)
 
     def routing_state() -> RoutingState:
         with session_scope(sessions) as session:
@@ -179,28 +191,9 @@ def test_uploads_wait_while_a_burst_arrives_and_never_longer_than_the_longest_ho
     """``storage_upload_hold_ms``: nothing is uploaded until no instance has arrived for that long,
     unless the oldest waiting one has waited ``storage_upload_max_hold_seconds``; then the uploader's
     thread uploads (and routes) as usual."""
-    profiles = tmp_path / "profiles"
-    profiles.mkdir()
-    (profiles / "any-ct.yaml").write_text(_ANY_CT)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        fsync=False,
-        min_free_disk_mb=0,
-        profiles_dir=profiles,
-        quiet_period_seconds=0,
-        scheduler_interval_seconds=600,
-        broker_url="memory://",
-        storage_upload_hold_ms=2000,
-        storage_upload_max_hold_seconds=30,
-        **storage_settings(object_store),
+    settings, sessions = _received_series(
+        object_store, tmp_path, 3, storage_upload_hold_ms=2000, storage_upload_max_hold_seconds=30
     )
-    settings.data_dir.mkdir()
-    upgrade_schema(settings.effective_database_url)
-    sessions = make_session_factory(make_engine(settings.effective_database_url))
-    sources = write_series(make_ct_series(3, 16, 16), tmp_path / "sources")
-    assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
-        STATUS_SUCCESS
-    ] * 3
     uploader = Uploader(settings, sessions)
 
     def received(newest_ago: float, oldest_ago: float) -> None:
