@@ -140,7 +140,11 @@ class Uploader:
         now = utcnow()
         since_newest = (now - newest).total_seconds()
         since_oldest = (now - oldest).total_seconds()
-        if since_newest >= quiet or since_oldest >= self.settings.storage_upload_max_hold_seconds:
+        if (
+            since_newest >= quiet
+            or since_oldest >= self.settings.storage_upload_max_hold_seconds
+            or since_newest < 0  # the clock was set back: the times say nothing, so do not wait
+        ):
             return 0.0
         return min(quiet - since_newest, self.settings.storage_upload_max_hold_seconds - since_oldest)
 

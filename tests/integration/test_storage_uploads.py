@@ -211,6 +211,8 @@ def test_uploads_wait_while_a_burst_arrives_and_never_longer_than_the_longest_ho
     assert uploader.hold_seconds() == 0  # the oldest waited long enough: a stream never holds forever
     received(newest_ago=2.5, oldest_ago=3.0)
     assert uploader.hold_seconds() == 0  # the burst is over
+    received(newest_ago=-3600, oldest_ago=-3600)
+    assert uploader.hold_seconds() == 0  # the clock was set back an hour: no hour-long hold
     assert Uploader(settings.model_copy(update={"storage_upload_hold_ms": 0}), sessions).hold_seconds() == 0
 
     received(newest_ago=0.0, oldest_ago=0.0)
