@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.ingest import pacs_ai_endpoint_factory  # noqa: E402
 from benchmarks.ingest_peers import Endpoint, format_table, orthanc_endpoint, run_interleaved  # noqa: E402
+from benchmarks.machine import memory_note  # noqa: E402
 from pacs_ai.config import Settings  # noqa: E402
 from pacs_ai.synthetic.phantom import write_chest_phantom  # noqa: E402
 from tests.object_store import SeaweedS3, storage_environment  # noqa: E402
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"load average (1 min) at the start and the end: {loads[0]:.1f}, {loads[1]:.1f}")
+    print(memory_note())
     return 0
 
 

@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.machine import memory_note  # noqa: E402
 from benchmarks.turnaround import _SENT_RESULTS, _parse, stage_report  # noqa: E402
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom  # noqa: E402
 from tests.object_store import SeaweedS3, storage_environment  # noqa: E402
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 turnaround(tmp, orthanc, store, phantoms[0], args)
             else:
                 burst(tmp, orthanc, store, phantoms, args)
+    print(memory_note())
     return 0
 
 
