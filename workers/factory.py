@@ -108,8 +108,9 @@ def _freeze_what_is_loaded() -> None:
     container objects) took 0.7-1.3 s in a worker against 0.34-0.44 s for the
     same fetch in a fresh process (SeaweedFS on the same machine); with the
     freeze 0.58 and 0.72 s (medians of 3), and as much with the fetch also
-    pausing collection (:mod:`pacs_ai.storage.cache`): better, not yet the
-    fresh process's time.  :func:`gc.freeze` moves what exists now into a
+    pausing collection (:mod:`pacs_ai.storage.cache`); the rest was the
+    machine's slow first touch of new memory (:mod:`pacs_ai.storage.cache`
+    says how that was found).  :func:`gc.freeze` moves what exists now into a
     generation the collector never scans (CPython's advice for pre-fork
     servers); garbage is collected first, and what jobs allocate later is
     collected as before.

@@ -98,7 +98,11 @@ def _collection_paused() -> Iterator[None]:
     against 0.34-0.44 s in a fresh process; with collection paused 0.39 s in
     one run, and 0.58 and 0.74 s (medians of 3) in two runs together with
     :func:`workers.factory._freeze_what_is_loaded`.  The rest of the
-    difference is not explained yet.  Nothing here makes reference cycles
+    difference was the machine's, not the worker's: the same fetch in a
+    worker's pool process outside the pipeline took 0.30-0.44 s, and in the
+    pipeline 0.39 s once the virtual machine stopped handing freed memory
+    back to its hypervisor (the 150 MB of new page cache had been slow to
+    touch; ``benchmarks/machine.py``).  Nothing here makes reference cycles
     worth collecting early; the next collection after the fetch takes
     whatever there is.
     """
