@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     #: (not A-RELEASE) waits this long for the sender to send it again on an association that is
     #: released; without such a resend it is marked incomplete and not analysed automatically.
     resend_window_seconds: float = Field(default=600.0, ge=0)
-    #: How often the scheduler looks for ready series and undelivered results.
+    #: How often the scheduler looks for ready series and undelivered results; it also wakes
+    #: when a series it saw receiving reaches the end of its quiet period.
     scheduler_interval_seconds: float = Field(default=0.5, gt=0)
     #: Named result destinations (DICOM C-STORE, DICOMweb STOW-RS or a folder);
     #: see :mod:`pacs_ai.peer_settings`.

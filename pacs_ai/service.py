@@ -506,7 +506,7 @@ def serve(settings: Settings) -> None:
                     supervisor.hand_back_jobs_of_lost_workers()
                 except Exception:
                     log.exception("supervising the child processes and workers failed")
-                stop.wait(settings.scheduler_interval_seconds)
+                stop.wait(scheduler.seconds_until_next_pass())
         finally:
             log.info("pacs-ai stopping")
             supervisor.stop()

@@ -104,6 +104,10 @@ class RoutingPass:
     #: Deliveries of forwarded originals, to enqueue after commit.
     new_deliveries: list[int] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
+    #: When the next series still receiving becomes quiet (the shortest quiet period after its latest
+    #: instance), so the scheduler can route it then rather than at its next regular pass; None when
+    #: no unrouted series is waiting for its quiet period.
+    next_quiet_at: datetime | None = None
 
 
 def route_ready_series(
@@ -215,7 +219,23 @@ def route_ready_series(
         new_jobs=[JobTicket.of(job) for job in new_jobs if job.state == JobState.QUEUED],
         new_deliveries=[delivery.id for delivery in new_deliveries],
         notifications=notifications,
+        next_quiet_at=_next_quiet_at(session, now, shortest_quiet),
     )
+
+
+def _next_quiet_at(session: Session, now: datetime, quiet_seconds: float) -> datetime | None:
+    """When the first unrouted series whose latest instance is younger than ``quiet_seconds`` becomes
+    quiet; None when there is none."""
+    quiet = timedelta(seconds=quiet_seconds)
+    receiving = (
+        select(func.max(Instance.received_at).label("latest"))
+        .where(Instance.routed.is_(False))
+        .group_by(Instance.series_fk)
+        .having(func.max(Instance.received_at) > now - quiet)
+        .subquery()
+    )
+    earliest = session.scalar(select(func.min(receiving.c.latest)))
+    return None if earliest is None else earliest + quiet
 
 
 def _open_job(

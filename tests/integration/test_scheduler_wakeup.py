@@ -1,0 +1,75 @@
+"""The scheduler wakes when a series' quiet period ends, not at its next regular pass.
+
+A real index (SQLite), a real spool and the listener's own store path; the scheduler's regular
+interval is ten minutes, so only the wake-up at the quiet period's end can route the series.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from pacs_ai.config import Settings
+from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
+from pacs_ai.index.models import Instance, Job, RoutingState, Series
+from pacs_ai.receive.headers import STATUS_SUCCESS
+from pacs_ai.receive.store import StoreHandler
+from pacs_ai.route.scheduler import MIN_PASS_GAP_SECONDS, QUIET_MARGIN_SECONDS, Scheduler
+from tests.integration.synthetic_ct import make_ct_series, write_series
+from tests.integration.test_storage_uploads import _ANY_CT, _store
+from workers.factory import create_app
+from workers.task_queue import CeleryTaskQueue
+
+QUIET_SECONDS = 1.0
+INTERVAL_SECONDS = 600.0
+
+
+def test_a_series_is_routed_when_its_quiet_period_ends(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "any-ct.yaml").write_text(_ANY_CT)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        fsync=False,
+        min_free_disk_mb=0,
+        profiles_dir=profiles,
+        quiet_period_seconds=QUIET_SECONDS,
+        scheduler_interval_seconds=INTERVAL_SECONDS,
+        broker_url="memory://",
+    )
+    settings.data_dir.mkdir()
+    upgrade_schema(settings.effective_database_url)
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    app = create_app(settings)
+    scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
+
+    # Nothing received: the regular interval.
+    scheduler.run_once()
+    assert scheduler.seconds_until_next_pass() == INTERVAL_SECONDS
+
+    sources = write_series(make_ct_series(3, 16, 16), tmp_path / "sources")
+    assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "in")] == [
+        STATUS_SUCCESS
+    ] * 3
+    scheduler.run_once()  # sees the series still receiving
+    with session_scope(sessions) as session:
+        assert session.scalars(select(Series.routing_state)).one() == RoutingState.RECEIVING
+        latest = session.scalar(select(func.max(Instance.received_at)))
+    assert latest is not None
+    quiet_at = latest + timedelta(seconds=QUIET_SECONDS)
+    # The wait ends just after the quiet period (never sooner than the shortest gap between passes).
+    wait = scheduler.seconds_until_next_pass(now=latest + timedelta(seconds=0.25))
+    assert abs(wait - (0.75 + QUIET_MARGIN_SECONDS)) < 1e-6
+    assert scheduler.seconds_until_next_pass(now=quiet_at) == MIN_PASS_GAP_SECONDS
+
+    time.sleep(scheduler.seconds_until_next_pass())
+    scheduler.run_once()
+    with session_scope(sessions) as session:
+        assert session.scalars(select(Series.routing_state)).one() == RoutingState.ROUTED
+        opened = session.scalars(select(Job.created_at)).one()
+    assert opened >= quiet_at
+    # Nothing is waiting any more: back to the regular interval.
+    assert scheduler.seconds_until_next_pass() == INTERVAL_SECONDS
