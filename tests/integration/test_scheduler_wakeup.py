@@ -12,14 +12,13 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from pacs_ai.config import Settings
-from pacs_ai.index.db import make_engine, make_session_factory, session_scope, upgrade_schema
+from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Instance, Job, RoutingState, Series
 from pacs_ai.receive.headers import STATUS_SUCCESS
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.route.scheduler import MIN_PASS_GAP_SECONDS, QUIET_MARGIN_SECONDS, Scheduler
 from tests.integration.synthetic_ct import make_ct_series, write_series
-from tests.integration.test_storage_uploads import _ANY_CT, _store
+from tests.integration.test_storage_uploads import _store, any_ct_index
 from workers.factory import create_app
 from workers.task_queue import CeleryTaskQueue
 
@@ -28,21 +27,9 @@ INTERVAL_SECONDS = 600.0
 
 
 def test_a_series_is_routed_when_its_quiet_period_ends(tmp_path: Path) -> None:
-    profiles = tmp_path / "profiles"
-    profiles.mkdir()
-    (profiles / "any-ct.yaml").write_text(_ANY_CT)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        fsync=False,
-        min_free_disk_mb=0,
-        profiles_dir=profiles,
-        quiet_period_seconds=QUIET_SECONDS,
-        scheduler_interval_seconds=INTERVAL_SECONDS,
-        broker_url="memory://",
+    settings, sessions = any_ct_index(
+        tmp_path, quiet_period_seconds=QUIET_SECONDS, scheduler_interval_seconds=INTERVAL_SECONDS
     )
-    settings.data_dir.mkdir()
-    upgrade_schema(settings.effective_database_url)
-    sessions = make_session_factory(make_engine(settings.effective_database_url))
     app = create_app(settings)
     scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
 

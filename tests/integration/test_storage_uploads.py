@@ -117,12 +117,9 @@ destinations: []
 """
 
 
-def _received_series(
-    object_store: SeaweedS3, tmp_path: Path, instances: int, **extra: object
-) -> tuple[Settings, sessionmaker[Session]]:
-    """An index and spool on ``object_store`` that have received one CT series of ``instances``, not
-    yet uploaded; any CT is routed at once (no quiet period) and only an upload triggers routing
-    (the scheduler's own interval is ten minutes)."""
+def any_ct_index(tmp_path: Path, **extra: object) -> tuple[Settings, sessionmaker[Session]]:
+    """Settings, a spool and an index (SQLite) under ``tmp_path`` with one profile that sends any CT
+    to the lung analyzer; ``extra`` adds settings."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "any-ct.yaml").write_text(_ANY_CT)
@@ -131,15 +128,27 @@ def _received_series(
         fsync=False,
         min_free_disk_mb=0,
         profiles_dir=profiles,
-        quiet_period_seconds=0,
-        scheduler_interval_seconds=600,
         broker_url="memory://",
-        **storage_settings(object_store),
         **extra,
     )
     settings.data_dir.mkdir()
     upgrade_schema(settings.effective_database_url)
-    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    return settings, make_session_factory(make_engine(settings.effective_database_url))
+
+
+def _received_series(
+    object_store: SeaweedS3, tmp_path: Path, instances: int, **extra: object
+) -> tuple[Settings, sessionmaker[Session]]:
+    """An index and spool on ``object_store`` that have received one CT series of ``instances``, not
+    yet uploaded; any CT is routed at once (no quiet period) and only an upload triggers routing
+    (the scheduler's own interval is ten minutes)."""
+    settings, sessions = any_ct_index(
+        tmp_path,
+        quiet_period_seconds=0,
+        scheduler_interval_seconds=600,
+        **storage_settings(object_store),
+        **extra,
+    )
     sources = write_series(make_ct_series(instances, 16, 16), tmp_path / "sources")
     assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
         STATUS_SUCCESS
