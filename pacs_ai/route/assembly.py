@@ -155,16 +155,24 @@ def route_ready_series(
             *(p.quiet_period_seconds for p in profiles if p.quiet_period_seconds is not None),
         ]
     )
-    # Series with instances the router has not decided on yet, and when the latest arrived.
-    ready = func.max(Instance.received_at) <= now - timedelta(seconds=shortest_quiet)
-    if require_uploaded:
-        ready = ready & (func.count(Instance.uploaded_at) == func.count(Instance.id))
-    activity = session.execute(
-        select(Instance.series_fk, func.max(Instance.received_at))
+    # Series with instances the router has not decided on yet: when the latest arrived, and whether
+    # all of them are in the store.
+    quiet = timedelta(seconds=shortest_quiet)
+    unrouted = session.execute(
+        select(
+            Instance.series_fk,
+            func.max(Instance.received_at),
+            func.count(Instance.uploaded_at) == func.count(Instance.id),
+        )
         .where(Instance.routed.is_(False))
         .group_by(Instance.series_fk)
-        .having(ready)
     ).all()
+    activity = [
+        (series_id, latest)
+        for series_id, latest, uploaded in unrouted
+        if latest <= now - quiet and (uploaded or not require_uploaded)
+    ]
+    still_receiving = [latest for _, latest, _ in unrouted if latest > now - quiet]
 
     new_jobs: list[Job] = []
     new_deliveries: list[Delivery] = []
@@ -219,23 +227,8 @@ def route_ready_series(
         new_jobs=[JobTicket.of(job) for job in new_jobs if job.state == JobState.QUEUED],
         new_deliveries=[delivery.id for delivery in new_deliveries],
         notifications=notifications,
-        next_quiet_at=_next_quiet_at(session, now, shortest_quiet),
+        next_quiet_at=min(still_receiving) + quiet if still_receiving else None,
     )
-
-
-def _next_quiet_at(session: Session, now: datetime, quiet_seconds: float) -> datetime | None:
-    """When the first unrouted series whose latest instance is younger than ``quiet_seconds`` becomes
-    quiet; None when there is none."""
-    quiet = timedelta(seconds=quiet_seconds)
-    receiving = (
-        select(func.max(Instance.received_at).label("latest"))
-        .where(Instance.routed.is_(False))
-        .group_by(Instance.series_fk)
-        .having(func.max(Instance.received_at) > now - quiet)
-        .subquery()
-    )
-    earliest = session.scalar(select(func.min(receiving.c.latest)))
-    return None if earliest is None else earliest + quiet
 
 
 def _open_job(
