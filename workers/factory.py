@@ -103,17 +103,12 @@ def _freeze_what_is_loaded() -> None:
 
     A worker holds millions of long-lived objects (torch, MONAI, numpy,
     pydicom), and every full collection walked them all; in a forked pool
-    process each walk also copied the parent's pages it touched.  A job's
-    fetch of a series from the object store (300 requests, many small
-    container objects) took 0.7-1.3 s in a worker against 0.34-0.44 s for the
-    same fetch in a fresh process (SeaweedFS on the same machine); with the
-    freeze 0.58 and 0.72 s (medians of 3), and as much with the fetch also
-    pausing collection (:mod:`pacs_ai.storage.cache`); the rest was the
-    machine's slow first touch of new memory (:mod:`pacs_ai.storage.cache`
-    says how that was found).  :func:`gc.freeze` moves what exists now into a
-    generation the collector never scans (CPython's advice for pre-fork
-    servers); garbage is collected first, and what jobs allocate later is
-    collected as before.
+    process each walk also copied the parent's pages it touched (what that
+    cost a job's fetch of a series, measured:
+    :func:`pacs_ai.storage.cache._collection_paused`).  :func:`gc.freeze`
+    moves what exists now into a generation the collector never scans
+    (CPython's advice for pre-fork servers); garbage is collected first, and
+    what jobs allocate later is collected as before.
     """
     gc.collect()
     gc.freeze()
