@@ -839,11 +839,11 @@ class _Association:
         """Give the peer up to :data:`ARTIM_SECONDS` to close the connection first (PS3.8 Sta13).
 
         After an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT it is the requestor
-        that closes the connection.  Closing it here at once can make the
-        requestor lose the PDU just sent: pynetdicom's, finding the connection
-        gone before it looks for the answer, aborts instead of reading the
-        rejection (seen in CI under load).  Anything arriving meanwhile is
-        dropped, at most :data:`NEGOTIATION_CHUNK` bytes per read.
+        that closes the connection.  Closing it here at once, with bytes of the
+        requestor's still unread, makes the kernel reset the connection, and a
+        reset can discard the PDU just sent before the requestor reads it.
+        Anything arriving meanwhile is dropped, at most
+        :data:`NEGOTIATION_CHUNK` bytes per read.
         """
         deadline = time.monotonic() + ARTIM_SECONDS
         with contextlib.suppress(OSError, ValueError):

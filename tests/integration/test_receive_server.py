@@ -34,6 +34,7 @@ from pacs_ai.receive.listener import acceptor_policy, open_listening_socket
 from pacs_ai.receive.server import AssociationServer, ServerOptions
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.synthetic.phantom import write_chest_phantom
+from tests.association_answer import associate
 from tests.peers import data_set_bytes
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -237,8 +238,11 @@ def test_associations_over_the_limit_are_rejected_until_one_ends(
     ae = _storage_ae(pydicom.dcmread(ct_files[0]).SOPClassUID)
     first = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
     assert first.is_established
-    second = ae.associate("127.0.0.1", server.port, ae_title=server.settings.ae_title)
-    assert second.is_rejected
+    second = associate(ae, "127.0.0.1", server.port, server.settings.ae_title)
+    rejection = second.rejection
+    assert rejection is not None and not second.accepted
+    # Rejected transient by the service provider (presentation): local limit exceeded.
+    assert (rejection.result, rejection.source, rejection.reason_diagnostic) == (2, 3, 2)
     first.release()
 
     deadline = time.monotonic() + 5
