@@ -495,6 +495,7 @@ def serve(settings: Settings) -> None:
             settings.profiles_dir,
         )
         try:
+            scheduler.load_analyzers()
             scheduler.recover()
             while not stop.is_set():
                 try:

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import metrics
+from pacs_ai.analyze.registry import get_analyzer
 from pacs_ai.config import Settings
 from pacs_ai.dispatch.delivery import DELIVERY_LEASE
 from pacs_ai.index.db import session_scope
@@ -99,6 +100,24 @@ class Scheduler:
         #: When the next series becomes quiet, as the last routing pass saw it (see
         #: :meth:`seconds_until_next_pass`).
         self._next_quiet_at: datetime | None = None
+
+    def load_analyzers(self) -> list[str]:
+        """Load the analyzers the profiles name now, not when the first series is routed; returns
+        their names.
+
+        Opening a job asks its analyzer for its version, and the first time that imports the
+        analyzer's module: for the built-in lung analyzer, SciPy, about 0.15 s on two cores, which
+        the first study after every start waited for past its quiet period (1.18 s against
+        1.02-1.05 s for the next ones, 300-slice CT, quiet period 1 s).  An analyzer that cannot
+        be loaded is logged here, and fails its jobs' routing as before.
+        """
+        names = sorted({step.name for profile in self.profiles.refresh() for step in profile.analyzers})
+        for name in names:
+            try:
+                get_analyzer(name)
+            except Exception as exc:  # noqa: BLE001 - any failure: routing reports it again, per series
+                log.warning("analyzer %s, named by a profile, cannot be loaded: %s", name, exc)
+        return names
 
     def recover(self) -> int:
         """Re-enqueue unfinished jobs and pending deliveries; returns how many."""

@@ -6,6 +6,8 @@ interval is ten minutes, so only the wake-up at the quiet period's end can route
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ from pacs_ai.receive.store import StoreHandler
 from pacs_ai.route.scheduler import MIN_PASS_GAP_SECONDS, QUIET_MARGIN_SECONDS, Scheduler
 from tests.integration.synthetic_ct import make_ct_series, write_series
 from tests.integration.test_storage_uploads import _store, any_ct_index
+from tests.service import REPO_ROOT
 from workers.factory import create_app
 from workers.task_queue import CeleryTaskQueue
 
@@ -60,3 +63,35 @@ def test_a_series_is_routed_when_its_quiet_period_ends(tmp_path: Path) -> None:
     assert opened >= quiet_at
     # Nothing is waiting any more: back to the regular interval.
     assert scheduler.seconds_until_next_pass() == INTERVAL_SECONDS
+
+
+_LOAD_ANALYZERS = """
+import sys
+from pathlib import Path
+
+from tests.integration.test_storage_uploads import any_ct_index
+from pacs_ai.route.scheduler import Scheduler
+from workers.factory import create_app
+from workers.task_queue import CeleryTaskQueue
+
+settings, sessions = any_ct_index(Path(sys.argv[1]))
+app = create_app(settings)
+scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
+before = "pacs_ai.analyze.lung" in sys.modules
+names = scheduler.load_analyzers()
+print(before, "pacs_ai.analyze.lung" in sys.modules, ",".join(names))
+"""
+
+
+def test_the_analyzers_the_profiles_name_are_loaded_before_the_first_series(tmp_path: Path) -> None:
+    """The service loads them at start (``Scheduler.load_analyzers``): the first series routed after a
+    start no longer waits for SciPy's import.  A fresh interpreter, so nothing is loaded already."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", _LOAD_ANALYZERS, str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert loaded.stdout.split() == ["False", "True", "ct-chest-lung"]
