@@ -50,6 +50,7 @@ def served_model(tiny_model_dir: Path) -> Iterator[tuple[str, str]]:  # noqa: F8
     with transformers_serve(tiny_model_dir) as base_url:
         yield base_url, str(tiny_model_dir)
 
+
 NAME = ("Quarrington", "Zebedee")
 PATIENT_ID = "MRN48151623"
 BIRTH_DATE = "19580310"
