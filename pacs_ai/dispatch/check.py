@@ -9,6 +9,7 @@ import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacs_ai.dispatch.associate import request_association
 from pacs_ai.dispatch.cstore import tls_context
 from pacs_ai.dispatch.stow import http_session
 from pacs_ai.peer_settings import Destination, DicomDestination, DicomWebDestination
@@ -30,9 +31,11 @@ def _echo(destination: DicomDestination, calling_ae_title: str) -> str | None:
     tls_args = None
     if destination.tls is not None:
         tls_args = (tls_context(destination.tls), destination.tls.server_hostname or destination.host)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        return "association rejected, aborted or never connected (check AE title, host, port and firewall)"
+    requested = request_association(ae, destination.host, destination.port, destination.ae_title, tls_args)
+    assoc = requested.association
+    refusal = requested.refusal()
+    if refusal is not None:
+        return f"{destination.describe()} {refusal} (check the AE titles, host, port and firewall)"
     try:
         response = assoc.send_c_echo()
         status = int(response.Status) if "Status" in response else None

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
 
+from pacs_ai.dispatch.associate import request_association
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.peer_settings import DicomDestination, TlsOptions
 
@@ -83,11 +84,11 @@ def send_files(
             tls_args = (tls_context(destination.tls), destination.tls.server_hostname or destination.host)
         except (OSError, ssl.SSLError) as exc:
             raise DeliveryError(f"TLS settings of {destination.describe()} cannot be used: {exc}") from exc
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        raise DeliveryError(
-            f"association with {destination.describe()} was rejected, aborted or never connected"
-        )
+    requested = request_association(ae, destination.host, destination.port, destination.ae_title, tls_args)
+    assoc = requested.association
+    refusal = requested.refusal()
+    if refusal is not None:
+        raise DeliveryError(f"{destination.describe()} {refusal}")
     try:
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
         for item in files:

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacs_ai.dispatch.associate import request_association
 from pacs_ai.dispatch.cstore import tls_context
 from pacs_ai.peer_settings import QueryRetrievePeer
 
@@ -255,11 +256,13 @@ class QueryRetrieveClient:
                 tls_args = (tls_context(self.peer.tls), self.peer.tls.server_hostname or self.peer.host)
             except (OSError, ssl.SSLError) as exc:
                 raise RetrieveError(f"TLS settings of {self.peer.describe()} cannot be used: {exc}") from exc
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title, tls_args=tls_args)
-        if not assoc.is_established:
+        requested = request_association(ae, self.peer.host, self.peer.port, self.peer.ae_title, tls_args)
+        assoc = requested.association
+        refusal = requested.refusal()
+        if refusal is not None:
             raise RetrieveError(
-                f"association with {self.peer.describe()} was rejected, aborted or never connected (does "
-                f"the PACS allow queries and retrievals from AE title {self.calling_ae_title!r}?)"
+                f"{self.peer.describe()} {refusal} (does the PACS allow queries and retrievals from AE "
+                f"title {self.calling_ae_title!r}?)"
             )
         try:
             yield assoc

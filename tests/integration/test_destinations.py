@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from pacs_ai.dispatch.check import check_destination
 from pacs_ai.dispatch.errors import DeliveryError
 from pacs_ai.dispatch.senders import send
 from pacs_ai.peer_settings import DicomDestination, DicomWebDestination, FolderDestination, TlsOptions
 from pacs_ai.synthetic.phantom import PhantomTruth, write_chest_phantom
-from tests.peers import OrthancServer, orthanc_dicomweb_config, orthanc_tls_config, self_signed_certificate
+from tests.peers import (
+    OrthancServer,
+    free_port,
+    orthanc_dicomweb_config,
+    orthanc_tls_config,
+    self_signed_certificate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,7 @@ def test_c_store_over_tls_verifies_the_peer(slices: PhantomTruth, tmp_path: Path
         (tmp_path / "other").mkdir()
         untrusted_ca, _ = self_signed_certificate(tmp_path / "other")
         distrustful = secure.model_copy(update={"tls": TlsOptions(ca_file=untrusted_ca)})
-        with pytest.raises(DeliveryError, match="rejected, aborted or never connected"):
+        with pytest.raises(DeliveryError, match="could not be reached"):
             send(distrustful, slices.paths[1:2], calling_ae_title="PACS_AI")
         plain = secure.model_copy(update={"tls": None, "timeout_seconds": 5})
         with pytest.raises(DeliveryError):
@@ -75,3 +83,21 @@ def test_folder_destination_writes_whole_files_atomically(slices: PhantomTruth, 
     blocked = FolderDestination(type="folder", path=slices.paths[0])  # a file where a folder should be
     with pytest.raises(DeliveryError, match="cannot write"):
         send(blocked, slices.paths[:1], calling_ae_title="PACS_AI")
+
+
+def test_a_pacs_that_refuses_is_named_with_its_reason(slices: PhantomTruth) -> None:
+    """What an IT team setting up a peer needs to read: who refused, and the standard's reason."""
+    with OrthancServer(extra_config={"DicomCheckCalledAet": True}) as orthanc:
+        misnamed = DicomDestination(ae_title="NOT_ORTHANC", host=orthanc.host, port=orthanc.dicom_port)
+        said = rf"NOT_ORTHANC@{orthanc.host}:{orthanc.dicom_port} rejected the association: "
+        reason = r"Rejected \(Permanent\), DUL service-user: Called AE title not recognised"
+        with pytest.raises(DeliveryError, match=said + reason):
+            send(misnamed, slices.paths[:1], calling_ae_title="PACS_AI")
+        echoed = check_destination(misnamed, calling_ae_title="PACS_AI")
+        assert echoed is not None and re.match(said + reason, echoed)
+        assert orthanc.series_of_study(slices.study_uid) == []
+
+    nobody = DicomDestination(ae_title="NOBODY", host="127.0.0.1", port=free_port(), timeout_seconds=5)
+    unreachable = r"NOBODY@127.0.0.1:\d+ could not be reached \(connection refused"
+    with pytest.raises(DeliveryError, match=unreachable):
+        send(nobody, slices.paths[:1], calling_ae_title="PACS_AI")
