@@ -12,8 +12,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacs_ai.dispatch.associate import RequestedAssociation, request_association
 from pacs_ai.synthetic.phantom import write_chest_phantom
-from tests.association_answer import AssociationAnswer, associate
 from tests.peers import storescu, wait_for
 from tests.retention_setup import RULES, archive_and_down_destinations
 from tests.service import REPO_ROOT, PacsAiService
@@ -93,12 +93,12 @@ def test_age_retention_purges_a_delivered_study_and_keeps_an_undelivered_one(
     assert shown["series"][0]["purged_instances"] == 4
 
 
-def _associate(service: PacsAiService) -> AssociationAnswer:
+def _associate(service: PacsAiService) -> RequestedAssociation:
     ae = AE(ae_title="TEST_SCU")
     # Generous: the assertions are on the answer (rejected or accepted), not its speed.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(Verification)
-    return associate(ae, "127.0.0.1", service.port, service.ae_title)
+    return request_association(ae, "127.0.0.1", service.port, service.ae_title)
 
 
 class _RefusingService(PacsAiService):
@@ -121,13 +121,11 @@ def test_nearly_full_disk_rejects_associations_and_accepts_again_when_not(
         data_dir, extra_env={**NO_WORKERS, "PACS_AI_REFUSE_ASSOCIATIONS_BELOW_FREE_MB": str(10**9)}
     )
     with refusing:
-        answer = _associate(refusing)
-        rejection = answer.rejection
-        assert rejection is not None and not answer.accepted
-        assert rejection.result_str == "Rejected (Transient)"
-        assert (rejection.source_str, rejection.reason_str) == (
-            "DUL service-provider (presentation related)",
-            "Local limit exceeded",
+        # Read from the A-ASSOCIATE-RJ received: pynetdicom's is_rejected can miss it (see
+        # pacs_ai.dispatch.associate).
+        assert _associate(refusing).refusal() == (
+            "rejected the association: Rejected (Transient), "
+            "DUL service-provider (presentation related): Local limit exceeded"
         )
 
         ((actor, detail),) = wait_for(
