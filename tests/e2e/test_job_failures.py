@@ -75,7 +75,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_are_delivered_when_it_returns(
         timeout=90,
         description="failed delivery attempts to be recorded",
     )
-    assert all(state == "PENDING" and "association" in error for state, _, error in failures)
+    assert all(state == "PENDING" and "could not be reached" in error for state, _, error in failures)
 
     with OrthancServer(aet="ORTHANC", extra_config={"DicomPort": pacs_port}) as pacs:
         fetch_results(pacs, chest_phantom.study_uid, tmp_path)
