@@ -11,7 +11,9 @@ our CI, 1 run in 23 under load).  The PDUs the peer sent are the answer
 whichever thread wins, so :func:`request_association` keeps them (a handler
 of ``EVT_PDU_RECV``, which runs before the PDU's event reaches the state
 machine) and :meth:`RequestedAssociation.refusal` puts them into words for
-the log, the audit record and ``pacs-ai echo``.
+the log, the audit record and ``pacs-ai echo``; so too an association the
+peer accepted with none of the presentation contexts proposed (a PACS that
+does not store SEG, say), which pynetdicom aborts.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ssl import SSLContext
 
+from pydicom.uid import UID
 from pynetdicom import AE, Association, evt
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 
 __all__ = ["RequestedAssociation", "request_association"]
 
@@ -32,8 +35,8 @@ class RequestedAssociation:
     association: Association
     #: Whether the TCP connection (and the TLS handshake, where configured) was made.
     connected: bool = False
-    #: The peer's A-ASSOCIATE-RJ or A-ABORT, if it sent one.
-    answers: list[A_ASSOCIATE_RJ | A_ABORT_RQ] = field(default_factory=list)
+    #: The peer's A-ASSOCIATE-AC, A-ASSOCIATE-RJ or A-ABORT, as it sent them.
+    answers: list[A_ASSOCIATE_AC | A_ASSOCIATE_RJ | A_ABORT_RQ] = field(default_factory=list)
 
     def refusal(self) -> str | None:
         """None when the association is established; otherwise why not, in words (no PHI: the
@@ -46,9 +49,23 @@ class RequestedAssociation:
         for answer in self.answers:
             if isinstance(answer, A_ABORT_RQ):
                 return f"aborted the association: {_abort_in_words(answer)}"
+        if any(isinstance(answer, A_ASSOCIATE_AC) for answer in self.answers):
+            # pynetdicom aborts an association whose every presentation context was refused.
+            proposed = sorted(
+                {_name(cx.abstract_syntax) for cx in self.association.requestor.requested_contexts}
+            )
+            return (
+                "accepted the association but none of the presentation contexts proposed (does it "
+                f"store {', '.join(proposed)}, in one of the transfer syntaxes offered?)"
+            )
         if not self.connected:
             return "could not be reached (connection refused or timed out, or a failed TLS handshake)"
         return "gave no answer to the association request in time"
+
+
+def _name(uid: str | None) -> str:
+    """A SOP class's name ("Segmentation Storage"), or its UID where pydicom does not know it."""
+    return UID(uid).name if uid else "?"
 
 
 def _rejection_in_words(rejection: A_ASSOCIATE_RJ) -> str:
@@ -72,13 +89,13 @@ def request_association(
 ) -> RequestedAssociation:
     """``ae.associate`` to ``ae_title`` at ``host``:``port``, keeping what the peer answered."""
     connected: list[bool] = []
-    answers: list[A_ASSOCIATE_RJ | A_ABORT_RQ] = []
+    answers: list[A_ASSOCIATE_AC | A_ASSOCIATE_RJ | A_ABORT_RQ] = []
 
     def opened(_event: evt.Event) -> None:
         connected.append(True)
 
     def received(event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ | A_ABORT_RQ):
+        if isinstance(event.pdu, A_ASSOCIATE_AC | A_ASSOCIATE_RJ | A_ABORT_RQ):
             answers.append(event.pdu)
 
     association = ae.associate(

@@ -101,3 +101,14 @@ def test_a_pacs_that_refuses_is_named_with_its_reason(slices: PhantomTruth) -> N
     unreachable = r"NOBODY@127.0.0.1:\d+ could not be reached \(connection refused"
     with pytest.raises(DeliveryError, match=unreachable):
         send(nobody, slices.paths[:1], calling_ae_title="PACS_AI")
+
+
+def test_a_pacs_that_takes_none_of_the_proposed_contexts_is_named_with_them(slices: PhantomTruth) -> None:
+    """An association accepted with every presentation context refused (an archive that does not
+    store the SOP class, or only compressed transfer syntaxes) says which SOP classes were offered."""
+    jpeg_only = {"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.4.50"]}
+    with OrthancServer(extra_config=jpeg_only) as orthanc:
+        picky = DicomDestination(ae_title=orthanc.aet, host=orthanc.host, port=orthanc.dicom_port)
+        offered = r"accepted the association but none of the presentation contexts proposed \(does it store "
+        with pytest.raises(DeliveryError, match=offered + r"CT Image Storage, in one of"):
+            send(picky, slices.paths[:1], calling_ae_title="PACS_AI")
