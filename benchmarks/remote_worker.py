@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--quiet-period", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3, help="turnaround: runs of each configuration")
+    parser.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="the receiver sends no prefetch hints (worker_prefetch = false): the job fetches its series",
+    )
     parser.add_argument("--studies", type=int, default=10, help="burst: studies sent at once")
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="burst: worker processes, one run each"
@@ -99,12 +104,19 @@ def _phantom(directory: Path, args: argparse.Namespace, index: int) -> PhantomTr
 
 @contextlib.contextmanager
 def receiver_with_workers(
-    tmp: Path, orthanc: OrthancServer, store: SeaweedS3 | None, workers: int, quiet_period: float
+    tmp: Path,
+    orthanc: OrthancServer,
+    store: SeaweedS3 | None,
+    workers: int,
+    quiet_period: float,
+    prefetch: bool = True,
 ) -> Iterator[PacsAiService]:
     """``pacs-ai serve``: with a store, dispatch only and ``workers`` remote workers; else its own worker."""
     destinations = {"pacs": {"ae_title": orthanc.aet, "host": orthanc.host, "port": orthanc.dicom_port}}
     storage = storage_environment(store) if store is not None else {}
     env = {**COMMON, **storage, "PACS_AI_QUIET_PERIOD_SECONDS": str(quiet_period)}
+    if not prefetch:
+        env["PACS_AI_WORKER_PREFETCH"] = "false"
     if store is not None:
         env["PACS_AI_WORKER_QUEUES"] = '["dispatch"]'
     else:
@@ -150,7 +162,7 @@ def turnaround(
     for repeat in range(args.repeats):
         for kind in ("local", "remote"):
             with receiver_with_workers(
-                tmp, orthanc, store if kind == "remote" else None, 1, args.quiet_period
+                tmp, orthanc, store if kind == "remote" else None, 1, args.quiet_period, not args.no_prefetch
             ) as service:
                 _send(service, phantom)
                 wait_for(
@@ -167,7 +179,8 @@ def turnaround(
                 flush=True,
             )
     print(
-        f"\nchest CT {args.slices} x {args.size}x{args.size}, quiet period {args.quiet_period:g} s, medians "
+        f"\nchest CT {args.slices} x {args.size}x{args.size}, quiet period {args.quiet_period:g} s, "
+        f"prefetch hints {'off' if args.no_prefetch else 'on'}, medians "
         f"(quiet_period = upload + route: last instance received -> its last upload -> job opened):"
     )
     print(f"{'stage':<14}{'local worker':>14}{'other host':>14}")
@@ -175,7 +188,7 @@ def turnaround(
         *("quiet_period", "upload", "route", "queue", "fetch", "load", "analyze", "encode", "store"),
         *("record", "dispatch"),
     )
-    for stage in (*stages, "turnaround"):
+    for stage in (*stages, "fetched_objects", "turnaround"):
         local = statistics.median(r[stage] for r in runs["local"])
         remote = statistics.median(r[stage] for r in runs["remote"])
         print(f"{stage:<14}{local:>14.2f}{remote:>14.2f}")
@@ -199,6 +212,7 @@ def _with_store_stages(service: PacsAiService, report: dict[str, float]) -> dict
     upload = _parse(uploaded) - _parse(received) if uploaded is not None else 0.0
     return {
         **report,
+        "fetched_objects": timings.get("fetched_objects", 0.0),
         "upload": upload,
         "route": report["quiet_period"] - upload,
         "fetch": fetch,

@@ -182,6 +182,11 @@ class Settings(BaseSettings):
     #: ``worker_cache_max_mb``, least recently used evicted first; safe to delete at any time.
     worker_cache_dir: Path | None = None
     worker_cache_max_mb: int = Field(default=10240, ge=0)
+    #: With a remote store, the receiver tells the workers of a series' queue about its instances
+    #: as they reach the store, and an idle worker fetches them into its cache during the quiet
+    #: period, so the job does not wait for the fetch (``pacs_ai.route.prefetch``).  With several
+    #: workers on a queue a series may be fetched twice; false: a worker fetches when its job starts.
+    worker_prefetch: bool = True
 
     # Workers
     #: Celery worker processes started by ``pacs-ai serve``; 0 starts none

@@ -56,6 +56,14 @@ DELIVER_MANY_TASK = "pacs_ai.deliver_results"
 NOTIFY_TASK = "pacs_ai.notify"
 DRAFT_TASK = "pacs_ai.draft_report"
 DRAFT_IF_DUE_TASK = "pacs_ai.draft_report_if_due"
+PREFETCH_TASK = "pacs_ai.prefetch_instances"
+
+#: Message priority of a prefetch hint: the lowest step, so a worker takes one only when it has no
+#: analysis, delivery or draft waiting (0 is served first; see ``priority_steps``).
+PREFETCH_PRIORITY = 9
+#: A hint not taken within this many seconds is dropped by the worker that gets it: its series was
+#: analysed by then, or its worker was busy and will fetch for the job.
+PREFETCH_EXPIRES_SECONDS = 120.0
 
 #: Time limit of an analysis message that carries none (sent by an older scheduler).
 DEFAULT_SOFT_TIME_LIMIT = 1800.0

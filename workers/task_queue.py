@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from pacs_ai.route.assembly import JobTicket, Notification
 from pacs_ai.route.plan import CELERY_PRIORITY
+from pacs_ai.route.prefetch import PrefetchHint
 from workers.celery_app import (
     ANALYZE_TASK,
     DELIVER_TASK,
     DRAFT_TASK,
     NOTIFY_TASK,
+    PREFETCH_EXPIRES_SECONDS,
+    PREFETCH_PRIORITY,
+    PREFETCH_TASK,
     PacsAiCelery,
     analysis_time_limits,
 )
@@ -50,3 +54,13 @@ class CeleryTaskQueue:
     def enqueue_draft(self, study_id: int) -> None:
         """Draft the study's AI report (the task checks again that it is due; duplicates are harmless)."""
         self.app.send_task(DRAFT_TASK, args=[study_id], queue="cpu")
+
+    def enqueue_prefetch(self, hint: PrefetchHint) -> None:
+        """A hint to fetch instances into a worker's cache: ids only, lowest priority, expiring."""
+        self.app.send_task(
+            PREFETCH_TASK,
+            args=[hint.instance_ids],
+            queue=hint.queue,
+            priority=PREFETCH_PRIORITY,
+            expires=PREFETCH_EXPIRES_SECONDS,
+        )

@@ -17,6 +17,7 @@ from pacs_ai.dispatch.webhook import post_webhook, webhook_key
 from pacs_ai.index.audit import record_audit
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Job, JobState, Study, utcnow
+from pacs_ai.jobs.prefetch import prefetch_instances
 from pacs_ai.jobs.run import JobNotRunnable, run_job
 from pacs_ai.redact import redact_text, redact_url
 from pacs_ai.report.pipeline import ReportPipeline
@@ -30,6 +31,7 @@ from workers.celery_app import (
     DRAFT_TASK,
     HARD_TIME_LIMIT_GRACE_SECONDS,
     NOTIFY_TASK,
+    PREFETCH_TASK,
     analysis_time_limits,
 )
 
@@ -223,6 +225,31 @@ def _queue_draft_decision(app: Celery, job_id: int) -> None:
         app.send_task(DRAFT_IF_DUE_TASK, args=[job_id], queue="cpu")
     except Exception:
         log.exception("could not queue the report draft decision of job %d", job_id)
+
+
+#: A prefetch that takes longer than this is stopped: the job fetches what is left.
+PREFETCH_SOFT_TIME_LIMIT = 300.0
+
+
+@shared_task(
+    name=PREFETCH_TASK,
+    bind=True,
+    # A hint lost with its worker is not worth running again: the job fetches for itself.
+    acks_late=False,
+    soft_time_limit=PREFETCH_SOFT_TIME_LIMIT,
+    time_limit=PREFETCH_SOFT_TIME_LIMIT + HARD_TIME_LIMIT_GRACE_SECONDS,
+)
+def prefetch(self: Task, instance_ids: list[int]) -> None:
+    """Fetch instances the receiver just put into the store into this host's cache (a prefetch hint,
+    :mod:`pacs_ai.route.prefetch`).  Never raises: a failed prefetch leaves the fetch to the job."""
+    try:
+        fetched = prefetch_instances(self.app.settings, self.app.sessions, instance_ids)
+    except (StorageError, SoftTimeLimitExceeded, DBAPIError, OSError) as exc:
+        log.warning(
+            "prefetch of %d instance(s) stopped (the job will fetch them): %s", len(instance_ids), exc
+        )
+        return
+    log.info("prefetched %d of %d hinted instance(s)", fetched, len(instance_ids))
 
 
 @shared_task(name=DRAFT_IF_DUE_TASK, bind=True, acks_late=True)

@@ -118,6 +118,9 @@ def run_job(
         started = time.perf_counter()
         paths = files.local_paths(keys)
         timings["fetch_seconds"] = time.perf_counter() - started
+        # Objects the job fetched itself: 0 where the spool or a local folder has the series, or where
+        # prefetch hints brought it into this host's cache during the quiet period.
+        timings["fetched_objects"] = files.fetched_objects
         started = time.perf_counter()
         volume = analyzer.load(paths, params)
         timings["load_seconds"] = time.perf_counter() - started

@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -90,9 +91,13 @@ class Uploader:
         self._next_sweep = 0.0
         self._failing_since: float | None = None
 
-    def run_once(self) -> UploadPass:
+    def run_once(self, after_batch: Callable[[list[int]], object] | None = None) -> UploadPass:
         """Upload what is pending, batch after batch, until nothing is or the store fails; never raises
-        :class:`StorageError` (the failure is in the outcome and the log)."""
+        :class:`StorageError` (the failure is in the outcome and the log).
+
+        ``after_batch`` is called with the ids of each batch's instances once they are recorded as
+        uploaded (the scheduler's prefetch hints, :mod:`pacs_ai.route.prefetch`).
+        """
         outcome = UploadPass()
         if not self.enabled:
             return outcome
@@ -114,6 +119,8 @@ class Uploader:
                         .values(uploaded_at=utcnow())
                         .execution_options(synchronize_session=False)
                     )
+                if after_batch is not None:
+                    after_batch(done)
             outcome.uploaded += len(done)
             if error is not None:
                 outcome.failed += len(rows) - len(done)

@@ -93,8 +93,12 @@ class Criteria(BaseModel):
                 raise ValueError(f"series_description is not a valid regular expression: {exc}") from exc
         return pattern
 
-    def mismatches(self, facts: SeriesFacts) -> list[str]:
-        """Reasons this series fails the criteria; empty means it matches."""
+    def mismatches(self, facts: SeriesFacts, *, count_instances: bool = True) -> list[str]:
+        """Reasons this series fails the criteria; empty means it matches.
+
+        ``count_instances=False`` leaves out ``min_instances`` and ``max_instances``: for a series
+        still arriving, whose count says nothing yet (see :mod:`pacs_ai.route.prefetch`).
+        """
         reasons: list[str] = []
 
         def one_of(name: str, value: str | None, allowed: list[str] | None) -> None:
@@ -125,12 +129,14 @@ class Criteria(BaseModel):
                 reasons.append("SliceThickness is missing")
             elif not self.slice_thickness.contains(facts.slice_thickness):
                 reasons.append(f"SliceThickness {facts.slice_thickness} outside {self.slice_thickness}")
-        if self.min_instances is not None and facts.instance_count < self.min_instances:
+        if count_instances and self.min_instances is not None and facts.instance_count < self.min_instances:
             reasons.append(f"{facts.instance_count} instances, fewer than {self.min_instances}")
-        if self.max_instances is not None and facts.instance_count > self.max_instances:
+        if count_instances and self.max_instances is not None and facts.instance_count > self.max_instances:
             reasons.append(f"{facts.instance_count} instances, more than {self.max_instances}")
         if self.any is not None:
-            alternatives = [alternative.mismatches(facts) for alternative in self.any]
+            alternatives = [
+                alternative.mismatches(facts, count_instances=count_instances) for alternative in self.any
+            ]
             if all(alternatives):
                 reasons.append("none of: " + " | ".join("; ".join(reason) for reason in alternatives))
         return reasons

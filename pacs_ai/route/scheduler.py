@@ -40,6 +40,7 @@ from pacs_ai.index.workers import hand_back_running_jobs
 from pacs_ai.receive.uploader import Uploader
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, RoutingPass, route_ready_series
+from pacs_ai.route.prefetch import PrefetchHint, prefetch_hints
 from pacs_ai.route.profile_set import ProfileSet
 from pacs_ai.storage.files import HostFiles
 
@@ -62,6 +63,10 @@ class TaskQueue(Protocol):
 
     def enqueue_draft(self, study_id: int) -> None:
         """Queue the AI report draft of a study whose analyses are all finished."""
+        ...
+
+    def enqueue_prefetch(self, hint: PrefetchHint) -> None:
+        """Ask a worker of the hint's queue to fetch its instances (lowest priority; may expire)."""
         ...
 
 
@@ -313,7 +318,7 @@ class Scheduler:
                 if hold > 0:
                     self._stop_uploading.wait(hold)
                     continue
-                outcome = self.uploader.run_once()
+                outcome = self.uploader.run_once(after_batch=self.hint_prefetch)
             except Exception:  # the index unreachable, say: try again next interval
                 log.exception("upload pass failed")
                 outcome = None
@@ -326,6 +331,27 @@ class Scheduler:
                     log.exception("routing after uploads failed")
             if outcome is None or outcome.error is not None or not outcome.uploaded:
                 self._stop_uploading.wait(self.settings.scheduler_interval_seconds)
+
+    def hint_prefetch(self, instance_ids: list[int]) -> list[PrefetchHint]:
+        """Tell the workers that will analyse these just-uploaded instances to fetch them now
+        (``worker_prefetch``; see :mod:`pacs_ai.route.prefetch`); returns the hints sent.
+
+        Never raises: a hint not sent costs only the time it would have saved.
+        """
+        if not self.settings.worker_prefetch or not instance_ids:
+            return []
+        try:
+            profiles = self.profiles.refresh()
+            with session_scope(self.sessions) as session:
+                hints = prefetch_hints(session, profiles, instance_ids)
+            for hint in hints:
+                self.queue.enqueue_prefetch(hint)
+        except Exception:  # noqa: BLE001 - the broker or the index failing: the jobs fetch for themselves
+            log.warning(
+                "prefetch hints for %d uploaded instance(s) not sent", len(instance_ids), exc_info=True
+            )
+            return []
+        return hints
 
     def retain_if_due(self) -> RetentionRun | None:
         """Run retention when its interval has passed and a retention limit is configured."""

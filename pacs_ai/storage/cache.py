@@ -35,6 +35,8 @@ class LocalCache:
         self.directory = directory
         self.max_bytes = max_bytes
         self._evicting = threading.Lock()
+        #: Objects this cache has fetched from the storage so far (a job records its own share).
+        self.fetched_objects = 0
 
     def path_of(self, key: str) -> Path:
         """Where the copy of ``key`` is (or would be) kept."""
@@ -53,6 +55,7 @@ class LocalCache:
                 path.parent.mkdir(parents=True, exist_ok=True)
             with _collection_paused():
                 self.storage.get_files(missing)  # concurrently: storage_fetch_concurrency at once
+            self.fetched_objects += len(missing)
             for _, path in missing:
                 _touch(path)
             log.info(

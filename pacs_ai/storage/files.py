@@ -50,6 +50,11 @@ class HostFiles:
             found.update((index, path) for (index, _), path in zip(remote, fetched, strict=True))
         return [found[index] for index in range(len(keys))]
 
+    @property
+    def fetched_objects(self) -> int:
+        """Objects fetched from the storage into this host's cache through this instance so far."""
+        return self.cache.fetched_objects
+
     def local_path(self, key: str) -> Path:
         """A readable local file of one key (see :meth:`local_paths`)."""
         return self.local_paths([key])[0]

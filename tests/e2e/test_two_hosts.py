@@ -256,6 +256,9 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
         stage(f"{victim} killed")
         assert_one_result_set(orthanc, phantom.study_uid, tmp_path)
         stage("one result set in the PACS")
+        # The uploads' prefetch hints reached the worker host and its workers ran them.
+        worker_logs = "".join(path.read_text(errors="replace") for path in root.rglob("worker.log"))
+        assert "hinted instance(s)" in worker_logs and "instance(s) stopped" not in worker_logs
 
         ((state, attempts, finished_by),) = receiver.query(
             "SELECT state, attempts, claimed_by FROM jobs WHERE id = :id", id=job_id

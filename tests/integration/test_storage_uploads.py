@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from alembic import command
+from celery import Celery
 from pydicom import dcmread
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,16 +16,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Instance, Job, RoutingState, Series, utcnow
+from pacs_ai.jobs.prefetch import prefetch_instances
 from pacs_ai.receive.headers import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from pacs_ai.receive.store import StoreHandler
 from pacs_ai.receive.uploader import Uploader
 from pacs_ai.route.assembly import route_ready_series
 from pacs_ai.route.scheduler import Scheduler
 from pacs_ai.storage import open_storage
+from pacs_ai.storage.files import HostFiles
+from pacs_ai.storage.keys import spool_path
 from tests.integration.synthetic_ct import make_ct_series, write_series
 from tests.integration.test_reprocess_index import SENDER
 from tests.object_store import SeaweedS3, storage_settings
 from tests.peers import free_port, wait_for
+from workers.celery_app import ANALYZE_TASK, PREFETCH_TASK
 from workers.factory import create_app
 from workers.task_queue import CeleryTaskQueue
 
@@ -140,14 +145,16 @@ def _received_series(
     object_store: SeaweedS3, tmp_path: Path, instances: int, **extra: object
 ) -> tuple[Settings, sessionmaker[Session]]:
     """An index and spool on ``object_store`` that have received one CT series of ``instances``, not
-    yet uploaded; any CT is routed at once (no quiet period) and only an upload triggers routing
-    (the scheduler's own interval is ten minutes)."""
+    yet uploaded; any CT is routed at once (no quiet period, unless ``extra`` sets one) and only an
+    upload triggers routing (the scheduler's own interval is ten minutes)."""
     settings, sessions = any_ct_index(
         tmp_path,
-        quiet_period_seconds=0,
-        scheduler_interval_seconds=600,
-        **storage_settings(object_store),
-        **extra,
+        **{
+            "quiet_period_seconds": 0,
+            "scheduler_interval_seconds": 600,
+            **storage_settings(object_store),
+            **extra,
+        },
     )
     sources = write_series(make_ct_series(instances, 16, 16), tmp_path / "sources")
     assert [status for status, _ in _store(StoreHandler(settings), sources, tmp_path / "incoming")] == [
@@ -172,6 +179,7 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
 
     assert routing_state() == RoutingState.RECEIVING
     app = create_app(settings)
+    _queued(app, "cpu")  # the in-memory broker is the process's: what earlier tests left there goes
     scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
     scheduler.start_uploads()
     try:
@@ -184,14 +192,61 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
         assert len(uploaded) == 4 and None not in uploaded
         assert max(uploaded) <= job.created_at, "a job opened before its series was in the store"
         job_id = job.id
+    # The job, and the upload's prefetch hint for the queue the profile names (see the next test).
+    assert sorted(_queued(app, "cpu")) == [(ANALYZE_TASK, job_id), (PREFETCH_TASK, [1, 2, 3, 4])]
+
+
+def _queued(app: Celery, queue_name: str) -> list[tuple[str, object]]:
+    """The (task name, first argument) of every message waiting in ``queue_name``, taken off it."""
+    taken = []
     with app.connection_for_read() as connection:
-        queue = connection.SimpleQueue("cpu")
+        queue = connection.SimpleQueue(queue_name)
         try:
-            message = queue.get(timeout=5)
-            assert message.payload[0] == [job_id]
-            message.ack()
+            while True:
+                try:
+                    message = queue.get(timeout=1)
+                except queue.Empty:
+                    break
+                taken.append((message.headers["task"], message.payload[0][0]))
+                message.ack()
         finally:
             queue.close()
+    return taken
+
+
+def test_uploads_send_prefetch_hints_that_fetch_the_series_into_a_worker_cache(
+    object_store: SeaweedS3, tmp_path: Path
+) -> None:
+    """Each upload batch is hinted to the queue of the profile that will analyse the series; a worker
+    on another host (its own data directory: no spool) fetches the instances into its cache, so its
+    job fetches nothing.  Off with ``worker_prefetch = false``; a series no profile takes is not hinted."""
+    settings, sessions = _received_series(object_store, tmp_path, 4, quiet_period_seconds=3600)
+    app = create_app(settings)
+    _queued(app, "cpu")  # what earlier tests left in the process's in-memory broker
+    scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
+    assert scheduler.uploader.run_once(after_batch=scheduler.hint_prefetch).uploaded == 4
+    with session_scope(sessions) as session:
+        ids = sorted(session.scalars(select(Instance.id)))
+        keys = list(session.scalars(select(Instance.path).order_by(Instance.id)))
+    assert _queued(app, "cpu") == [(PREFETCH_TASK, ids)]
+
+    worker = settings.model_copy(update={"data_dir": tmp_path / "worker-host"})
+    files = HostFiles(worker)
+    assert not any(files.cache.path_of(key).exists() for key in keys)
+    assert prefetch_instances(worker, sessions, ids, files) == 4
+    assert all(files.cache.path_of(key).is_file() for key in keys)
+    assert prefetch_instances(worker, sessions, ids) == 0  # a second hint: nothing left to fetch
+    job_files = HostFiles(worker)
+    assert [path.read_bytes() for path in job_files.local_paths(keys)] == [
+        spool_path(settings.spool_dir, key).read_bytes() for key in keys
+    ]
+    assert job_files.fetched_objects == 0
+
+    off = Scheduler(settings.model_copy(update={"worker_prefetch": False}), sessions, CeleryTaskQueue(app))
+    assert off.hint_prefetch(ids) == []
+    (settings.profiles_dir / "any-ct.yaml").write_text(_ANY_CT.replace("[CT]", "[MR]"))
+    assert scheduler.hint_prefetch(ids) == []
+    assert _queued(app, "cpu") == []
 
 
 def test_uploads_wait_while_a_burst_arrives_and_never_longer_than_the_longest_hold(
