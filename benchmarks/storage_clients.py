@@ -40,6 +40,7 @@ from pacs_ai.receive.uploader import UPLOADS_AT_ONCE  # noqa: E402
 from pacs_ai.storage import Storage, open_storage  # noqa: E402
 from pacs_ai.storage.keys import instance_key  # noqa: E402
 from tests.object_store import SeaweedS3, storage_settings  # noqa: E402
+from tests.tls_certificates import certificate_authority, issue  # noqa: E402
 
 CLIENTS = ("obstore", "boto3")
 
@@ -49,6 +50,11 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=300)
     parser.add_argument("--kib", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="S3 over HTTPS (a throwaway CA): the payload goes unsigned, as over HTTPS in production",
+    )
     parser.add_argument("--fetch-concurrency", type=int, default=Settings().storage_fetch_concurrency)
     args = parser.parse_args()
 
@@ -73,13 +79,20 @@ def main() -> None:
         # A fresh store for each repeat: SeaweedFS reclaims deleted objects' space only when it
         # vacuums, and the test store holds about 1 GB.
         for repeat in range(args.repeats):
-            with SeaweedS3() as store:
+            tls, ca_bundle = None, None
+            if args.tls:
+                ca = certificate_authority(directory / f"tls-{repeat}")
+                (directory / f"tls-{repeat}" / "server").mkdir()
+                server = issue(ca, directory / f"tls-{repeat}" / "server", "127.0.0.1", server=True)
+                tls, ca_bundle = (ca.certificate, server.certificate, server.key), ca.certificate
+            with SeaweedS3(tls=tls) as store:
                 for client in CLIENTS:
                     storage = open_storage(
                         Settings(
                             data_dir=directory / client,
                             storage_s3_client=client,
                             storage_fetch_concurrency=args.fetch_concurrency,
+                            storage_s3_ca_bundle=ca_bundle,
                             **storage_settings(store),
                         )
                     )

@@ -9,7 +9,6 @@ its host lacks.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -21,8 +20,6 @@ from pacs_ai.index.models import Instance
 from pacs_ai.storage.files import HostFiles
 
 __all__ = ["prefetch_instances"]
-
-log = logging.getLogger(__name__)
 
 
 def prefetch_instances(
