@@ -119,6 +119,15 @@ def is_beating(worker: WorkerNode, now: datetime, stale_after_seconds: float) ->
     return worker.state in LIVE_STATES and not is_stale(worker, now, stale_after_seconds)
 
 
+def served_queues(session: Session, stale_after_seconds: float) -> set[str]:
+    """The queues that at least one worker beating now (:func:`is_beating`) serves."""
+    cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+    rows = session.scalars(
+        select(WorkerNode.queues).where(WorkerNode.state.in_(LIVE_STATES), WorkerNode.heartbeat_at >= cutoff)
+    )
+    return {queue for queues in rows for queue in queues or ()}
+
+
 def hand_back_running_jobs(session: Session, node: str) -> list[int]:
     """Queue the jobs ``node`` is running again (``queued``, unclaimed); their ids, to enqueue.
 

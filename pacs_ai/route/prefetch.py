@@ -6,7 +6,7 @@ the two-core test machine and came after the quiet period, inside the
 turnaround.  Yet the instances reach the store one upload batch at a time
 while the quiet period runs.  So after each batch the receiver sends a hint
 naming the batch's instances to the queue of every profile the series would
-be analysed by (:func:`prefetch_hints`), and a worker of that queue fetches
+be analysed by, where a live worker serves it (:func:`prefetch_hints`), and a worker of that queue fetches
 them into its cache (:func:`pacs_ai.jobs.prefetch.prefetch_instances`).
 When the series is routed, its job finds the files there.
 
@@ -27,7 +27,7 @@ out the instance counts, which say nothing while the series arrives.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -60,10 +60,14 @@ def likely_queues(profiles: Sequence[Profile], facts: SeriesFacts) -> set[str]:
 
 
 def prefetch_hints(
-    session: Session, profiles: Sequence[Profile], instance_ids: Sequence[int]
+    session: Session, profiles: Sequence[Profile], instance_ids: Sequence[int], served: Collection[str]
 ) -> list[PrefetchHint]:
     """The hints for instances just put into the store: one per queue, naming the instances of every
-    series not routed yet that a profile of that queue would analyse."""
+    series not routed yet that a profile of that queue would analyse.
+
+    Only queues in ``served`` (those a live worker serves) get one: in a queue no worker reads, a
+    hint would only wait, and expire only once a worker took it.
+    """
     rows = session.execute(
         select(Instance.id, Instance.series_fk).where(
             Instance.id.in_(instance_ids), Instance.routed.is_(False)
@@ -75,5 +79,6 @@ def prefetch_hints(
     by_queue: dict[str, list[int]] = defaultdict(list)
     for series_id, ids in by_series.items():
         for queue in likely_queues(profiles, series_facts(session.get_one(Series, series_id))):
-            by_queue[queue].extend(ids)
+            if queue in served:
+                by_queue[queue].extend(ids)
     return [PrefetchHint(queue, sorted(ids)) for queue, ids in sorted(by_queue.items())]

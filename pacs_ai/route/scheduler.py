@@ -36,7 +36,7 @@ from pacs_ai.index.models import (
     utcnow,
 )
 from pacs_ai.index.purge import RetentionRun, policy_of, run_retention
-from pacs_ai.index.workers import hand_back_running_jobs
+from pacs_ai.index.workers import hand_back_running_jobs, served_queues
 from pacs_ai.receive.uploader import Uploader
 from pacs_ai.report.pipeline import ReportPipeline
 from pacs_ai.route.assembly import JobTicket, Notification, RoutingPass, route_ready_series
@@ -343,7 +343,8 @@ class Scheduler:
         try:
             profiles = self.profiles.refresh()
             with session_scope(self.sessions) as session:
-                hints = prefetch_hints(session, profiles, instance_ids)
+                served = served_queues(session, self.settings.worker_stale_after_seconds)
+                hints = prefetch_hints(session, profiles, instance_ids, served)
             for hint in hints:
                 self.queue.enqueue_prefetch(hint)
         except Exception:  # noqa: BLE001 - the broker or the index failing: the jobs fetch for themselves

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Instance, Job, RoutingState, Series, utcnow
+from pacs_ai.index.workers import register_worker
 from pacs_ai.jobs.prefetch import prefetch_instances
 from pacs_ai.receive.headers import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from pacs_ai.receive.store import StoreHandler
@@ -180,6 +181,7 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
     assert routing_state() == RoutingState.RECEIVING
     app = create_app(settings)
     _queued(app, "cpu")  # the in-memory broker is the process's: what earlier tests left there goes
+    _worker_serving(sessions, "cpu")
     scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
     scheduler.start_uploads()
     try:
@@ -194,6 +196,21 @@ def test_a_quiet_series_is_routed_the_moment_its_last_upload_lands(
         job_id = job.id
     # The job, and the upload's prefetch hint for the queue the profile names (see the next test).
     assert sorted(_queued(app, "cpu")) == [(ANALYZE_TASK, job_id), (PREFETCH_TASK, [1, 2, 3, 4])]
+
+
+def _worker_serving(sessions: sessionmaker[Session], queue: str, node: str = "w1@gpu-host") -> None:
+    """A worker on another host, registered and beating, that serves ``queue``."""
+    with session_scope(sessions) as session:
+        register_worker(
+            session,
+            node=node,
+            hostname="gpu-host",
+            pid=4242,
+            queues=[queue],
+            concurrency=1,
+            device={"type": "cpu"},
+            version=None,
+        )
 
 
 def _queued(app: Celery, queue_name: str) -> list[tuple[str, object]]:
@@ -224,10 +241,15 @@ def test_uploads_send_prefetch_hints_that_fetch_the_series_into_a_worker_cache(
     app = create_app(settings)
     _queued(app, "cpu")  # what earlier tests left in the process's in-memory broker
     scheduler = Scheduler(app.settings, sessions, CeleryTaskQueue(app))
-    assert scheduler.uploader.run_once(after_batch=scheduler.hint_prefetch).uploaded == 4
     with session_scope(sessions) as session:
         ids = sorted(session.scalars(select(Instance.id)))
         keys = list(session.scalars(select(Instance.path).order_by(Instance.id)))
+    # No worker serves the queue yet: a hint would only wait there.
+    assert scheduler.hint_prefetch(ids) == []
+    _worker_serving(sessions, "gpu", node="w0@other-host")
+    assert scheduler.hint_prefetch(ids) == []
+    _worker_serving(sessions, "cpu")
+    assert scheduler.uploader.run_once(after_batch=scheduler.hint_prefetch).uploaded == 4
     assert _queued(app, "cpu") == [(PREFETCH_TASK, ids)]
 
     worker = settings.model_copy(update={"data_dir": tmp_path / "worker-host"})
