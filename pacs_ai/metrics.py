@@ -218,6 +218,11 @@ class _Metrics:
         self.uploads = Counter(
             "pacs_ai_storage_uploads", "Instances put into the object store, by outcome.", ["outcome"]
         )
+        self.fetches = Counter(
+            "pacs_ai_storage_fetches",
+            "Objects workers fetched from the object store into their cache: by a prefetch hint or a job.",
+            ["fetcher"],
+        )
         # Sampled by the scheduler (``pacs-ai serve``): the most recent value of the live process.
         self.queue_depth = Gauge(
             "pacs_ai_queue_depth",
@@ -378,6 +383,12 @@ def uploads(uploaded: int, failed: int) -> None:
         metrics.uploads.labels("uploaded").inc(uploaded)
     if failed:
         metrics.uploads.labels("failed").inc(failed)
+
+
+def objects_fetched(fetcher: str, count: int) -> None:
+    """A worker fetched ``count`` objects into its cache; ``fetcher``: "prefetch" (a hint) or "job"."""
+    if count:
+        _metrics().fetches.labels(fetcher).inc(count)
 
 
 def processes_running(counts: Mapping[str, int]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.config import Settings
 from pacs_ai.index.db import session_scope
 from pacs_ai.index.models import Instance
@@ -46,4 +47,6 @@ def prefetch_instances(
     files = files or HostFiles(settings)
     before = files.fetched_objects
     files.local_paths(keys)
-    return files.fetched_objects - before
+    fetched = files.fetched_objects - before
+    metrics.objects_fetched("prefetch", fetched)
+    return fetched

@@ -121,6 +121,7 @@ def run_job(
         # Objects the job fetched itself: 0 where the spool or a local folder has the series, or where
         # prefetch hints brought it into this host's cache during the quiet period.
         timings["fetched_objects"] = files.fetched_objects
+        metrics.objects_fetched("job", files.fetched_objects)
         started = time.perf_counter()
         volume = analyzer.load(paths, params)
         timings["load_seconds"] = time.perf_counter() - started

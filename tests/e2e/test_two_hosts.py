@@ -279,6 +279,8 @@ def test_a_worker_on_another_host_analyses_and_a_killed_one_is_replaced(
         worker_text = httpx.get(f"http://127.0.0.1:{metrics_ports[survivor]}/metrics", timeout=10).text
         on_worker = samples(worker_text)
         assert value(on_worker, "pacs_ai_jobs_total", outcome="succeeded") == 1, worker_text
+        # Every instance reached the survivor's cache once: by its prefetch hints or by the job itself.
+        assert value(on_worker, "pacs_ai_storage_fetches_total") == len(phantom.paths), worker_text
         ((analyzer,),) = receiver.query("SELECT DISTINCT analyzer FROM jobs")
         for step in ("fetch", "load", "analyze", "encode", "store", "record"):
             assert value(on_worker, "pacs_ai_job_stage_seconds_count", stage=step, analyzer=analyzer) == 1

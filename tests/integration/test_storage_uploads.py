@@ -13,6 +13,7 @@ from pydicom import dcmread
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_ai import metrics
 from pacs_ai.config import Settings
 from pacs_ai.index.db import alembic_config, make_engine, make_session_factory, session_scope, upgrade_schema
 from pacs_ai.index.models import AuditEvent, Instance, Job, RoutingState, Series, utcnow
@@ -213,6 +214,12 @@ def _worker_serving(sessions: sessionmaker[Session], queue: str, node: str = "w1
         )
 
 
+def _fetched_by(fetcher: str) -> float:
+    """This process's ``pacs_ai_storage_fetches_total`` of ``fetcher``."""
+    found = metrics.registry().get_sample_value("pacs_ai_storage_fetches_total", {"fetcher": fetcher})
+    return found or 0.0
+
+
 def _queued(app: Celery, queue_name: str) -> list[tuple[str, object]]:
     """The (task name, first argument) of every message waiting in ``queue_name``, taken off it."""
     taken = []
@@ -255,7 +262,9 @@ def test_uploads_send_prefetch_hints_that_fetch_the_series_into_a_worker_cache(
     worker = settings.model_copy(update={"data_dir": tmp_path / "worker-host"})
     files = HostFiles(worker)
     assert not any(files.cache.path_of(key).exists() for key in keys)
+    fetched_before = _fetched_by("prefetch")
     assert prefetch_instances(worker, sessions, ids, files) == 4
+    assert _fetched_by("prefetch") == fetched_before + 4
     assert all(files.cache.path_of(key).is_file() for key in keys)
     assert prefetch_instances(worker, sessions, ids) == 0  # a second hint: nothing left to fetch
     job_files = HostFiles(worker)
