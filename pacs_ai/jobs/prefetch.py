@@ -10,8 +10,9 @@ its host lacks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import metrics
@@ -31,8 +32,11 @@ def prefetch_instances(
 ) -> int:
     """Fetch the named instances that are in the store and not on this host; returns how many were fetched.
 
-    Instances purged or not uploaded since the hint was sent are left out.  Raises
-    :class:`~pacs_ai.storage.base.StorageError` when the store cannot be read.
+    Instances purged or not uploaded since the hint was sent are left out.  The objects are
+    fetched ``worker_prefetch_concurrency`` at a time, in rounds; once the series is routed the
+    rest is left to its job, which fetches at full concurrency and would otherwise wait for this
+    hint on a one-process worker.  Raises :class:`~pacs_ai.storage.base.StorageError` when the
+    store cannot be read.
     """
     with session_scope(sessions) as session:
         keys = list(
@@ -44,9 +48,31 @@ def prefetch_instances(
                 )
             )
         )
-    files = files or HostFiles(settings)
+    if files is None:
+        concurrency = settings.worker_prefetch_concurrency
+        files = HostFiles(settings.model_copy(update={"storage_fetch_concurrency": concurrency}))
+    round_size = ROUNDS_OF * settings.worker_prefetch_concurrency
     before = files.fetched_objects
-    files.local_paths(keys)
+    kept: set[Path] = set()
+    for start in range(0, len(keys), round_size):
+        if _routed(sessions, instance_ids):
+            break  # a hint taken after its series was routed fetches nothing: the job does
+        kept.update(files.local_paths(keys[start : start + round_size], evict=False))
     fetched = files.fetched_objects - before
+    if fetched:
+        files.cache.evict(keep=kept)
     metrics.objects_fetched("prefetch", fetched)
     return fetched
+
+
+#: A prefetch round is this many times ``worker_prefetch_concurrency`` objects: long enough that the
+#: check between rounds costs nothing beside it, short enough that a routed series' job waits little.
+ROUNDS_OF = 4
+
+
+def _routed(sessions: sessionmaker[Session], instance_ids: Sequence[int]) -> bool:
+    """Whether the router has decided on any of these instances (their series' job is on its way)."""
+    with session_scope(sessions) as session:
+        return bool(
+            session.scalar(select(exists().where(Instance.id.in_(instance_ids), Instance.routed.is_(True))))
+        )

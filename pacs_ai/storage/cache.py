@@ -42,10 +42,13 @@ class LocalCache:
         """Where the copy of ``key`` is (or would be) kept."""
         return self.directory / check_key(key)
 
-    def fetch(self, keys: Sequence[str]) -> list[Path]:
+    def fetch(self, keys: Sequence[str], *, evict: bool = True) -> list[Path]:
         """Local files holding the objects of ``keys``, in order, fetching those not here yet.
 
-        Raises the storage's :class:`~pacs_ai.storage.base.StorageError` when one cannot be fetched.
+        With ``evict`` (the default) the cache is brought back within its size after a fetch; a
+        caller fetching in rounds passes False and calls :meth:`evict` once at the end (each
+        eviction lists the whole cache).  Raises the storage's
+        :class:`~pacs_ai.storage.base.StorageError` when one cannot be fetched.
         """
         paths = [self.path_of(key) for key in keys]
         missing = [(key, path) for key, path in zip(keys, paths, strict=True) if not _touch(path)]
@@ -61,7 +64,8 @@ class LocalCache:
             log.info(
                 "fetched %d object(s) into the cache in %.2f s", len(missing), time.perf_counter() - started
             )
-            self.evict(keep=set(paths))
+            if evict:
+                self.evict(keep=set(paths))
         return paths
 
     def evict(self, keep: Collection[Path] = ()) -> int:

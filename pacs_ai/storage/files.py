@@ -32,10 +32,11 @@ class HostFiles:
             self.storage, settings.effective_worker_cache_dir, settings.worker_cache_max_mb * 2**20
         )
 
-    def local_paths(self, keys: Sequence[str]) -> list[Path]:
+    def local_paths(self, keys: Sequence[str], *, evict: bool = True) -> list[Path]:
         """A readable local file for each key, in order; fetches what this host does not have.
 
-        Raises :class:`~pacs_ai.storage.base.StorageError` when an object cannot be fetched.
+        ``evict``: see :meth:`LocalCache.fetch`.  Raises
+        :class:`~pacs_ai.storage.base.StorageError` when an object cannot be fetched.
         """
         found: dict[int, Path] = {}
         remote: list[tuple[int, str]] = []
@@ -46,7 +47,7 @@ class HostFiles:
             else:
                 found[index] = path
         if remote:
-            fetched = self.cache.fetch([key for _, key in remote])
+            fetched = self.cache.fetch([key for _, key in remote], evict=evict)
             found.update((index, path) for (index, _), path in zip(remote, fetched, strict=True))
         return [found[index] for index in range(len(keys))]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from alembic import command
 from celery import Celery
 from pydicom import dcmread
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai import metrics
@@ -272,6 +272,17 @@ def test_uploads_send_prefetch_hints_that_fetch_the_series_into_a_worker_cache(
         spool_path(settings.spool_dir, key).read_bytes() for key in keys
     ]
     assert job_files.fetched_objects == 0
+
+    # Once the series is routed a hint leaves the fetch to the job (a later hint, another host).
+    with session_scope(sessions) as session:
+        session.execute(update(Instance).values(routed=True))
+    late = settings.model_copy(update={"data_dir": tmp_path / "another-worker-host"})
+    assert prefetch_instances(late, sessions, ids) == 0
+    assert not any(HostFiles(late).cache.path_of(key).exists() for key in keys)
+    with session_scope(sessions) as session:
+        session.execute(update(Instance).values(routed=False))
+    assert len(scheduler.hint_prefetch(ids)) == 1  # the checks below turn a hint down for their reason
+    _queued(app, "cpu")
 
     off = Scheduler(settings.model_copy(update={"worker_prefetch": False}), sessions, CeleryTaskQueue(app))
     assert off.hint_prefetch(ids) == []
