@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         count = 1 if args.mode == "turnaround" else args.studies
         phantoms = [_phantom(tmp / f"ct{i}", args, i) for i in range(count)]
-        with OrthancServer(aet="ORTHANC") as orthanc, SeaweedS3() as store:
+        with OrthancServer(aet="ORTHANC") as orthanc:
             if args.mode == "turnaround":
-                turnaround(tmp, orthanc, store, phantoms[0], args)
+                turnaround(tmp, orthanc, phantoms[0], args)
             else:
-                burst(tmp, orthanc, store, phantoms, args)
+                burst(tmp, orthanc, phantoms, args)
     print(memory_note())
     return 0
 
@@ -155,15 +155,17 @@ def _start_remote_worker(root: Path, host: str, shared: dict[str, str]) -> subpr
     return start_worker(env, f"bench@{host}", root)
 
 
-def turnaround(
-    tmp: Path, orthanc: OrthancServer, store: SeaweedS3, phantom: PhantomTruth, args: argparse.Namespace
-) -> None:
+def turnaround(tmp: Path, orthanc: OrthancServer, phantom: PhantomTruth, args: argparse.Namespace) -> None:
     runs: dict[str, list[dict[str, float]]] = {"local": [], "remote": []}
     for repeat in range(args.repeats):
         for kind in ("local", "remote"):
-            with receiver_with_workers(
-                tmp, orthanc, store if kind == "remote" else None, 1, args.quiet_period, not args.no_prefetch
-            ) as service:
+            with contextlib.ExitStack() as stack:
+                # A store of its own per run: the test store holds about 1 GB and reclaims nothing
+                # overwritten, so a fourth run of a 300-slice CT in one store filled it (PUTs: 500).
+                store = stack.enter_context(SeaweedS3()) if kind == "remote" else None
+                service = stack.enter_context(
+                    receiver_with_workers(tmp, orthanc, store, 1, args.quiet_period, not args.no_prefetch)
+                )
                 _send(service, phantom)
                 wait_for(
                     lambda s=service: s.query(_SENT_RESULTS)[0][0] == 2,  # type: ignore[misc]
@@ -224,7 +226,6 @@ def _with_store_stages(service: PacsAiService, report: dict[str, float]) -> dict
 def burst(
     tmp: Path,
     orthanc: OrthancServer,
-    store: SeaweedS3,
     phantoms: list[PhantomTruth],
     args: argparse.Namespace,
 ) -> None:
