@@ -121,11 +121,10 @@ def is_beating(worker: WorkerNode, now: datetime, stale_after_seconds: float) ->
 
 def served_queues(session: Session, stale_after_seconds: float) -> set[str]:
     """The queues that at least one worker beating now (:func:`is_beating`) serves."""
-    cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
-    rows = session.scalars(
-        select(WorkerNode.queues).where(WorkerNode.state.in_(LIVE_STATES), WorkerNode.heartbeat_at >= cutoff)
-    )
-    return {queue for queues in rows for queue in queues or ()}
+    now = utcnow()
+    live = session.scalars(select(WorkerNode).where(WorkerNode.state.in_(LIVE_STATES)))
+    beating = [worker for worker in live if is_beating(worker, now, stale_after_seconds)]
+    return {queue for worker in beating for queue in worker.queues or ()}
 
 
 def hand_back_running_jobs(session: Session, node: str) -> list[int]:

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_ai.index.models import Instance, Series
-from pacs_ai.route.assembly import FORWARD_ANALYZER, series_facts
+from pacs_ai.route.assembly import series_facts
 from pacs_ai.route.profiles import Profile, SeriesFacts
 
 __all__ = ["PrefetchHint", "likely_queues", "prefetch_hints"]
@@ -55,7 +55,6 @@ def likely_queues(profiles: Sequence[Profile], facts: SeriesFacts) -> set[str]:
         for profile in profiles
         if profile.enabled and not profile.match.mismatches(facts, count_instances=False)
         for step in profile.analyzers
-        if step.name != FORWARD_ANALYZER
     }
 
 
